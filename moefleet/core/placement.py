@@ -1,0 +1,93 @@
+"""Placement vocabulary shared by routers, workers and the controller.
+
+Glossary
+--------
+logical expert
+    One ``(layer, expert)`` pair of the model: ``ExpertKey``. A model with L MoE
+    layers of E routed experts has ``L * E`` logical experts.
+device
+    One slot that runs one ``ExpertGroup`` worker: a GPU, or a share of a
+    CPU-only node for cold experts (``DeviceSpec``). Devices have memory for
+    expert weights and a relative speed.
+replica (physical expert)
+    One copy of a logical expert's weights on one device. Every logical expert
+    has at least one replica; hot ones have more (redundant experts).
+placement
+    Which device holds which replicas (``Placement``), versioned so routers can
+    follow changes. Worked example: 2 layers x 8 experts = 16 logical experts on
+    4 devices with room for 5 experts each gives 20 physical slots, so 4
+    redundant replicas go to the 4 hottest experts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ExpertKey = tuple[int, int]
+"""A logical expert: ``(layer index, expert index)``."""
+
+DeviceId = str
+"""A device (worker slot) id, unique in the fleet, e.g. ``"node-1/gpu0"``."""
+
+
+class DeviceSpec(BaseModel):
+    """One device that can host an ``ExpertGroup`` worker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: DeviceId = Field(description="Unique id of the device, e.g. 'node-1/gpu0'.")
+    node_id: str = Field(description="Id of the node (machine) the device is on.")
+    kind: Literal["gpu", "cpu"] = Field(description="'gpu' for an accelerator, 'cpu' for a CPU-tier worker.")
+    accelerator_type: str | None = Field(
+        default=None, description="Accelerator model as Ray names it ('H100', 'L4'); None for CPU workers."
+    )
+    memory_bytes: int = Field(gt=0, description="Memory available for expert weights on this device, in bytes.")
+    speed: float = Field(
+        default=1.0, gt=0, description="Relative expert throughput (tokens/s) against a reference device of 1.0."
+    )
+
+
+class Inventory(BaseModel):
+    """The devices the fleet may place experts on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    devices: list[DeviceSpec] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_ids(cls, devices: list[DeviceSpec]) -> list[DeviceSpec]:
+        seen: set[str] = set()
+        for d in devices:
+            if d.device_id in seen:
+                raise ValueError(f"devices: duplicate device_id {d.device_id!r}")
+            seen.add(d.device_id)
+        return devices
+
+    def by_id(self) -> dict[DeviceId, DeviceSpec]:
+        return {d.device_id: d for d in self.devices}
+
+
+class Placement(BaseModel):
+    """Versioned map of devices to the logical experts they hold a replica of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(default=0, ge=0, description="Monotonic version; routers follow the highest.")
+    assignments: dict[DeviceId, list[ExpertKey]] = Field(
+        default_factory=dict, description="Device id -> (layer, expert) pairs it holds, one replica each."
+    )
+
+    def replicas(self) -> dict[ExpertKey, list[DeviceId]]:
+        """Logical expert -> devices holding a replica, devices in sorted order."""
+        out: dict[ExpertKey, list[DeviceId]] = {}
+        for device_id in sorted(self.assignments):
+            for key in self.assignments[device_id]:
+                out.setdefault((int(key[0]), int(key[1])), []).append(device_id)
+        return out
+
+    def experts(self) -> set[ExpertKey]:
+        """All logical experts that have at least one replica."""
+        return {(int(k[0]), int(k[1])) for keys in self.assignments.values() for k in keys}
