@@ -13,3 +13,8 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(
     __path__.append(_root)  # type: ignore[name-defined]
 
 __version__ = "0.1.0"
+
+from moefleet.core.config import CapacitySpec, ModelSpec, MoELayerSpec  # noqa: E402
+from moefleet.inprocess import MoEModel  # noqa: E402
+
+__all__ = ["CapacitySpec", "MoELayerSpec", "ModelSpec", "MoEModel", "__version__"]

@@ -1,0 +1,179 @@
+"""Configuration models for MoE layers and models.
+
+One pydantic model per concept; every field is documented, and validation
+errors name the field at fault. Shapes use the project's dimension names:
+T tokens, H hidden, F expert intermediate, E routed experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Scoring = Literal["softmax", "sigmoid"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+ExpertKind = Literal["gated", "mlp"]
+GroupScore = Literal["max", "top2_sum"]
+Priority = Literal["sequence", "probability"]
+
+
+class CapacitySpec(BaseModel):
+    """Per-expert capacity for top-1 / top-2 capacity routing (Switch, GShard).
+
+    Assignments are queued per expert: all first choices before any second
+    choice, and within one choice in ``priority`` order. An assignment whose
+    position in its expert's queue is ``>= capacity`` overflows and is dropped:
+    it contributes zero to the token's output. Exactly one of ``tokens``,
+    ``token_fraction`` and ``factor`` sets the capacity of a call with T tokens.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens: int | None = Field(default=None, ge=0, description="Fixed capacity in tokens per expert per call (Switch's expert_capacity).")
+    token_fraction: float | None = Field(
+        default=None, gt=0, description="capacity = ceil(token_fraction * T) (NLLB-MoE's moe_eval_capacity_token_fraction)."
+    )
+    factor: float | None = Field(default=None, gt=0, description="capacity = ceil(factor * T * K / E) (GShard capacity factor).")
+    priority: Priority = Field(
+        default="sequence",
+        description="Queue order within one choice: token order ('sequence') or highest top-1 probability first ('probability').",
+    )
+    renormalize_after_drop: bool = Field(
+        default=False,
+        description="Renormalise the kept top-k weights after dropping overflowed assignments (NLLB-MoE); otherwise before.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "CapacitySpec":
+        set_fields = [n for n in ("tokens", "token_fraction", "factor") if getattr(self, n) is not None]
+        if len(set_fields) != 1:
+            raise ValueError(f"capacity: set exactly one of tokens, token_fraction, factor (got {set_fields or 'none'})")
+        return self
+
+    def capacity(self, num_tokens: int, top_k: int, num_experts: int) -> int:
+        import math
+
+        if self.tokens is not None:
+            return self.tokens
+        if self.token_fraction is not None:
+            return math.ceil(self.token_fraction * num_tokens)
+        assert self.factor is not None
+        return math.ceil(self.factor * num_tokens * top_k / num_experts)
+
+
+class MoELayerSpec(BaseModel):
+    """Everything that defines the computation of one MoE block.
+
+    ``output = sum_k w[t,k] * expert_{id[t,k]}(x[t]) + shared(x[t])`` where ids and
+    weights come from the router described by the routing fields.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hidden_size: int = Field(gt=0, description="H: width of the hidden states.")
+    intermediate_size: int = Field(gt=0, description="F: intermediate width of one routed expert.")
+    num_experts: int = Field(gt=0, description="E: number of routed experts.")
+    top_k: int = Field(gt=0, description="K: experts chosen per token.")
+
+    # Router.
+    scoring: Scoring = Field(default="softmax", description="Router score function over the E logits.")
+    gate_bias: bool = Field(default=False, description="The router's linear layer has a bias (Switch/NLLB router_bias).")
+    score_correction_bias: bool = Field(
+        default=False,
+        description="Add a per-expert bias to the scores when choosing experts, not to the weights (DeepSeek-V3 e_score_correction_bias).",
+    )
+    norm_topk_prob: bool = Field(default=False, description="Renormalise the K chosen weights to unit p-norm.")
+    norm_topk_p: float = Field(default=1.0, gt=0, description="The p of that norm (DBRX moe_normalize_expert_weights); 1 is a plain sum.")
+    norm_eps: float = Field(default=0.0, ge=0, description="Added to the norm before dividing (DeepSeek-V3 uses 1e-20).")
+    n_group: int = Field(default=1, gt=0, description="Expert groups for group-limited routing (DeepSeek).")
+    topk_group: int = Field(default=1, gt=0, description="Groups a token may route into.")
+    group_score: GroupScore = Field(
+        default="max", description="How a group is scored: its best expert ('max', DeepSeek-V2) or sum of its best two ('top2_sum', DeepSeek-V3)."
+    )
+    routed_scaling_factor: float = Field(default=1.0, gt=0, description="Multiplies the routed weights after normalisation.")
+    capacity: CapacitySpec | None = Field(default=None, description="Capacity routing (Switch top-1, GShard top-2); None for dropless.")
+
+    # Experts.
+    expert_kind: ExpertKind = Field(
+        default="gated", description="'gated': down(act(gate(x)) * up(x)); 'mlp': fc2(act(fc1(x)+b1))+b2."
+    )
+    activation: Activation = Field(default="silu", description="Expert activation function.")
+    expert_bias: bool = Field(default=False, description="Experts' linear layers have biases (NLLB-MoE fc1/fc2).")
+
+    # Shared experts.
+    num_shared_experts: int = Field(default=0, ge=0, description="Shared experts applied to every token.")
+    shared_intermediate_size: int = Field(
+        default=0, ge=0, description="Intermediate width of the shared experts together (they are one gated MLP)."
+    )
+    shared_expert_gate: bool = Field(
+        default=False, description="Scale the shared output by sigmoid(x . w) (Qwen2-MoE shared_expert_gate)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MoELayerSpec":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k: {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group: {self.n_group} does not divide num_experts {self.num_experts}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group: {self.topk_group} exceeds n_group {self.n_group}")
+        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"top_k: {self.top_k} exceeds the experts in topk_group={self.topk_group} groups")
+        if self.group_score == "top2_sum" and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError("group_score: 'top2_sum' needs at least 2 experts per group")
+        if self.num_shared_experts and not self.shared_intermediate_size:
+            raise ValueError("shared_intermediate_size: must be > 0 when num_shared_experts > 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate: set without shared experts")
+        if self.capacity is not None and self.top_k > 2:
+            raise ValueError(f"capacity: capacity routing supports top_k 1 or 2, got {self.top_k}")
+        return self
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        mats = 3 if self.expert_kind == "gated" else 2
+        bias = (self.intermediate_size + self.hidden_size) if self.expert_bias else 0
+        return mats * self.hidden_size * self.intermediate_size + bias
+
+
+class ModelSpec(BaseModel):
+    """A model as MoE Fleet sees it: which layers are MoE, and their spec."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: str = Field(description="Model family name in the registry (e.g. 'mixtral').")
+    num_layers: int = Field(gt=0, description="All layers of the model, dense and MoE (encoder then decoder for seq2seq).")
+    moe_layers: tuple[int, ...] = Field(description="Indices of the MoE layers, ascending.")
+    dense_layers: tuple[int, ...] = Field(default=(), description="Indices of layers with a dense MLP.")
+    layer: MoELayerSpec = Field(description="The spec of every MoE layer not in layer_overrides.")
+    layer_overrides: dict[int, MoELayerSpec] = Field(
+        default_factory=dict, description="Per-layer specs where layers differ (e.g. NLLB-MoE decoder FFN width)."
+    )
+    num_encoder_layers: int = Field(
+        default=0, ge=0, description="Encoder layers of an encoder-decoder model (numbered first); 0 for decoder-only."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Checkpoint weight dtype.")
+
+    @model_validator(mode="after")
+    def _layers(self) -> "ModelSpec":
+        if not self.moe_layers:
+            raise ValueError("moe_layers: the model has no MoE layer")
+        if list(self.moe_layers) != sorted(set(self.moe_layers)):
+            raise ValueError(f"moe_layers: must be ascending and unique, got {list(self.moe_layers)}")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"moe_layers: {bad} outside 0..{self.num_layers - 1}")
+        if set(self.moe_layers) & set(self.dense_layers):
+            raise ValueError("dense_layers: overlaps moe_layers")
+        extra = sorted(set(self.layer_overrides) - set(self.moe_layers))
+        if extra:
+            raise ValueError(f"layer_overrides: {extra} are not MoE layers")
+        return self
+
+    def layer_spec(self, layer: int) -> MoELayerSpec:
+        """The spec of MoE layer ``layer``; raises KeyError naming the layer if it is not one."""
+        if layer not in self.moe_layers:
+            raise KeyError(f"layer {layer} is not a MoE layer (MoE layers: {list(self.moe_layers)})")
+        return self.layer_overrides.get(layer, self.layer)

@@ -1,0 +1,88 @@
+"""Every family's MoE layer equals the ``transformers`` MoE block it reads, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moefleet import MoEModel
+from tests import hf_models
+
+CASES = [
+    ("mixtral", {}),
+    ("mixtral", {"num_local_experts": 8, "num_experts_per_tok": 4}),
+    ("qwen2_moe", {}),
+    ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+    ("deepseek_v2", {}),
+    ("deepseek_v2", {"topk_method": "greedy", "n_shared_experts": 1, "routed_scaling_factor": 1.0}),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"n_group": 8, "topk_group": 3, "num_experts_per_tok": 6, "n_shared_experts": 3, "first_k_dense_replace": 2}),
+    ("deepseek_v3", {"n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
+    ("dbrx", {}),
+    ("dbrx", {"ffn_config": {"moe_normalize_expert_weights": 2.0, "moe_top_k": 2}}),
+    ("switch_transformers", {}),
+    ("switch_transformers", {"expert_capacity": 64, "router_bias": True, "num_layers": 4, "num_sparse_encoder_layers": 2}),
+    ("nllb_moe", {}),
+    ("nllb_moe", {"moe_eval_capacity_token_fraction": 0.3, "router_bias": True}),
+    ("nllb_moe", {"moe_eval_capacity_token_fraction": 0.25, "batch_prioritized_routing": True, "moe_token_dropout": 0.0}),
+]
+
+
+def _id(case):
+    family, over = case
+    return family + ("-" + "-".join(f"{k}={v}" for k, v in over.items()) if over else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_layer_matches_transformers_block(case, tmp_path):
+    family, over = case
+    model, block = hf_models.build(family, seed=len(_id(case)), **over)
+    model.save_pretrained(tmp_path)
+    ours = MoEModel.from_pretrained(tmp_path, backend="torch")
+    assert ours.spec.family == family
+    assert ours.moe_layers, "the family reader found no MoE layer"
+    g = torch.Generator().manual_seed(1)
+    h = ours.spec.layer.hidden_size
+    for layer in ours.moe_layers:
+        forward, routing = block(layer)
+        hidden = torch.randn(1, 37, h, generator=g)
+        with torch.no_grad():
+            expected = forward(hidden)[0]
+            want_ids = routing(hidden[0])
+        got, chosen = ours.layer(layer)(hidden[0], return_routing=True)
+        assert got.shape == expected.shape
+        err = (got - expected).abs().max().item()
+        assert err <= 1e-5, f"layer {layer}: max abs error {err}"
+        got_ids = [set(int(x) for x in row if x >= 0) for row in chosen.topk_ids]
+        assert got_ids == want_ids, f"layer {layer}: expert ids differ"
+
+
+def test_dense_layers_are_not_moe_layers(tmp_path):
+    model, _ = hf_models.build("deepseek_v3", first_k_dense_replace=2, num_hidden_layers=4)
+    model.save_pretrained(tmp_path)
+    ours = MoEModel.from_pretrained(tmp_path)
+    assert ours.moe_layers == (2, 3)
+    assert ours.spec.dense_layers == (0, 1)
+    with pytest.raises(KeyError, match="layer 1 is not a MoE layer"):
+        ours.layer(1)
+
+
+def test_encoder_decoder_layers_are_numbered_encoder_first(tmp_path):
+    model, _ = hf_models.build("nllb_moe", encoder_layers=2, decoder_layers=3, encoder_sparse_step=2, decoder_sparse_step=1)
+    model.save_pretrained(tmp_path)
+    ours = MoEModel.from_pretrained(tmp_path)
+    assert ours.spec.num_layers == 5
+    assert ours.moe_layers == (1, 2, 3, 4)
+
+
+def test_capacity_drops_are_visible_in_routing(tmp_path):
+    model, _ = hf_models.build("switch_transformers", expert_capacity=2)
+    model.save_pretrained(tmp_path)
+    ours = MoEModel.from_pretrained(tmp_path)
+    layer = ours.moe_layers[0]
+    hidden = torch.randn(40, ours.spec.layer.hidden_size)
+    out, routing = ours.layer(layer)(hidden, return_routing=True)
+    dropped = (routing.topk_ids[:, 0] < 0).nonzero().flatten()
+    assert len(dropped) >= 40 - 2 * ours.spec.layer.num_experts
+    # a dropped token gets nothing from the routed experts
+    assert torch.all(out[dropped] == 0)
