@@ -95,7 +95,7 @@ class SharedExperts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g, u = torch.nn.functional.linear(x, self.w13).chunk(2, dim=-1)
-        out = torch.nn.functional.linear(triton_moe._activation_reference(g, self.activation) * u, self.w2)
+        out = torch.nn.functional.linear(triton_moe.activation_reference(g, self.activation) * u, self.w2)
         if self.gate is not None:
             out = torch.sigmoid(torch.nn.functional.linear(x, self.gate)) * out
         return out

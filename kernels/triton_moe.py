@@ -48,7 +48,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F_torch
@@ -379,7 +379,7 @@ def _grouped_gate_up_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 
@@ -769,7 +769,7 @@ def grouped_ffn(
     return out
 
 
-def _activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F_torch.silu(x)
     if activation == "relu":
@@ -803,9 +803,9 @@ def grouped_ffn_reference(
             g = g + b13[e].to(g.dtype)
         if gated:
             gate, up = g.chunk(2, dim=-1)
-            h = _activation_reference(gate, activation) * up
+            h = activation_reference(gate, activation) * up
         else:
-            h = _activation_reference(g, activation)
+            h = activation_reference(g, activation)
         y = h @ w2[e].T
         if b2 is not None:
             y = y + b2[e].to(y.dtype)

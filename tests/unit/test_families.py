@@ -86,3 +86,18 @@ def test_capacity_drops_are_visible_in_routing(tmp_path):
     assert len(dropped) >= 40 - 2 * ours.spec.layer.num_experts
     # a dropped token gets nothing from the routed experts
     assert torch.all(out[dropped] == 0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "dbrx", "nllb_moe"])
+def test_triton_layer_equals_torch_layer(family, tmp_path):
+    """The Triton path (interpreted on CPU) computes the same layer as the torch path."""
+    model, _ = hf_models.build(family)
+    model.save_pretrained(tmp_path)
+    torch_model = MoEModel.from_pretrained(tmp_path, backend="torch")
+    triton_model = MoEModel.from_pretrained(tmp_path, backend="triton")
+    layer = torch_model.moe_layers[-1]
+    hidden = torch.randn(19, torch_model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(3))
+    a, ra = torch_model.layer(layer)(hidden, return_routing=True)
+    b, rb = triton_model.layer(layer)(hidden, return_routing=True)
+    assert torch.equal(ra.topk_ids.sort(-1).values, rb.topk_ids.sort(-1).values)
+    assert (a - b).abs().max().item() <= 1e-5

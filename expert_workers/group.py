@@ -1,0 +1,182 @@
+"""The ``ExpertGroup`` worker: the weights of a set of (layer, expert) pairs, and their compute.
+
+``ExpertGroupCore`` is plain Python (tested without Ray); ``ExpertGroup`` is
+the same class as a Ray actor. One ``forward`` call carries all of this
+worker's rows of one layer call, for all of its experts, in the permuted
+layout (rows grouped by expert, experts ascending); the worker returns one
+partial output row per token, the weighted sum over its experts.
+
+Experts load and unload while the worker serves: each layer's stacked weights
+are rebuilt aside and swapped in by one assignment, so a forward already
+running keeps the weights it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moefleet.core.model import MoECheckpoint
+from moefleet.core.placement import ExpertKey
+from moefleet.core.tensors import DTYPES, from_numpy
+from moefleet.kernels.experts import ExpertStack, grouped_ffn, resolve_backend, stack_experts
+
+log = logging.getLogger(__name__)
+
+
+class ExpertNotLoadedError(LookupError):
+    """A forward asked for an expert this worker does not hold (a stale placement)."""
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    experts: tuple[int, ...]  # ascending
+    position: dict[int, int]  # expert id -> row in the stack
+    stack: ExpertStack
+
+
+class ExpertGroupCore:
+    """Experts of one worker.
+
+    worker_id: this worker's device id in the placement.
+    checkpoint: checkpoint directory the weights load from (lazily, per expert).
+    device: 'auto' (CUDA when visible, else CPU), 'cpu' or 'cuda'.
+    dtype: compute dtype name; default the checkpoint's.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        checkpoint: str,
+        experts: list[ExpertKey] | tuple = (),
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        backend: str = "auto",
+    ):
+        self.worker_id = worker_id
+        self.ckpt = MoECheckpoint(checkpoint)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype_name = dtype or self.ckpt.spec.dtype
+        self.dtype = DTYPES[self.dtype_name]
+        self.backend = resolve_backend(backend, self.device)
+        self._layers: dict[int, _LayerWeights] = {}
+        self._raw: dict[ExpertKey, dict[str, torch.Tensor]] = {}
+        self._load_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._in_flight = 0
+        self._tokens: dict[ExpertKey, int] = {}
+        self._calls = 0
+        self._busy_s = 0.0
+        if experts:
+            self.load(list(experts))
+        log.info("worker %s: %s path on %s", worker_id, self.backend, self.device)
+
+    # -- weights ---------------------------------------------------------
+    def load(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+        """Load experts (idempotent). Returns the experts held afterwards."""
+        with self._load_lock:
+            new = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) not in self._raw]
+            for layer, expert in new:
+                t = self.ckpt.expert(layer, expert)
+                self._raw[(layer, expert)] = {k: v.to(device=self.device, dtype=self.dtype) for k, v in t.items()}
+            self._rebuild({layer for layer, _ in new})
+            return self.experts()
+
+    def unload(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+        """Drop experts (idempotent). Returns the experts held afterwards."""
+        with self._load_lock:
+            gone = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) in self._raw]
+            for key in gone:
+                del self._raw[key]
+            self._rebuild({layer for layer, _ in gone})
+            return self.experts()
+
+    def _rebuild(self, layers: set[int]) -> None:
+        layers_now = dict(self._layers)
+        for layer in layers:
+            ids = tuple(sorted(e for (l, e) in self._raw if l == layer))
+            if not ids:
+                layers_now.pop(layer, None)
+                continue
+            spec = self.ckpt.layer_spec(layer)
+            stack = stack_experts([self._raw[(layer, e)] for e in ids], spec.expert_kind == "gated", spec.activation)
+            layers_now[layer] = _LayerWeights(ids, {e: i for i, e in enumerate(ids)}, stack)
+        self._layers = layers_now  # one assignment: readers see the old or the new map
+
+    def experts(self) -> list[ExpertKey]:
+        return sorted(self._raw)
+
+    # -- compute ---------------------------------------------------------
+    def forward(
+        self,
+        layer: int,
+        hidden: np.ndarray,
+        rows: np.ndarray,
+        weights: np.ndarray,
+        experts: list[int],
+        counts: list[int],
+        inverse: np.ndarray,
+        num_unique: int,
+    ) -> np.ndarray:
+        """Partial outputs [num_unique, H] (fp32) for this worker's rows of one layer call.
+
+        hidden: [T, H] the whole call's hidden states (compute dtype; bf16 as its bits).
+        rows: [N] token of each row, grouped by expert in ``experts`` order (ascending).
+        weights: [N] combine weight per row. counts: rows per expert.
+        inverse: [N] index of each row's token among the unique tokens.
+        """
+        with self._stats_lock:
+            self._in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            lw = self._layers.get(layer)
+            missing = [e for e in experts if lw is None or e not in lw.position]
+            if missing:
+                raise ExpertNotLoadedError(f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
+            offsets = np.zeros(len(lw.experts) + 1, dtype=np.int64)
+            for e, c in zip(experts, counts):
+                offsets[lw.position[e] + 1] = c
+            offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
+            x = from_numpy(hidden, self.dtype_name).to(self.device)
+            idx = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device)
+            y = grouped_ffn(x.index_select(0, idx), offsets, lw.stack, self.backend)
+            w = torch.from_numpy(np.ascontiguousarray(weights)).to(self.device)
+            out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
+            out.index_add_(0, torch.from_numpy(np.ascontiguousarray(inverse)).to(self.device), y.float() * w[:, None])
+            with self._stats_lock:
+                for e, c in zip(experts, counts):
+                    self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
+            return out.cpu().numpy()
+        finally:
+            with self._stats_lock:
+                self._in_flight -= 1
+                self._calls += 1
+                self._busy_s += time.perf_counter() - t0
+
+    # -- reporting -------------------------------------------------------
+    def stats(self) -> dict:
+        """Queue depth, tokens served per expert, memory in use, device."""
+        layers = self._layers
+        with self._stats_lock:
+            return {
+                "worker_id": self.worker_id,
+                "queue_depth": self._in_flight,
+                "calls": self._calls,
+                "busy_s": self._busy_s,
+                "tokens_served": {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())},
+                "memory_bytes": sum(lw.stack.nbytes() for lw in layers.values()),
+                "experts": [list(k) for k in self.experts()],
+                "device": str(self.device),
+                "backend": self.backend,
+            }
+
+    def ready(self) -> bool:
+        return True

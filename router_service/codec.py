@@ -1,0 +1,53 @@
+"""Tensors <-> ``moefleet.v1.Tensor`` messages, with validation that names the bad field."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .proto import fleet_pb2 as pb
+
+TORCH_DTYPES = {
+    pb.FLOAT32: torch.float32,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.FLOAT16: torch.float16,
+    pb.INT32: torch.int32,
+}
+PB_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = (pb.FLOAT32, pb.BFLOAT16, pb.FLOAT16)
+
+
+class TensorError(ValueError):
+    """A tensor message that cannot be decoded; the message names the field."""
+
+
+def encode(t: torch.Tensor) -> pb.Tensor:
+    t = t.detach().contiguous().cpu()
+    if t.dtype not in PB_DTYPES:
+        raise TensorError(f"cannot encode dtype {t.dtype}")
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(data=data, shape=list(t.shape), dtype=PB_DTYPES[t.dtype])
+
+
+def decode(msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: bool = True) -> torch.Tensor:
+    """Decode ``msg``; raise TensorError naming ``field`` for a bad dtype, shape or byte length."""
+    allowed = FLOAT_DTYPES if float_only else tuple(TORCH_DTYPES)
+    if msg.dtype not in allowed:
+        names = ", ".join(pb.DType.Name(d) for d in allowed)
+        raise TensorError(f"{field}.dtype: {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype} is not supported (use one of {names})")
+    shape = list(msg.shape)
+    if ndim is not None and len(shape) != ndim:
+        raise TensorError(f"{field}.shape: expected {ndim} dimensions, got {shape}")
+    if any(d < 0 for d in shape):
+        raise TensorError(f"{field}.shape: negative dimension in {shape}")
+    dtype = TORCH_DTYPES[msg.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    want = math.prod(shape) * itemsize
+    if len(msg.data) != want:
+        raise TensorError(
+            f"{field}.data: {len(msg.data)} bytes disagree with shape {shape} and dtype {pb.DType.Name(msg.dtype)} ({want} bytes)"
+        )
+    if want == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
