@@ -177,3 +177,52 @@ class ModelSpec(BaseModel):
         if layer not in self.moe_layers:
             raise KeyError(f"layer {layer} is not a MoE layer (MoE layers: {list(self.moe_layers)})")
         return self.layer_overrides.get(layer, self.layer)
+
+
+class RouterConfig(BaseModel):
+    """The router service: where it listens, how it batches, what it refuses."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the gRPC server binds; loopback unless a cluster needs more.")
+    port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    batch_window_ms: float = Field(
+        default=2.0, ge=0, description="Concurrent requests for one layer arriving within this window are served as one batch (0: off)."
+    )
+    max_batch_tokens: int = Field(default=8192, gt=0, description="Most tokens in one micro-batch.")
+    max_request_tokens: int = Field(default=65536, gt=0, description="Most tokens in one request (more is RESOURCE_EXHAUSTED).")
+    max_message_bytes: int = Field(default=256 << 20, gt=0, description="Largest gRPC message accepted or sent.")
+    max_queued_requests: int = Field(default=512, gt=0, description="Requests waiting or in flight before new ones get RESOURCE_EXHAUSTED.")
+    nonfinite: Literal["reject", "allow"] = Field(
+        default="reject", description="Hidden states with NaN/Inf: 'reject' (INVALID_ARGUMENT) or 'allow' (computed as given)."
+    )
+    telemetry_interval_s: float = Field(default=1.0, gt=0, description="How often token counts per expert are flushed to Redis.")
+    load_window_s: float = Field(default=1.0, gt=0, description="Width of one load window in Redis.")
+    worker_retries: int = Field(default=2, ge=0, description="Re-dispatches of a layer call after a worker fails or holds a stale placement.")
+
+
+class WorkerConfig(BaseModel):
+    """Resources and compute settings of one ExpertGroup worker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for the worker (also its torch threads, at least 1).")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves; 1 on a GPU node.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources the worker needs (node type).")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None, description="Compute dtype; default the checkpoint's.")
+    backend: Literal["auto", "torch", "triton"] = Field(default="auto", description="Expert kernels: Triton on CUDA, torch on CPU.")
+    max_concurrency: int = Field(default=8, gt=0, description="Calls the actor runs at once (forwards, loads, stats).")
+
+
+class FleetConfig(BaseModel):
+    """A whole fleet: model, workers, router, shared state."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: str | None = Field(default=None, description="Checkpoint directory; None for the built-in default model.")
+    num_workers: int = Field(default=2, gt=0, description="ExpertGroup workers to start.")
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    num_routers: int = Field(default=1, gt=0, description="Router replicas (each its own gRPC port).")
+    redis_url: str | None = Field(default=None, description="Redis URL; None starts a local redis-server on loopback.")
+    namespace: str = Field(default="moefleet", description="Ray namespace and Redis key prefix of this fleet.")

@@ -91,3 +91,15 @@ class Placement(BaseModel):
     def experts(self) -> set[ExpertKey]:
         """All logical experts that have at least one replica."""
         return {(int(k[0]), int(k[1])) for keys in self.assignments.values() for k in keys}
+
+
+def spread_placement(layers: list[int], num_experts: int, device_ids: list[DeviceId], version: int = 1) -> Placement:
+    """Each layer's experts in contiguous blocks over the devices, one replica each (a starting placement)."""
+    if not device_ids:
+        raise ValueError("device_ids: at least one device is needed")
+    n = len(device_ids)
+    assignments: dict[DeviceId, list[ExpertKey]] = {d: [] for d in device_ids}
+    for layer in layers:
+        for e in range(num_experts):
+            assignments[device_ids[e * n // num_experts]].append((layer, e))
+    return Placement(version=version, assignments=assignments)

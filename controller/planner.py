@@ -1,0 +1,795 @@
+"""Expert placement planner: ``plan(load, inventory, current, knobs) -> Plan``. Pure.
+
+Plain functions over plain data: no Ray, no Redis, no clock. The controller
+feeds it the decayed load window, the fleet's devices and the placement now
+in force, and hands the returned target to the reconciler.
+
+Load model (what "balanced" means here)
+---------------------------------------
+* ``load[i, e]`` is the (decayed) token count routed to expert ``e`` of the
+  i-th MoE layer; row ``i`` is layer ``layers[i]`` (``layers`` defaults to
+  ``range(L)``), so the placement's ``ExpertKey`` is ``(layers[i], e)``.
+* Routing: the router sends each token of an expert to one of its replicas
+  with probability proportional to the speed of the replica's device. With
+  ``S[i, e]`` the sum of the speeds of the devices holding expert ``(i, e)``,
+  a replica on device ``d`` gets ``load * speed[d] / S`` tokens and spends
+  ``load / S`` time on them: every replica of an expert takes the same time.
+* Device time per layer: ``T[i, d] = sum over experts on d of load / S``
+  (time = tokens / speed). A MoE layer call waits for its slowest device (the
+  router dispatches one layer at a time), so a layer costs ``max_d T[i, d]``
+  and the **step time** is ``sum_i max_d T[i, d]`` over all devices, CPU ones
+  included: a cold expert offloaded to a slow CPU device must not become the
+  layer's bottleneck.
+* **Balancedness** = ``sum_i mean_{GPU d} T[i, d] / step time`` (in (0, 1];
+  1.0 is perfect). With one layer and no CPU bottleneck it is the mean/max of
+  GPU device time. The predicted **gain** of a plan is the relative cut in
+  step time, ``1 - after / before``.
+* Memory: a device holds at most ``memory_bytes * (1 - headroom)`` bytes of
+  expert weights; a replica costs ``expert_bytes`` (one value or one per
+  expert). A device holds at most one replica of an expert (a second copy on
+  the same device cannot take traffic off it).
+* Assumed, not modelled: the cost of a weight copy beyond counting it, the
+  routers' per-replica batching effects, and network transfer time.
+
+How it plans
+------------
+From scratch (``current`` holds nothing on the inventory's devices): coldest
+experts to the CPU tier if GPU memory cannot hold every expert once; then
+redundant replicas, one at a time, to the expert with the most load per
+replica until free memory runs out (so the redundancy follows from the memory
+actually free); then the replicas, hottest per replica first, to the least
+loaded devices with room (longest-processing-time packing, per-layer memory
+quotas). Then the local search below, uncapped.
+
+Incrementally (``current`` non-empty): start from ``current``; repair it
+(drop replicas on devices that left or may not host, evacuate overfull
+devices, place experts that have no replica); then improve greedily: look at
+each layer's bottleneck device and the experts on it, and try to add a
+replica elsewhere, move it, drop a redundant replica of a cold expert to make
+room, offload a cold expert to the CPU tier to make room (``cpu_tier=auto``),
+or swap it with a lighter expert of another device. A candidate must cut the
+bottleneck's time (the highest new time among the devices it touches stays
+below the old bottleneck) and must not raise any other layer's step time; the
+best by relief per weight copy wins. Stop when the copy budget is spent or no
+candidate relieves a bottleneck by more than ``hysteresis`` of the mean layer
+time per copy.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from moefleet.core.placement import DeviceId, ExpertKey, Inventory, Placement
+
+__all__ = ["Move", "Plan", "PlannerKnobs", "PlanningError", "PlacementStats", "plan", "predict"]
+
+
+class PlanningError(ValueError):
+    """The inputs admit no valid placement (e.g. too little memory for every expert once)."""
+
+
+class PlannerKnobs(BaseModel):
+    """Tuning of the placement planner; every field has a safe default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_moves_per_step: int = Field(
+        default=16,
+        ge=0,
+        description=(
+            "Most weight copies (replica adds) one plan may make on a running placement. Removals copy "
+            "nothing and are not counted. Repairs (placing experts that lost every replica) are made even "
+            "past the cap. An initial placement (current holds nothing) is not capped."
+        ),
+    )
+    hysteresis: float = Field(
+        default=0.002,
+        ge=0,
+        lt=1,
+        description=(
+            "A candidate move is made only if it relieves a layer's bottleneck device by more than this "
+            "fraction of the mean per-layer step time, per weight copy."
+        ),
+    )
+    min_gain: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description=(
+            "A plan is marked apply=True only if its predicted step-time cut (1 - after/before) is at least "
+            "this; repairs are always applied."
+        ),
+    )
+    headroom: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of each device's memory_bytes kept free of expert weights."
+    )
+    cpu_tier: Literal["off", "overflow", "auto"] = Field(
+        default="overflow",
+        description=(
+            "'off': never place experts on CPU devices. 'overflow': only the coldest experts that GPU memory "
+            "cannot hold go to CPU devices. 'auto': also offload cold experts to CPU devices when that frees "
+            "GPU memory for replicas that improve balance."
+        ),
+    )
+    max_search_steps: int = Field(
+        default=4000, ge=1, description="Safety cap on improvement steps of one plan (each step is one move)."
+    )
+
+
+class Move(BaseModel):
+    """One change of the placement: add copies an expert's weights to a device; remove frees them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["add", "remove"]
+    device_id: DeviceId
+    expert: ExpertKey
+
+
+class PlacementStats(BaseModel):
+    """Predicted load of a placement under the planner's load model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_time: float = Field(description="sum over layers of the slowest device's time (tokens / speed).")
+    balancedness: float = Field(description="sum over layers of mean GPU time / step_time; 1.0 is perfect.")
+    layer_time: list[float] = Field(description="Per layer (load row), the slowest device's time.")
+    device_time: dict[DeviceId, float] = Field(description="Per device, its time summed over layers.")
+
+
+class Plan(BaseModel):
+    """The planner's answer: a target placement and how to get there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: Placement
+    moves: list[Move] = Field(description="Adds first (make before break), then removes; sorted by device.")
+    copies: int = Field(description="Number of 'add' moves: weight copies the reconciler must make.")
+    balancedness_before: float | None = Field(description="None when current is not a valid placement.")
+    balancedness_after: float
+    step_time_before: float | None = Field(description="None when current is not a valid placement.")
+    step_time_after: float
+    gain: float = Field(description="Predicted step-time cut, 1 - after/before; 1.0 when current was invalid.")
+    repaired: bool = Field(description="Current was not a valid placement (experts missing, devices gone, overfull).")
+    apply: bool = Field(description="Target differs and (repaired or gain >= knobs.min_gain).")
+    stats: PlacementStats = Field(description="Predicted load of the target.")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class _Fleet:
+    """The static side of one planning problem, as arrays indexed by device d, layer row l, expert e."""
+
+    def __init__(self, load, inventory: Inventory, knobs: PlannerKnobs, expert_bytes, layers):
+        w = np.asarray(load, dtype=np.float64)
+        if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+            raise ValueError(f"load: expected a non-empty [L, E] array, got shape {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("load: token counts must be finite and >= 0")
+        num_layers, num_experts = w.shape
+        self.w = w
+        self.layers = list(range(num_layers)) if layers is None else [int(x) for x in layers]
+        if len(self.layers) != num_layers or len(set(self.layers)) != num_layers:
+            raise ValueError(f"layers: need {num_layers} distinct layer indices (one per load row), got {layers!r}")
+        nbytes = np.asarray(expert_bytes)
+        if nbytes.ndim == 0:
+            nbytes = np.full(w.shape, nbytes)
+        if nbytes.shape != w.shape or not np.all(np.isfinite(nbytes)) or np.any(nbytes <= 0):
+            raise ValueError(f"expert_bytes: expected a positive number or a positive [L, E] = {w.shape} array")
+        self.nbytes = np.ceil(nbytes).astype(np.int64)
+        if not inventory.devices:
+            raise PlanningError("inventory: no devices to place experts on")
+        devs = inventory.devices
+        self.ids = [d.device_id for d in devs]
+        self.speed = np.array([d.speed for d in devs], dtype=np.float64)
+        self.gpu = np.array([d.kind == "gpu" for d in devs])
+        self.cap = np.array([int(d.memory_bytes * (1.0 - knobs.headroom)) for d in devs], dtype=np.int64)
+        cpu_on = knobs.cpu_tier != "off"
+        self.host = self.gpu | cpu_on  # may hold replicas at all
+        self.addable = self.gpu | (knobs.cpu_tier == "auto")  # the search may add replicas here freely
+        self.cpu_host = ~self.gpu & cpu_on
+        self.row_of = {layer: i for i, layer in enumerate(self.layers)}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.ids), *self.w.shape)
+
+    def matrix(self, placement: Placement) -> tuple[np.ndarray, bool]:
+        """Placement -> bool ``[D, L, E]`` over inventory devices; True if anything had to be left out."""
+        x = np.zeros(self.shape, dtype=bool)
+        index = {d: i for i, d in enumerate(self.ids)}
+        dropped = False
+        for device_id, keys in placement.assignments.items():
+            d = index.get(device_id)
+            if d is None:
+                dropped = dropped or bool(keys)
+                continue
+            for layer, e in keys:
+                row = self.row_of.get(int(layer))
+                if row is None or not 0 <= int(e) < self.w.shape[1] or not self.host[d]:
+                    dropped = True
+                    continue
+                x[d, row, int(e)] = True
+        return x, dropped
+
+    def placement(self, x: np.ndarray, version: int) -> Placement:
+        out: dict[DeviceId, list[ExpertKey]] = {}
+        for d, device_id in enumerate(self.ids):
+            rows, experts = np.nonzero(x[d])
+            if len(rows):
+                out[device_id] = [(self.layers[r], int(e)) for r, e in zip(rows, experts)]
+        return Placement(version=version, assignments=out)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class _State:
+    """A placement being edited, with its derived load: ``S[l,e]``, ``c[l,e] = w/S``, ``T[l,d]``."""
+
+    def __init__(self, fleet: _Fleet, x0: np.ndarray, x: np.ndarray):
+        self.f = fleet
+        self.x0 = x0
+        self.x = x
+        self.used = np.einsum("dle,le->d", x.astype(np.int64), fleet.nbytes)
+        num_layers = fleet.w.shape[0]
+        self.cnt = np.zeros(fleet.w.shape, dtype=np.int64)
+        self.S = np.zeros(fleet.w.shape)
+        self.c = np.zeros(fleet.w.shape)
+        self.T = np.zeros((num_layers, len(fleet.ids)))
+        for l in range(num_layers):
+            self._refresh(l)
+
+    def _refresh(self, l: int) -> None:
+        col = self.x[:, l, :]
+        self.cnt[l] = col.sum(0)
+        self.S[l] = self.f.speed @ col
+        self.c[l] = np.divide(self.f.w[l], self.S[l], out=np.zeros_like(self.S[l]), where=self.S[l] > 0)
+        self.T[l] = col @ self.c[l]
+
+    def apply(self, ops) -> None:
+        for sign, d, l, e in ops:
+            self.x[d, l, e] = sign > 0
+            self.used[d] += sign * self.f.nbytes[l, e]
+        for l in {op[2] for op in ops}:
+            self._refresh(l)
+
+    @property
+    def copies(self) -> int:
+        return int((self.x & ~self.x0).sum())
+
+    def evaluate(self, ops, focus: int, tstar: float) -> tuple[float, int] | None:
+        """Exact effect of ``ops`` (list of ``(+1 add | -1 drop, d, l, e)``).
+
+        Returns ``(relief, copies)`` where relief is how far the highest new time
+        among the focus layer's touched devices stays below ``tstar`` (the
+        bottleneck), or None when the ops are invalid, give no relief, or raise
+        another layer's step time.
+        """
+        f = self.f
+        cols: dict[tuple[int, int], np.ndarray] = {}
+        mem: dict[int, int] = {}
+        cost = 0
+        for sign, d, l, e in ops:
+            col = cols.get((l, e))
+            if col is None:
+                col = cols[(l, e)] = self.x[:, l, e].copy()
+            if sign > 0:
+                if col[d] or not f.host[d]:
+                    return None
+                col[d] = True
+                cost += not self.x0[d, l, e]
+            else:
+                if not col[d]:
+                    return None
+                col[d] = False
+                cost -= not self.x0[d, l, e]
+            mem[d] = mem.get(d, 0) + sign * int(f.nbytes[l, e])
+        for d, delta in mem.items():
+            if delta > 0 and self.used[d] + delta > f.cap[d]:
+                return None
+        delta_t: dict[int, np.ndarray] = {}
+        touched: dict[int, np.ndarray] = {}
+        for (l, e), col in cols.items():
+            if not col.any():
+                return None
+            c_new = f.w[l, e] / f.speed[col].sum()
+            old = self.x[:, l, e]
+            delta_t[l] = delta_t.get(l, 0.0) + col * c_new - old * self.c[l, e]
+            touched[l] = touched.get(l, False) | col | old
+        relief = None
+        for l, dt in delta_t.items():
+            new_t = self.T[l] + dt
+            if l == focus:
+                relief = tstar - new_t[touched[l]].max()
+                if relief <= 0:
+                    return None
+            else:
+                up = touched[l] & (new_t > self.T[l])
+                if up.any() and new_t[up].max() >= self.T[l].max():
+                    return None
+        if relief is None:
+            return None
+        return relief, cost
+
+
+def _stats(fleet: _Fleet, t: np.ndarray) -> PlacementStats:
+    layer_time = t.max(axis=1)
+    step = float(layer_time.sum())
+    gpu = fleet.gpu if fleet.gpu.any() else np.ones_like(fleet.gpu)
+    mean = float(t[:, gpu].mean(axis=1).sum())
+    return PlacementStats(
+        step_time=step,
+        balancedness=1.0 if step <= 0 else mean / step,
+        layer_time=[float(v) for v in layer_time],
+        device_time={device_id: float(v) for device_id, v in zip(fleet.ids, t.sum(axis=0))},
+    )
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def _grow(w: np.ndarray, nbytes: np.ndarray, count: np.ndarray, free: int, max_count: int) -> int:
+    """Add replicas in place to the expert with the most load per replica while ``free`` bytes last.
+
+    Experts with count 0 (CPU tier) or no load get none. Returns the bytes left.
+    """
+    heap = [(-w.flat[i] / count.flat[i], i) for i in range(w.size) if count.flat[i] > 0 and w.flat[i] > 0]
+    heapq.heapify(heap)
+    min_bytes = int(nbytes.min())
+    while heap and free >= min_bytes:
+        _, i = heapq.heappop(heap)
+        if count.flat[i] >= max_count or nbytes.flat[i] > free:
+            continue
+        count.flat[i] += 1
+        free -= int(nbytes.flat[i])
+        heapq.heappush(heap, (-w.flat[i] / count.flat[i], i))
+    return free
+
+
+def _construct(fleet: _Fleet, per_layer: bool) -> np.ndarray:
+    """From-scratch placement: tier split, replica counts from free memory, LPT packing.
+
+    ``per_layer``: split the free GPU memory between layers in proportion to
+    their experts' bytes (as DeepSeek EPLB gives every layer the same slots)
+    instead of letting the hottest replicas of any layer take it.
+    """
+    num_devices, num_layers, num_experts = fleet.shape
+    w, nbytes = fleet.w, fleet.nbytes
+    x = np.zeros(fleet.shape, dtype=bool)
+    gpus = np.flatnonzero(fleet.gpu)
+    gpu_cap = int(fleet.cap[gpus].sum())
+
+    # 1. Coldest experts to the CPU tier while GPU memory cannot hold every expert once.
+    on_cpu = np.zeros(w.shape, dtype=bool)
+    excess = int(nbytes.sum()) - gpu_cap
+    if excess > 0:
+        for flat in np.argsort(w.ravel(), kind="stable"):
+            if excess <= 0:
+                break
+            on_cpu.flat[flat] = True
+            excess -= int(nbytes.flat[flat])
+
+    # 2. Redundant replicas, one at a time, to the most load per replica, while memory is free.
+    count = np.where(on_cpu, 0, 1).astype(np.int64)
+    free = gpu_cap - int((nbytes * count).sum())
+    if per_layer:
+        share = nbytes.sum(axis=1) / nbytes.sum()
+        for l in range(num_layers):  # count[l:l+1] is a view: grown in place
+            _grow(w[l:l + 1], nbytes[l:l + 1], count[l:l + 1], int(free * share[l]), len(gpus))
+        free = gpu_cap - int((nbytes * count).sum())
+    _grow(w, nbytes, count, free, len(gpus))
+
+    # 3. Pack replicas, hottest per replica first, onto the least loaded GPUs with room.
+    t = np.zeros((num_layers, num_devices))
+    used = np.zeros(num_devices, dtype=np.int64)
+    layer_used = np.zeros((num_layers, num_devices), dtype=np.int64)
+    planned = nbytes * count
+    total = max(int(planned.sum()), 1)
+    quota = planned.sum(axis=1)[:, None] * fleet.cap[None, :] / total  # per-layer share of each device
+    order = np.lexsort((np.arange(w.size), -(w / np.maximum(count, 1)).ravel()))
+    for flat in order:
+        l, e = divmod(int(flat), num_experts)
+        k, b = int(count[l, e]), int(nbytes[l, e])
+        if k == 0:
+            continue
+        room = fleet.gpu & (used + b <= fleet.cap)
+        cand = np.flatnonzero(room)
+        if len(cand) == 0:
+            continue  # left for the repair pass
+        over = layer_used[l, cand] + b > quota[l, cand] + b / 2
+        keys = np.lexsort((cand, -fleet.speed[cand], t[l, cand], over))
+        chosen = cand[keys[:k]]
+        x[chosen, l, e] = True
+        t[l, chosen] += w[l, e] / fleet.speed[chosen].sum()
+        used[chosen] += b
+        layer_used[l, chosen] += b
+
+    # 4. The CPU tier, hottest first, to the CPU device that ends least loaded.
+    cpus = np.flatnonzero(fleet.cpu_host)
+    for flat in np.lexsort((np.arange(w.size), -w.ravel())):
+        l, e = divmod(int(flat), num_experts)
+        if not on_cpu[l, e] or len(cpus) == 0:
+            continue
+        b = int(nbytes[l, e])
+        cand = cpus[used[cpus] + b <= fleet.cap[cpus]]
+        if len(cand) == 0:
+            continue
+        d = cand[np.argmin(t[l, cand] + w[l, e] / fleet.speed[cand])]
+        x[d, l, e] = True
+        t[l, d] += w[l, e] / fleet.speed[d]
+        used[d] += b
+    return x
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per device, the redundant replica whose removal hurts least.
+
+    Returns ``has [D]`` bool, ``flat [D]`` (index into ``[L*E]``) and ``slack [D]``:
+    how far the highest time among the expert's other holders stays below its
+    layer's step time after the drop (drops that would raise it are excluded).
+    """
+    f = st.f
+    num_devices, num_layers, num_experts = f.shape
+    x = st.x
+    redundant = x & (st.cnt >= 2)[None]
+    if not redundant.any():
+        return np.zeros(num_devices, bool), np.zeros(num_devices, np.int64), np.zeros(num_devices)
+    holder_t = np.where(x, st.T.T[:, :, None], -np.inf)  # [D, L, E]
+    top1_d = holder_t.argmax(axis=0)
+    top1 = np.take_along_axis(holder_t, top1_d[None], axis=0)[0]
+    np.put_along_axis(holder_t, top1_d[None], -np.inf, axis=0)
+    top2 = holder_t.max(axis=0)
+    other = np.where(np.arange(num_devices)[:, None, None] == top1_d[None], top2[None], top1[None])
+    s_after = st.S[None] - f.speed[:, None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c_after = np.where(redundant, f.w[None] / s_after, 0.0)
+    slack = st.T.max(axis=1)[None, :, None] - (other + c_after - st.c[None])
+    slack = np.where(redundant & (slack > 0), slack, -np.inf).reshape(num_devices, -1)
+    flat = slack.argmax(axis=1)
+    best = slack[np.arange(num_devices), flat]
+    return np.isfinite(best), flat, best
+
+
+def _coldest_singletons(st: _State) -> tuple[np.ndarray, np.ndarray]:
+    """Per GPU device, its coldest expert that has no other replica: ``has [D]``, ``flat [D]``."""
+    f = st.f
+    num_devices = f.shape[0]
+    single = st.x & (st.cnt == 1)[None] & f.gpu[:, None, None]
+    wm = np.where(single, f.w[None], np.inf).reshape(num_devices, -1)
+    flat = wm.argmin(axis=1)
+    return np.isfinite(wm[np.arange(num_devices), flat]), flat
+
+
+def _place_unplaced(st: _State) -> None:
+    """Give every expert without a replica one, hottest first; raise PlanningError if memory is short."""
+    f = st.f
+    num_experts = f.shape[2]
+    missing = np.flatnonzero((st.cnt == 0).ravel())
+    for flat in missing[np.lexsort((missing, -f.w.ravel()[missing]))]:
+        l, e = divmod(int(flat), num_experts)
+        b, we = int(f.nbytes[l, e]), f.w[l, e]
+        room = f.cap - st.used
+        gpu_fit = np.flatnonzero(f.gpu & (room >= b))
+        if len(gpu_fit):  # a GPU with room
+            d = gpu_fit[np.argmin(st.T[l, gpu_fit] + we / f.speed[gpu_fit])]
+            st.apply([(1, int(d), l, e)])
+            continue
+        has, dflat, slack = _drop_choices(st)
+        nb = f.nbytes.ravel()
+        ok = f.gpu & has & (room + nb[dflat] >= b)
+        if ok.any():  # drop the least useful redundant replica on a GPU
+            d = int(np.flatnonzero(ok)[np.argmax(slack[ok])])
+            gl, ge = divmod(int(dflat[d]), num_experts)
+            st.apply([(-1, d, gl, ge), (1, d, l, e)])
+            continue
+        cpus = np.flatnonzero(f.cpu_host)
+        if len(cpus):
+            has, sflat = _coldest_singletons(st)
+            colder = has & (f.w.ravel()[sflat] < we) & (room + nb[sflat] >= b)
+            for d in np.flatnonzero(colder)[np.argsort(f.w.ravel()[sflat[colder]], kind="stable")]:
+                hl, he = divmod(int(sflat[d]), num_experts)
+                k_fit = cpus[room[cpus] >= nb[sflat[d]]]
+                if len(k_fit):  # a colder GPU expert makes way, to the CPU tier
+                    k = k_fit[np.argmin(st.T[hl, k_fit] + f.w[hl, he] / f.speed[k_fit])]
+                    st.apply([(-1, int(d), hl, he), (1, int(k), hl, he), (1, int(d), l, e)])
+                    break
+            else:
+                k_fit = cpus[room[cpus] >= b]
+                if len(k_fit):
+                    k = k_fit[np.argmin(st.T[l, k_fit] + we / f.speed[k_fit])]
+                    st.apply([(1, int(k), l, e)])
+            if st.cnt[l, e] > 0:
+                continue
+        key = (f.layers[l], e)
+        raise PlanningError(
+            f"inventory: not enough device memory to hold expert {key} ({b} bytes) with every other expert "
+            f"placed once (cpu_tier and headroom limit where experts may go)"
+        )
+
+
+def _repair(st: _State) -> None:
+    """Evacuate overfull devices (redundant replicas first, coldest first), then place missing experts."""
+    f = st.f
+    num_experts = f.shape[2]
+    for d in np.flatnonzero(st.used > f.cap):
+        while st.used[d] > f.cap[d]:
+            held = np.flatnonzero(st.x[d].ravel())
+            redundant = held[st.cnt.ravel()[held] >= 2]
+            pool = redundant if len(redundant) else held
+            per_replica = st.c.ravel()[pool] if len(redundant) else f.w.ravel()[pool]
+            l, e = divmod(int(pool[np.argmin(per_replica)]), num_experts)
+            st.apply([(-1, int(d), l, e)])
+    _place_unplaced(st)
+
+
+# --------------------------------------------------------------------------- search
+
+_ADD, _MOVE, _REPLACE, _REPLACE_MOVE, _OFFLOAD, _SWAP, _XSWAP = range(7)
+_NOMINAL = {_ADD: 1, _MOVE: 1, _REPLACE: 1, _REPLACE_MOVE: 1, _OFFLOAD: 2, _SWAP: 2, _XSWAP: 2}
+_EXPERTS_TRIED = 8  # experts on the bottleneck device considered, hottest per replica first
+_SWAP_EXPERTS = 4
+_SWAP_PARTNERS = 16  # least loaded devices considered as swap partners
+_EVALS_PER_STEP = 48
+
+
+class _Context:
+    """Per-step precomputation shared by the layers' candidate generators."""
+
+    def __init__(self, st: _State, auto: bool):
+        f = st.f
+        self.room = f.cap - st.used
+        self.drop_has, self.drop_flat, _ = _drop_choices(st)
+        self.single_has, self.single_flat = _coldest_singletons(st)
+        num_devices = f.shape[0]
+        self.off_has = np.zeros(num_devices, dtype=bool)
+        self.off_to = np.zeros(num_devices, dtype=np.int64)
+        cpus = np.flatnonzero(f.cpu_host)
+        if auto and len(cpus):
+            num_experts = f.shape[2]
+            layer_max = st.T.max(axis=1)
+            for d in np.flatnonzero(self.single_has):
+                hl, he = divmod(int(self.single_flat[d]), num_experts)
+                fit = cpus[self.room[cpus] >= f.nbytes[hl, he]]
+                if len(fit) == 0:
+                    continue
+                new_t = st.T[hl, fit] + f.w[hl, he] / f.speed[fit]
+                k = int(np.argmin(new_t))
+                if new_t[k] < layer_max[hl]:
+                    self.off_has[d], self.off_to[d] = True, fit[k]
+
+
+def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
+    """Append ``(prescore per copy, kind, l, e, d, extra)`` candidates relieving layer l's bottleneck."""
+    f = st.f
+    num_devices, _, num_experts = f.shape
+    t_l = st.T[l]
+    dstar = int(np.argmax(t_l))
+    tstar = t_l[dstar]
+    if tstar <= 0:
+        return
+    on = np.flatnonzero(st.x[dstar, l])
+    on = on[np.argsort(-st.c[l, on], kind="stable")][:_EXPERTS_TRIED]
+    room = ctx.room
+    nb_flat, w_flat, c_flat = f.nbytes.ravel(), f.w.ravel(), st.c.ravel()
+    drop_l = ctx.drop_flat // num_experts
+    drop_same = np.where(ctx.drop_has & (drop_l == l), c_flat[ctx.drop_flat], 0.0)
+    drop_b = np.where(ctx.drop_has, nb_flat[ctx.drop_flat], 0)
+    single_l = ctx.single_flat // num_experts
+    single_same = np.where(ctx.single_has & (single_l == l), c_flat[ctx.single_flat], 0.0)
+    single_b = np.where(ctx.single_has, nb_flat[ctx.single_flat], 0)
+    light = np.argsort(t_l, kind="stable")[:_SWAP_PARTNERS]
+    light = light[light != dstar]
+    holders_other = st.x[:, l, :].copy()
+    holders_other[dstar] = False
+
+    def push(score, mask, kind, e, extra=None):
+        idx = np.flatnonzero(mask)
+        if len(idx):
+            out.append((score[idx] / _NOMINAL[kind], kind, l, e, idx, None if extra is None else extra[idx], tstar))
+
+    for rank, e in enumerate(on):
+        e = int(e)
+        ce, we, be, se = st.c[l, e], f.w[l, e], int(f.nbytes[l, e]), st.S[l, e]
+        holders = st.x[:, l, e]
+        free_dev = f.addable & ~holders
+        c_add = we / (se + f.speed)
+        keep_star = tstar - (ce - c_add)
+        fits = room >= be
+        push(tstar - np.maximum(keep_star, t_l + c_add), free_dev & fits, _ADD, e)
+        s_mv = se - f.speed[dstar] + f.speed
+        c_mv = we / s_mv
+        others = t_l[holders_other[:, e]]
+        other_max = others.max() if len(others) else -np.inf
+        mv_new = np.maximum(np.maximum(tstar - ce, t_l + c_mv), other_max + c_mv - ce)
+        push(tstar - mv_new, free_dev & fits, _MOVE, e)
+        need = free_dev & ~fits
+        not_self = ctx.drop_flat != l * num_experts + e
+        rep = need & ctx.drop_has & not_self & (room + drop_b >= be)
+        push(tstar - np.maximum(keep_star, t_l - drop_same + c_add), rep, _REPLACE, e)
+        push(tstar - np.maximum(tstar - ce, t_l - drop_same + c_mv), rep, _REPLACE_MOVE, e)
+        off = need & ctx.off_has & f.gpu & (room + single_b >= be)
+        push(tstar - np.maximum(keep_star, t_l - single_same + c_add), off, _OFFLOAD, e)
+        if not f.gpu[dstar] and f.host[dstar]:
+            xs = f.gpu & ~holders & ctx.single_has & (w_flat[ctx.single_flat] < we)
+            xs &= (room + single_b >= be) & (room[dstar] + be >= single_b)
+            h_on_star = np.where(single_l == l, w_flat[ctx.single_flat] / f.speed[dstar], 0.0)
+            push(tstar - np.maximum(tstar - ce + h_on_star, t_l - single_same + c_mv), xs, _XSWAP, e)
+        if rank < _SWAP_EXPERTS and len(light):
+            # swap e (on dstar) with f (on a light device p); speeds taken as equal for the prescore
+            part = light[~holders[light] & f.host[light]]
+            if len(part) == 0:
+                continue
+            cand_f = st.x[part, l, :] & ~st.x[dstar, l, :][None, :]
+            cand_f &= (room[part, None] + f.nbytes[l][None, :] >= be) & (room[dstar] + be >= f.nbytes[l][None, :])
+            cl = st.c[l][None, :]
+            new_max = np.maximum(tstar - ce + cl, t_l[part, None] - cl + ce)
+            score = np.where(cand_f, tstar - new_max, -np.inf)
+            best_f = score.argmax(axis=1)
+            best = score[np.arange(len(part)), best_f]
+            mask = np.isfinite(best) & (best > 0)
+            if mask.any():
+                out.append((best[mask] / 2, _SWAP, l, e, part[mask], best_f[mask], tstar))
+
+
+def _ops(st: _State, ctx: _Context, kind: int, l: int, e: int, d: int, extra) -> list[tuple[int, int, int, int]]:
+    num_experts = st.f.shape[2]
+    dstar = int(np.argmax(st.T[l]))
+    if kind == _ADD:
+        return [(1, d, l, e)]
+    if kind == _MOVE:
+        return [(-1, dstar, l, e), (1, d, l, e)]
+    if kind in (_REPLACE, _REPLACE_MOVE):
+        gl, ge = divmod(int(ctx.drop_flat[d]), num_experts)
+        head = [(-1, d, gl, ge)]
+        return head + ([(1, d, l, e)] if kind == _REPLACE else [(-1, dstar, l, e), (1, d, l, e)])
+    hl, he = divmod(int(ctx.single_flat[d]), num_experts)
+    if kind == _OFFLOAD:
+        return [(-1, d, hl, he), (1, int(ctx.off_to[d]), hl, he), (1, d, l, e)]
+    if kind == _XSWAP:
+        return [(-1, dstar, l, e), (1, d, l, e), (-1, d, hl, he), (1, dstar, hl, he)]
+    fe = int(extra)  # _SWAP
+    return [(-1, dstar, l, e), (1, d, l, e), (-1, d, l, fe), (1, dstar, l, fe)]
+
+
+def _search(st: _State, knobs: PlannerKnobs, budget: int | None) -> None:
+    """Greedy improvement until no candidate beats the hysteresis or the copy budget is spent."""
+    num_layers = st.f.shape[1]
+    auto = knobs.cpu_tier == "auto"
+    for _ in range(knobs.max_search_steps):
+        if budget is not None and st.copies >= budget:
+            return
+        layer_max = st.T.max(axis=1)
+        threshold = knobs.hysteresis * layer_max.sum() / num_layers
+        if layer_max.sum() <= 0:
+            return
+        ctx = _Context(st, auto)
+        blocks: list = []
+        for l in range(num_layers):
+            _layer_candidates(st, ctx, l, blocks)
+        if not blocks:
+            return
+        scores = np.concatenate([b[0] for b in blocks])
+        owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
+        pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
+        order = np.lexsort((np.arange(len(scores)), -scores))
+        best, best_value, valid = None, threshold, 0
+        for i in order[:_EVALS_PER_STEP]:
+            if scores[i] <= threshold or valid >= 4:
+                break
+            _, kind, l, e, ds, extra, tstar = blocks[owner[i]]
+            j = pos[i]
+            ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
+            result = st.evaluate(ops, l, tstar)
+            if result is None:
+                continue
+            relief, cost = result
+            if budget is not None and st.copies + cost > budget:
+                continue
+            valid += 1
+            value = relief / max(cost, 1)
+            if value > best_value:
+                best, best_value = ops, value
+        if best is None:
+            return
+        st.apply(best)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def predict(load, inventory: Inventory, placement: Placement, *, layers: Sequence[int] | None = None) -> PlacementStats:
+    """Predicted load of ``placement`` under the planner's load model (see the module docstring).
+
+    ``load`` is ``[L, E]``; row ``i`` is layer ``layers[i]`` (default ``range(L)``).
+    Replicas on devices not in ``inventory`` or of experts outside ``load`` are ignored.
+    """
+    fleet = _Fleet(load, inventory, PlannerKnobs(headroom=0.0, cpu_tier="overflow"), 1, layers)
+    x, _ = fleet.matrix(placement)
+    return _stats(fleet, _State(fleet, x, x).T)
+
+
+def plan(
+    load,
+    inventory: Inventory,
+    current: Placement,
+    knobs: PlannerKnobs | None = None,
+    *,
+    expert_bytes,
+    layers: Sequence[int] | None = None,
+) -> Plan:
+    """Turn the load window, the fleet and the current placement into a target placement.
+
+    Args:
+        load: ``[L, E]`` float, decayed token count per (layer row, expert);
+            anything ``numpy.asarray`` accepts (numpy, lists, CPU tensors).
+        inventory: the devices experts may live on (GPU and CPU kinds, memory, speed).
+        current: the placement in force; empty to plan from scratch.
+        knobs: tuning (``PlannerKnobs()`` defaults when None).
+        expert_bytes: weight size of one replica, one number or ``[L, E]``.
+        layers: the model layer index of each load row (default ``range(L)``);
+            the target's keys are ``(layers[i], e)``.
+
+    Returns:
+        A ``Plan``; deterministic for equal inputs.
+
+    Raises:
+        ValueError: malformed inputs. ``PlanningError`` (a ValueError) when
+        memory cannot hold every expert once.
+    """
+    knobs = knobs or PlannerKnobs()
+    fleet = _Fleet(load, inventory, knobs, expert_bytes, layers)
+    x0, dropped = fleet.matrix(current)
+    initial = not x0.any()
+    before_state = _State(fleet, x0, x0.copy())
+    broken = dropped or bool((before_state.cnt == 0).any()) or bool((before_state.used > fleet.cap).any())
+    if initial:  # two constructions, each improved; keep the faster (the first on ties)
+        st = None
+        for per_layer in (False, True):
+            trial = _State(fleet, x0, _construct(fleet, per_layer))
+            _repair(trial)
+            _search(trial, knobs, None)
+            if st is None or trial.T.max(axis=1).sum() < st.T.max(axis=1).sum():
+                st = trial
+    else:
+        st = _State(fleet, x0, x0.copy())
+        _repair(st)
+        _search(st, knobs, max(knobs.max_moves_per_step, st.copies))
+
+    after = _stats(fleet, st.T)
+    before = None if broken else _stats(fleet, before_state.T)
+    if before is None:
+        gain = 1.0
+    elif before.step_time > 0:
+        gain = 1.0 - after.step_time / before.step_time
+    else:
+        gain = 0.0
+    adds, removes = st.x & ~x0, x0 & ~st.x
+    moves = []
+    for kind, mat in (("add", adds), ("remove", removes)):
+        for d, l, e in zip(*np.nonzero(mat)):
+            moves.append(Move(kind=kind, device_id=fleet.ids[d], expert=(fleet.layers[l], int(e))))
+    changed = bool(moves) or dropped
+    target = fleet.placement(st.x, current.version + 1 if changed else current.version)
+    return Plan(
+        target=target,
+        moves=moves,
+        copies=int(adds.sum()),
+        balancedness_before=None if before is None else before.balancedness,
+        balancedness_after=after.balancedness,
+        step_time_before=None if before is None else before.step_time,
+        step_time_after=after.step_time,
+        gain=gain,
+        repaired=broken,
+        apply=changed and (broken or gain >= knobs.min_gain),
+        stats=after,
+    )

@@ -1,0 +1,793 @@
+"""Shared state in Redis: the one module that talks to Redis.
+
+Routers, workers and the controller share five kinds of state through a
+``StateStore``; nothing else in the project imports ``redis``.
+
+placement table
+    The current ``Placement`` (versioned), the last few published versions for
+    inspection, and a pub/sub channel announcing each new version. Writers
+    compare-and-set on the version; readers follow it with ``watch_placement``.
+load windows
+    Token counts per ``(layer, expert)`` in fixed windows of ``window_s``
+    seconds (window index ``int(now // window_s)``). Routers add to them, the
+    controller reads a decayed sum. Windows expire after ``load_retention_s``.
+leader lease
+    One controller at a time holds the lease; it lapses in Redis (PX expiry)
+    when its holder stops renewing.
+records and workers
+    Named JSON records for the controller's own state, and a worker registry
+    whose entries count only while their heartbeat is fresh.
+events
+    A capped stream of what the controller did, for operators.
+
+Time: every decision that depends on time uses the ``now`` passed in
+(seconds, float), so tests drive a fake clock. Redis expiry (PX, PEXPIRE) is
+used only to free memory and to let a dead leader's lease lapse.
+
+Key layout (``ns`` is the namespace)::
+
+    ns:placement                      string  JSON Placement (current)
+    ns:placement:version              string  int, current version (absent = 0)
+    ns:placement:history              list    JSON Placement, newest first, capped
+    ns:placement:updates              channel pub/sub, message = new version
+    ns:load:<window_s>:<index>        hash    "layer:expert" -> tokens, PEXPIRE retention
+    ns:load:<window_s>:<index>:sources hash   source -> tokens, PEXPIRE retention
+    ns:lease                          string  JSON LeaseRecord, PX ttl
+    ns:record:<name>                  string  JSON object
+    ns:workers                        hash    worker id -> JSON WorkerRecord
+    ns:workers:expiry                 zset    worker id, score = expires_at (for pruning)
+    ns:events                         stream  field "event" = JSON (kind, at, data), MAXLEN ~
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from pydantic import BaseModel, ConfigDict, Field
+
+from moefleet.core.placement import ExpertKey, Placement
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Event",
+    "LeaseRecord",
+    "PlacementWatch",
+    "StaleVersionError",
+    "StateKeys",
+    "StateStore",
+    "StateStoreError",
+    "StateStoreUnavailable",
+    "WorkerRecord",
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StateStoreError(RuntimeError):
+    """A state store operation failed (bad reply, closed store, bad argument)."""
+
+
+class StateStoreUnavailable(StateStoreError):
+    """Redis could not be reached; the message names the URL."""
+
+
+class StaleVersionError(StateStoreError):
+    """``publish_placement`` lost a compare-and-set: someone published first."""
+
+    def __init__(self, expected: int, actual: int):
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"placement version is {actual}, expected {expected}: another writer published first; "
+            "re-read the placement and plan again"
+        )
+
+
+# --------------------------------------------------------------------------- records
+
+
+class LeaseRecord(BaseModel):
+    """The leader lease as stored under ``ns:lease``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    holder: str = Field(description="Id of the lease holder (a controller instance).")
+    expires_at: float = Field(description="Holder's clock (`now` + ttl) when the lease lapses.")
+
+
+class WorkerRecord(BaseModel):
+    """One worker's registry entry as stored in ``ns:workers``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    worker_id: str = Field(description="Unique worker id.")
+    info: dict[str, Any] = Field(description="What the worker reported about itself (JSON object).")
+    heartbeat_at: float = Field(description="`now` of the last heartbeat.")
+    expires_at: float = Field(description="Heartbeat `now` + ttl; the worker counts while now < expires_at.")
+
+
+class Event(BaseModel):
+    """One entry of the event stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default="", description="Redis stream id ('' before it is written).")
+    kind: str = Field(min_length=1, description="What happened, e.g. 'placement_published'.")
+    at: float = Field(description="`now` when the event was emitted.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Details (JSON object).")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class StateKeys:
+    """The Redis key names of one namespace (see the module docstring)."""
+
+    namespace: str
+
+    @property
+    def placement(self) -> str:
+        return f"{self.namespace}:placement"
+
+    @property
+    def placement_version(self) -> str:
+        return f"{self.namespace}:placement:version"
+
+    @property
+    def placement_history(self) -> str:
+        return f"{self.namespace}:placement:history"
+
+    @property
+    def placement_channel(self) -> str:
+        return f"{self.namespace}:placement:updates"
+
+    def load_window(self, window_s: float, index: int) -> str:
+        return f"{self.namespace}:load:{float(window_s)!r}:{index}"
+
+    def load_sources(self, window_s: float, index: int) -> str:
+        return f"{self.load_window(window_s, index)}:sources"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.namespace}:lease"
+
+    def record(self, name: str) -> str:
+        return f"{self.namespace}:record:{name}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.namespace}:workers"
+
+    @property
+    def workers_expiry(self) -> str:
+        return f"{self.namespace}:workers:expiry"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}:events"
+
+
+# --------------------------------------------------------------------------- Lua
+
+# KEYS: placement, version, history. ARGV: expected version, new JSON, history size, channel.
+# Returns {1, new_version} on success, {0, current_version} when the version moved.
+_PUBLISH_PLACEMENT = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local expected = tonumber(ARGV[1])
+if current ~= expected then
+  return {0, current}
+end
+local new_version = expected + 1
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], new_version)
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+redis.call('PUBLISH', ARGV[4], new_version)
+return {1, new_version}
+"""
+
+# KEYS: lease. ARGV: holder, now, new JSON, ttl ms.
+# Free, lapsed (by `now`) or already ours: take it.
+_ACQUIRE_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local rec = cjson.decode(cur)
+  if rec.holder ~= ARGV[1] and tonumber(rec.expires_at) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS: lease. ARGV: holder, now, new JSON, ttl ms. Only a current (by `now`) holder renews.
+_RENEW_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return 0
+end
+local rec = cjson.decode(cur)
+if rec.holder ~= ARGV[1] or tonumber(rec.expires_at) <= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS: lease. ARGV: holder.
+_RELEASE_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return 0
+end
+if cjson.decode(cur).holder ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: workers hash, expiry zset. ARGV: id, JSON, expires_at, prune entries expired before this.
+_REGISTER_WORKER = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4], 'LIMIT', 0, 100)
+for _, id in ipairs(old) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+return #old
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced by '***'."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0 or math.isnan(value):
+        raise ValueError(f"{name}: must be > 0, got {value}")
+    return value
+
+
+def _expert_field(key: ExpertKey) -> str:
+    try:
+        layer, expert = (operator.index(k) for k in key)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"counts: key {key!r} is not a (layer, expert) pair of ints") from exc
+    if layer < 0 or expert < 0:
+        raise ValueError(f"counts: key {key!r} has a negative index")
+    return f"{layer}:{expert}"
+
+
+def _parse_expert_field(field: str) -> ExpertKey:
+    layer, expert = field.split(":")
+    return int(layer), int(expert)
+
+
+def _dumps(what: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what}: not JSON-serialisable: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- store
+
+
+class StateStore:
+    """Typed access to MoE Fleet's shared state in one Redis namespace.
+
+    Thread-safe (redis-py's client is). Every Redis failure surfaces as
+    ``StateStoreUnavailable`` (cannot connect) or ``StateStoreError``; there is
+    no in-memory fallback. ``ping()`` is the one method that answers False
+    instead of raising.
+
+    Args:
+        url: ``redis://host:port/db`` of the server.
+        namespace: prefix of every key, so several fleets (or tests) share a server.
+        placement_history_size: published placements kept in ``ns:placement:history``.
+        load_retention_s: how long a load window lives after its last write (Redis TTL).
+        events_maxlen: approximate cap of the event stream (``XADD MAXLEN ~``).
+        worker_forget_after_s: registry entries expired longer than this are deleted
+            on the next ``register_worker``.
+        socket_timeout_s: connect and read timeout of each Redis call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "moefleet",
+        *,
+        placement_history_size: int = 16,
+        load_retention_s: float = 600.0,
+        events_maxlen: int = 1000,
+        worker_forget_after_s: float = 600.0,
+        socket_timeout_s: float = 5.0,
+    ):
+        if not namespace or any(c.isspace() for c in namespace):
+            raise ValueError(f"namespace: must be non-empty without whitespace, got {namespace!r}")
+        if placement_history_size < 1:
+            raise ValueError(f"placement_history_size: must be >= 1, got {placement_history_size}")
+        if events_maxlen < 1:
+            raise ValueError(f"events_maxlen: must be >= 1, got {events_maxlen}")
+        self.url = url
+        self.namespace = namespace
+        self.keys = StateKeys(namespace)
+        self.placement_history_size = int(placement_history_size)
+        self.load_retention_s = _check_positive("load_retention_s", load_retention_s)
+        self.events_maxlen = int(events_maxlen)
+        self.worker_forget_after_s = _check_positive("worker_forget_after_s", worker_forget_after_s)
+        self._safe_url = _redact(url)
+        self._closed = False
+        self._watches: list[PlacementWatch] = []
+        self._lock = threading.Lock()
+        try:
+            # One quick retry covers a pooled connection broken by a server restart.
+            # Retries make writes at-least-once: a reconnect may double-count a
+            # record_load, or turn a publish that did land into a StaleVersionError.
+            self._client = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+            )
+        except ValueError as exc:
+            raise StateStoreError(f"state store URL {self._safe_url!r} is invalid: {exc}") from exc
+        self._publish_script = self._client.register_script(_PUBLISH_PLACEMENT)
+        self._acquire_script = self._client.register_script(_ACQUIRE_LEASE)
+        self._renew_script = self._client.register_script(_RENEW_LEASE)
+        self._release_script = self._client.register_script(_RELEASE_LEASE)
+        self._register_script = self._client.register_script(_REGISTER_WORKER)
+
+    def __repr__(self) -> str:
+        return f"StateStore({self._safe_url!r}, namespace={self.namespace!r})"
+
+    def __enter__(self) -> "StateStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _redis(self, op: str) -> Iterator[redis.Redis]:
+        """Yield the client; translate redis-py errors into ours, naming ``op`` and the URL."""
+        if self._closed:
+            raise StateStoreError(f"{op}: {self!r} is closed")
+        try:
+            yield self._client
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StateStoreUnavailable(f"{op}: Redis at {self._safe_url} is unavailable: {exc}") from exc
+        except redis.RedisError as exc:
+            raise StateStoreError(f"{op}: Redis at {self._safe_url} failed: {exc}") from exc
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def ping(self) -> bool:
+        """True if Redis answers, False if it cannot be reached (never raises for that)."""
+        try:
+            with self._redis("ping") as r:
+                return bool(r.ping())
+        except StateStoreUnavailable:
+            return False
+
+    def close(self) -> None:
+        """Stop this store's placement watches and close its connections. Idempotent."""
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for w in watches:
+            w.stop()
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    # ---------------------------------------------------------------- placement
+
+    def get_placement(self) -> Placement | None:
+        """The current placement, or None if none was ever published."""
+        with self._redis("get_placement") as r:
+            raw = r.get(self.keys.placement)
+        return None if raw is None else Placement.model_validate_json(raw)
+
+    def placement_version(self) -> int:
+        """Version of the current placement; 0 if none was published."""
+        with self._redis("placement_version") as r:
+            raw = r.get(self.keys.placement_version)
+        return 0 if raw is None else int(raw)
+
+    def publish_placement(self, placement: Placement, expected_version: int) -> Placement:
+        """Store ``placement`` as version ``expected_version + 1`` if the stored version is ``expected_version``.
+
+        Atomic (one Lua script): on success the placement, its version, the
+        history entry and the pub/sub announcement happen together. The
+        ``version`` field of ``placement`` is ignored and replaced.
+
+        Returns:
+            The stored placement, with its new version.
+        Raises:
+            StaleVersionError: the stored version is not ``expected_version``.
+        """
+        expected = operator.index(expected_version)
+        if expected < 0:
+            raise ValueError(f"expected_version: must be >= 0, got {expected}")
+        stored = placement.model_copy(update={"version": expected + 1})
+        payload = stored.model_dump_json()
+        k = self.keys
+        with self._redis("publish_placement") as r:
+            ok, version = self._publish_script(
+                keys=[k.placement, k.placement_version, k.placement_history],
+                args=[expected, payload, self.placement_history_size, k.placement_channel],
+                client=r,
+            )
+        if not ok:
+            raise StaleVersionError(expected, int(version))
+        return stored
+
+    def placement_history(self, n: int = 10) -> list[Placement]:
+        """Up to ``n`` most recently published placements, newest (the current one) first.
+
+        At most ``placement_history_size`` are kept.
+        """
+        if n < 1:
+            return []
+        with self._redis("placement_history") as r:
+            raws = r.lrange(self.keys.placement_history, 0, n - 1)
+        return [Placement.model_validate_json(raw) for raw in raws]
+
+    def watch_placement(
+        self,
+        callback: Callable[[Placement], None],
+        poll_interval_s: float = 0.1,
+        *,
+        since_version: int | None = None,
+    ) -> "PlacementWatch":
+        """Call ``callback(placement)`` from a background thread whenever the version advances.
+
+        Pub/sub wakes the thread at once; independently it re-reads the version
+        every ``poll_interval_s``, so a lost message (reconnect, writer that did
+        not publish) delays an update by at most one interval and never loses it.
+        Versions that were superseded before the thread read them are skipped:
+        the callback always receives the newest placement, with strictly
+        increasing versions.
+
+        Args:
+            callback: receives each newer placement; exceptions are logged and
+                counted in ``PlacementWatch.callback_errors``, and the version is
+                not re-delivered.
+            poll_interval_s: the fallback polling period.
+            since_version: deliver placements newer than this; None means newer
+                than the version stored now (read before this returns). Pass the
+                version of a placement you already hold to close the gap between
+                reading it and watching.
+        """
+        _check_positive("poll_interval_s", poll_interval_s)
+        start = self.placement_version() if since_version is None else operator.index(since_version)
+        watch = PlacementWatch(self, callback, poll_interval_s, start)
+        with self._lock:
+            self._watches = [w for w in self._watches if w.is_alive()]
+            self._watches.append(watch)
+        watch._start()
+        return watch
+
+    # ---------------------------------------------------------------- load windows
+
+    @staticmethod
+    def _window_index(now: float, window_s: float) -> int:
+        return int(now // window_s)
+
+    def record_load(
+        self,
+        counts: Mapping[ExpertKey, int],
+        now: float,
+        window_s: float = 1.0,
+        source: str = "",
+    ) -> None:
+        """Add token counts per ``(layer, expert)`` to the window ``int(now // window_s)``.
+
+        One round trip (a MULTI/EXEC pipeline of HINCRBYs and PEXPIREs). Zero
+        counts are skipped; a call with nothing to add sends nothing. With
+        ``source`` (e.g. a router id) the call's total is also added to the
+        window's per-source tally (``load_sources``).
+        """
+        window_s = _check_positive("window_s", window_s)
+        fields: dict[str, int] = {}
+        for key, tokens in counts.items():
+            field = _expert_field(key)
+            n = operator.index(tokens)
+            if n < 0:
+                raise ValueError(f"counts: {n} tokens for {key!r} is negative")
+            if n:
+                fields[field] = fields.get(field, 0) + n
+        if not fields:
+            return
+        index = self._window_index(now, window_s)
+        key = self.keys.load_window(window_s, index)
+        ttl_ms = math.ceil(max(self.load_retention_s, window_s) * 1000)
+        with self._redis("record_load") as r:
+            pipe = r.pipeline(transaction=True)
+            for field, n in fields.items():
+                pipe.hincrby(key, field, n)
+            pipe.pexpire(key, ttl_ms)
+            if source:
+                skey = self.keys.load_sources(window_s, index)
+                pipe.hincrby(skey, source, sum(fields.values()))
+                pipe.pexpire(skey, ttl_ms)
+            pipe.execute()
+
+    def _read_hashes(self, op: str, keys: list[str]) -> list[dict[str, str]]:
+        with self._redis(op) as r:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return pipe.execute()
+
+    def read_windows(self, now: float, window_s: float, num_windows: int) -> list[tuple[float, dict[ExpertKey, int]]]:
+        """Raw counts of the last ``num_windows`` windows, the current one included, oldest first.
+
+        Returns ``[(window_start_s, {(layer, expert): tokens}), ...]`` with exactly
+        ``num_windows`` entries; windows with no traffic (or already expired)
+        have an empty dict. One round trip.
+        """
+        window_s = _check_positive("window_s", window_s)
+        if num_windows < 1:
+            return []
+        current = self._window_index(now, window_s)
+        indices = list(range(current - num_windows + 1, current + 1))
+        hashes = self._read_hashes("read_windows", [self.keys.load_window(window_s, i) for i in indices])
+        return [
+            (i * window_s, {_parse_expert_field(f): int(v) for f, v in h.items()})
+            for i, h in zip(indices, hashes)
+        ]
+
+    def read_load(self, now: float, window_s: float, num_windows: int, half_life_s: float) -> dict[ExpertKey, float]:
+        """Exponentially decayed token counts per ``(layer, expert)`` over the last ``num_windows`` windows.
+
+        A window's age is counted in whole windows from the current one
+        (``age_s = (current_index - index) * window_s``), and its counts weigh
+        ``0.5 ** (age_s / half_life_s)``: the current, partial window weighs 1.
+        ``half_life_s=math.inf`` gives a plain sum. Experts with no tokens are absent.
+        """
+        if not half_life_s > 0:
+            raise ValueError(f"half_life_s: must be > 0, got {half_life_s}")
+        windows = self.read_windows(now, window_s, num_windows)
+        out: dict[ExpertKey, float] = {}
+        for age, (_, counts) in enumerate(reversed(windows)):
+            weight = 0.5 ** (age * window_s / half_life_s)
+            for key, tokens in counts.items():
+                out[key] = out.get(key, 0.0) + weight * tokens
+        return out
+
+    def load_sources(self, now: float, window_s: float, num_windows: int) -> dict[str, int]:
+        """Tokens per ``source`` over the last ``num_windows`` windows (who has been reporting)."""
+        window_s = _check_positive("window_s", window_s)
+        if num_windows < 1:
+            return {}
+        current = self._window_index(now, window_s)
+        keys = [self.keys.load_sources(window_s, i) for i in range(current - num_windows + 1, current + 1)]
+        out: dict[str, int] = {}
+        for h in self._read_hashes("load_sources", keys):
+            for source, v in h.items():
+                out[source] = out.get(source, 0) + int(v)
+        return out
+
+    # ---------------------------------------------------------------- leader lease
+
+    def _lease_args(self, holder: str, ttl_s: float, now: float) -> list[Any]:
+        if not holder:
+            raise ValueError("holder: must be a non-empty id")
+        ttl_s = _check_positive("ttl_s", ttl_s)
+        record = LeaseRecord(holder=holder, expires_at=float(now) + ttl_s)
+        return [holder, repr(float(now)), record.model_dump_json(), max(1, math.ceil(ttl_s * 1000))]
+
+    def try_acquire_lease(self, holder: str, ttl_s: float, now: float) -> bool:
+        """Take the lease for ``ttl_s`` if it is free, lapsed by ``now``, or already ``holder``'s.
+
+        Redis expires the key after ``ttl_s`` (PX), so a dead holder's lease
+        lapses without anyone writing. Returns whether ``holder`` now holds it.
+        """
+        args = self._lease_args(holder, ttl_s, now)
+        with self._redis("try_acquire_lease") as r:
+            return bool(self._acquire_script(keys=[self.keys.lease], args=args, client=r))
+
+    def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
+        """Extend ``holder``'s lease to ``now + ttl_s``; False if it is not (or no longer, by ``now``) the holder.
+
+        A holder that gets False has lost leadership and must stop acting as
+        leader (it may try to acquire again).
+        """
+        args = self._lease_args(holder, ttl_s, now)
+        with self._redis("renew_lease") as r:
+            return bool(self._renew_script(keys=[self.keys.lease], args=args, client=r))
+
+    def release_lease(self, holder: str) -> bool:
+        """Give the lease up; False (and nothing changes) if ``holder`` does not hold it."""
+        with self._redis("release_lease") as r:
+            return bool(self._release_script(keys=[self.keys.lease], args=[holder], client=r))
+
+    def lease_holder(self, now: float | None = None) -> str | None:
+        """Who holds the lease: None if the key lapsed in Redis, or (given ``now``) if it lapsed by ``now``."""
+        with self._redis("lease_holder") as r:
+            raw = r.get(self.keys.lease)
+        if raw is None:
+            return None
+        record = LeaseRecord.model_validate_json(raw)
+        if now is not None and record.expires_at <= now:
+            return None
+        return record.holder
+
+    # ---------------------------------------------------------------- records
+
+    def put_record(self, name: str, value: dict[str, Any]) -> None:
+        """Store a JSON object under ``name`` (replacing any previous value)."""
+        if not name:
+            raise ValueError("name: must be non-empty")
+        if not isinstance(value, dict):
+            raise TypeError(f"record {name!r}: value must be a dict, got {type(value).__name__}")
+        payload = _dumps(f"record {name!r}", value)
+        with self._redis("put_record") as r:
+            r.set(self.keys.record(name), payload)
+
+    def get_record(self, name: str) -> dict[str, Any] | None:
+        """The JSON object stored under ``name``, or None."""
+        with self._redis("get_record") as r:
+            raw = r.get(self.keys.record(name))
+        return None if raw is None else json.loads(raw)
+
+    # ---------------------------------------------------------------- workers
+
+    def register_worker(self, worker_id: str, info: dict[str, Any], now: float, ttl_s: float) -> None:
+        """Register or heartbeat a worker: it counts in ``workers(t)`` while ``t < now + ttl_s``.
+
+        Also deletes entries that expired more than ``worker_forget_after_s`` before ``now``.
+        """
+        if not worker_id:
+            raise ValueError("worker_id: must be non-empty")
+        ttl_s = _check_positive("ttl_s", ttl_s)
+        _dumps(f"worker {worker_id!r} info", info)
+        record = WorkerRecord(worker_id=worker_id, info=info, heartbeat_at=now, expires_at=now + ttl_s)
+        k = self.keys
+        with self._redis("register_worker") as r:
+            self._register_script(
+                keys=[k.workers, k.workers_expiry],
+                args=[worker_id, record.model_dump_json(), repr(record.expires_at), repr(now - self.worker_forget_after_s)],
+                client=r,
+            )
+
+    def deregister_worker(self, worker_id: str) -> bool:
+        """Remove a worker from the registry at once; False if it was not there."""
+        with self._redis("deregister_worker") as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.hdel(self.keys.workers, worker_id)
+            pipe.zrem(self.keys.workers_expiry, worker_id)
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def worker_records(self, now: float) -> dict[str, WorkerRecord]:
+        """Registry entries whose heartbeat has not expired by ``now``."""
+        with self._redis("workers") as r:
+            raw = r.hgetall(self.keys.workers)
+        records = (WorkerRecord.model_validate_json(v) for v in raw.values())
+        return {rec.worker_id: rec for rec in records if now < rec.expires_at}
+
+    def workers(self, now: float) -> dict[str, dict[str, Any]]:
+        """``{worker_id: info}`` of the workers whose heartbeat has not expired by ``now``."""
+        return {wid: rec.info for wid, rec in self.worker_records(now).items()}
+
+    # ---------------------------------------------------------------- events
+
+    def emit_event(self, kind: str, data: dict[str, Any], now: float) -> str:
+        """Append an event to the capped stream (``XADD MAXLEN ~ events_maxlen``); returns its id."""
+        event = Event(kind=kind, at=now, data=data)
+        payload = _dumps(f"event {kind!r} data", event.model_dump(exclude={"id"}))
+        with self._redis("emit_event") as r:
+            return r.xadd(self.keys.events, {"event": payload}, maxlen=self.events_maxlen, approximate=True)
+
+    def events(self, count: int = 100) -> list[Event]:
+        """The last ``count`` events, oldest first."""
+        if count < 1:
+            return []
+        with self._redis("events") as r:
+            entries = r.xrevrange(self.keys.events, count=count)
+        return [Event.model_validate({**json.loads(fields["event"]), "id": eid}) for eid, fields in reversed(entries)]
+
+
+# --------------------------------------------------------------------------- watch
+
+
+class PlacementWatch:
+    """Handle of a ``StateStore.watch_placement`` thread; ``stop()`` ends it."""
+
+    def __init__(self, store: StateStore, callback: Callable[[Placement], None], poll_interval_s: float, since: int):
+        self._store = store
+        self._callback = callback
+        self._poll = poll_interval_s
+        self.last_version = since
+        """Version of the last placement delivered (or the starting point)."""
+        self.callback_errors = 0
+        """Callbacks that raised (each logged with its traceback)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moefleet-placement-watch", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and wait (up to ``timeout_s``) for it to end. Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _check(self) -> None:
+        if self._store.placement_version() <= self.last_version:
+            return
+        placement = self._store.get_placement()
+        if placement is None or placement.version <= self.last_version:
+            return
+        self.last_version = placement.version
+        try:
+            self._callback(placement)
+        except Exception:  # the callback's failure must not end the watch; surfaced in the log and counter
+            self.callback_errors += 1
+            log.exception("placement watch callback failed on version %d", placement.version)
+
+    def _run(self) -> None:
+        pubsub = None
+        backoff = self._poll
+        try:
+            while not self._stop.is_set():
+                try:
+                    if pubsub is None:
+                        pubsub = self._store._client.pubsub(ignore_subscribe_messages=True)
+                        pubsub.subscribe(self._store.keys.placement_channel)
+                    # Poll first: this also covers anything published before (re)subscribing.
+                    self._check()
+                    # Returns early on a message (or the subscribe confirmation).
+                    pubsub.get_message(timeout=self._poll)
+                    backoff = self._poll
+                except (StateStoreUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("placement watch: Redis at %s unavailable (%s); retrying in %.2fs",
+                                self._store._safe_url, exc, backoff)
+                    if pubsub is not None:
+                        pubsub.close()
+                        pubsub = None
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                except (StateStoreError, ValueError) as exc:  # bad reply or record: keep watching, say so
+                    log.error("placement watch: cannot read the placement at %s: %s; retrying in %.2fs",
+                              self._store._safe_url, exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            if pubsub is not None:
+                pubsub.close()

@@ -1,0 +1,93 @@
+"""How a layer call's batches reach workers.
+
+``RayTransport``: the call's hidden states go into Ray's object store once
+(``ray.put``), and each worker gets the ``ObjectRef`` plus its small row index
+arrays; Ray hands the worker a zero-copy view. Each worker returns its partial
+output (one row per token it served). See ``benchmarks/RESULTS.md`` for the
+transport measurements behind this choice.
+
+``LocalTransport``: workers in this process (``ExpertGroupCore``), for the
+in-process fleet and tests of the serving path without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from .dispatch import WorkerBatch
+from .router import WorkerCallError
+
+WORKER_PREFIX = "moefleet-worker:"
+
+
+def worker_actor_name(worker_id: str) -> str:
+    return WORKER_PREFIX + worker_id
+
+
+class RayTransport:
+    """Workers are named ``ExpertGroup`` actors in ``namespace``."""
+
+    def __init__(self, namespace: str):
+        import ray
+
+        self._ray = ray
+        self.namespace = namespace
+        self._handles: dict[str, Any] = {}
+
+    def handle(self, worker: str):
+        h = self._handles.get(worker)
+        if h is None:
+            h = self._ray.get_actor(worker_actor_name(worker), namespace=self.namespace)
+            self._handles[worker] = h
+        return h
+
+    def forget(self, worker: str) -> None:
+        self._handles.pop(worker, None)
+
+    def share(self, hidden: np.ndarray) -> Any:
+        return self._ray.put(hidden)
+
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+        try:
+            ref = self.handle(worker).forward.remote(
+                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens)
+            )
+            return await ref
+        except ValueError as e:  # no actor of that name (retired, or not started yet)
+            self.forget(worker)
+            raise WorkerCallError(worker, e, retryable=True) from e
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            self.forget(worker)
+            raise WorkerCallError(worker, e, retryable=True) from e
+        except RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            stale = isinstance(cause, LookupError)  # ExpertNotLoadedError: the placement moved on
+            raise WorkerCallError(worker, LookupError(str(cause)) if stale else cause, retryable=stale) from e
+
+
+class LocalTransport:
+    """Workers are ``ExpertGroupCore`` objects in this process, run on a thread pool."""
+
+    def __init__(self, workers: dict[str, Any]):
+        self.workers = workers
+
+    def share(self, hidden: np.ndarray) -> Any:
+        return hidden
+
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+        w = self.workers.get(worker)
+        if w is None:
+            raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                None, w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
+                len(batch.unique_tokens),
+            )
+        except LookupError as e:
+            raise WorkerCallError(worker, e, retryable=True) from e
