@@ -534,12 +534,13 @@ def _repair(st: _State) -> None:
 
 # --------------------------------------------------------------------------- search
 
-_ADD, _MOVE, _REPLACE, _REPLACE_MOVE, _OFFLOAD, _SWAP, _XSWAP = range(7)
-_NOMINAL = {_ADD: 1, _MOVE: 1, _REPLACE: 1, _REPLACE_MOVE: 1, _OFFLOAD: 2, _SWAP: 2, _XSWAP: 2}
+_ADD, _MOVE, _REPLACE, _REPLACE_MOVE, _OFFLOAD, _SWAP, _XSWAP, _TRADE = range(8)
+_NOMINAL = {_ADD: 1, _MOVE: 1, _REPLACE: 1, _REPLACE_MOVE: 1, _OFFLOAD: 2, _SWAP: 2, _XSWAP: 2, _TRADE: 1}
 _EXPERTS_TRIED = 8  # experts on the bottleneck device considered, hottest per replica first
 _SWAP_EXPERTS = 4
 _SWAP_PARTNERS = 16  # least loaded devices considered as swap partners
-_EVALS_PER_STEP = 48
+_EVALS_PER_LAYER = 24  # exact evaluations per layer and step, best prescores first
+_VALID_PER_LAYER = 3
 
 
 class _Context:
@@ -548,7 +549,9 @@ class _Context:
     def __init__(self, st: _State, auto: bool):
         f = st.f
         self.room = f.cap - st.used
-        self.drop_has, self.drop_flat, _ = _drop_choices(st)
+        self.drop_has, self.drop_flat, slack = _drop_choices(st)
+        # the highest time among the dropped expert's other holders, after the drop
+        self.drop_peak = np.where(self.drop_has, st.T.max(axis=1)[self.drop_flat // f.shape[2]] - slack, 0.0)
         self.single_has, self.single_flat = _coldest_singletons(st)
         num_devices = f.shape[0]
         self.off_has = np.zeros(num_devices, dtype=bool)
@@ -583,6 +586,7 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
     nb_flat, w_flat, c_flat = f.nbytes.ravel(), f.w.ravel(), st.c.ravel()
     drop_l = ctx.drop_flat // num_experts
     drop_same = np.where(ctx.drop_has & (drop_l == l), c_flat[ctx.drop_flat], 0.0)
+    drop_peak = np.where(ctx.drop_has & (drop_l == l), ctx.drop_peak, -np.inf)  # g's holders, same layer
     drop_b = np.where(ctx.drop_has, nb_flat[ctx.drop_flat], 0)
     single_l = ctx.single_flat // num_experts
     single_same = np.where(ctx.single_has & (single_l == l), c_flat[ctx.single_flat], 0.0)
@@ -591,6 +595,17 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
     light = light[light != dstar]
     holders_other = st.x[:, l, :].copy()
     holders_other[dstar] = False
+    # Trading a redundant replica g of this layer for e: g's other holders take up its share.
+    x_l = st.x[:, l, :]
+    redundant_l = x_l & (st.cnt[l] >= 2)[None, :]
+    if redundant_l.any():
+        holder_t = np.where(x_l, t_l[:, None], -np.inf)
+        top_d = holder_t.argmax(axis=0)
+        top1 = holder_t[top_d, np.arange(num_experts)]
+        holder_t[top_d, np.arange(num_experts)] = -np.inf
+        g_other = np.where(np.arange(num_devices)[:, None] == top_d[None, :], holder_t.max(axis=0)[None], top1[None])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g_rise = np.where(redundant_l, f.w[l][None] / (st.S[l][None] - f.speed[:, None]) - st.c[l][None], 0.0)
 
     def push(score, mask, kind, e, extra=None):
         idx = np.flatnonzero(mask)
@@ -615,10 +630,23 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
         need = free_dev & ~fits
         not_self = ctx.drop_flat != l * num_experts + e
         rep = need & ctx.drop_has & not_self & (room + drop_b >= be)
-        push(tstar - np.maximum(keep_star, t_l - drop_same + c_add), rep, _REPLACE, e)
-        push(tstar - np.maximum(tstar - ce, t_l - drop_same + c_mv), rep, _REPLACE_MOVE, e)
+        rep_add = np.maximum(np.maximum(keep_star, t_l - drop_same + c_add), drop_peak)
+        push(tstar - rep_add, rep, _REPLACE, e)
+        rep_mv = np.maximum(np.maximum(tstar - ce, t_l - drop_same + c_mv), drop_peak)
+        push(tstar - rep_mv, rep, _REPLACE_MOVE, e)
         off = need & ctx.off_has & f.gpu & (room + single_b >= be)
         push(tstar - np.maximum(keep_star, t_l - single_same + c_add), off, _OFFLOAD, e)
+        if rank < _SWAP_EXPERTS and redundant_l.any():
+            trade = redundant_l & need[:, None] & (room[:, None] + f.nbytes[l][None, :] >= be)
+            trade[:, e] = False
+            star_new = tstar - (ce - c_add[:, None]) + np.where(st.x[dstar, l][None, :], g_rise, 0.0)
+            new_max = np.maximum(np.maximum(star_new, (t_l + c_add)[:, None] - st.c[l][None]), g_other + g_rise)
+            score = np.where(trade, tstar - new_max, -np.inf)
+            best_g = score.argmax(axis=1)
+            best = score[np.arange(num_devices), best_g]
+            mask = np.isfinite(best) & (best > 0)
+            if mask.any():
+                out.append((best[mask], _TRADE, l, e, np.flatnonzero(mask), best_g[mask], tstar))
         if not f.gpu[dstar] and f.host[dstar]:
             xs = f.gpu & ~holders & ctx.single_has & (w_flat[ctx.single_flat] < we)
             xs &= (room + single_b >= be) & (room[dstar] + be >= single_b)
@@ -657,51 +685,145 @@ def _ops(st: _State, ctx: _Context, kind: int, l: int, e: int, d: int, extra) ->
         return [(-1, d, hl, he), (1, int(ctx.off_to[d]), hl, he), (1, d, l, e)]
     if kind == _XSWAP:
         return [(-1, dstar, l, e), (1, d, l, e), (-1, d, hl, he), (1, dstar, hl, he)]
+    if kind == _TRADE:
+        return [(-1, d, l, int(extra)), (1, d, l, e)]
     fe = int(extra)  # _SWAP
     return [(-1, dstar, l, e), (1, d, l, e), (-1, d, l, fe), (1, dstar, l, fe)]
 
 
 def _search(st: _State, knobs: PlannerKnobs, budget: int | None) -> None:
-    """Greedy improvement until no candidate beats the hysteresis or the copy budget is spent."""
+    """Greedy moves until stuck, then a layer re-pack if one pays for its copies; repeat."""
+    steps = knobs.max_search_steps
+    while steps > 0:
+        steps -= _greedy(st, knobs, budget, steps)
+        if steps <= 0 or not _repack_round(st, knobs, budget):
+            return
+        steps -= 1
+
+
+_REPACK_STICKINESS = (0.0, 0.25, 0.5, 1.0, 2.0)  # x the layer's mean replica time
+
+
+def _repack_layer(st: _State, l: int, stickiness: float) -> list[tuple[int, int, int, int]] | None:
+    """Re-plan layer l's replicas on the same per-device slot counts (memory neutral).
+
+    Replica counts from the layer's slots (most load per replica first), then
+    LPT packing where a device that already holds the expert looks
+    ``stickiness`` x the mean replica time lighter, so fewer copies change.
+    Only for layers on GPU devices with one expert size. Returns the ops or None.
+    """
+    f = st.f
+    cur = st.x[:, l, :]
+    if (cur & ~f.gpu[:, None]).any() or np.ptp(f.nbytes[l]) != 0:
+        return None
+    slots = cur.sum(axis=1)
+    hosts = int((slots > 0).sum())
+    count = np.ones(f.shape[2], dtype=np.int64)
+    w_l = f.w[l]
+    heap = [(-w_l[e], e) for e in range(len(w_l))]
+    heapq.heapify(heap)
+    for _ in range(int(slots.sum()) - len(w_l)):
+        while heap and count[heap[0][1]] >= hosts:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        _, e = heapq.heappop(heap)
+        count[e] += 1
+        heapq.heappush(heap, (-w_l[e] / count[e], e))
+    bonus = stickiness * float(st.c[l][st.cnt[l] > 0].mean()) if stickiness else 0.0
+    t = np.zeros(len(slots))
+    left = slots.copy()
+    new = np.zeros_like(cur)
+    for e in np.lexsort((np.arange(len(w_l)), -w_l / count)):
+        cand = np.flatnonzero(left > 0)
+        k = int(count[e])
+        if len(cand) < k:
+            return None
+        chosen = cand[np.lexsort((cand, t[cand] - bonus * cur[cand, e]))[:k]]
+        new[chosen, e] = True
+        t[chosen] += w_l[e] / f.speed[chosen].sum()
+        left[chosen] -= 1
+    adds, drops = np.argwhere(new & ~cur), np.argwhere(cur & ~new)
+    return [(1, int(d), l, int(e)) for d, e in adds] + [(-1, int(d), l, int(e)) for d, e in drops]
+
+
+def _repack_round(st: _State, knobs: PlannerKnobs, budget: int | None) -> bool:
+    """Try re-packing each layer, worst balanced first; apply the first that pays. True if applied."""
+    num_layers = st.f.shape[1]
+    layer_max = st.T.max(axis=1)
+    threshold = knobs.hysteresis * layer_max.sum() / num_layers
+    mean = st.T.mean(axis=1)
+    for l in np.lexsort((np.arange(num_layers), -(layer_max - mean))):
+        best, best_value = None, threshold
+        for stickiness in _REPACK_STICKINESS:
+            ops = _repack_layer(st, int(l), stickiness)
+            if not ops:
+                continue
+            cost = sum((1 if sign > 0 else -1) * (not st.x0[d, ll, e]) for sign, d, ll, e in ops)
+            if budget is not None and st.copies + cost > budget:
+                continue
+            gain = layer_max[l] - _layer_time_after(st, l, ops).max()
+            value = gain / max(cost, 1)
+            if gain > 0 and value > best_value:
+                best, best_value = ops, value
+        if best is not None:
+            st.apply(best)
+            return True
+    return False
+
+
+def _layer_time_after(st: _State, l: int, ops) -> np.ndarray:
+    """``T[l]`` after ops that touch layer l only."""
+    x_l = st.x[:, l, :].copy()
+    for sign, d, _, e in ops:
+        x_l[d, e] = sign > 0
+    s_l = st.f.speed @ x_l
+    c_l = np.divide(st.f.w[l], s_l, out=np.zeros_like(s_l), where=s_l > 0)
+    return x_l @ c_l
+
+
+def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int) -> int:
+    """Greedy moves until no candidate beats the hysteresis or the copy budget is spent; returns steps made."""
     num_layers = st.f.shape[1]
     auto = knobs.cpu_tier == "auto"
-    for _ in range(knobs.max_search_steps):
+    for step in range(max_steps):
         if budget is not None and st.copies >= budget:
-            return
+            return step
         layer_max = st.T.max(axis=1)
         threshold = knobs.hysteresis * layer_max.sum() / num_layers
         if layer_max.sum() <= 0:
-            return
+            return step
         ctx = _Context(st, auto)
-        blocks: list = []
-        for l in range(num_layers):
+        best, best_value = None, threshold
+        for l in range(num_layers):  # each layer's bottleneck gets its own evaluations
+            blocks: list = []
             _layer_candidates(st, ctx, l, blocks)
-        if not blocks:
-            return
-        scores = np.concatenate([b[0] for b in blocks])
-        owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
-        pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
-        order = np.lexsort((np.arange(len(scores)), -scores))
-        best, best_value, valid = None, threshold, 0
-        for i in order[:_EVALS_PER_STEP]:
-            if scores[i] <= threshold or valid >= 4:
-                break
-            _, kind, l, e, ds, extra, tstar = blocks[owner[i]]
-            j = pos[i]
-            ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
-            result = st.evaluate(ops, l, tstar)
-            if result is None:
+            if not blocks:
                 continue
-            relief, cost = result
-            if budget is not None and st.copies + cost > budget:
-                continue
-            valid += 1
-            value = relief / max(cost, 1)
-            if value > best_value:
-                best, best_value = ops, value
+            scores = np.concatenate([b[0] for b in blocks])
+            owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
+            pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
+            valid = 0
+            for i in np.lexsort((np.arange(len(scores)), -scores))[:_EVALS_PER_LAYER]:
+                if scores[i] <= best_value or valid >= _VALID_PER_LAYER:
+                    break
+                _, kind, _, e, ds, extra, tstar = blocks[owner[i]]
+                j = pos[i]
+                ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
+                result = st.evaluate(ops, l, tstar)
+                if result is None:
+                    continue
+                relief, cost = result
+                if budget is not None and st.copies + cost > budget:
+                    continue
+                valid += 1
+                value = relief / max(cost, 1)
+                if value > best_value:
+                    best, best_value = ops, value
         if best is None:
-            return
+            return step
         st.apply(best)
+    return max_steps
 
 
 # --------------------------------------------------------------------------- API

@@ -180,3 +180,36 @@ class ExpertGroupCore:
 
     def ready(self) -> bool:
         return True
+
+
+class ExpertGroupActor(ExpertGroupCore):
+    """``ExpertGroupCore`` as a Ray actor: torch threads follow the CPUs Ray gave it."""
+
+    def __init__(self, *args, **kwargs):
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(round(cpus))))
+        super().__init__(*args, **kwargs)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def node_resources(self) -> dict:
+        """The Ray resources of the node this worker runs on (for placement checks)."""
+        import ray
+
+        node = self.node_id()
+        for n in ray.nodes():
+            if n["NodeID"] == node:
+                return dict(n["Resources"])
+        return {}
+
+
+def expert_group_actor_class():
+    """The Ray actor class (created on first use, so importing this module needs no Ray)."""
+    import ray
+
+    return ray.remote(ExpertGroupActor)

@@ -79,6 +79,7 @@ class RouterStats:
     batches: int = 0
     tokens_computed: int = 0
     expired: int = 0
+    cancelled: int = 0
     rejected_full: int = 0
     retries: int = 0
 
@@ -215,8 +216,9 @@ class RouterCore:
         now = time.monotonic()
         while pending:
             p = pending[0]
-            if p.future.done():  # cancelled by the caller
+            if p.future.done():  # the caller went away (cancelled, or its deadline passed)
                 pending.pop(0)
+                self.stats.cancelled += 1
                 continue
             if p.deadline is not None and now >= p.deadline:
                 pending.pop(0)

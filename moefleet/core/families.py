@@ -81,6 +81,10 @@ class Family:
         """'w1', 'w3' [Fs, H], 'w2' [H, Fs], optionally 'gate' [1, H]; empty without shared experts."""
         return {}
 
+    def block_path(self, layer: int, spec: ModelSpec) -> str:
+        """Attribute path of the MoE block module in the ``transformers`` model (``*ForCausalLM`` etc.)."""
+        return f"model.layers.{layer}.mlp"
+
 
 def _gated(prefix: str, gate: str, up: str, down: str) -> dict[str, TensorRef]:
     return {
@@ -218,6 +222,9 @@ class Dbrx(Family):
     def gate(self, layer, spec):
         return {"weight": TensorRef(f"transformer.blocks.{layer}.ffn.router.layer.weight")}
 
+    def block_path(self, layer, spec):
+        return f"transformer.blocks.{layer}.ffn"
+
     def expert(self, layer, expert, spec):
         f = spec.layer_spec(layer).intermediate_size
         rows = (expert * f, (expert + 1) * f)
@@ -258,6 +265,9 @@ class SwitchTransformers(Family):
         if layer < n_enc:
             return f"encoder.block.{layer}.layer.1.mlp"
         return f"decoder.block.{layer - n_enc}.layer.2.mlp"
+
+    def block_path(self, layer, spec):
+        return self._prefix(layer, spec)
 
     def gate(self, layer, spec):
         p = self._prefix(layer, spec)
@@ -320,6 +330,9 @@ class NllbMoe(Family):
         if layer < n_enc:
             return f"model.encoder.layers.{layer}.ffn"
         return f"model.decoder.layers.{layer - n_enc}.ffn"
+
+    def block_path(self, layer, spec):
+        return self._prefix(layer, spec)
 
     def gate(self, layer, spec):
         p = self._prefix(layer, spec)

@@ -46,6 +46,7 @@ import logging
 import math
 import operator
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,13 +54,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.core.placement import ExpertKey, Placement
 
 log = logging.getLogger(__name__)
+
+_STOP_LATENCY_S = 0.2
+"""Longest a placement watch thread blocks before it notices stop()."""
 
 __all__ = [
     "Event",
@@ -272,8 +276,8 @@ def _redact(url: str) -> str:
 
 def _check_positive(name: str, value: float) -> float:
     value = float(value)
-    if not value > 0 or math.isnan(value):
-        raise ValueError(f"{name}: must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: must be finite and > 0, got {value}")
     return value
 
 
@@ -476,7 +480,9 @@ class StateStore:
         not publish) delays an update by at most one interval and never loses it.
         Versions that were superseded before the thread read them are skipped:
         the callback always receives the newest placement, with strictly
-        increasing versions.
+        increasing versions, except after the table was reset (the stored
+        version went back, e.g. Redis restarted without data): that is logged
+        and the watch follows the new versions from 1.
 
         Args:
             callback: receives each newer placement; exceptions are logged and
@@ -749,7 +755,14 @@ class PlacementWatch:
             self._thread.join(timeout_s)
 
     def _check(self) -> None:
-        if self._store.placement_version() <= self.last_version:
+        version = self._store.placement_version()
+        if version < self.last_version:
+            # Versions only grow, so the table was lost (a Redis restarted without its
+            # data, a flushed database): follow whatever is published from now on.
+            log.warning("placement version went back from %d to %d at %s: the placement table was reset",
+                        self.last_version, version, self._store._safe_url)
+            self.last_version = 0
+        if version <= self.last_version:
             return
         placement = self._store.get_placement()
         if placement is None or placement.version <= self.last_version:
@@ -764,16 +777,21 @@ class PlacementWatch:
     def _run(self) -> None:
         pubsub = None
         backoff = self._poll
+        next_poll = 0.0  # monotonic time of the next fallback version check
+        woken = False  # a message (or subscribe confirmation) arrived since the last check
         try:
             while not self._stop.is_set():
                 try:
                     if pubsub is None:
                         pubsub = self._store._client.pubsub(ignore_subscribe_messages=True)
                         pubsub.subscribe(self._store.keys.placement_channel)
-                    # Poll first: this also covers anything published before (re)subscribing.
-                    self._check()
-                    # Returns early on a message (or the subscribe confirmation).
-                    pubsub.get_message(timeout=self._poll)
+                        woken = True  # check right after (re)subscribing: covers the gap
+                    if woken or time.monotonic() >= next_poll:
+                        self._check()
+                        next_poll = time.monotonic() + self._poll
+                    # Wait for a message, in short slices so stop() is prompt whatever the poll interval.
+                    wait = min(max(0.0, next_poll - time.monotonic()), _STOP_LATENCY_S)
+                    woken = pubsub.get_message(timeout=wait) is not None
                     backoff = self._poll
                 except (StateStoreUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("placement watch: Redis at %s unavailable (%s); retrying in %.2fs",
