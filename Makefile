@@ -8,7 +8,8 @@ setup:
 	@scripts/bootstrap.sh
 
 demo: setup
-	$(PY) -m moefleet.cli demo-local
+	$(PY) -m moefleet.cli up
+	$(PY) -m moefleet.cli demo; rc=$$?; $(PY) -m moefleet.cli down; exit $$rc
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

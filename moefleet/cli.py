@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from pydantic import ValidationError
+
 from moefleet.core.checkpoint import CheckpointError
 
 
@@ -31,25 +33,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def skewed_hidden(layer, num_tokens: int, hot: list[int], skew: float, generator) -> "torch.Tensor":  # noqa: F821
-    """Hidden states [T, H] whose router prefers the ``hot`` experts (ids of layer's gate rows)."""
-    import torch
-
-    gate = layer.gate.weight.float()
-    h = gate.shape[1]
-    x = torch.randn(num_tokens, h, generator=generator)
-    pick = torch.randint(0, len(hot), (num_tokens,), generator=generator)
-    direction = gate[torch.tensor(hot)[pick]]
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    return x + skew * direction * (h**0.5)
-
-
 def cmd_demo_local(args) -> int:
     """In-process demo: route skewed traffic through each MoE layer of the model and show per-expert load."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    from moefleet.demo import skewed_hidden
     from moefleet.kernels.routing import expert_token_counts
 
     console = Console()
@@ -62,7 +52,7 @@ def cmd_demo_local(args) -> int:
     for i in spec.moe_layers:
         layer = model.layer(i)
         hot = list(range(min(3, layer.spec.num_experts)))
-        x = skewed_hidden(layer, args.tokens, hot, args.skew, g)
+        x = skewed_hidden(layer.gate.weight, args.tokens, hot, args.skew, g)
         layer(x[:8])  # warm-up
         t0 = time.perf_counter()
         out, routing = layer(x, return_routing=True)
@@ -78,6 +68,172 @@ def cmd_demo_local(args) -> int:
     return 0
 
 
+def _read_state() -> dict | None:
+    import json
+
+    from moefleet.local import state_file
+
+    f = state_file()
+    if not f.is_file():
+        return None
+    state = json.loads(f.read_text())
+    return state if _alive(state.get("pid", -1)) else None
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _fleet_config(args):
+    from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
+
+    return FleetConfig(
+        checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
+        router=RouterConfig(port=args.port), worker=WorkerConfig(num_cpus=args.worker_cpus),
+    )
+
+
+def cmd_up(args) -> int:
+    """Start a local fleet. By default in the background: prints the gRPC address and returns."""
+    import os
+    import subprocess
+
+    from moefleet.local import state_file
+
+    cfg = _fleet_config(args)  # validate before anything starts
+    state = _read_state()
+    if state:
+        print(f"fleet already up: {state['address']} (pid {state['pid']}); 'moe-fleet down' stops it")
+        return 0
+    if args.foreground:
+        return _up_foreground(cfg, args)
+    log_path = state_file().with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "moefleet.cli", "up", "--foreground", "--workers", str(args.workers), "--port", str(args.port),
+            "--worker-cpus", str(args.worker_cpus)]
+    if args.checkpoint:
+        argv += ["--checkpoint", args.checkpoint]
+    if args.redis_url:
+        argv += ["--redis-url", args.redis_url]
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        state = _read_state()
+        if state and state.get("pid") == child.pid:
+            print(state["address"])
+            return 0
+        if child.poll() is not None:
+            print(f"moe-fleet: the fleet did not start; its log ({log_path}):", file=sys.stderr)
+            print(log_path.read_text()[-4000:], file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    child.terminate()
+    print(f"moe-fleet: the fleet did not come up within {args.timeout}s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _up_foreground(cfg, args) -> int:
+    import json
+    import os
+    import signal
+    import threading
+
+    from moefleet.local import LocalFleet, init_local_ray, state_file
+
+    init_local_ray(num_cpus=max(2, int(cfg.num_workers * cfg.worker.num_cpus) + 1))
+    fleet = LocalFleet(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        address = fleet.start()
+        state = {"pid": os.getpid(), "address": address, "redis_url": fleet.redis_url, "namespace": cfg.namespace,
+                 "checkpoint": fleet.checkpoint, "workers": list(fleet.workers)}
+        f = state_file()
+        f.write_text(json.dumps(state, indent=2))
+        print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers, Redis {fleet.redis_url}", flush=True)
+        stop.wait()
+    finally:
+        fleet.stop()
+        state_file().unlink(missing_ok=True)
+        import ray
+
+        ray.shutdown()
+    return 0
+
+
+def cmd_down(args) -> int:
+    import os
+    import signal
+
+    state = _read_state()
+    if not state:
+        print("no local fleet is running")
+        return 0
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while _alive(state["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state["pid"]):
+        os.kill(state["pid"], signal.SIGKILL)
+    print(f"fleet at {state['address']} stopped")
+    return 0
+
+
+def _address(args) -> tuple[str, dict | None]:
+    state = _read_state()
+    if args.address:
+        return args.address, state
+    if not state:
+        raise SystemExit("moe-fleet: no local fleet is running (start one with 'moe-fleet up', or pass --address)")
+    return state["address"], state
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moefleet.router_service.client import FleetClient
+
+    address, state = _address(args)
+    console = Console()
+    with FleetClient(address, timeout=10) as client:
+        p = client.placement()
+    load = {}
+    if state:
+        from moefleet.core.state import StateStore
+
+        store = StateStore(state["redis_url"], namespace=state["namespace"])
+        load = store.read_load(time.time(), 1.0, args.window, float("inf"))
+    console.print(f"[bold]{p.family}[/bold] at {address}: placement v{p.version}, MoE layers {list(p.moe_layers)}, "
+                  f"{p.num_experts} experts, top-{p.top_k}")
+    table = Table("layer", "expert", "replicas", f"tokens (last {args.window}s)")
+    for e in p.experts:
+        table.add_row(str(e.layer), str(e.expert), ", ".join(e.workers), f"{int(load.get((e.layer, e.expert), 0)):,}")
+    console.print(table)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Drive skewed, drifting traffic at a running fleet and show per-expert load live."""
+    import asyncio
+
+    from moefleet.demo import run_demo
+
+    address, state = _address(args)
+    checkpoint = args.checkpoint or (state or {}).get("checkpoint")
+    return asyncio.run(run_demo(address, checkpoint, duration_s=args.duration, concurrency=args.concurrency,
+                                tokens=args.tokens, shift_s=args.shift))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-fleet", description="Elastic expert serving for MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,11 +245,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per layer call")
     p.add_argument("--skew", type=float, default=1.0, help="how strongly tokens lean towards the hot experts")
     p.set_defaults(fn=cmd_demo_local)
+    p = sub.add_parser("up", help="start a local single-machine fleet (Ray on loopback, Redis, workers, router)")
+    p.add_argument("--checkpoint", help="Hugging Face-format checkpoint directory (default: built-in model)")
+    p.add_argument("--workers", type=int, default=2, help="ExpertGroup workers")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground until interrupted")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the fleet to come up")
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("down", help="stop the local fleet")
+    p.add_argument("--timeout", type=float, default=60)
+    p.set_defaults(fn=cmd_down)
+    p = sub.add_parser("status", help="placement and per-expert load as a table")
+    p.add_argument("--address", help="router address (default: the local fleet)")
+    p.add_argument("--window", type=int, default=10, help="seconds of load to show")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("demo", help="drive skewed, drifting traffic at the fleet and show per-expert load live")
+    p.add_argument("--address", help="router address (default: the local fleet)")
+    p.add_argument("--checkpoint", help="checkpoint the fleet serves (default: the local fleet's)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--shift", type=float, default=5.0, help="seconds between shifts of the hot experts")
+    p.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except CheckpointError as e:
         print(f"moe-fleet: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print(f"moe-fleet: invalid setting: {e}", file=sys.stderr)
         return 2
 
 
