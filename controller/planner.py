@@ -431,6 +431,19 @@ def _construct(fleet: _Fleet, per_layer: bool) -> np.ndarray:
 # --------------------------------------------------------------------------- repair
 
 
+def _per_device_best(d: np.ndarray, score: np.ndarray, flat: np.ndarray, num_devices: int):
+    """For entries ``(device d, score, flat)``, the highest score per device (ties: first entry)."""
+    has = np.zeros(num_devices, dtype=bool)
+    best_flat = np.zeros(num_devices, dtype=np.int64)
+    best = np.full(num_devices, -np.inf)
+    if len(d):
+        order = np.lexsort((np.arange(len(d)), -score, d))
+        devices, first = np.unique(d[order], return_index=True)
+        pick = order[first]
+        has[devices], best_flat[devices], best[devices] = True, flat[pick], score[pick]
+    return has, best_flat, best
+
+
 def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per device, the redundant replica whose removal hurts least.
 
@@ -439,35 +452,38 @@ def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     layer's step time after the drop (drops that would raise it are excluded).
     """
     f = st.f
-    num_devices, num_layers, num_experts = f.shape
-    x = st.x
-    redundant = x & (st.cnt >= 2)[None]
-    if not redundant.any():
-        return np.zeros(num_devices, bool), np.zeros(num_devices, np.int64), np.zeros(num_devices)
-    holder_t = np.where(x, st.T.T[:, :, None], -np.inf)  # [D, L, E]
-    top1_d = holder_t.argmax(axis=0)
-    top1 = np.take_along_axis(holder_t, top1_d[None], axis=0)[0]
-    np.put_along_axis(holder_t, top1_d[None], -np.inf, axis=0)
-    top2 = holder_t.max(axis=0)
-    other = np.where(np.arange(num_devices)[:, None, None] == top1_d[None], top2[None], top1[None])
-    s_after = st.S[None] - f.speed[:, None, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c_after = np.where(redundant, f.w[None] / s_after, 0.0)
-    slack = st.T.max(axis=1)[None, :, None] - (other + c_after - st.c[None])
-    slack = np.where(redundant & (slack > 0), slack, -np.inf).reshape(num_devices, -1)
-    flat = slack.argmax(axis=1)
-    best = slack[np.arange(num_devices), flat]
-    return np.isfinite(best), flat, best
+    num_devices, _, num_experts = f.shape
+    d, l, e = np.nonzero(st.x)  # one entry per replica
+    key = l * num_experts + e
+    t = st.T[l, d]
+    order = np.lexsort((-t, key))  # grouped by expert, busiest holder first
+    head = np.ones(len(order), dtype=bool)
+    head[1:] = key[order][1:] != key[order][:-1]
+    top1 = np.full(st.cnt.size, -np.inf)
+    top1[key[order][head]] = t[order][head]
+    second = np.zeros(len(order), dtype=bool)
+    second[1:] = ~head[1:] & head[:-1]
+    top2 = np.full(st.cnt.size, -np.inf)
+    top2[key[order][second]] = t[order][second]
+    is_top = np.zeros(len(order), dtype=bool)
+    is_top[order[head]] = True
+    other = np.where(is_top, top2[key], top1[key])  # busiest other holder of the same expert
+    red = st.cnt.ravel()[key] >= 2
+    d, l, key, other = d[red], l[red], key[red], other[red]
+    c_after = f.w.ravel()[key] / (st.S.ravel()[key] - f.speed[d])
+    slack = st.T.max(axis=1)[l] - (other + c_after - st.c.ravel()[key])
+    ok = slack > 0
+    return _per_device_best(d[ok], slack[ok], key[ok], num_devices)
 
 
 def _coldest_singletons(st: _State) -> tuple[np.ndarray, np.ndarray]:
     """Per GPU device, its coldest expert that has no other replica: ``has [D]``, ``flat [D]``."""
     f = st.f
-    num_devices = f.shape[0]
-    single = st.x & (st.cnt == 1)[None] & f.gpu[:, None, None]
-    wm = np.where(single, f.w[None], np.inf).reshape(num_devices, -1)
-    flat = wm.argmin(axis=1)
-    return np.isfinite(wm[np.arange(num_devices), flat]), flat
+    num_experts = f.shape[2]
+    d, l, e = np.nonzero(st.x & (st.cnt == 1)[None] & f.gpu[:, None, None])
+    key = l * num_experts + e
+    has, flat, _ = _per_device_best(d, -f.w.ravel()[key], key, f.shape[0])
+    return has, flat
 
 
 def _place_unplaced(st: _State) -> None:
@@ -782,48 +798,82 @@ def _layer_time_after(st: _State, l: int, ops) -> np.ndarray:
     return x_l @ c_l
 
 
+def _best_for_layer(st: _State, ctx: _Context, l: int, budget: int | None, floor: float):
+    """The best valid candidate for layer l's bottleneck: ``(ops, relief per copy)`` or ``(None, floor)``."""
+    blocks: list = []
+    _layer_candidates(st, ctx, l, blocks)
+    best, best_value = None, floor
+    if not blocks:
+        return best, best_value
+    scores = np.concatenate([b[0] for b in blocks])
+    owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
+    pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
+    valid = 0
+    for i in np.lexsort((np.arange(len(scores)), -scores))[:_EVALS_PER_LAYER]:
+        if scores[i] <= best_value or valid >= _VALID_PER_LAYER:
+            break
+        _, kind, _, e, ds, extra, tstar = blocks[owner[i]]
+        j = pos[i]
+        ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
+        value = _value(st, ops, l, tstar, budget)
+        if value is None:
+            continue
+        valid += 1
+        if value > best_value:
+            best, best_value = ops, value
+    return best, best_value
+
+
+def _value(st: _State, ops, l: int, tstar: float, budget: int | None) -> float | None:
+    """Relief per copy of ops for layer l, or None if invalid or over the copy budget."""
+    result = st.evaluate(ops, l, tstar)
+    if result is None:
+        return None
+    relief, cost = result
+    if budget is not None and st.copies + cost > budget:
+        return None
+    return relief / max(cost, 1)
+
+
 def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int) -> int:
-    """Greedy moves until no candidate beats the hysteresis or the copy budget is spent; returns steps made."""
+    """Greedy moves until no candidate beats the hysteresis or the copy budget is spent; returns steps made.
+
+    Each layer's best candidate is kept between steps and only re-checked while
+    the layer is untouched; every layer is searched afresh before giving up.
+    """
     num_layers = st.f.shape[1]
     auto = knobs.cpu_tier == "auto"
-    for step in range(max_steps):
+    cached: dict[int, list | None] = {}
+    dirty = set(range(num_layers))
+    step = 0
+    while step < max_steps:
         if budget is not None and st.copies >= budget:
             return step
         layer_max = st.T.max(axis=1)
-        threshold = knobs.hysteresis * layer_max.sum() / num_layers
         if layer_max.sum() <= 0:
             return step
-        ctx = _Context(st, auto)
+        threshold = knobs.hysteresis * layer_max.sum() / num_layers
+        ctx = None
         best, best_value = None, threshold
-        for l in range(num_layers):  # each layer's bottleneck gets its own evaluations
-            blocks: list = []
-            _layer_candidates(st, ctx, l, blocks)
-            if not blocks:
-                continue
-            scores = np.concatenate([b[0] for b in blocks])
-            owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
-            pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
-            valid = 0
-            for i in np.lexsort((np.arange(len(scores)), -scores))[:_EVALS_PER_LAYER]:
-                if scores[i] <= best_value or valid >= _VALID_PER_LAYER:
-                    break
-                _, kind, _, e, ds, extra, tstar = blocks[owner[i]]
-                j = pos[i]
-                ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
-                result = st.evaluate(ops, l, tstar)
-                if result is None:
-                    continue
-                relief, cost = result
-                if budget is not None and st.copies + cost > budget:
-                    continue
-                valid += 1
-                value = relief / max(cost, 1)
-                if value > best_value:
-                    best, best_value = ops, value
+        for l in range(num_layers):
+            value = None
+            if l not in dirty and cached.get(l) is not None:
+                value = _value(st, cached[l], l, layer_max[l], budget)
+            if value is None and (l in dirty or cached.get(l) is not None):
+                ctx = ctx or _Context(st, auto)
+                cached[l], value = _best_for_layer(st, ctx, l, budget, threshold)
+                dirty.add(l)
+            if cached.get(l) is not None and value > best_value:
+                best, best_value = cached[l], value
         if best is None:
-            return step
+            if len(dirty) == num_layers:
+                return step
+            dirty = set(range(num_layers))  # search every layer afresh before stopping
+            continue
         st.apply(best)
-    return max_steps
+        dirty = {op[2] for op in best}
+        step += 1
+    return step
 
 
 # --------------------------------------------------------------------------- API

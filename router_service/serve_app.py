@@ -1,0 +1,120 @@
+"""The fleet as a Ray Serve application, for clusters (``serve deploy``, KubeRay ``serveConfigV2``).
+
+``build_app(args)`` returns an application whose ingress, ``FleetIngress``,
+serves the ``moefleet.v1.MoEFleet`` API through Serve's gRPC proxy (register
+``moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server``
+in the Serve config's ``grpc_options``). The ingress owns the same
+``RouterCore`` as the grpc.aio router actor; on first start it creates the
+expert workers (detached, named actors, so a replica restart finds them) and
+publishes a starting placement unless Redis already holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from moefleet.core.config import RouterConfig, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+SERVICER_FUNCTION = "moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server"
+
+
+class ServeAppArgs(BaseModel):
+    """Arguments of ``build_app`` (the ``args`` of the Serve config's application)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(default=None, description="Checkpoint directory on every node; None for the built-in model.")
+    num_workers: int = Field(default=2, gt=0, description="Workers of the starting placement.")
+    redis_url: str | None = Field(default=None, description="Redis URL; default the MOEFLEET_REDIS_URL environment variable.")
+    namespace: str = Field(default="moefleet", description="Ray namespace and Redis key prefix.")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+    def resolved_redis_url(self) -> str:
+        url = self.redis_url or os.environ.get("MOEFLEET_REDIS_URL")
+        if not url:
+            raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
+        password = os.environ.get("REDIS_PASSWORD")
+        if password and "@" not in url:
+            url = url.replace("redis://", f"redis://:{password}@", 1)
+        return url
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class FleetIngress:
+    """Serve ingress: the router's serving path behind Serve's gRPC proxy."""
+
+    def __init__(self, args: dict):
+        import asyncio
+
+        from moefleet.core.default_model import default_model_dir
+        from moefleet.core.model import MoECheckpoint
+        from moefleet.core.placement import spread_placement
+        from moefleet.core.state import StateStore
+        from moefleet.expert_workers.group import expert_group_actor_class
+
+        from .router import RouterCore
+        from .server import MoEFleetServicer
+        from .transport import RayTransport, worker_actor_name
+
+        self.args = ServeAppArgs(**args)
+        checkpoint = str(self.args.checkpoint or default_model_dir())
+        self.store = StateStore(self.args.resolved_redis_url(), namespace=self.args.namespace)
+        placement = self.store.get_placement()
+        if placement is None:
+            spec = MoECheckpoint(checkpoint).spec
+            ids = [f"worker-{i}" for i in range(self.args.num_workers)]
+            placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
+        wc = self.args.worker
+        cls = expert_group_actor_class()
+        handles = [
+            cls.options(
+                name=worker_actor_name(d), namespace=self.args.namespace, lifetime="detached", get_if_exists=True,
+                num_cpus=wc.num_cpus, num_gpus=wc.num_gpus, resources=wc.resources, max_concurrency=wc.max_concurrency,
+            ).remote(d, checkpoint, [tuple(k) for k in keys], dtype=wc.dtype, backend=wc.backend)
+            for d, keys in placement.assignments.items()
+        ]
+        import ray
+
+        ray.get([h.ready.remote() for h in handles])
+        if self.store.placement_version() == 0:
+            placement = self.store.publish_placement(placement, expected_version=0)
+        self.core = RouterCore(checkpoint, self.args.router, RayTransport(self.args.namespace), dtype=wc.dtype)
+        self.core.set_placement(self.store.get_placement() or placement)
+        loop = asyncio.get_event_loop()
+        self._watch = self.store.watch_placement(
+            lambda p: loop.call_soon_threadsafe(self.core.set_placement, p), since_version=self.core.placement.version
+        )
+        self.servicer = MoEFleetServicer(self.core)
+
+    async def Forward(self, request, grpc_context=None):
+        from .router import RequestError
+
+        try:
+            return await self.servicer._serve(request, None)
+        except RequestError as e:
+            if grpc_context is not None:
+                grpc_context.set_code(e.code)
+                grpc_context.set_details(e.message)
+            from .proto import fleet_pb2 as pb
+
+            return pb.ForwardResponse(request_id=request.request_id, error_code=e.code.value[0], error_message=e.message)
+
+    async def GetPlacement(self, request, grpc_context=None):
+        return await self.servicer.GetPlacement(request, grpc_context)
+
+    def check_health(self) -> None:
+        if not self.core.ready():
+            raise RuntimeError("placement incomplete: some expert has no replica")
+
+
+def build_app(args: dict):
+    """Application builder for ``serve run`` / ``serveConfigV2``: ``import_path: moefleet.router_service.serve_app:build_app``."""
+    ServeAppArgs(**args)  # fail at deploy time, naming the bad field
+    return FleetIngress.bind(args)
