@@ -302,16 +302,18 @@ class _State:
             c_new = f.w[l, e] / f.speed[col].sum()
             old = self.x[:, l, e]
             delta_t[l] = delta_t.get(l, 0.0) + col * c_new - old * self.c[l, e]
-            touched[l] = touched.get(l, False) | col | old
+            touched[l] = touched.get(l, False) | (col != old)
         relief = None
         for l, dt in delta_t.items():
             new_t = self.T[l] + dt
+            # devices whose time changes (a swap of equal-speed replicas leaves other holders alone)
+            changed = touched[l] | (np.abs(dt) > 1e-12 * max(float(self.T[l].max()), 1e-300))
             if l == focus:
-                relief = tstar - new_t[touched[l]].max()
+                relief = tstar - new_t[changed].max()
                 if relief <= 0:
                     return None
             else:
-                up = touched[l] & (new_t > self.T[l])
+                up = changed & (new_t > self.T[l])
                 if up.any() and new_t[up].max() >= self.T[l].max():
                     return None
         if relief is None:
@@ -444,12 +446,13 @@ def _per_device_best(d: np.ndarray, score: np.ndarray, flat: np.ndarray, num_dev
     return has, best_flat, best
 
 
-def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _drop_choices(st: _State, strict: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per device, the redundant replica whose removal hurts least.
 
     Returns ``has [D]`` bool, ``flat [D]`` (index into ``[L*E]``) and ``slack [D]``:
     how far the highest time among the expert's other holders stays below its
-    layer's step time after the drop (drops that would raise it are excluded).
+    layer's step time after the drop. ``strict`` leaves out drops that would
+    raise a layer's step time (slack <= 0).
     """
     f = st.f
     num_devices, _, num_experts = f.shape
@@ -472,7 +475,7 @@ def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d, l, key, other = d[red], l[red], key[red], other[red]
     c_after = f.w.ravel()[key] / (st.S.ravel()[key] - f.speed[d])
     slack = st.T.max(axis=1)[l] - (other + c_after - st.c.ravel()[key])
-    ok = slack > 0
+    ok = slack > 0 if strict else np.ones(len(slack), dtype=bool)
     return _per_device_best(d[ok], slack[ok], key[ok], num_devices)
 
 
@@ -500,18 +503,14 @@ def _place_unplaced(st: _State) -> None:
             d = gpu_fit[np.argmin(st.T[l, gpu_fit] + we / f.speed[gpu_fit])]
             st.apply([(1, int(d), l, e)])
             continue
-        has, dflat, slack = _drop_choices(st)
         nb = f.nbytes.ravel()
-        ok = f.gpu & has & (room + nb[dflat] >= b)
-        if ok.any():  # drop the least useful redundant replica on a GPU
-            d = int(np.flatnonzero(ok)[np.argmax(slack[ok])])
-            gl, ge = divmod(int(dflat[d]), num_experts)
-            st.apply([(-1, d, gl, ge), (1, d, l, e)])
-            continue
+        has, dflat, slack = _drop_choices(st, strict=False)
+        if _drop_to_place(st, f.gpu & has & (room + nb[dflat] >= b), dflat, slack, l, e):
+            continue  # the least useful redundant replica on a GPU made way
         cpus = np.flatnonzero(f.cpu_host)
         if len(cpus):
-            has, sflat = _coldest_singletons(st)
-            colder = has & (f.w.ravel()[sflat] < we) & (room + nb[sflat] >= b)
+            has_s, sflat = _coldest_singletons(st)
+            colder = has_s & (f.w.ravel()[sflat] < we) & (room + nb[sflat] >= b)
             for d in np.flatnonzero(colder)[np.argsort(f.w.ravel()[sflat[colder]], kind="stable")]:
                 hl, he = divmod(int(sflat[d]), num_experts)
                 k_fit = cpus[room[cpus] >= nb[sflat[d]]]
@@ -524,6 +523,8 @@ def _place_unplaced(st: _State) -> None:
                 if len(k_fit):
                     k = k_fit[np.argmin(st.T[l, k_fit] + we / f.speed[k_fit])]
                     st.apply([(1, int(k), l, e)])
+                else:
+                    _drop_to_place(st, f.cpu_host & has & (room + nb[dflat] >= b), dflat, slack, l, e)
             if st.cnt[l, e] > 0:
                 continue
         key = (f.layers[l], e)
@@ -531,6 +532,16 @@ def _place_unplaced(st: _State) -> None:
             f"inventory: not enough device memory to hold expert {key} ({b} bytes) with every other expert "
             f"placed once (cpu_tier and headroom limit where experts may go)"
         )
+
+
+def _drop_to_place(st: _State, ok: np.ndarray, dflat, slack, l: int, e: int) -> bool:
+    """On the device in ``ok`` with the most slack, drop its chosen redundant replica and place (l, e)."""
+    if not ok.any():
+        return False
+    d = int(np.flatnonzero(ok)[np.argmax(slack[ok])])
+    gl, ge = divmod(int(dflat[d]), st.f.shape[2])
+    st.apply([(-1, d, gl, ge), (1, d, l, e)])
+    return True
 
 
 def _repair(st: _State) -> None:

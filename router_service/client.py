@@ -44,24 +44,31 @@ def _options(max_message_bytes: int):
 
 
 class FleetClient:
-    """Blocking client. ``forward(layer, hidden[T, H]) -> output[T, H]``."""
+    """Blocking client. ``forward(layer, hidden[T, H]) -> output[T, H]``.
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE):
+    metadata: sent with every call, e.g. ``(("application", "moefleet"),)`` to pick
+    the application behind Ray Serve's gRPC proxy.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE, metadata=()):
         self.address = address
         self.timeout = timeout
+        self.metadata = tuple(metadata)
         self.channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
         self.stub = pb_grpc.MoEFleetStub(self.channel)
 
     def forward(self, layer: int, hidden: torch.Tensor, *, router_logits=None, return_routing: bool = False, timeout=None):
         try:
-            reply = self.stub.Forward(_request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout)
+            reply = self.stub.Forward(
+                _request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
+            )
         except grpc.RpcError as e:
             raise FleetError(e.code(), e.details()) from None
         return _result(reply, return_routing)
 
     def placement(self) -> pb.GetPlacementResponse:
         try:
-            return self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout)
+            return self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise FleetError(e.code(), e.details()) from None
 
@@ -95,15 +102,18 @@ class FleetClient:
 class AsyncFleetClient:
     """asyncio client; the same calls as ``FleetClient``, awaitable, plus ``forward_stream``."""
 
-    def __init__(self, address: str, *, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE):
+    def __init__(self, address: str, *, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE, metadata=()):
         self.address = address
         self.timeout = timeout
+        self.metadata = tuple(metadata)
         self.channel = grpc.aio.insecure_channel(address, options=_options(max_message_bytes))
         self.stub = pb_grpc.MoEFleetStub(self.channel)
 
     async def forward(self, layer: int, hidden: torch.Tensor, *, router_logits=None, return_routing: bool = False, timeout=None):
         try:
-            reply = await self.stub.Forward(_request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout)
+            reply = await self.stub.Forward(
+                _request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise FleetError(e.code(), e.details()) from None
         return _result(reply, return_routing)
@@ -120,7 +130,7 @@ class AsyncFleetClient:
             for i, (layer, hidden) in enumerate(calls):
                 yield _request(layer, hidden, None, return_routing, request_id=str(i))
 
-        async for reply in self.stub.ForwardStream(requests(), timeout=self.timeout):
+        async for reply in self.stub.ForwardStream(requests(), timeout=self.timeout, metadata=self.metadata):
             i = int(reply.request_id)
             if reply.error_code:
                 yield i, FleetError(_code(reply.error_code), reply.error_message)
@@ -128,7 +138,7 @@ class AsyncFleetClient:
                 yield i, _result(reply, return_routing)
 
     async def placement(self) -> pb.GetPlacementResponse:
-        return await self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout)
+        return await self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout, metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -21,6 +21,7 @@ from .dispatch import WorkerBatch
 from .router import WorkerCallError
 
 WORKER_PREFIX = "moefleet-worker:"
+INLINE_BYTES = 64 << 10  # under Ray's 100 KiB inline-argument limit
 
 
 def worker_actor_name(worker_id: str) -> str:
@@ -48,6 +49,10 @@ class RayTransport:
         self._handles.pop(worker, None)
 
     def share(self, hidden: np.ndarray) -> Any:
+        # Small arrays ride inline in each call (no object-store round trip);
+        # large ones go into the store once and every worker reads the same copy.
+        if hidden.nbytes <= INLINE_BYTES:
+            return hidden
         return self._ray.put(hidden)
 
     async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:

@@ -5,7 +5,9 @@
 
 grpc_tools names the generated module after the proto path (``moefleet.v1``),
 which would collide with the ``moefleet`` package; the generated files live
-flat in this folder and import each other relatively.
+flat in this folder, import each other relatively, and register their message
+classes under their real module name (so messages pickle, as Ray Serve's gRPC
+proxy needs).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def generate(out: Path) -> list[Path]:
         for name in FILES:
             src = Path(tmp) / "moefleet" / "v1" / name
             text = src.read_text().replace("from moefleet.v1 import fleet_pb2", "from . import fleet_pb2")
+            # message classes take their __module__ from this string; make it the real module so they pickle
+            text = text.replace("'moefleet.v1.fleet_pb2', _globals)", "__name__, _globals)")
             dst = out / name
             dst.write_text(text)
             written.append(dst)
