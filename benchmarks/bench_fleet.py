@@ -110,8 +110,8 @@ def main() -> None:
         path = str(write_mixtral_checkpoint(Path(tmp) / "ckpt", **shape))
         model = MoEModel.from_pretrained(path, backend="torch")
         layer = model.layer(0)
-        print("measuring in-process layer ...", flush=True)
-        results["in_process"] = measure(lambda x: layer(x), shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
+        print("measuring in-process layer, before Ray starts ...", flush=True)
+        results["in_process_no_ray"] = measure(lambda x: layer(x), shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
 
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
@@ -122,6 +122,10 @@ def main() -> None:
         fleet.start()
         client = FleetClient(fleet.address)
         client.wait_ready(60)
+        # The baseline: the same layer in this process, under the same background (Ray's daemons run here too;
+        # multi-threaded MKL loses about half its speed to them on a 2-core machine).
+        print("measuring in-process layer, Ray running ...", flush=True)
+        results["in_process"] = measure(lambda x: layer(x), shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
         print("measuring fleet (grpc.aio router in a Ray actor) ...", flush=True)
         results["fleet"] = measure(lambda x: client.forward(0, x), shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
 
@@ -182,7 +186,7 @@ def main() -> None:
             ratios[f"serve_ingress_p50_{t}_over_grpc_aio"] = sv[f"latency_{t}"]["p50_ms"] / fl[f"latency_{t}"]["p50_ms"]
     results["ratios"] = ratios
     print(f"\n{'config':22s} {'p50@1':>8s} {'p50@32':>8s} {'p99@32':>8s} {'p50@256':>8s} {'p99@256':>8s} {'tok/s@' + str(thr_tokens):>12s}")
-    for name in ("in_process", "fleet", "fleet_serve_ingress", "naive_serve"):
+    for name in ("in_process_no_ray", "in_process", "fleet", "fleet_serve_ingress", "naive_serve"):
         if name in results:
             r = results[name]
             print(f"{name:22s} {r['latency_1']['p50_ms']:8.1f} {r['latency_32']['p50_ms']:8.1f} {r['latency_32']['p99_ms']:8.1f} "

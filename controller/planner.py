@@ -192,7 +192,6 @@ class _Fleet:
         self.cap = np.array([int(d.memory_bytes * (1.0 - knobs.headroom)) for d in devs], dtype=np.int64)
         cpu_on = knobs.cpu_tier != "off"
         self.host = self.gpu | cpu_on  # may hold replicas at all
-        self.addable = self.gpu | (knobs.cpu_tier == "auto")  # the search may add replicas here freely
         self.cpu_host = ~self.gpu & cpu_on
         self.row_of = {layer: i for i, layer in enumerate(self.layers)}
 
@@ -264,13 +263,14 @@ class _State:
     def copies(self) -> int:
         return int((self.x & ~self.x0).sum())
 
-    def evaluate(self, ops, focus: int, tstar: float) -> tuple[float, int] | None:
+    def evaluate(self, ops, focus: int, tstar: float) -> tuple[float, int, float] | None:
         """Exact effect of ``ops`` (list of ``(+1 add | -1 drop, d, l, e)``).
 
-        Returns ``(relief, copies)`` where relief is how far the highest new time
-        among the focus layer's touched devices stays below ``tstar`` (the
-        bottleneck), or None when the ops are invalid, give no relief, or raise
-        another layer's step time.
+        Returns ``(relief, copies, spread)`` where relief is how far the highest
+        new time among the focus layer's changed devices stays below ``tstar``
+        (the bottleneck) and spread is the sum of squares of the changed
+        devices' new times (a tie-breaker: lower is more even); None when the
+        ops are invalid, give no relief, or raise another layer's step time.
         """
         f = self.f
         cols: dict[tuple[int, int], np.ndarray] = {}
@@ -303,11 +303,12 @@ class _State:
             old = self.x[:, l, e]
             delta_t[l] = delta_t.get(l, 0.0) + col * c_new - old * self.c[l, e]
             touched[l] = touched.get(l, False) | (col != old)
-        relief = None
+        relief, spread = None, 0.0
         for l, dt in delta_t.items():
             new_t = self.T[l] + dt
             # devices whose time changes (a swap of equal-speed replicas leaves other holders alone)
             changed = touched[l] | (np.abs(dt) > 1e-12 * max(float(self.T[l].max()), 1e-300))
+            spread += float((new_t[changed] ** 2).sum())
             if l == focus:
                 relief = tstar - new_t[changed].max()
                 if relief <= 0:
@@ -318,7 +319,7 @@ class _State:
                     return None
         if relief is None:
             return None
-        return relief, cost
+        return relief, cost, spread
 
 
 def _stats(fleet: _Fleet, t: np.ndarray) -> PlacementStats:
@@ -456,8 +457,10 @@ def _drop_choices(st: _State, strict: bool = True) -> tuple[np.ndarray, np.ndarr
     """
     f = st.f
     num_devices, _, num_experts = f.shape
-    d, l, e = np.nonzero(st.x)  # one entry per replica
-    key = l * num_experts + e
+    red_flat = np.flatnonzero(st.cnt.ravel() >= 2)  # experts with a redundant replica
+    d, col = np.nonzero(st.x.reshape(num_devices, -1)[:, red_flat])  # one entry per their replicas
+    key = red_flat[col]
+    l = key // num_experts
     t = st.T[l, d]
     order = np.lexsort((-t, key))  # grouped by expert, busiest holder first
     head = np.ones(len(order), dtype=bool)
@@ -471,8 +474,6 @@ def _drop_choices(st: _State, strict: bool = True) -> tuple[np.ndarray, np.ndarr
     is_top = np.zeros(len(order), dtype=bool)
     is_top[order[head]] = True
     other = np.where(is_top, top2[key], top1[key])  # busiest other holder of the same expert
-    red = st.cnt.ravel()[key] >= 2
-    d, l, key, other = d[red], l[red], key[red], other[red]
     c_after = f.w.ravel()[key] / (st.S.ravel()[key] - f.speed[d])
     slack = st.T.max(axis=1)[l] - (other + c_after - st.c.ravel()[key])
     ok = slack > 0 if strict else np.ones(len(slack), dtype=bool)
@@ -579,11 +580,15 @@ class _Context:
         self.drop_has, self.drop_flat, slack = _drop_choices(st)
         # the highest time among the dropped expert's other holders, after the drop
         self.drop_peak = np.where(self.drop_has, st.T.max(axis=1)[self.drop_flat // f.shape[2]] - slack, 0.0)
-        self.single_has, self.single_flat = _coldest_singletons(st)
         num_devices = f.shape[0]
+        cpus = np.flatnonzero(f.cpu_host)
+        # coldest singletons feed offloads (auto) and swaps off a CPU bottleneck
+        if (auto and len(cpus)) or (st.used[cpus] > 0).any():
+            self.single_has, self.single_flat = _coldest_singletons(st)
+        else:
+            self.single_has, self.single_flat = np.zeros(num_devices, bool), np.zeros(num_devices, np.int64)
         self.off_has = np.zeros(num_devices, dtype=bool)
         self.off_to = np.zeros(num_devices, dtype=np.int64)
-        cpus = np.flatnonzero(f.cpu_host)
         if auto and len(cpus):
             num_experts = f.shape[2]
             layer_max = st.T.max(axis=1)
@@ -623,16 +628,20 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
     holders_other = st.x[:, l, :].copy()
     holders_other[dstar] = False
     # Trading a redundant replica g of this layer for e: g's other holders take up its share.
-    x_l = st.x[:, l, :]
-    redundant_l = x_l & (st.cnt[l] >= 2)[None, :]
-    if redundant_l.any():
-        holder_t = np.where(x_l, t_l[:, None], -np.inf)
+    red_cols = np.flatnonzero(st.cnt[l] >= 2)  # [G] experts of layer l with a redundant replica
+    if len(red_cols):
+        x_g = st.x[:, l, red_cols]  # [D, G]
+        holder_t = np.where(x_g, t_l[:, None], -np.inf)
         top_d = holder_t.argmax(axis=0)
-        top1 = holder_t[top_d, np.arange(num_experts)]
-        holder_t[top_d, np.arange(num_experts)] = -np.inf
+        cols = np.arange(len(red_cols))
+        top1 = holder_t[top_d, cols]
+        holder_t[top_d, cols] = -np.inf
         g_other = np.where(np.arange(num_devices)[:, None] == top_d[None, :], holder_t.max(axis=0)[None], top1[None])
+        g_c = st.c[l, red_cols]
         with np.errstate(divide="ignore", invalid="ignore"):
-            g_rise = np.where(redundant_l, f.w[l][None] / (st.S[l][None] - f.speed[:, None]) - st.c[l][None], 0.0)
+            g_rise = np.where(x_g, f.w[l, red_cols][None] / (st.S[l, red_cols][None] - f.speed[:, None]) - g_c, 0.0)
+        g_on_star = np.where(x_g[dstar][None, :], g_rise, 0.0)
+        g_fits_b = room[:, None] + f.nbytes[l, red_cols][None, :]
 
     def push(score, mask, kind, e, extra=None):
         idx = np.flatnonzero(mask)
@@ -643,7 +652,7 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
         e = int(e)
         ce, we, be, se = st.c[l, e], f.w[l, e], int(f.nbytes[l, e]), st.S[l, e]
         holders = st.x[:, l, e]
-        free_dev = f.addable & ~holders
+        free_dev = f.gpu & ~holders  # new replicas go to GPUs; CPUs only take offloads
         c_add = we / (se + f.speed)
         keep_star = tstar - (ce - c_add)
         fits = room >= be
@@ -663,17 +672,16 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
         push(tstar - rep_mv, rep, _REPLACE_MOVE, e)
         off = need & ctx.off_has & f.gpu & (room + single_b >= be)
         push(tstar - np.maximum(keep_star, t_l - single_same + c_add), off, _OFFLOAD, e)
-        if rank < _SWAP_EXPERTS and redundant_l.any():
-            trade = redundant_l & need[:, None] & (room[:, None] + f.nbytes[l][None, :] >= be)
-            trade[:, e] = False
-            star_new = tstar - (ce - c_add[:, None]) + np.where(st.x[dstar, l][None, :], g_rise, 0.0)
-            new_max = np.maximum(np.maximum(star_new, (t_l + c_add)[:, None] - st.c[l][None]), g_other + g_rise)
+        if rank < _SWAP_EXPERTS and len(red_cols):
+            trade = x_g & need[:, None] & (g_fits_b >= be) & (red_cols != e)[None, :]
+            star_new = tstar - (ce - c_add[:, None]) + g_on_star
+            new_max = np.maximum(np.maximum(star_new, (t_l + c_add)[:, None] - g_c[None]), g_other + g_rise)
             score = np.where(trade, tstar - new_max, -np.inf)
             best_g = score.argmax(axis=1)
             best = score[np.arange(num_devices), best_g]
             mask = np.isfinite(best) & (best > 0)
             if mask.any():
-                out.append((best[mask], _TRADE, l, e, np.flatnonzero(mask), best_g[mask], tstar))
+                out.append((best[mask], _TRADE, l, e, np.flatnonzero(mask), red_cols[best_g[mask]], tstar))
         if not f.gpu[dstar] and f.host[dstar]:
             xs = f.gpu & ~holders & ctx.single_has & (w_flat[ctx.single_flat] < we)
             xs &= (room + single_b >= be) & (room[dstar] + be >= single_b)
@@ -809,41 +817,55 @@ def _layer_time_after(st: _State, l: int, ops) -> np.ndarray:
     return x_l @ c_l
 
 
+def _better(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    """Is ``a = (value, spread)`` better than ``b``: more value, or as much and a lower spread."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    tol = 1e-9 * max(abs(a[0]), abs(b[0]))
+    return a[0] > b[0] + tol or (a[0] >= b[0] - tol and a[1] < b[1])
+
+
 def _best_for_layer(st: _State, ctx: _Context, l: int, budget: int | None, floor: float):
-    """The best valid candidate for layer l's bottleneck: ``(ops, relief per copy)`` or ``(None, floor)``."""
+    """The best valid candidate for layer l's bottleneck: ``(ops, (value, spread))`` or ``(None, None)``.
+
+    Value is relief per copy and must beat ``floor``.
+    """
     blocks: list = []
     _layer_candidates(st, ctx, l, blocks)
-    best, best_value = None, floor
+    best, best_score = None, None
     if not blocks:
-        return best, best_value
+        return best, best_score
     scores = np.concatenate([b[0] for b in blocks])
     owner = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
     pos = np.concatenate([np.arange(len(b[0])) for b in blocks])
     valid = 0
     for i in np.lexsort((np.arange(len(scores)), -scores))[:_EVALS_PER_LAYER]:
-        if scores[i] <= best_value or valid >= _VALID_PER_LAYER:
+        bar = floor if best_score is None else best_score[0] * (1 - 1e-9)
+        if scores[i] <= bar or valid >= _VALID_PER_LAYER:
             break
         _, kind, _, e, ds, extra, tstar = blocks[owner[i]]
         j = pos[i]
         ops = _ops(st, ctx, kind, l, e, int(ds[j]), None if extra is None else extra[j])
-        value = _value(st, ops, l, tstar, budget)
-        if value is None:
+        score = _value(st, ops, l, tstar, budget)
+        if score is None or score[0] <= floor:
             continue
         valid += 1
-        if value > best_value:
-            best, best_value = ops, value
-    return best, best_value
+        if _better(score, best_score):
+            best, best_score = ops, score
+    return best, best_score
 
 
-def _value(st: _State, ops, l: int, tstar: float, budget: int | None) -> float | None:
-    """Relief per copy of ops for layer l, or None if invalid or over the copy budget."""
+def _value(st: _State, ops, l: int, tstar: float, budget: int | None) -> tuple[float, float] | None:
+    """``(relief per copy, spread)`` of ops for layer l, or None if invalid or over the copy budget."""
     result = st.evaluate(ops, l, tstar)
     if result is None:
         return None
-    relief, cost = result
+    relief, cost, spread = result
     if budget is not None and st.copies + cost > budget:
         return None
-    return relief / max(cost, 1)
+    return relief / max(cost, 1), spread
 
 
 def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int) -> int:
@@ -855,7 +877,10 @@ def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int)
     num_layers = st.f.shape[1]
     auto = knobs.cpu_tier == "auto"
     cached: dict[int, list | None] = {}
+    scores: dict[int, tuple[float, float] | None] = {}
     dirty = set(range(num_layers))
+    moved_layers: set[int] = set()
+    moved_devices: set[int] = set()
     step = 0
     while step < max_steps:
         if budget is not None and st.copies >= budget:
@@ -865,24 +890,32 @@ def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int)
             return step
         threshold = knobs.hysteresis * layer_max.sum() / num_layers
         ctx = None
-        best, best_value = None, threshold
+        best, best_score = None, None
         for l in range(num_layers):
-            value = None
-            if l not in dirty and cached.get(l) is not None:
-                value = _value(st, cached[l], l, layer_max[l], budget)
-            if value is None and (l in dirty or cached.get(l) is not None):
+            ops = cached.get(l)
+            if l not in dirty and ops is not None:
+                # Untouched by the last move (its layers and devices), uncapped: the score still holds.
+                untouched = budget is None and not (
+                    {op[2] for op in ops} & moved_layers or {op[1] for op in ops} & moved_devices)
+                if not untouched:
+                    scores[l] = _value(st, ops, l, layer_max[l], budget)
+                if scores[l] is not None and scores[l][0] <= threshold:
+                    scores[l] = None
+            if l in dirty or (ops is not None and scores[l] is None):
                 ctx = ctx or _Context(st, auto)
-                cached[l], value = _best_for_layer(st, ctx, l, budget, threshold)
+                cached[l], scores[l] = _best_for_layer(st, ctx, l, budget, threshold)
                 dirty.add(l)
-            if cached.get(l) is not None and value > best_value:
-                best, best_value = cached[l], value
+            if cached.get(l) is not None and _better(scores[l], best_score):
+                best, best_score = cached[l], scores[l]
         if best is None:
             if len(dirty) == num_layers:
                 return step
             dirty = set(range(num_layers))  # search every layer afresh before stopping
             continue
         st.apply(best)
-        dirty = {op[2] for op in best}
+        moved_layers = {op[2] for op in best}
+        moved_devices = {op[1] for op in best}
+        dirty = set(moved_layers)
         step += 1
     return step
 

@@ -1,0 +1,217 @@
+"""Cluster deployment configs: the Serve config for ``serve deploy`` and what a KubeRay group declares.
+
+Cluster-only. The Serve config below runs MoE Fleet's gRPC API in Ray Serve's
+gRPC proxy, which Ray 2.60 binds on every interface (``[::]:9000``, hard-coded
+in ``ray/serve/_private/grpc_util.py``), and sets the HTTP proxy's host to
+``0.0.0.0`` (``CLUSTER_BIND_HOST``): a proxy in a cluster must take traffic
+from other machines and pods. Local mode (``moe-fleet up``, ``make demo``,
+the tests) never uses this module: it serves gRPC from ``LocalFleet`` on
+127.0.0.1.
+
+The same application runs in three places, from one definition here:
+
+* ``serve_config(args)`` -> YAML for ``serve deploy`` on a bare Ray cluster
+  (``python -m moefleet.deploy_config serve-config ...``);
+* ``deploy/kuberay/rayservice.yaml``'s ``serveConfigV2`` (checked against
+  ``serve_config`` by the unit tests);
+* the container image's default command (``serve run`` of a generated config).
+
+CLI::
+
+    python -m moefleet.deploy_config serve-config --checkpoint /models/m --num-workers 4 -o serve.yaml
+    python -m moefleet.deploy_config ray-start l4 --address HEAD_IP:6379
+    python -m moefleet.deploy_config node-types
+    python -m moefleet.deploy_config check serve.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from moefleet.controller.inventory import GIB, NODE_TYPES, NodeType, node_labels, node_resources, ray_start_command
+
+APP_NAME = "moefleet"
+APP_IMPORT_PATH = "moefleet.router_service.serve_app:build_app"
+GRPC_SERVICER_FUNCTIONS = ("moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server",)
+SERVE_GRPC_PORT = 9000
+"""Serve's gRPC proxy port (Serve's default): the fleet's public gRPC API in a cluster."""
+SERVE_HTTP_PORT = 8000
+"""Serve's HTTP proxy port: KubeRay probes ``/-/healthz`` on it."""
+ROUTER_GRPC_PORT = 50051
+"""The router actor's own grpc.aio port (``RouterConfig.port``)."""
+REDIS_URL_ENV = "MOEFLEET_REDIS_URL"
+"""Environment variable the Serve application reads the Redis URL from when ``redis_url`` is not in args."""
+CLUSTER_BIND_HOST = "0.0.0.0"
+"""Cluster only: the HTTP proxy must be reachable from other machines/pods. Never used in local mode."""
+
+
+class ServeConfigError(ValueError):
+    """A Serve config that Serve would reject, or would silently misread (an unknown key)."""
+
+
+def serve_config(args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = SERVE_GRPC_PORT) -> dict:
+    """A Serve deploy config (``ServeDeploySchema``) that runs the fleet's application in a cluster.
+
+    Args:
+        args: the application builder's arguments (``build_app(args)``; the
+            lead's pydantic model validates them when Serve builds the app):
+            ``checkpoint``, ``num_workers``, ``namespace``, ``router_port`` and
+            optionally ``redis_url``. Leave ``redis_url`` out to have the app
+            read ``$MOEFLEET_REDIS_URL``: a URL with a password here would be
+            stored in plain text by the Serve controller, so it is refused.
+        app_name: the Serve application's name.
+        grpc_port: the gRPC proxy's port.
+
+    Returns the config as plain data (dump it with ``yaml.safe_dump``); it is
+    validated with ``check_serve_config`` first.
+    """
+    args = dict(args or {})
+    redis_url = args.get("redis_url")
+    if redis_url and urlsplit(str(redis_url)).password:
+        raise ServeConfigError(
+            f"args.redis_url: holds a password; set it in ${REDIS_URL_ENV} (from a secret) and leave redis_url out"
+        )
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": CLUSTER_BIND_HOST, "port": SERVE_HTTP_PORT},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
+        "applications": [{"name": app_name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args}],
+    }
+    check_serve_config(config)
+    return config
+
+
+def _unknown_keys(data: dict, model: type, where: str) -> list[str]:
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return [f"{where}.{k}" if where else k for k in data if k not in known]
+
+
+def check_serve_config(config: dict) -> None:
+    """Validate with Ray's ``ServeDeploySchema`` and refuse unknown keys.
+
+    ``ServeDeploySchema`` ignores unknown top-level, ``http_options`` and
+    ``grpc_options`` keys (forward compatibility), so a misspelled
+    ``grpc_option:`` would silently give a Serve without gRPC; this check names it.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+        gRPCOptionsSchema,
+    )
+
+    if not isinstance(config, dict):
+        raise ServeConfigError(f"a Serve config is a mapping, got {type(config).__name__}")
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        raise ServeConfigError(f"not a valid Serve deploy config: {e}") from e
+    unknown = _unknown_keys(config, ServeDeploySchema, "")
+    for key, model in (("http_options", HTTPOptionsSchema), ("grpc_options", gRPCOptionsSchema)):
+        if isinstance(config.get(key), dict):
+            unknown += _unknown_keys(config[key], model, key)
+    for i, app in enumerate(config.get("applications") or []):
+        unknown += _unknown_keys(app, ServeApplicationSchema, f"applications[{i}]")
+        for j, dep in enumerate(app.get("deployments") or []):
+            unknown += _unknown_keys(dep, DeploymentSchema, f"applications[{i}].deployments[{j}]")
+    if unknown:
+        raise ServeConfigError(f"unknown keys Serve would ignore: {', '.join(unknown)}")
+
+
+# -- KubeRay group rendering (what the manifests must say; the tests compare) ------------------
+def kuberay_group_fields(node_type: NodeType) -> dict[str, Any]:
+    """A KubeRay (>= 1.5) group's ``rayStartParams``, ``resources`` and ``labels`` for a node type.
+
+    KubeRay turns the top-level ``resources`` into ``--num-cpus``/``--num-gpus``/
+    ``--memory``/``--resources`` and ``labels`` into ``--labels``; it refuses
+    ``rayStartParams['labels']`` and resource flags in both places.
+    ``object_store_memory`` cannot be a custom resource, so it stays a rayStartParam.
+    """
+    declared = node_resources(node_type)
+    resources: dict[str, str] = {}
+    for name, value in declared.items():
+        if name == "object_store_memory":
+            continue
+        resources[name] = f"{value // GIB}Gi" if name == "memory" else str(value)
+    return {
+        "rayStartParams": {"object-store-memory": str(declared["object_store_memory"])},
+        "resources": resources,
+        "labels": node_labels(node_type),
+    }
+
+
+def kuberay_container_resources(node_type: NodeType) -> dict[str, dict[str, str]]:
+    """The Ray container's requests and limits (equal: Guaranteed QoS) for a node type."""
+    amounts = {"cpu": str(node_type.cpus), "memory": f"{node_type.container_memory_gib}Gi"}
+    if node_type.gpus:
+        amounts["nvidia.com/gpu"] = str(node_type.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moefleet.deploy_config", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve-config", help="write the Serve config for `serve deploy` (cluster only)")
+    p.add_argument("--checkpoint", help="checkpoint directory on every node (default: the built-in model)")
+    p.add_argument("--num-workers", type=int, help="ExpertGroup workers")
+    p.add_argument("--namespace", help="Ray namespace and Redis key prefix")
+    p.add_argument("--router-port", type=int, default=ROUTER_GRPC_PORT, help="the router actor's own gRPC port")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="another build_app argument (YAML value)")
+    p.add_argument("--grpc-port", type=int, default=SERVE_GRPC_PORT)
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+    p = sub.add_parser("ray-start", help="print the `ray start` command for a node of a type")
+    p.add_argument("node_type", choices=sorted(NODE_TYPES))
+    p.add_argument("--address", help="head address HOST:PORT to join (omit for a head node)")
+
+    sub.add_parser("node-types", help="list the node types and what each declares")
+
+    p = sub.add_parser("check", help="validate a Serve config file strictly")
+    p.add_argument("path")
+
+    ns = parser.parse_args(argv)
+    if ns.cmd == "serve-config":
+        args: dict[str, Any] = {}
+        for key in ("checkpoint", "num_workers", "namespace", "router_port"):
+            if getattr(ns, key) is not None:
+                args[key] = getattr(ns, key)
+        for item in ns.arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--arg {item!r}: expected KEY=VALUE")
+            args[key] = _parse_value(value)
+        text = yaml.safe_dump(serve_config(args, grpc_port=ns.grpc_port), sort_keys=False)
+        if ns.output:
+            with open(ns.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+    elif ns.cmd == "ray-start":
+        print(ray_start_command(NODE_TYPES[ns.node_type], ns.address))
+    elif ns.cmd == "node-types":
+        for t in NODE_TYPES.values():
+            print(f"{t.name}: {t.description}")
+            print(f"  resources: {node_resources(t)}")
+            print(f"  labels:    {node_labels(t)}")
+    elif ns.cmd == "check":
+        with open(ns.path) as f:
+            check_serve_config(yaml.safe_load(f))
+        print(f"{ns.path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
