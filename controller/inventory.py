@@ -351,10 +351,9 @@ def ray_start_params(node_type: NodeType) -> dict[str, str]:
 
 def ray_start_command(node_type: NodeType, address: str | None = None, *, head_port: int = 6379) -> str:
     """The ``ray start`` command line for a node of this type: joining ``address``, or a head if None."""
-    parts = ["ray", "start"]
-    parts += ["--head", f"--port={head_port}"] if address is None else [f"--address={address}"]
-    parts += [f"--{flag}={value}" for flag, value in ray_start_params(node_type).items()]
-    return " ".join(shlex.quote(p) for p in parts)
+    head = ["--head", f"--port={head_port}"] if address is None else [f"--address={address}"]
+    flags = [shlex.quote(f"--{flag}={value}") for flag, value in ray_start_params(node_type).items()]
+    return " ".join(["ray", "start", *head, *flags])  # the address unquoted: "$HEAD_IP:6379" expands
 
 
 def node_dict(node_type: NodeType, node_id: str, *, alive: bool = True, head: bool = False) -> dict[str, Any]:

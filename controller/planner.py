@@ -36,23 +36,36 @@ How it plans
 From scratch (``current`` holds nothing on the inventory's devices): coldest
 experts to the CPU tier if GPU memory cannot hold every expert once; then
 redundant replicas, one at a time, to the expert with the most load per
-replica until free memory runs out (so the redundancy follows from the memory
-actually free); then the replicas, hottest per replica first, to the least
-loaded devices with room (longest-processing-time packing, per-layer memory
-quotas). Then the local search below, uncapped.
+replica until free GPU memory runs out (so the redundancy follows from the
+memory actually free); then the replicas, hottest per replica first, to the
+least loaded GPUs with room (longest-processing-time packing with per-layer
+memory quotas). This is built twice, letting the hottest replicas of any
+layer take the free memory and splitting it between layers as DeepSeek EPLB
+does; each is improved by the search below, uncapped, and the faster kept.
 
 Incrementally (``current`` non-empty): start from ``current``; repair it
 (drop replicas on devices that left or may not host, evacuate overfull
-devices, place experts that have no replica); then improve greedily: look at
-each layer's bottleneck device and the experts on it, and try to add a
-replica elsewhere, move it, drop a redundant replica of a cold expert to make
-room, offload a cold expert to the CPU tier to make room (``cpu_tier=auto``),
-or swap it with a lighter expert of another device. A candidate must cut the
-bottleneck's time (the highest new time among the devices it touches stays
-below the old bottleneck) and must not raise any other layer's step time; the
-best by relief per weight copy wins. Stop when the copy budget is spent or no
-candidate relieves a bottleneck by more than ``hysteresis`` of the mean layer
-time per copy.
+devices, place experts that have no replica, even past the copy cap); then
+improve it with a local search:
+
+1. Greedy moves. For each layer's bottleneck device and the experts on it:
+   add a replica on another GPU with room; move the replica; drop a redundant
+   replica of a cold expert on the target (any layer, or trade one of this
+   layer) to make room; offload the target's coldest single-replica expert to
+   a CPU device to make room (``cpu_tier="auto"``); swap with an expert of a
+   lightly loaded device; or, when the bottleneck is a CPU device, swap a hot
+   expert there with a cold one on a GPU. A candidate must cut the
+   bottleneck's time (every device whose time changes ends below the old
+   bottleneck) and must not raise another layer's step time. The best by
+   relief per weight copy wins (ties: the more even result). New replicas go
+   to GPUs only: CPU devices take cold experts, never redundant copies.
+2. When no greedy move pays, re-pack one layer on the same per-device slot
+   counts (replica counts recomputed, LPT packing that favours devices
+   already holding an expert); kept if its relief per copy pays.
+
+Stop when the copy budget is spent or nothing relieves a bottleneck by more
+than ``hysteresis`` x the mean layer time per copy. Every input order and tie
+is resolved by index, so equal inputs give equal plans.
 """
 
 from __future__ import annotations
@@ -79,7 +92,7 @@ class PlannerKnobs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_moves_per_step: int = Field(
-        default=16,
+        default=32,
         ge=0,
         description=(
             "Most weight copies (replica adds) one plan may make on a running placement. Removals copy "
@@ -237,6 +250,7 @@ class _State:
         self.x0 = x0
         self.x = x
         self.used = np.einsum("dle,le->d", x.astype(np.int64), fleet.nbytes)
+        self.copies = int((x & ~x0).sum())  # weight copies: replicas in x that x0 lacks
         num_layers = fleet.w.shape[0]
         self.cnt = np.zeros(fleet.w.shape, dtype=np.int64)
         self.S = np.zeros(fleet.w.shape)
@@ -256,12 +270,9 @@ class _State:
         for sign, d, l, e in ops:
             self.x[d, l, e] = sign > 0
             self.used[d] += sign * self.f.nbytes[l, e]
+            self.copies += sign * (not self.x0[d, l, e])
         for l in {op[2] for op in ops}:
             self._refresh(l)
-
-    @property
-    def copies(self) -> int:
-        return int((self.x & ~self.x0).sum())
 
     def evaluate(self, ops, focus: int, tstar: float) -> tuple[float, int, float] | None:
         """Exact effect of ``ops`` (list of ``(+1 add | -1 drop, d, l, e)``).
@@ -731,7 +742,7 @@ def _search(st: _State, knobs: PlannerKnobs, budget: int | None) -> None:
     steps = knobs.max_search_steps
     while steps > 0:
         steps -= _greedy(st, knobs, budget, steps)
-        if steps <= 0 or not _repack_round(st, knobs, budget):
+        if steps <= 0 or (budget is not None and st.copies >= budget) or not _repack_round(st, knobs, budget):
             return
         steps -= 1
 
@@ -817,8 +828,8 @@ def _layer_time_after(st: _State, l: int, ops) -> np.ndarray:
     return x_l @ c_l
 
 
-def _better(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
-    """Is ``a = (value, spread)`` better than ``b``: more value, or as much and a lower spread."""
+def _better(a: tuple | None, b: tuple | None) -> bool:
+    """Is ``a = (value, spread, ...)`` better than ``b``: more value, or as much and a lower spread."""
     if a is None:
         return False
     if b is None:
@@ -828,7 +839,7 @@ def _better(a: tuple[float, float] | None, b: tuple[float, float] | None) -> boo
 
 
 def _best_for_layer(st: _State, ctx: _Context, l: int, budget: int | None, floor: float):
-    """The best valid candidate for layer l's bottleneck: ``(ops, (value, spread))`` or ``(None, None)``.
+    """The best valid candidate for layer l's bottleneck: ``(ops, (value, spread, copies))`` or ``(None, None)``.
 
     Value is relief per copy and must beat ``floor``.
     """
@@ -857,15 +868,15 @@ def _best_for_layer(st: _State, ctx: _Context, l: int, budget: int | None, floor
     return best, best_score
 
 
-def _value(st: _State, ops, l: int, tstar: float, budget: int | None) -> tuple[float, float] | None:
-    """``(relief per copy, spread)`` of ops for layer l, or None if invalid or over the copy budget."""
+def _value(st: _State, ops, l: int, tstar: float, budget: int | None) -> tuple[float, float, int] | None:
+    """``(relief per copy, spread, copies)`` of ops for layer l, or None if invalid or over the copy budget."""
     result = st.evaluate(ops, l, tstar)
     if result is None:
         return None
     relief, cost, spread = result
     if budget is not None and st.copies + cost > budget:
         return None
-    return relief / max(cost, 1), spread
+    return relief / max(cost, 1), spread, cost
 
 
 def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int) -> int:
@@ -894,9 +905,10 @@ def _greedy(st: _State, knobs: PlannerKnobs, budget: int | None, max_steps: int)
         for l in range(num_layers):
             ops = cached.get(l)
             if l not in dirty and ops is not None:
-                # Untouched by the last move (its layers and devices), uncapped: the score still holds.
-                untouched = budget is None and not (
-                    {op[2] for op in ops} & moved_layers or {op[1] for op in ops} & moved_devices)
+                # Untouched by the last move (its layers and devices): the score still holds.
+                untouched = not ({op[2] for op in ops} & moved_layers or {op[1] for op in ops} & moved_devices)
+                if untouched and scores[l] is not None and budget is not None:
+                    untouched = st.copies + scores[l][2] <= budget
                 if not untouched:
                     scores[l] = _value(st, ops, l, layer_max[l], budget)
                 if scores[l] is not None and scores[l][0] <= threshold:

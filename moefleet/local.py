@@ -114,6 +114,35 @@ class LocalFleet:
         ray.get([w.ready.remote() for w in new.values()])
         self.workers.update(new)
 
+    def controller_config(self, device_memory_bytes: int | None = None, **overrides):
+        """A ControllerConfig for this fleet: its workers as a static inventory.
+
+        Local mode's workers are CPU processes standing in for the GPU tier, so
+        they are declared as ``kind='gpu'`` devices of accelerator type
+        'local-cpu' (the planner balances load over that tier); ``local=True``
+        keeps the reconciler from asking Ray for GPUs.
+        device_memory_bytes: expert memory per worker; default room for twice
+        its even share of experts, so hot experts can be replicated.
+        """
+        from moefleet.controller.main import ControllerConfig
+        from moefleet.core.placement import DeviceSpec
+
+        spec = MoECheckpoint(self.checkpoint).spec
+        per_expert = spec.layer.expert_params * 4
+        n = self.config.num_workers
+        total = per_expert * spec.layer.num_experts * len(spec.moe_layers)
+        memory = device_memory_bytes or int(2 * total / n / 0.9) + per_expert
+        devices = [
+            DeviceSpec(device_id=f"worker-{i}", node_id="local", kind="gpu", accelerator_type="local-cpu", memory_bytes=memory)
+            for i in range(n)
+        ]
+        cfg = dict(
+            checkpoint=self.checkpoint, redis_url=self.redis_url, namespace=self.config.namespace, ray_address=None,
+            devices=devices, worker=self.config.worker, local=True,
+        )
+        cfg.update(overrides)
+        return ControllerConfig(**cfg)
+
     def router_stats(self) -> list[dict]:
         import ray
 

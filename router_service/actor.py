@@ -15,6 +15,9 @@ from .transport import RayTransport
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_INTERVAL_S = 0.1
+HEARTBEAT_TTL_S = 3.0
+
 
 class RouterActor:
     """One router replica. ``start()`` returns its gRPC address."""
@@ -48,6 +51,7 @@ class RouterActor:
         self._watch = self.store.watch_placement(
             lambda p: loop.call_soon_threadsafe(self._on_placement, p), since_version=self.core.placement.version
         )
+        await self._heartbeat()
         self._telemetry = asyncio.create_task(self._flush_telemetry())
         log.info("router %s serving on %s", self.router_id, address)
         return address
@@ -55,12 +59,34 @@ class RouterActor:
     def _on_placement(self, placement) -> None:
         self.core.set_placement(placement)
         asyncio.ensure_future(self.server.set_serving(self.core.ready()))
+        asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Tell the controller which placement this router serves and the oldest one still in flight."""
+        info = {
+            "kind": "router",
+            "address": self.server.address,
+            "placement_version": self.core.placement.version,
+            "oldest_inflight_version": self.core.oldest_inflight_version(),
+        }
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, lambda: self.store.register_worker(f"router:{self.router_id}", info, time.time(), HEARTBEAT_TTL_S)
+        )
 
     async def _flush_telemetry(self) -> None:
-        """Token counts per expert go to Redis once per interval, in one round trip."""
+        """Token counts per expert go to Redis once per interval, in one round trip; heartbeats more often."""
         loop = asyncio.get_running_loop()
+        last_flush = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.telemetry_interval_s)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self._heartbeat()
+            except Exception as e:  # reported; the next beat retries
+                log.warning("router %s: heartbeat failed: %s", self.router_id, e)
+            if time.monotonic() - last_flush < self.config.telemetry_interval_s:
+                continue
+            last_flush = time.monotonic()
             counts = self.core.take_load_counts()
             if counts:
                 try:
@@ -83,6 +109,10 @@ class RouterActor:
         }
 
     async def stop(self) -> None:
+        try:
+            self.store.deregister_worker(f"router:{self.router_id}")
+        except Exception as e:  # the record expires by itself
+            log.warning("router %s: deregister failed: %s", self.router_id, e)
         if self._watch is not None:
             self._watch.stop()
         if self._telemetry is not None:

@@ -110,6 +110,7 @@ class RouterCore:
         self._flushers: dict[int, asyncio.Task] = {}
         self._queued = 0
         self._placement_changed = asyncio.Event()
+        self._inflight_by_version: dict[int, int] = defaultdict(int)
 
     # -- placement -------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -123,6 +124,15 @@ class RouterCore:
         self.placement = placement
         self._placement_changed.set()
         log.info("router: placement version %d", placement.version)
+
+    def oldest_inflight_version(self) -> int:
+        """The oldest placement version a dispatched, unfinished layer call still uses (current if none).
+
+        The reconciler unloads an old replica only when every router reports a
+        value at or past the version that dropped it.
+        """
+        live = [v for v, n in self._inflight_by_version.items() if n > 0]
+        return min(live) if live else self.placement.version
 
     def ready(self) -> bool:
         """Every expert of every MoE layer has a replica."""
@@ -282,7 +292,13 @@ class RouterCore:
             except NoReplicaError as e:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: {e}") from e
             version = self.placement.version
-            results = await asyncio.gather(*(self._call(layer, shared_ref, b) for b in batches), return_exceptions=True)
+            self._inflight_by_version[version] += 1
+            try:
+                results = await asyncio.gather(*(self._call(layer, shared_ref, b) for b in batches), return_exceptions=True)
+            finally:
+                self._inflight_by_version[version] -= 1
+                if not self._inflight_by_version[version]:
+                    del self._inflight_by_version[version]
             failed = []
             for b, r in zip(batches, results):
                 if isinstance(r, BaseException):

@@ -1,0 +1,132 @@
+"""The controller on a live fleet: rebalancing under load loses nothing; a follower takes over a dead leader."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+from moefleet import MoEModel
+from moefleet.controller.main import Controller, controller_actor_class
+from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
+from moefleet.core.state import StateStore
+from moefleet.demo import skewed_hidden
+from moefleet.local import LocalFleet
+from moefleet.router_service.client import FleetClient, FleetError
+from tests import hf_models
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, redis_server, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral-ctl")
+    model, _ = hf_models.build("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    model.save_pretrained(path)
+    cfg = FleetConfig(
+        checkpoint=str(path), num_workers=3, redis_url=redis_server.url, namespace=f"ctl-{uuid.uuid4().hex[:8]}",
+        worker=WorkerConfig(num_cpus=0.5), router=RouterConfig(telemetry_interval_s=0.2, load_window_s=1.0),
+    )
+    f = LocalFleet(cfg)
+    f.start()
+    f.client = FleetClient(f.address)
+    f.client.wait_ready(60)
+    yield f
+    f.client.close()
+    f.stop()
+
+
+def _traffic(fleet, model, hot, stop, out, failures, seed):
+    g = torch.Generator().manual_seed(seed)
+    i = 0
+    while not stop.is_set() and i < 2000:  # bounded in count and time
+        layer = model.moe_layers[i % len(model.moe_layers)]
+        hidden = skewed_hidden(model.layer(layer).gate.weight, 16, hot, 3.0, g)
+        try:
+            out.append((layer, hidden, fleet.client.forward(layer, hidden)))
+        except FleetError as e:
+            failures.append(e)
+        i += 1
+
+
+def test_rebalance_under_load_loses_no_request_and_replicates_hot_experts(fleet):
+    model = MoEModel.from_pretrained(fleet.checkpoint)
+    store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
+    ctl = Controller(fleet.controller_config(load_windows=10, load_half_life_s=5.0, min_tokens=10), holder="solo", store=store)
+    stop, out, failures = threading.Event(), [], []
+    t = threading.Thread(target=_traffic, args=(fleet, model, [0, 1], stop, out, failures, 0))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # wait for telemetry to show the skew
+            load = store.read_load(time.time(), 1.0, 10, 5.0)
+            if sum(load.values()) > 500:
+                break
+            time.sleep(0.2)
+        v0 = store.placement_version()
+        report = ctl.step()
+        assert report["apply"], report
+        assert report["applied_version"] == v0 + 1
+        assert report["balancedness_after"] > report["balancedness_before"]
+        time.sleep(1.0)  # traffic keeps flowing on the new placement
+    finally:
+        stop.set()
+        t.join(timeout=60)
+        store.release_lease("solo")
+    assert not failures, failures[:3]
+    assert len(out) > 20
+    for layer, hidden, got in out:
+        assert (got - model.layer(layer)(hidden)).abs().max().item() <= 1e-5
+    placement = store.get_placement()
+    reps = placement.replicas()
+    hot_layer = model.moe_layers[0]
+    assert max(len(reps[(hot_layer, e)]) for e in (0, 1)) >= 2, "a hot expert got a second replica"
+    # workers hold exactly what the placement says (old replicas unloaded after the drain)
+    stats = fleet.worker_stats()
+    for device, keys in placement.assignments.items():
+        assert sorted(tuple(k) for k in stats[device]["experts"]) == sorted(tuple(k) for k in keys)
+
+
+def test_follower_takes_over_when_the_leader_dies(fleet):
+    store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
+    cfg = fleet.controller_config(interval_s=0.3, lease_ttl_s=1.5, load_windows=3, load_half_life_s=1.0, min_tokens=10)
+    cls = controller_actor_class()
+    a = cls.options(namespace=fleet.config.namespace).remote(cfg.model_dump(), "ctl-a")
+    b = cls.options(namespace=fleet.config.namespace).remote(cfg.model_dump(), "ctl-b")
+    try:
+        deadline = time.monotonic() + 20
+        while store.lease_holder() not in ("ctl-a", "ctl-b") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leader_name = store.lease_holder()
+        assert leader_name in ("ctl-a", "ctl-b")
+        leader, follower = (a, b) if leader_name == "ctl-a" else (b, a)
+        assert ray.get(leader.is_leader.remote()) and not ray.get(follower.is_leader.remote())
+        ray.kill(leader)  # a crash: the lease is not released
+        t_kill = time.monotonic()
+        while store.lease_holder() in (None, leader_name) and time.monotonic() - t_kill < 10:
+            time.sleep(0.05)
+        took_over = time.monotonic() - t_kill
+        assert store.lease_holder() not in (None, leader_name)
+        assert took_over <= cfg.lease_ttl_s + cfg.interval_s + 1.0
+        # placement continues under the new leader: shift the load and watch a new version appear
+        v = store.placement_version()
+        hot = {(layer, e): 5000 for layer in MoEModel.from_pretrained(fleet.checkpoint).moe_layers for e in (6, 7)}
+        deadline = time.monotonic() + 20
+        while store.placement_version() == v and time.monotonic() < deadline:
+            store.record_load(hot, time.time())
+            time.sleep(0.2)
+        assert store.placement_version() > v
+        assert ray.get(follower.is_leader.remote())
+        reps = store.get_placement().replicas()
+        assert any(len(reps[k]) >= 2 for k in hot)
+    finally:
+        for actor in (a, b):
+            try:
+                ray.get(actor.shutdown.remote(), timeout=30)
+            except Exception:  # the killed leader is gone; nothing to stop
+                pass
+            ray.kill(actor)
