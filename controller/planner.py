@@ -161,7 +161,9 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: Placement
-    moves: list[Move] = Field(description="Adds first (make before break), then removes; sorted by device.")
+    moves: list[Move] = Field(
+        description="Adds first (make before break), then removes; in inventory device order, then by expert."
+    )
     copies: int = Field(description="Number of 'add' moves: weight copies the reconciler must make.")
     balancedness_before: float | None = Field(description="None when current is not a valid placement.")
     balancedness_after: float
@@ -212,11 +214,18 @@ class _Fleet:
     def shape(self) -> tuple[int, int, int]:
         return (len(self.ids), *self.w.shape)
 
-    def matrix(self, placement: Placement) -> tuple[np.ndarray, bool]:
-        """Placement -> bool ``[D, L, E]`` over inventory devices; True if anything had to be left out."""
+    def matrix(self, placement: Placement) -> tuple[np.ndarray, bool, list[tuple[DeviceId, ExpertKey]]]:
+        """Placement -> bool ``[D, L, E]`` over inventory devices.
+
+        Also returns whether anything had to be left out (devices not in the
+        inventory, unknown experts, CPU devices with the CPU tier off,
+        duplicates) and the left-out replicas on inventory devices, which the
+        plan removes.
+        """
         x = np.zeros(self.shape, dtype=bool)
         index = {d: i for i, d in enumerate(self.ids)}
         dropped = False
+        stale: list[tuple[DeviceId, ExpertKey]] = []
         for device_id, keys in placement.assignments.items():
             d = index.get(device_id)
             if d is None:
@@ -226,9 +235,12 @@ class _Fleet:
                 row = self.row_of.get(int(layer))
                 if row is None or not 0 <= int(e) < self.w.shape[1] or not self.host[d]:
                     dropped = True
-                    continue
-                x[d, row, int(e)] = True
-        return x, dropped
+                    stale.append((device_id, (int(layer), int(e))))
+                elif x[d, row, int(e)]:
+                    dropped = True  # listed twice
+                else:
+                    x[d, row, int(e)] = True
+        return x, dropped, stale
 
     def placement(self, x: np.ndarray, version: int) -> Placement:
         out: dict[DeviceId, list[ExpertKey]] = {}
@@ -458,13 +470,12 @@ def _per_device_best(d: np.ndarray, score: np.ndarray, flat: np.ndarray, num_dev
     return has, best_flat, best
 
 
-def _drop_choices(st: _State, strict: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per device, the redundant replica whose removal hurts least.
 
     Returns ``has [D]`` bool, ``flat [D]`` (index into ``[L*E]``) and ``slack [D]``:
     how far the highest time among the expert's other holders stays below its
-    layer's step time after the drop. ``strict`` leaves out drops that would
-    raise a layer's step time (slack <= 0).
+    layer's step time after the drop; drops that would raise it are left out.
     """
     f = st.f
     num_devices, _, num_experts = f.shape
@@ -487,7 +498,7 @@ def _drop_choices(st: _State, strict: bool = True) -> tuple[np.ndarray, np.ndarr
     other = np.where(is_top, top2[key], top1[key])  # busiest other holder of the same expert
     c_after = f.w.ravel()[key] / (st.S.ravel()[key] - f.speed[d])
     slack = st.T.max(axis=1)[l] - (other + c_after - st.c.ravel()[key])
-    ok = slack > 0 if strict else np.ones(len(slack), dtype=bool)
+    ok = slack > 0
     return _per_device_best(d[ok], slack[ok], key[ok], num_devices)
 
 
@@ -516,9 +527,11 @@ def _place_unplaced(st: _State) -> None:
             st.apply([(1, int(d), l, e)])
             continue
         nb = f.nbytes.ravel()
-        has, dflat, slack = _drop_choices(st, strict=False)
-        if _drop_to_place(st, f.gpu & has & (room + nb[dflat] >= b), dflat, slack, l, e):
-            continue  # the least useful redundant replica on a GPU made way
+        d = _make_room(st, f.gpu, b)
+        if d is not None:  # redundant replicas on a GPU made way
+            st.apply([(1, d, l, e)])
+            continue
+        room = f.cap - st.used
         cpus = np.flatnonzero(f.cpu_host)
         if len(cpus):
             has_s, sflat = _coldest_singletons(st)
@@ -536,7 +549,9 @@ def _place_unplaced(st: _State) -> None:
                     k = k_fit[np.argmin(st.T[l, k_fit] + we / f.speed[k_fit])]
                     st.apply([(1, int(k), l, e)])
                 else:
-                    _drop_to_place(st, f.cpu_host & has & (room + nb[dflat] >= b), dflat, slack, l, e)
+                    k = _make_room(st, f.cpu_host, b)
+                    if k is not None:
+                        st.apply([(1, k, l, e)])
             if st.cnt[l, e] > 0:
                 continue
         key = (f.layers[l], e)
@@ -546,14 +561,32 @@ def _place_unplaced(st: _State) -> None:
         )
 
 
-def _drop_to_place(st: _State, ok: np.ndarray, dflat, slack, l: int, e: int) -> bool:
-    """On the device in ``ok`` with the most slack, drop its chosen redundant replica and place (l, e)."""
-    if not ok.any():
-        return False
-    d = int(np.flatnonzero(ok)[np.argmax(slack[ok])])
-    gl, ge = divmod(int(dflat[d]), st.f.shape[2])
-    st.apply([(-1, d, gl, ge), (1, d, l, e)])
-    return True
+def _make_room(st: _State, mask: np.ndarray, b: int) -> int | None:
+    """Free ``b`` bytes on a device in ``mask`` by dropping redundant replicas, coldest per replica first.
+
+    Picks the device where the dropped replicas carry the least load (ties:
+    lower index); returns it, or None if no device can make room.
+    """
+    f = st.f
+    best = None
+    for d in np.flatnonzero(mask):
+        room = int(f.cap[d] - st.used[d])
+        redundant = np.argwhere(st.x[d] & (st.cnt >= 2))
+        order = np.argsort(st.c[redundant[:, 0], redundant[:, 1]], kind="stable") if len(redundant) else []
+        drops, lost = [], 0.0
+        for i in order:
+            if room >= b:
+                break
+            l, e = (int(v) for v in redundant[i])
+            drops.append((-1, int(d), l, e))
+            room += int(f.nbytes[l, e])
+            lost += st.c[l, e]
+        if room >= b and (best is None or lost < best[0]):
+            best = (lost, int(d), drops)
+    if best is None:
+        return None
+    st.apply(best[2])
+    return best[1]
 
 
 def _repair(st: _State) -> None:
@@ -942,7 +975,7 @@ def predict(load, inventory: Inventory, placement: Placement, *, layers: Sequenc
     Replicas on devices not in ``inventory`` or of experts outside ``load`` are ignored.
     """
     fleet = _Fleet(load, inventory, PlannerKnobs(headroom=0.0, cpu_tier="overflow"), 1, layers)
-    x, _ = fleet.matrix(placement)
+    x, _, _ = fleet.matrix(placement)
     return _stats(fleet, _State(fleet, x, x).T)
 
 
@@ -976,7 +1009,7 @@ def plan(
     """
     knobs = knobs or PlannerKnobs()
     fleet = _Fleet(load, inventory, knobs, expert_bytes, layers)
-    x0, dropped = fleet.matrix(current)
+    x0, dropped, stale = fleet.matrix(current)
     initial = not x0.any()
     before_state = _State(fleet, x0, x0.copy())
     broken = dropped or bool((before_state.cnt == 0).any()) or bool((before_state.used > fleet.cap).any())
@@ -1006,6 +1039,7 @@ def plan(
     for kind, mat in (("add", adds), ("remove", removes)):
         for d, l, e in zip(*np.nonzero(mat)):
             moves.append(Move(kind=kind, device_id=fleet.ids[d], expert=(fleet.layers[l], int(e))))
+    moves += [Move(kind="remove", device_id=device_id, expert=key) for device_id, key in stale]
     changed = bool(moves) or dropped
     target = fleet.placement(st.x, current.version + 1 if changed else current.version)
     return Plan(

@@ -14,7 +14,31 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(
 
 __version__ = "0.1.0"
 
-from moefleet.core.config import CapacitySpec, ModelSpec, MoELayerSpec  # noqa: E402
+from moefleet.core.config import (  # noqa: E402
+    CapacitySpec,
+    FleetConfig,
+    ModelSpec,
+    MoELayerSpec,
+    RouterConfig,
+    WorkerConfig,
+)
 from moefleet.inprocess import MoEModel  # noqa: E402
+from moefleet.local import LocalFleet  # noqa: E402
+from moefleet.router_service.attach import attach  # noqa: E402
+from moefleet.router_service.client import AsyncFleetClient, FleetClient, FleetError  # noqa: E402
 
-__all__ = ["CapacitySpec", "MoELayerSpec", "ModelSpec", "MoEModel", "__version__"]
+__all__ = [
+    "AsyncFleetClient",
+    "CapacitySpec",
+    "FleetClient",
+    "FleetConfig",
+    "FleetError",
+    "LocalFleet",
+    "MoELayerSpec",
+    "ModelSpec",
+    "MoEModel",
+    "RouterConfig",
+    "WorkerConfig",
+    "attach",
+    "__version__",
+]

@@ -390,3 +390,14 @@ def test_bad_inputs_name_the_argument(kwargs, field):
     with pytest.raises(ValueError, match=field):
         plan(args["load"], Inventory(devices=gpus(2, 8)), Placement(), NO_HEADROOM,
              expert_bytes=args["expert_bytes"], layers=args["layers"])
+
+
+def test_replicas_left_on_a_disallowed_cpu_device_are_removed():
+    inventory = Inventory(devices=[*gpus(2, 4), cpu(10)])
+    current = Placement(assignments={"gpu0": [(0, 0), (0, 1)], "gpu1": [(0, 2)], "cpu0": [(0, 3), (9, 9)]})
+    result = plan(np.ones((1, 4)), inventory, current, PlannerKnobs(headroom=0.0, cpu_tier="off"), expert_bytes=1)
+    assert result.repaired and result.apply
+    assert "cpu0" not in result.target.assignments
+    removes = {(m.device_id, m.expert) for m in result.moves if m.kind == "remove"}
+    assert {("cpu0", (0, 3)), ("cpu0", (9, 9))} <= removes
+    assert result.target.experts() == {(0, e) for e in range(4)}
