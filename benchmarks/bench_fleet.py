@@ -163,6 +163,8 @@ def main() -> None:
             call = naive_serve(path, shape["experts"])
             results["naive_serve"] = measure(call, shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
 
+        rs = fleet.router_stats()[0]
+        results["router_telemetry_share"] = rs["telemetry_s"] / max(rs["forward_s"], 1e-9)
         # sanity: the fleet's answer is the in-process layer's
         x = torch.randn(64, shape["hidden"])
         results["fleet_max_abs_error"] = float((client.forward(0, x) - layer(x)).abs().max())
@@ -194,6 +196,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:45s} {v:6.2f}")
     print(f"fleet max abs error vs in-process: {results['fleet_max_abs_error']:.2e}")
+    print(f"router time spent on telemetry (count + flush to Redis): {100 * results['router_telemetry_share']:.2f}%")
     write_json("fleet", results, args.out)
 
 

@@ -89,12 +89,14 @@ class RouterActor:
             last_flush = time.monotonic()
             counts = self.core.take_load_counts()
             if counts:
+                t0 = time.perf_counter()
                 try:
                     await loop.run_in_executor(
                         None, lambda: self.store.record_load(counts, time.time(), self.config.load_window_s, self.router_id)
                     )
                 except Exception as e:  # telemetry must not stop serving; say so
                     log.warning("router %s: telemetry flush failed: %s", self.router_id, e)
+                self.core.stats.telemetry_s += time.perf_counter() - t0
 
     async def address(self) -> str:
         return self.server.address

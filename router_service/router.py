@@ -82,6 +82,8 @@ class RouterStats:
     cancelled: int = 0
     rejected_full: int = 0
     retries: int = 0
+    forward_s: float = 0.0  # wall time inside forward()
+    telemetry_s: float = 0.0  # time spent counting tokens per expert and flushing the counts
 
 
 class RouterCore:
@@ -267,6 +269,13 @@ class RouterCore:
 
     async def forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None) -> ForwardResult:
         """One layer call (already validated): gate, dispatch, combine."""
+        t_start = time.perf_counter()
+        try:
+            return await self._forward(layer, hidden, router_logits)
+        finally:
+            self.stats.forward_s += time.perf_counter() - t_start
+
+    async def _forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None) -> ForwardResult:
         ls = self.spec.layer_spec(layer)
         gate = self.gates[layer]
         logits = gate.logits(hidden) if router_logits is None else router_logits.float()
@@ -355,10 +364,12 @@ class RouterCore:
             self.outstanding[batch.worker] -= batch.num_rows
 
     def _count_load(self, layer: int, ids: np.ndarray, num_experts: int) -> None:
+        t0 = time.perf_counter()
         flat = ids.reshape(-1)
         counts = np.bincount(flat[flat >= 0], minlength=num_experts)
         for e in np.flatnonzero(counts):
             self.load_counts[(layer, int(e))] += int(counts[e])
+        self.stats.telemetry_s += time.perf_counter() - t0
 
     def take_load_counts(self) -> dict[tuple[int, int], int]:
         """Token counts per (layer, expert) since the last call (for telemetry)."""

@@ -113,6 +113,22 @@ def test_every_expert_placed_at_least_once(problem):
         _check_valid(result, load, inventory, expert_bytes, knobs)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), sigma=st.sampled_from([0.1, 0.5]))
+def test_replanning_never_makes_step_time_worse(problem, sigma):
+    load, inventory, expert_bytes, knobs, seed = problem
+    try:
+        first = plan(load, inventory, Placement(), knobs, expert_bytes=expert_bytes)
+    except PlanningError:
+        return
+    drifted = load * np.random.default_rng(seed).lognormal(0, sigma, load.shape)
+    result = plan(drifted, inventory, first.target, knobs, expert_bytes=expert_bytes)
+    assert not result.repaired
+    assert result.gain >= -1e-9
+    assert result.step_time_after <= result.step_time_before * (1 + 1e-9)
+    assert result.copies <= knobs.max_moves_per_step
+
+
 def test_plan_is_deterministic():
     load = zipf(3, 16, 1.1)
     inventory = Inventory(devices=[*gpus(3, 30), *gpus(2, 20, speed=2.0, prefix="fast"), cpu(100)])
