@@ -18,7 +18,8 @@ The same application runs in three places, from one definition here:
 
 CLI::
 
-    python -m moefleet.deploy_config serve-config --checkpoint /models/m --num-workers 4 -o serve.yaml
+    python -m moefleet.deploy_config serve-config --checkpoint /models/m --num-workers 1 \\
+        --arg 'worker={resources: {moefleet_cpu_tier: 1}}' -o serve.yaml
     python -m moefleet.deploy_config ray-start l4 --address HEAD_IP:6379
     python -m moefleet.deploy_config node-types
     python -m moefleet.deploy_config check serve.yaml
@@ -42,8 +43,6 @@ SERVE_GRPC_PORT = 9000
 """Serve's gRPC proxy port (Serve's default): the fleet's public gRPC API in a cluster."""
 SERVE_HTTP_PORT = 8000
 """Serve's HTTP proxy port: KubeRay probes ``/-/healthz`` on it."""
-ROUTER_GRPC_PORT = 50051
-"""The router actor's own grpc.aio port (``RouterConfig.port``)."""
 REDIS_URL_ENV = "MOEFLEET_REDIS_URL"
 """Environment variable the Serve application reads the Redis URL from when ``redis_url`` is not in args."""
 CLUSTER_BIND_HOST = "0.0.0.0"
@@ -58,19 +57,27 @@ def serve_config(args: dict[str, Any] | None = None, *, app_name: str = APP_NAME
     """A Serve deploy config (``ServeDeploySchema``) that runs the fleet's application in a cluster.
 
     Args:
-        args: the application builder's arguments (``build_app(args)``; the
-            lead's pydantic model validates them when Serve builds the app):
-            ``checkpoint``, ``num_workers``, ``namespace``, ``router_port`` and
-            optionally ``redis_url``. Leave ``redis_url`` out to have the app
-            read ``$MOEFLEET_REDIS_URL``: a URL with a password here would be
-            stored in plain text by the Serve controller, so it is refused.
+        args: the application builder's arguments, validated here with
+            ``ServeAppArgs`` as ``build_app`` will (``checkpoint``,
+            ``num_workers``, ``namespace``, ``router``, ``worker``,
+            ``redis_url``). Leave ``redis_url`` out to have the app read
+            ``$MOEFLEET_REDIS_URL``: a URL with a password here would be stored
+            in plain text by the Serve controller, so it is refused.
         app_name: the Serve application's name.
         grpc_port: the gRPC proxy's port.
 
     Returns the config as plain data (dump it with ``yaml.safe_dump``); it is
     validated with ``check_serve_config`` first.
     """
+    from pydantic import ValidationError
+
+    from moefleet.router_service.serve_app import ServeAppArgs
+
     args = dict(args or {})
+    try:
+        ServeAppArgs(**args)
+    except ValidationError as e:
+        raise ServeConfigError(f"args: not valid for {APP_IMPORT_PATH}: {e}") from e
     redis_url = args.get("redis_url")
     if redis_url and urlsplit(str(redis_url)).password:
         raise ServeConfigError(
@@ -166,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve-config", help="write the Serve config for `serve deploy` (cluster only)")
     p.add_argument("--checkpoint", help="checkpoint directory on every node (default: the built-in model)")
-    p.add_argument("--num-workers", type=int, help="ExpertGroup workers")
+    p.add_argument("--num-workers", type=int, help="ExpertGroup workers of the starting placement")
     p.add_argument("--namespace", help="Ray namespace and Redis key prefix")
-    p.add_argument("--router-port", type=int, default=ROUTER_GRPC_PORT, help="the router actor's own gRPC port")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="another build_app argument (YAML value)")
     p.add_argument("--grpc-port", type=int, default=SERVE_GRPC_PORT)
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.cmd == "serve-config":
         args: dict[str, Any] = {}
-        for key in ("checkpoint", "num_workers", "namespace", "router_port"):
+        for key in ("checkpoint", "num_workers", "namespace"):
             if getattr(ns, key) is not None:
                 args[key] = getattr(ns, key)
         for item in ns.arg:

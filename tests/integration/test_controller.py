@@ -130,3 +130,51 @@ def test_follower_takes_over_when_the_leader_dies(fleet):
             except Exception:  # the killed leader is gone; nothing to stop
                 pass
             ray.kill(actor)
+
+
+def test_autoscaling_adds_a_worker_when_queues_grow(fleet):
+    """Queue depth above target: the active devices grow, and the reconciler starts a worker for the new one."""
+    from moefleet.core.placement import DeviceSpec
+    from moefleet.router_service.transport import worker_actor_name
+
+    model = MoEModel.from_pretrained(fleet.checkpoint)
+    store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
+    base = fleet.controller_config(load_windows=5, load_half_life_s=3.0, min_tokens=10)
+    extra = DeviceSpec(device_id="worker-extra", node_id="local", kind="gpu", accelerator_type="local-cpu",
+                       memory_bytes=base.devices[0].memory_bytes)
+    from moefleet.controller.main import ControllerConfig
+
+    cfg = ControllerConfig(**{
+        **base.model_dump(),
+        "devices": [d.model_dump() for d in (*base.devices, extra)],
+        "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_queue_depth": 0.25, "upscale_delay_s": 0,
+                        "downscale_delay_s": 3600, "metrics_interval_s": 1},
+    })
+    ctl = Controller(cfg, holder="scaler", store=store)
+    stop, out, failures = threading.Event(), [], []
+    threads = [threading.Thread(target=_traffic, args=(fleet, model, [2, 3, 4, 5], stop, out, failures, s)) for s in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 40
+        report = {}
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            report = ctl.step()
+            if "worker-extra" in (store.get_placement().assignments or {}):
+                break
+        assert report.get("active_devices", 0) >= 4, report
+        assert "worker-extra" in store.get_placement().assignments
+        extra_worker = ray.get_actor(worker_actor_name("worker-extra"), namespace=fleet.config.namespace)
+        time.sleep(1.0)
+        assert sum(ray.get(extra_worker.stats.remote())["tokens_served"].values()) > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        store.release_lease("scaler")
+        try:
+            ray.kill(ray.get_actor(worker_actor_name("worker-extra"), namespace=fleet.config.namespace))
+        except ValueError:
+            pass
+    assert not failures, failures[:3]
