@@ -9,7 +9,8 @@ transport does. Variants:
 - ``arg``: the numpy array as a plain call argument (Ray copies it into the object store).
 - ``put_ref``: ``ray.put`` once, pass the ``ObjectRef`` (the fleet's choice; one put serves every worker).
 - ``torch_arg``: a torch tensor as the argument (pickled).
-- ``rdt_gloo``: Ray Direct Transport, ``@ray.method(tensor_transport="gloo")`` between the two actors.
+- ``rdt_gloo``: Ray Direct Transport: the router actor's tensor goes to the worker over gloo
+  (``@ray.method(tensor_transport="gloo")``); the output returns through the object store.
 
 Each variant's time includes the worker reading the input and the router
 receiving the output.
@@ -41,9 +42,9 @@ class Worker:
     def consume_torch(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2.0
 
-    @ray.method(tensor_transport="gloo")
-    def consume_rdt(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2.0
+    def consume_rdt(self, x: torch.Tensor) -> np.ndarray:
+        """Input arrives over RDT (gloo); the partial output returns through the object store."""
+        return (x * 2.0).numpy()
 
 
 @ray.remote(num_cpus=0.5)

@@ -23,7 +23,8 @@ autoscaler only accept integer resource quantities):
 * ``moefleet_speed`` -- relative expert throughput of one device of the node
   x ``SPEED_SCALE`` (1000), H100 = 1000;
 * ``moefleet_cpu_tier`` -- 1 on a CPU node that hosts cold experts: one CPU-tier
-  worker slot (the worker actor requests it, so at most one lands per node);
+  worker slot (a worker that requests it, as ``worker_resources`` and the Serve
+  app's starting worker do, is the only one of its kind on the node);
 * ``moefleet_cpu_tier_memory_gb`` -- memory for expert weights on that slot, GiB;
 * label ``moefleet.io/node-type`` -- the ``NodeType.name`` (for label selectors
   and ``status`` output; the inventory does not need it).
@@ -224,7 +225,10 @@ class NodeType(BaseModel):
         return self.gpus + (1 if self.cpu_tier else 0)
 
 
-def _gpu_type(name: str, accelerator: str, gpus: int, cpus: int, memory_gib: int, object_store_gib: int, description: str) -> NodeType:
+def _gpu_type(
+    name: str, accelerator: str, *, gpus: int, cpus: int, memory_gib: int, object_store_gib: int, description: str
+) -> NodeType:
+    """A GPU node type whose GPU memory and speed are the accelerator table's."""
     spec = ACCELERATORS[accelerator]
     return NodeType(
         name=name,
@@ -374,7 +378,8 @@ def _accelerator_type(resources: Mapping[str, float], labels: Mapping[str, str])
     label = labels.get(ACCELERATOR_TYPE_LABEL)
     if label:
         return label
-    found = sorted(k[len(ACCELERATOR_TYPE_RESOURCE_PREFIX) :] for k in resources if k.startswith(ACCELERATOR_TYPE_RESOURCE_PREFIX))
+    prefix = ACCELERATOR_TYPE_RESOURCE_PREFIX
+    found = sorted(k[len(prefix) :] for k in resources if k.startswith(prefix))
     return found[0] if found else None
 
 
@@ -427,7 +432,8 @@ def _node_devices(
         memory_bytes = int(mem_gib * GIB) if mem_gib else cpu_slot_memory_bytes
         if not memory_bytes:
             raise InventoryError(
-                f"node {node_id}: CPU-tier node without {CPU_TIER_MEMORY_RESOURCE!r}; declare it or pass cpu_slot_memory_bytes"
+                f"node {node_id}: CPU-tier node without {CPU_TIER_MEMORY_RESOURCE!r}; "
+                "declare it or pass cpu_slot_memory_bytes"
             )
         devices.append(
             DeviceSpec(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
-from moefleet.core.state import StateStore
+from moefleet.core.state import StateStore, resolve_redis_url
 
 from .autoscale import AutoscalingConfig, autoscale_step
 from .planner import Plan, PlannerKnobs, plan
@@ -90,10 +89,7 @@ class Controller:
 
         self.config = config
         self.holder = holder or f"controller-{uuid.uuid4().hex[:8]}"
-        url = config.redis_url or os.environ.get("MOEFLEET_REDIS_URL")
-        if store is None and not url:
-            raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
-        self.store = store or StateStore(url, namespace=config.namespace)
+        self.store = store or StateStore(resolve_redis_url(config.redis_url), namespace=config.namespace)
         self.checkpoint = str(config.checkpoint or default_model_dir())
         self.spec = MoECheckpoint(self.checkpoint).spec
         self.layers = list(self.spec.moe_layers)
@@ -169,6 +165,7 @@ class Controller:
         record = self.store.get_record(RECORD) or {}
         inventory = self.inventory()
         devices = inventory.devices
+        self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
         current = self.store.get_placement() or Placement()
         report: dict = {"at": now, "holder": self.holder, "placement_version": current.version}
         if self.config.autoscaling is not None:

@@ -114,8 +114,11 @@ class Reconciler:
         )
         spec = self.devices.get(device)
         if spec is not None and not self.local:
-            if spec.kind == "gpu":
-                opts["num_gpus"] = max(opts["num_gpus"], 1)
+            from .inventory import worker_resources
+
+            need = worker_resources(spec)
+            opts["num_gpus"] = need.get("num_gpus", opts["num_gpus"])
+            opts["resources"].update(need.get("resources", {}))
             if spec.node_id:
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

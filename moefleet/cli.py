@@ -234,6 +234,36 @@ def cmd_demo(args) -> int:
                                 tokens=args.tokens, shift_s=args.shift))
 
 
+def cmd_deploy(args) -> int:
+    """Start the fleet on an existing Ray cluster: generate the Serve config and ``serve deploy`` it."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from moefleet.deploy_config import serve_config
+
+    app_args = {"num_workers": args.workers}
+    if args.checkpoint:
+        app_args["checkpoint"] = args.checkpoint
+    if args.redis_url:
+        app_args["redis_url"] = args.redis_url
+    config = serve_config(app_args)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.dry_run:
+        sys.stdout.write(text)
+        return 0
+    serve_bin = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    if serve_bin is None:
+        print("moe-fleet: Ray's 'serve' command is not installed", file=sys.stderr)
+        return 2
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    return subprocess.call([serve_bin, "deploy", f.name, "--address", args.address])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-fleet", description="Elastic expert serving for MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--shift", type=float, default=5.0, help="seconds between shifts of the hot experts")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("deploy", help="start the fleet on an existing Ray cluster (serve deploy of the generated config)")
+    p.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's dashboard address")
+    p.add_argument("--checkpoint", help="checkpoint directory present on every node (default: built-in model)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the starting placement")
+    p.add_argument("--redis-url", help="Redis URL (default: MOEFLEET_REDIS_URL on the cluster)")
+    p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
+    p.set_defaults(fn=cmd_deploy)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

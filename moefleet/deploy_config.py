@@ -34,11 +34,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from moefleet.router_service.serve_app import SERVICER_FUNCTIONS
 from moefleet.controller.inventory import GIB, NODE_TYPES, NodeType, node_labels, node_resources, ray_start_command
 
 APP_NAME = "moefleet"
 APP_IMPORT_PATH = "moefleet.router_service.serve_app:build_app"
-GRPC_SERVICER_FUNCTIONS = ("moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server",)
+GRPC_SERVICER_FUNCTIONS = tuple(SERVICER_FUNCTIONS)
+"""The fleet API and the standard gRPC health service, both served through Serve's gRPC proxy."""
 SERVE_GRPC_PORT = 9000
 """Serve's gRPC proxy port (Serve's default): the fleet's public gRPC API in a cluster."""
 SERVE_HTTP_PORT = 8000
@@ -53,7 +55,9 @@ class ServeConfigError(ValueError):
     """A Serve config that Serve would reject, or would silently misread (an unknown key)."""
 
 
-def serve_config(args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = SERVE_GRPC_PORT) -> dict:
+def serve_config(
+    args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = SERVE_GRPC_PORT
+) -> dict:
     """A Serve deploy config (``ServeDeploySchema``) that runs the fleet's application in a cluster.
 
     Args:
@@ -175,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint directory on every node (default: the built-in model)")
     p.add_argument("--num-workers", type=int, help="ExpertGroup workers of the starting placement")
     p.add_argument("--namespace", help="Ray namespace and Redis key prefix")
-    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="another build_app argument (YAML value)")
+    p.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE", help="another build_app argument (YAML value)"
+    )
     p.add_argument("--grpc-port", type=int, default=SERVE_GRPC_PORT)
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
 

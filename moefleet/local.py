@@ -104,7 +104,7 @@ class LocalFleet:
             if device_id in self.workers:
                 continue
             opts = dict(
-                name=worker_actor_name(device_id), namespace=self.config.namespace, num_cpus=wc.num_cpus,
+                name=worker_actor_name(device_id), namespace=self.config.namespace, get_if_exists=True, num_cpus=wc.num_cpus,
                 num_gpus=wc.num_gpus, max_concurrency=wc.max_concurrency,
                 resources={**wc.resources, **((resources or {}).get(device_id, {}))},
             )

@@ -3,7 +3,8 @@
 ``build_app(args)`` returns an application whose ingress, ``FleetIngress``,
 serves the ``moefleet.v1.MoEFleet`` API through Serve's gRPC proxy (register
 ``moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server``
-in the Serve config's ``grpc_options``). The ingress owns the same
+in the Serve config's ``grpc_options``, with the standard health service:
+``SERVICER_FUNCTIONS``). The ingress owns the same
 ``RouterCore`` as the grpc.aio router actor; on first start it creates the
 expert workers (detached, named actors, so a replica restart finds them) and
 publishes a starting placement unless Redis already holds one.
@@ -12,7 +13,6 @@ publishes a starting placement unless Redis already holds one.
 from __future__ import annotations
 
 import logging
-import os
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -22,6 +22,8 @@ from moefleet.core.config import RouterConfig, WorkerConfig
 log = logging.getLogger(__name__)
 
 SERVICER_FUNCTION = "moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server"
+HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+SERVICER_FUNCTIONS = [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
 
 
 class ServeAppArgs(BaseModel):
@@ -37,13 +39,9 @@ class ServeAppArgs(BaseModel):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
 
     def resolved_redis_url(self) -> str:
-        url = self.redis_url or os.environ.get("MOEFLEET_REDIS_URL")
-        if not url:
-            raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
-        password = os.environ.get("REDIS_PASSWORD")
-        if password and "@" not in url:
-            url = url.replace("redis://", f"redis://:{password}@", 1)
-        return url
+        from moefleet.core.state import resolve_redis_url
+
+        return resolve_redis_url(self.redis_url)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -106,8 +104,21 @@ class FleetIngress:
 
             return pb.ForwardResponse(request_id=request.request_id, error_code=e.code.value[0], error_message=e.message)
 
+    async def ForwardStream(self, request_stream, grpc_context=None):
+        async for reply in self.servicer.stream(request_stream, None):
+            yield reply
+
     async def GetPlacement(self, request, grpc_context=None):
         return await self.servicer.GetPlacement(request, grpc_context)
+
+    async def Check(self, request, grpc_context=None):
+        """``grpc.health.v1.Health/Check`` through Serve's proxy: SERVING once every expert has a replica."""
+        from grpc_health.v1 import health_pb2
+
+        ok = self.core.ready()
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def check_health(self) -> None:
         if not self.core.ready():

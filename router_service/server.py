@@ -59,7 +59,11 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             await context.abort(e.code, e.message)
 
     async def ForwardStream(self, request_iterator, context):
-        deadline = self._deadline(context)
+        async for reply in self.stream(request_iterator, self._deadline(context)):
+            yield reply
+
+    async def stream(self, request_iterator, deadline: float | None):
+        """Serve a stream of requests concurrently; yield replies as they complete (failed items carry their status)."""
         replies: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 

@@ -42,6 +42,7 @@ Key layout (``ns`` is the namespace)::
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import operator
@@ -304,6 +305,18 @@ def _dumps(what: str, value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- store
+
+
+def resolve_redis_url(url: str | None) -> str:
+    """The Redis URL to use: ``url``, else ``$MOEFLEET_REDIS_URL``; ``$REDIS_PASSWORD`` is added when the URL has none."""
+    url = url or os.environ.get("MOEFLEET_REDIS_URL")
+    if not url:
+        raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
+    password = os.environ.get("REDIS_PASSWORD")
+    if password and "@" not in url:
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}://:{password}@{rest}"
+    return url
 
 
 class StateStore:

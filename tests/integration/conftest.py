@@ -30,16 +30,18 @@ def store(redis_server):
     s.close()
 
 
-# Node types of the session's multi-node Ray: custom resources the tests place workers by.
-NODE_TYPES = {"node_a": 2, "node_b": 2, "node_c": 2}
+# The session's multi-node Ray: three differently-resourced nodes, declared as the
+# inventory's node types (an H100 node, an L4 node, a CPU-tier node) with fake GPUs
+# and fewer CPUs, plus a custom resource of their own (node_a, node_b, node_c).
+TEST_NODES = {"node_a": ("h100", 2), "node_b": ("l4", 1), "node_c": ("cpu", 0)}
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One multi-node Ray for the whole session, every server on loopback.
 
-    A head node plus three worker nodes, each carrying a custom resource of its
-    own (``node_a``, ``node_b``, ``node_c``), built with ``ray.cluster_utils.Cluster``.
+    A head node plus three worker nodes (``TEST_NODES``), built with
+    ``ray.cluster_utils.Cluster``.
     """
     import os
 
@@ -47,9 +49,11 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from moefleet.controller.inventory import NODE_TYPES, custom_resources
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-    for name, cpus in NODE_TYPES.items():
-        cluster.add_node(num_cpus=cpus, resources={name: 8})
+    for name, (node_type, gpus) in TEST_NODES.items():
+        cluster.add_node(num_cpus=2, num_gpus=gpus, resources={name: 8, **custom_resources(NODE_TYPES[node_type])})
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     yield cluster

@@ -178,3 +178,60 @@ def test_autoscaling_adds_a_worker_when_queues_grow(fleet):
         except ValueError:
             pass
     assert not failures, failures[:3]
+
+
+def test_controller_places_workers_by_node_type_on_a_heterogeneous_cluster(ray_cluster, redis_server, tmp_path_factory):
+    """Inventory from the Ray nodes (2 fake H100s, 1 fake L4, a CPU tier): workers land on their nodes,
+    the faster GPUs carry more of the skewed load, and the fleet still computes the model's layer."""
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.router_service.transport import worker_actor_name
+
+    path = tmp_path_factory.mktemp("mixtral-het")
+    hf, _ = hf_models.build("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    hf.save_pretrained(path)
+    model = MoEModel.from_pretrained(path)
+    ns = f"het-{uuid.uuid4().hex[:8]}"
+    store = StateStore(redis_server.url, namespace=ns)
+    hot = {(layer, e): (4000 if e < 2 else 100) for layer in model.moe_layers for e in range(8)}
+    store.record_load(hot, time.time())
+    cfg = ControllerConfig(checkpoint=str(path), redis_url=redis_server.url, namespace=ns, ray_address=None,
+                           worker=WorkerConfig(num_cpus=0.25), min_tokens=0)
+    ctl = Controller(cfg, holder="het", store=store)
+    inventory = ctl.inventory()
+    kinds = sorted((d.kind, d.accelerator_type) for d in inventory.devices)
+    assert kinds == [("cpu", None), ("gpu", "H100"), ("gpu", "H100"), ("gpu", "L4")]
+    fleet = None
+    try:
+        report = ctl.step()
+        assert report["applied_version"] == 1, report
+        placement = store.get_placement()
+        by_id = inventory.by_id()
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
+        for device in placement.assignments:
+            actor = ray.get_actor(worker_actor_name(device), namespace=ns)
+            resources = ray.get(actor.node_resources.remote())
+            want = nodes[by_id[device].node_id]
+            assert resources == want, f"{device} runs on the wrong node"
+        from moefleet.controller.planner import predict
+
+        # under the planner's load model (replicas share an expert's tokens in proportion to device speed)
+        stats = predict(ctl.load(time.time()), inventory, placement, layers=model.moe_layers)
+        tokens = {d: stats.device_time.get(d, 0.0) * by_id[d].speed for d in by_id}
+        h100 = [d for d in by_id if by_id[d].accelerator_type == "H100"]
+        l4 = [d for d in by_id if by_id[d].accelerator_type == "L4"]
+        assert min(tokens[d] for d in h100) > 2 * max(tokens[d] for d in l4), tokens
+        fleet = LocalFleet(FleetConfig(checkpoint=str(path), redis_url=redis_server.url, namespace=ns))
+        fleet.start(placement)
+        with FleetClient(fleet.address) as client:
+            client.wait_ready(60)
+            hidden = torch.randn(9, model.spec.layer.hidden_size)
+            for layer in model.moe_layers:
+                assert (client.forward(layer, hidden) - model.layer(layer)(hidden)).abs().max().item() <= 1e-5
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        for device in (store.get_placement() or placement).assignments:
+            try:
+                ray.kill(ray.get_actor(worker_actor_name(device), namespace=ns))
+            except ValueError:
+                pass

@@ -8,6 +8,7 @@ own KubeRay autoscaler parser) and against controller/inventory.py, the one list
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import shlex
@@ -207,6 +208,25 @@ def test_strict_crd_schema_rejects_a_wrong_type(validators):
     assert any(e.startswith("spec/serveConfigV2") and "is not of type 'string'" in e for e in errors), errors
 
 
+def test_strictness_spares_objects_that_preserve_unknown_fields():
+    schema = _strict(
+        {
+            "type": "object",
+            "properties": {
+                "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {}}},
+                "closed": {"type": "object", "properties": {"properties": {"type": "object", "properties": {"b": {}}}}},
+                "list": {"type": "array", "items": {"type": "object", "properties": {"c": {}}}},
+            },
+        }
+    )
+    validator = jsonschema.Draft4Validator(schema)
+    assert validator.is_valid({"open": {"a": 1, "anything": 2}})
+    assert not validator.is_valid({"closed": {"other": 1}})
+    assert not validator.is_valid({"closed": {"properties": {"b": 1, "other": 1}}})  # a field named "properties"
+    assert not validator.is_valid({"list": [{"c": 1, "other": 1}]})
+    assert not validator.is_valid({"extra": 1})
+
+
 def test_strict_metadata_rejects_a_name_kuberay_refuses(validators):
     doc = copy.deepcopy(_doc("RayCluster", "moefleet-dev"))
     doc["metadata"]["name"] = "MoEFleet_dev"
@@ -218,8 +238,10 @@ def test_groups_pass_the_kuberay_operators_own_checks(name, doc):
     """What KubeRay's ValidateRayClusterSpec refuses beyond the schema (utils/validation.go)."""
     from ray._private.label_utils import validate_node_label_syntax
 
+    import ray
+
     spec = _cluster_spec(doc)
-    assert spec["rayVersion"] == __import__("ray").__version__
+    assert spec["rayVersion"] == ray.__version__
     for group_name, group, _ in _groups(doc):
         params = group.get("rayStartParams", {})
         assert "labels" not in params, f"{group_name}: KubeRay refuses rayStartParams['labels']"
@@ -280,12 +302,12 @@ def _nodes_from_manifest(doc: dict) -> list[dict]:
         if is_head:
             resources["node:__internal_head__"] = 1.0
         for i in range(1 if is_head else group["replicas"]):
-            node_id = f"{abs(hash((group_name, i))):016x}{i:040x}"[-56:]
+            node_id = hashlib.sha256(f"{group_name}/{i}".encode()).hexdigest()[:56]
             nodes.append({"NodeID": node_id, "Alive": True, "Resources": resources, "Labels": dict(group["labels"])})
     return nodes
 
 
-def test_rayservice_initial_nodes_give_one_worker_per_device_and_room_for_mixtral():
+def test_rayservice_initial_nodes_give_the_devices_mixtral_is_sized_for():
     from moefleet.controller.planner import PlannerKnobs
     from moefleet.core.config import MoELayerSpec
 
@@ -300,8 +322,6 @@ def test_rayservice_initial_nodes_give_one_worker_per_device_and_room_for_mixtra
         ("gpu", "L4", 22, 0.122): 2,
         ("cpu", None, 184, 0.001): 1,
     }
-    args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert args["num_workers"] == len(inv.devices)
     # The sizing comment's model: Mixtral-8x7B, 32 layers x 8 experts, bf16.
     mixtral = MoELayerSpec(hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2)
     expert_bytes = mixtral.expert_params * 2
@@ -311,6 +331,21 @@ def test_rayservice_initial_nodes_give_one_worker_per_device_and_room_for_mixtra
     assert slots == 2352 and slots >= 32 * 8
     (cpu,) = [d for d in inv.devices if d.kind == "cpu"]
     assert int(cpu.memory_bytes * usable // expert_bytes) >= 32 * 8  # a full cold copy fits the CPU tier
+
+
+def test_serve_app_starts_on_the_cpu_tier_slots_and_leaves_the_gpus_free():
+    """The starting workers request what only CPU-tier nodes have, one per slot, and no GPU."""
+    doc = _doc("RayService", "moefleet")
+    args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    worker = args.get("worker", {})
+    assert worker.get("num_gpus", 0) == 0
+    assert worker["resources"] == {"moefleet_cpu_tier": 1}
+    slots = sum(
+        group["replicas"]
+        for _, group, is_head in _groups(doc)
+        if not is_head and NODE_TYPES[group["labels"][NODE_TYPE_LABEL]].cpu_tier
+    )
+    assert args["num_workers"] <= slots
 
 
 def test_dev_cluster_nodes_give_two_cpu_tier_devices():
@@ -383,27 +418,28 @@ def test_no_manifest_holds_a_credential():
             assert not re.search(r"rediss?://[^\s:/@]*:[^\s@]+@", text), f"{name}: a URL with a password"
 
 
-def test_controller_runs_its_module_with_the_configmap_and_the_redis_secret():
+def test_controller_runs_its_module_with_its_config_and_the_redis_secret():
     deployment = _doc("Deployment", "moefleet-controller")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["python", "-m", "moefleet.controller.main", "--config", "/etc/moefleet/controller.yaml"]
+    assert container["command"] == [
+        "python", "-m", "moefleet.controller.main", "--config", "/etc/moefleet/controller.yaml"
+    ]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert mounts["config"] == "/etc/moefleet"
     assert volumes["config"]["configMap"]["name"] == "moefleet-controller"
-    assert _secret_ref(_env(container), "REDIS_PASSWORD") == (SECRET, "password")
+    assert _secret_ref(_env(container), "MOEFLEET_REDIS_URL") == (SECRET, "url")
+
+    from moefleet.controller.main import ControllerConfig
 
     configmap = _doc("ConfigMap", "moefleet-controller")
-    config = yaml.safe_load(configmap["data"]["controller.yaml"])
-    assert config["ray_address"] == "ray://moefleet-head-svc:10001"  # KubeRay's head Service of RayService moefleet
+    config = ControllerConfig.model_validate(yaml.safe_load(configmap["data"]["controller.yaml"]))
+    assert config.ray_address == "ray://moefleet-head-svc:10001"  # KubeRay's head Service of RayService moefleet
+    assert config.redis_url is None  # MOEFLEET_REDIS_URL, from the Secret
     args = yaml.safe_load(_doc("RayService", "moefleet")["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert (config["namespace"], config["checkpoint"]) == (args["namespace"], args["checkpoint"])
-    assert "@" not in config["redis_url"]
-
-    from moefleet.controller.planner import PlannerKnobs
-
-    PlannerKnobs.model_validate(config["planner"])
+    assert (config.namespace, config.checkpoint) == (args["namespace"], args["checkpoint"])
+    assert config.devices == [] and not config.local  # the inventory comes from the Ray cluster's nodes
 
 
 def test_every_pod_runs_as_non_root_with_a_pinned_image():
@@ -493,30 +529,32 @@ def test_grpc_servicer_function_is_importable():
         assert callable(getattr(importlib.import_module(module), name))
 
 
-def test_serve_app_accepts_the_manifest_args():
-    """Active once the lead's moefleet.router_service.serve_app exists."""
+def test_the_application_builder_accepts_the_manifest_args():
     import importlib
-    import importlib.util
-    import inspect
+
+    from ray.serve import Application
 
     module_name, _, attr = APP_IMPORT_PATH.partition(":")
-    if importlib.util.find_spec(module_name) is None:
-        pytest.skip(f"{module_name} is not written yet")
     build_app = getattr(importlib.import_module(module_name), attr)
-    (param,) = inspect.signature(build_app).parameters.values()
-    model = param.annotation
-    args = _serve_config_v2()["applications"][0]["args"]
-    if isinstance(model, type) and hasattr(model, "model_validate"):
-        model.model_validate(args)
+    assert isinstance(build_app(_serve_config_v2()["applications"][0]["args"]), Application)  # binds; starts nothing
+
+
+def test_serve_config_refuses_args_the_application_refuses():
+    with pytest.raises(ServeConfigError, match="router_port"):
+        serve_config({"router_port": 50051})
+    with pytest.raises(ServeConfigError, match="num_workers"):
+        serve_config({"num_workers": 0})
 
 
 def test_cli_writes_the_serve_config(tmp_path, capsys):
     from moefleet.deploy_config import main
 
     out = tmp_path / "serve.yaml"
-    assert main(["serve-config", "--checkpoint", "/m", "--num-workers", "3", "--arg", "batch_window_ms=1.5", "-o", str(out)]) == 0
+    argv = ["serve-config", "--checkpoint", "/m", "--num-workers", "3", "--arg", "router={batch_window_ms: 1.5}"]
+    assert main([*argv, "-o", str(out)]) == 0
     config = yaml.safe_load(out.read_text())
-    assert config["applications"][0]["args"] == {"checkpoint": "/m", "num_workers": 3, "router_port": 50051, "batch_window_ms": 1.5}
+    args = config["applications"][0]["args"]
+    assert args == {"checkpoint": "/m", "num_workers": 3, "router": {"batch_window_ms": 1.5}}
     assert main(["check", str(out)]) == 0
     assert main(["ray-start", "cpu", "--address", "10.0.0.1:6379"]) == 0
     assert capsys.readouterr().out.strip().endswith(ray_start_command(NODE_TYPES["cpu"], "10.0.0.1:6379"))
@@ -555,7 +593,8 @@ def test_cluster_launcher_nodes_give_the_node_types_devices():
     nodes = []
     for name, entry in _launcher_config()["available_node_types"].items():
         resources = {k: float(v) for k, v in entry["resources"].items()}
-        nodes.append({"NodeID": f"{name:>8}".replace(" ", "0") + "0" * 48, "Alive": True, "Resources": resources, "Labels": entry["labels"]})
+        node_id = f"{name:>8}".replace(" ", "0") + "0" * 48
+        nodes.append({"NodeID": node_id, "Alive": True, "Resources": resources, "Labels": entry["labels"]})
     devices = inventory_from_nodes(nodes).devices
     assert sum(d.kind == "gpu" for d in devices) == NODE_TYPES["h100"].gpus + NODE_TYPES["l4"].gpus
     assert sum(d.kind == "cpu" for d in devices) == 1
@@ -645,7 +684,8 @@ def test_dockerfile_installs_the_package_with_the_pinned_torch():
     for folder in set(pyproject["tool"]["setuptools"]["package-dir"].values()):
         assert f" {folder}/ " in f" {copied} ", f"{folder}/ is not copied into the image"
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    for needed in ["pyproject.toml", "README.md", *(f"{f}/" for f in pyproject["tool"]["setuptools"]["package-dir"].values())]:
+    folders = list(pyproject["tool"]["setuptools"]["package-dir"].values())
+    for needed in ["pyproject.toml", "README.md", *folders]:
         assert f"!{needed}" in ignore, f"{needed} is excluded from the build context"
 
 
@@ -663,7 +703,7 @@ def test_dockerfile_has_a_grpc_healthcheck_and_a_default_command():
     assert commands == [["serve", "run", "/home/ray/moefleet-serve.yaml"]]
     generated = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "moefleet.deploy_config serve-config --output /home/ray/moefleet-serve.yaml" in generated
-    assert [shlex.split(rest) for word, rest in instructions if word == "EXPOSE"][0].count(str(SERVE_GRPC_PORT)) == 1
+    assert str(SERVE_GRPC_PORT) in [shlex.split(rest) for word, rest in instructions if word == "EXPOSE"][0]
 
 
 def test_quantities_in_manifests_parse_as_kubernetes_quantities():

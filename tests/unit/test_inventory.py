@@ -187,7 +187,8 @@ def test_unknown_gpu_with_declared_memory_but_no_speed_is_an_error():
 
 
 def test_cpu_tier_node_gives_one_cpu_device_with_its_declared_memory_and_speed():
-    node = _node("eeeeeeee0000", {"CPU": 30.0, CPU_TIER_RESOURCE: 1.0, CPU_TIER_MEMORY_RESOURCE: 184.0, SPEED_RESOURCE: 2.0})
+    resources = {"CPU": 30.0, CPU_TIER_RESOURCE: 1.0, CPU_TIER_MEMORY_RESOURCE: 184.0, SPEED_RESOURCE: 2.0}
+    node = _node("eeeeeeee0000", resources)
     (device,) = inventory_from_nodes([node]).devices
     assert device.device_id == "eeeeeeee/cpu0"
     assert device.kind == "cpu" and device.accelerator_type is None
