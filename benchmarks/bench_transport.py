@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_rdt_fetch_fail_timeout_milliseconds", "15000")  # a hung transfer fails in 15 s, not 60
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
