@@ -94,6 +94,14 @@ def _gated(prefix: str, gate: str, up: str, down: str) -> dict[str, TensorRef]:
     }
 
 
+def _classifier_gate(prefix: str, bias: bool) -> dict[str, TensorRef]:
+    """The seq2seq families' router: ``<prefix>.router.classifier`` (weight, optional bias)."""
+    refs = {"weight": TensorRef(f"{prefix}.router.classifier.weight")}
+    if bias:
+        refs["bias"] = TensorRef(f"{prefix}.router.classifier.bias")
+    return refs
+
+
 class Mixtral(Family):
     name = "mixtral"
     model_types = ("mixtral",)
@@ -270,11 +278,7 @@ class SwitchTransformers(Family):
         return self._prefix(layer, spec)
 
     def gate(self, layer, spec):
-        p = self._prefix(layer, spec)
-        refs = {"weight": TensorRef(f"{p}.router.classifier.weight")}
-        if spec.layer_spec(layer).gate_bias:
-            refs["bias"] = TensorRef(f"{p}.router.classifier.bias")
-        return refs
+        return _classifier_gate(self._prefix(layer, spec), spec.layer_spec(layer).gate_bias)
 
     def expert(self, layer, expert, spec):
         p = f"{self._prefix(layer, spec)}.experts.expert_{expert}"
@@ -335,11 +339,7 @@ class NllbMoe(Family):
         return self._prefix(layer, spec)
 
     def gate(self, layer, spec):
-        p = self._prefix(layer, spec)
-        refs = {"weight": TensorRef(f"{p}.router.classifier.weight")}
-        if spec.layer_spec(layer).gate_bias:
-            refs["bias"] = TensorRef(f"{p}.router.classifier.bias")
-        return refs
+        return _classifier_gate(self._prefix(layer, spec), spec.layer_spec(layer).gate_bias)
 
     def expert(self, layer, expert, spec):
         p = f"{self._prefix(layer, spec)}.experts.expert_{expert}"
