@@ -112,11 +112,12 @@ def main() -> None:
         nbytes = int(mb * (1 << 20))
         for variant in ("arg", "put_ref", "torch_arg"):
             results[f"{variant}_{mb:g}MB"] = percentiles(ray.get(router.run.remote(variant, nbytes, args.repeats)))
+    for mb in args.sizes_mb:  # last: a failed RDT transfer kills both actors
         if rdt_error is None:
             try:
-                results[f"rdt_gloo_{mb:g}MB"] = percentiles(rdt(router, worker, nbytes, args.repeats))
+                results[f"rdt_gloo_{mb:g}MB"] = percentiles(rdt(router, worker, int(mb * (1 << 20)), args.repeats))
             except Exception as e:
-                rdt_error = f"{type(e).__name__}: {e}"
+                rdt_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     print(f"{'variant':22s} {'p50 ms':>8s} {'p99 ms':>8s}")
     for k, v in results.items():
         print(f"{k:22s} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f}")
