@@ -62,7 +62,7 @@ def client_loop(address, gates, layers, probs_at, tokens, stop, log, seed):
 def run(mode: str, path: str, args, redis_url: str) -> dict:
     import ray
 
-    from moefleet.controller.main import Controller
+    from moefleet.controller.main import controller_actor_class
     from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
     from moefleet.core.model import MoECheckpoint
     from moefleet.core.state import StateStore
@@ -95,17 +95,18 @@ def run(mode: str, path: str, args, redis_url: str) -> dict:
         t.start()
     replicas = []  # (t, {expert_key: count})
     controller = None
-    if mode == "elastic":
+    if mode == "elastic":  # the controller steps in a process of its own, as in a deployment
         ccfg = fleet.controller_config(
             interval_s=1.0, load_windows=3, load_half_life_s=1.5, min_tokens=10,
             planner={"max_moves_per_step": args.max_moves, "min_gain": 0.02},
-        )
-        controller = Controller(ccfg, holder=f"bench-{mode}", store=store)
+        ).model_dump()
+        controller = controller_actor_class().remote(ccfg, f"bench-{mode}", autorun=False)
+        ray.get(controller.release.remote())
     try:
         while time.monotonic() - start < args.duration:
             tick = time.monotonic()
             if controller is not None:
-                controller.step()
+                ray.get(controller.step.remote())
             p = store.get_placement()
             counts = {f"{k[0]}:{k[1]}": len(v) for k, v in p.replicas().items()}
             replicas.append((tick - start, counts))

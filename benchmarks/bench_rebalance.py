@@ -39,7 +39,7 @@ def main() -> None:
     import ray
 
     from moefleet import MoEModel
-    from moefleet.controller.main import Controller
+    from moefleet.controller.main import controller_actor_class
     from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
     from moefleet.core.redis_server import RedisServer
     from moefleet.core.state import StateStore
@@ -79,14 +79,17 @@ def main() -> None:
                     log.append((t0, time.monotonic() - t0, e.code.name))
             c.close()
 
+        # the controller runs in a process of its own, as it does in a deployment, started before the traffic
+        cfg = fleet.controller_config(load_windows=5, load_half_life_s=3.0, min_tokens=10)
+        ctl = controller_actor_class().remote(cfg.model_dump(), "bench", autorun=False)
+        ray.get(ctl.release.remote())
         threads = [threading.Thread(target=client, args=(s,)) for s in range(args.clients)]
         start = time.monotonic()
         for t in threads:
             t.start()
         time.sleep(args.steady)
-        ctl = Controller(fleet.controller_config(load_windows=5, load_half_life_s=3.0, min_tokens=10), holder="bench", store=store)
         r0 = time.monotonic()
-        report = ctl.step()
+        report = ray.get(ctl.step.remote())
         r1 = time.monotonic()
         time.sleep(args.after)
         stop.set()

@@ -217,11 +217,20 @@ def controller_actor_class():
 
     @ray.remote(num_cpus=0, max_concurrency=4)
     class ControllerActor:
-        def __init__(self, config: dict, holder: str):
+        """``autorun``: step every interval in a thread; otherwise step only when ``step()`` is called."""
+
+        def __init__(self, config: dict, holder: str, autorun: bool = True):
             self.controller = Controller(ControllerConfig(**config), holder=holder)
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self.controller.run, args=(self.stop,), daemon=True)
-            self.thread.start()
+            if autorun:
+                self.thread.start()
+
+        def step(self) -> dict | None:
+            return self.controller.step()
+
+        def release(self) -> None:
+            self.controller.store.release_lease(self.controller.holder)
 
         def is_leader(self) -> bool:
             return self.controller.leader
@@ -231,7 +240,8 @@ def controller_actor_class():
 
         def shutdown(self) -> None:
             self.stop.set()
-            self.thread.join(timeout=30)
+            if self.thread.is_alive():
+                self.thread.join(timeout=30)
 
     return ControllerActor
 

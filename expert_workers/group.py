@@ -13,7 +13,9 @@ running keeps the weights it started with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,29 @@ from moefleet.core.tensors import DTYPES, from_numpy
 from moefleet.kernels.experts import ExpertStack, grouped_ffn, resolve_backend, stack_experts
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def background_priority(nice: int = 10):
+    """Run the enclosed work (weight loading) at a lower CPU priority than serving, on this thread only.
+
+    Linux schedules threads individually, so the loading thread yields to the
+    threads serving requests; elsewhere this is a no-op.
+    """
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
+    except (AttributeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:  # lowering back needs privileges some containers lack: the thread stays low
+            log.debug("could not restore thread priority %d", before)
 
 
 class ExpertNotLoadedError(LookupError):
@@ -81,8 +106,8 @@ class ExpertGroupCore:
 
     # -- weights ---------------------------------------------------------
     def load(self, keys: list[ExpertKey]) -> list[ExpertKey]:
-        """Load experts (idempotent). Returns the experts held afterwards."""
-        with self._load_lock:
+        """Load experts (idempotent), at background priority. Returns the experts held afterwards."""
+        with self._load_lock, background_priority():
             new = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) not in self._raw]
             for layer, expert in new:
                 t = self.ckpt.expert(layer, expert)
