@@ -85,23 +85,24 @@ def run(mode: str, path: str, args, redis_url: str) -> dict:
     def probs_at(now):
         return zipf_probs(n_exp, args.zipf, int((now - start) // args.shift) * (n_exp // 4))
 
-    stop = threading.Event()
-    log: list = []
-    threads = [
-        threading.Thread(target=client_loop, args=(fleet.address, gates, layers, probs_at, args.tokens, stop, log, s))
-        for s in range(args.clients)
-    ]
-    for t in threads:
-        t.start()
-    replicas = []  # (t, {expert_key: count})
     controller = None
-    if mode == "elastic":  # the controller steps in a process of its own, as in a deployment
+    if mode == "elastic":  # the controller steps in a process of its own, as in a deployment, started before traffic
         ccfg = fleet.controller_config(
             interval_s=1.0, load_windows=3, load_half_life_s=1.5, min_tokens=10,
             planner={"max_moves_per_step": args.max_moves, "min_gain": 0.02},
         ).model_dump()
         controller = controller_actor_class().remote(ccfg, f"bench-{mode}", autorun=False)
         ray.get(controller.release.remote())
+    stop = threading.Event()
+    log: list = []
+    threads = [
+        threading.Thread(target=client_loop, args=(fleet.address, gates, layers, probs_at, args.tokens, stop, log, s))
+        for s in range(args.clients)
+    ]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    replicas = []  # (t, {expert_key: count})
     try:
         while time.monotonic() - start < args.duration:
             tick = time.monotonic()
