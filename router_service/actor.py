@@ -47,6 +47,11 @@ class RouterActor:
             self.core.set_placement(placement)
         self.server = RouterServer(self.core, self.config)
         address = await self.server.start()
+        self.metrics_port = None
+        if self.config.metrics_port is not None:
+            from .metrics import serve_metrics
+
+            self.metrics_port = serve_metrics(self.core, self.router_id, self.config.host, self.config.metrics_port)
         loop = asyncio.get_running_loop()
         self._watch = self.store.watch_placement(
             lambda p: loop.call_soon_threadsafe(self._on_placement, p), since_version=self.core.placement.version
@@ -66,6 +71,7 @@ class RouterActor:
         info = {
             "kind": "router",
             "address": self.server.address,
+            "metrics_port": self.metrics_port,
             "placement_version": self.core.placement.version,
             "oldest_inflight_version": self.core.oldest_inflight_version(),
         }
@@ -105,6 +111,7 @@ class RouterActor:
         s = self.core.stats
         return {
             "router_id": self.router_id,
+            "metrics_port": self.metrics_port,
             "placement_version": self.core.placement.version,
             "queued": self.core._queued,
             **s.__dict__,

@@ -199,6 +199,9 @@ class RouterConfig(BaseModel):
     telemetry_interval_s: float = Field(default=1.0, gt=0, description="How often token counts per expert are flushed to Redis.")
     load_window_s: float = Field(default=1.0, gt=0, description="Width of one load window in Redis.")
     worker_retries: int = Field(default=2, ge=0, description="Re-dispatches of a layer call after a worker fails or holds a stale placement.")
+    metrics_port: int | None = Field(
+        default=0, ge=0, le=65535, description="Prometheus endpoint on host:metrics_port (0: a free port; None: off)."
+    )
 
 
 class WorkerConfig(BaseModel):

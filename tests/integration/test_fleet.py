@@ -296,3 +296,17 @@ def test_workers_land_on_the_nodes_the_placement_names(ray_cluster, redis_server
                 assert (client.forward(layer, hidden) - model.layer(layer)(hidden)).abs().max().item() <= 1e-5
     finally:
         f.stop()
+
+
+def test_router_exports_prometheus_metrics_on_loopback(fleet):
+    import urllib.request
+
+    stats = fleet.router_stats()[0]
+    port = stats["metrics_port"]
+    assert port
+    model = MoEModel.from_pretrained(fleet.checkpoint)
+    fleet.client.forward(model.moe_layers[0], torch.randn(5, model.spec.layer.hidden_size))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    requests = [line for line in text.splitlines() if line.startswith("moefleet_router_requests_total{")]
+    assert requests and float(requests[0].split()[-1]) >= 1
+    assert "moefleet_router_placement_version" in text

@@ -1,0 +1,51 @@
+"""Prometheus metrics of a router, read from its ``RouterCore`` when scraped (no second bookkeeping)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class RouterCollector:
+    """Exports ``RouterStats`` counters and the router's gauges with a ``router`` label."""
+
+    COUNTERS = {
+        "requests": "Requests accepted for serving",
+        "batches": "Layer calls dispatched to workers (after micro-batching)",
+        "tokens_computed": "Tokens computed",
+        "expired": "Requests whose deadline passed before they were computed",
+        "cancelled": "Requests dropped before dispatch because the caller went away",
+        "rejected_full": "Requests refused because the queue was full",
+        "retries": "Layer calls re-dispatched after a worker failed or held a stale placement",
+        "forward_s": "Seconds spent serving layer calls",
+        "telemetry_s": "Seconds spent counting and flushing per-expert load",
+    }
+
+    def __init__(self, core, router_id: str):
+        self.core = core
+        self.router_id = router_id
+
+    def collect(self):
+        stats = self.core.stats
+        for name, doc in self.COUNTERS.items():
+            c = CounterMetricFamily(f"moefleet_router_{name}", doc, labels=["router"])
+            c.add_metric([self.router_id], float(getattr(stats, name)))
+            yield c
+        g = GaugeMetricFamily("moefleet_router_queued_requests", "Requests waiting or in flight", labels=["router"])
+        g.add_metric([self.router_id], float(self.core._queued))
+        yield g
+        g = GaugeMetricFamily("moefleet_router_placement_version", "Placement version in use", labels=["router"])
+        g.add_metric([self.router_id], float(self.core.placement.version))
+        yield g
+        g = GaugeMetricFamily("moefleet_worker_outstanding_rows", "Rows in flight per worker", labels=["router", "worker"])
+        for worker, rows in sorted(self.core.outstanding.items()):
+            g.add_metric([self.router_id, worker], float(rows))
+        yield g
+
+
+def serve_metrics(core, router_id: str, host: str, port: int) -> int:
+    """Start a Prometheus endpoint for this router on ``host:port`` (0 picks a free port); returns the port."""
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(core, router_id))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server.server_address[1]
