@@ -99,5 +99,6 @@ async def run_demo(address: str, checkpoint: str | None, *, duration_s: float, c
         live.update(view())
     await client.close()
     n = len(latencies)
-    console.print(f"{n} requests answered, {sum(errors.values())} failed {errors or ''}; top-{top_k} routing")
+    failed = f"{sum(errors.values())} failed" + (f" {errors}" if errors else "")
+    console.print(f"{n} requests answered, {failed}; top-{top_k} routing")
     return 0 if n and not errors else 1

@@ -235,3 +235,22 @@ def test_controller_places_workers_by_node_type_on_a_heterogeneous_cluster(ray_c
                 ray.kill(ray.get_actor(worker_actor_name(device), namespace=ns))
             except ValueError:
                 pass
+
+
+def test_controller_replays_a_recorded_load_trace(fleet, tmp_path):
+    """With ``trace`` set, the planner's load comes from the recorded steps by elapsed time, not from Redis."""
+    import json
+
+    from moefleet.controller.main import ControllerConfig
+
+    model = MoEModel.from_pretrained(fleet.checkpoint)
+    e = model.spec.layer.num_experts
+    first = [[100.0 if x == 0 else 1.0 for x in range(e)] for _ in model.moe_layers]
+    second = [[100.0 if x == e - 1 else 1.0 for x in range(e)] for _ in model.moe_layers]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"steps": [{"t": 0, "load": first}, {"t": 5, "load": second}]}))
+    cfg = ControllerConfig(**{**fleet.controller_config().model_dump(), "trace": str(trace)})
+    ctl = Controller(cfg, holder="trace", store=StateStore(fleet.redis_url, namespace=f"trace-{uuid.uuid4().hex[:6]}"))
+    assert ctl.load(1000.0).tolist() == first
+    assert ctl.load(1003.0).tolist() == first
+    assert ctl.load(1006.0).tolist() == second

@@ -1,0 +1,46 @@
+"""The command line a user runs: up, status, demo, down — on the built-in default model, all on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _cli(*args, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "moefleet.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_status_demo_down_on_the_default_model(tmp_path):
+    env = {**os.environ, "MOEFLEET_CACHE": str(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "COLUMNS": "160"}
+    env.pop("RAY_ADDRESS", None)
+    up = _cli("up", "--port", "0", "--workers", "2", "--worker-cpus", "0.5", env=env)
+    assert up.returncode == 0, up.stderr + up.stdout
+    address = up.stdout.strip().splitlines()[-1]
+    assert address.startswith("127.0.0.1:")
+    try:
+        again = _cli("up", "--port", "0", env=env)
+        assert "already up" in again.stdout
+        status = _cli("status", env=env)
+        assert status.returncode == 0, status.stderr
+        assert "deepseek_v3" in status.stdout and "worker-0" in status.stdout
+        demo = _cli("demo", "--duration", "4", "--concurrency", "2", "--tokens", "16", env=env)
+        assert demo.returncode == 0, demo.stderr + demo.stdout[-2000:]
+        assert "0 failed" in demo.stdout
+    finally:
+        down = _cli("down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert "no local fleet" in _cli("down", env=env).stdout
+
+
+def test_bad_setting_is_named_on_the_command_line(tmp_path):
+    env = {**os.environ, "MOEFLEET_CACHE": str(tmp_path)}
+    r = _cli("up", "--workers", "0", env=env, timeout=60)
+    assert r.returncode == 2
+    assert "num_workers" in r.stderr
+    r = _cli("inspect", "--checkpoint", str(tmp_path), env=env, timeout=60)
+    assert r.returncode == 2 and "config.json is missing" in r.stderr
