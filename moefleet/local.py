@@ -99,13 +99,17 @@ class LocalFleet:
 
         cls = expert_group_actor_class()
         wc = self.config.worker
+        num_gpus = wc.num_gpus
+        if not num_gpus and ray.cluster_resources().get("GPU", 0) >= len(placement.assignments):
+            num_gpus = 1  # a GPU per worker when the machine has enough: workers then run the Triton path
+            log.info("local fleet: one GPU per worker")
         new = {}
         for device_id, keys in placement.assignments.items():
             if device_id in self.workers:
                 continue
             opts = dict(
                 name=worker_actor_name(device_id), namespace=self.config.namespace, get_if_exists=True, num_cpus=wc.num_cpus,
-                num_gpus=wc.num_gpus, max_concurrency=wc.max_concurrency,
+                num_gpus=num_gpus, max_concurrency=wc.max_concurrency,
                 resources={**wc.resources, **((resources or {}).get(device_id, {}))},
             )
             new[device_id] = cls.options(**opts).remote(
