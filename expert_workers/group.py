@@ -6,9 +6,10 @@ worker's rows of one layer call, for all of its experts, in the permuted
 layout (rows grouped by expert, experts ascending); the worker returns one
 partial output row per token, the weighted sum over its experts.
 
-Experts load and unload while the worker serves: each layer's stacked weights
-are rebuilt aside and swapped in by one assignment, so a forward already
-running keeps the weights it started with.
+Experts load and unload while the worker serves: each layer's weights live in
+preallocated slots (``slots.py``), so a load copies one expert and an unload
+none; forwards read an immutable snapshot, so one already running keeps the
+weights it started with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.tensors import DTYPES, from_numpy
-from moefleet.kernels.experts import ExpertStack, grouped_ffn, resolve_backend, stack_experts
+from moefleet.kernels.experts import grouped_ffn, resolve_backend
+
+from .slots import LayerSlots, LayerView
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +61,6 @@ class ExpertNotLoadedError(LookupError):
     """A forward asked for an expert this worker does not hold (a stale placement)."""
 
 
-@dataclass(frozen=True)
-class _LayerWeights:
-    experts: tuple[int, ...]  # ascending
-    position: dict[int, int]  # expert id -> row in the stack
-    stack: ExpertStack
-
-
 class ExpertGroupCore:
     """Experts of one worker.
 
@@ -92,8 +88,9 @@ class ExpertGroupCore:
         self.dtype_name = dtype or self.ckpt.spec.dtype
         self.dtype = DTYPES[self.dtype_name]
         self.backend = resolve_backend(backend, self.device)
-        self._layers: dict[int, _LayerWeights] = {}
-        self._raw: dict[ExpertKey, dict[str, torch.Tensor]] = {}
+        self._slots: dict[int, LayerSlots] = {}  # mutated under _load_lock
+        self._views: dict[int, LayerView] = {}  # replaced whole; forwards read without locking
+        self._running: dict[int, int] = {}  # view generation -> forwards running on it
         self._load_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._in_flight = 0
@@ -105,39 +102,45 @@ class ExpertGroupCore:
         log.info("worker %s: %s path on %s", worker_id, self.backend, self.device)
 
     # -- weights ---------------------------------------------------------
+    def _oldest_running(self, layer: int) -> int | None:
+        with self._stats_lock:
+            gens = [g for (lay, g), n in self._running.items() if lay == layer and n > 0]
+        return min(gens) if gens else None
+
+    def _layer_slots(self, layer: int) -> LayerSlots:
+        slots = self._slots.get(layer)
+        if slots is None:
+            spec = self.ckpt.layer_spec(layer)
+            slots = LayerSlots(spec.expert_kind == "gated", spec.activation, self.device, self.dtype)
+            self._slots[layer] = slots
+        return slots
+
     def load(self, keys: list[ExpertKey]) -> list[ExpertKey]:
-        """Load experts (idempotent), at background priority. Returns the experts held afterwards."""
+        """Load experts (idempotent), at background priority: each copies into a free slot. Returns the experts held."""
         with self._load_lock, background_priority():
-            new = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) not in self._raw]
-            for layer, expert in new:
-                t = self.ckpt.expert(layer, expert)
-                self._raw[(layer, expert)] = {k: v.to(device=self.device, dtype=self.dtype) for k, v in t.items()}
-            self._rebuild({layer for layer, _ in new})
+            for layer, expert in sorted({(int(l), int(e)) for l, e in keys}):
+                slots = self._layer_slots(layer)
+                if expert in slots.slot_of:
+                    continue
+                slots.release(self._oldest_running(layer))
+                slots.put(expert, self.ckpt.expert(layer, expert))
+                self._views = {**self._views, layer: slots.view()}
             return self.experts()
 
     def unload(self, keys: list[ExpertKey]) -> list[ExpertKey]:
-        """Drop experts (idempotent). Returns the experts held afterwards."""
+        """Drop experts (idempotent); copies nothing. Returns the experts held afterwards."""
         with self._load_lock:
-            gone = [(int(l), int(e)) for l, e in keys if (int(l), int(e)) in self._raw]
-            for key in gone:
-                del self._raw[key]
-            self._rebuild({layer for layer, _ in gone})
+            views = dict(self._views)
+            for layer, expert in {(int(l), int(e)) for l, e in keys}:
+                slots = self._slots.get(layer)
+                if slots is not None and expert in slots.slot_of:
+                    slots.drop(expert)
+                    views[layer] = slots.view()
+            self._views = views  # one assignment: readers see the old or the new map
             return self.experts()
 
-    def _rebuild(self, layers: set[int]) -> None:
-        layers_now = dict(self._layers)
-        for layer in layers:
-            ids = tuple(sorted(e for (l, e) in self._raw if l == layer))
-            if not ids:
-                layers_now.pop(layer, None)
-                continue
-            spec = self.ckpt.layer_spec(layer)
-            stack = stack_experts([self._raw[(layer, e)] for e in ids], spec.expert_kind == "gated", spec.activation)
-            layers_now[layer] = _LayerWeights(ids, {e: i for i, e in enumerate(ids)}, stack)
-        self._layers = layers_now  # one assignment: readers see the old or the new map
-
     def experts(self) -> list[ExpertKey]:
-        return sorted(self._raw)
+        return sorted((layer, e) for layer, v in self._views.items() for e in v.slot_of)
 
     # -- compute ---------------------------------------------------------
     def forward(
@@ -158,24 +161,32 @@ class ExpertGroupCore:
         weights: [N] combine weight per row. counts: rows per expert.
         inverse: [N] index of each row's token among the unique tokens.
         """
+        view = self._views.get(layer)
+        key = (layer, -1 if view is None else view.generation)
         with self._stats_lock:
             self._in_flight += 1
+            self._running[key] = self._running.get(key, 0) + 1
         t0 = time.perf_counter()
         try:
-            lw = self._layers.get(layer)
-            missing = [e for e in experts if lw is None or e not in lw.position]
+            missing = [e for e in experts if view is None or e not in view.slot_of]
             if missing:
                 raise ExpertNotLoadedError(f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
-            offsets = np.zeros(len(lw.experts) + 1, dtype=np.int64)
-            for e, c in zip(experts, counts):
-                offsets[lw.position[e] + 1] = c
+            # rows come grouped by expert (ascending); the kernel wants them grouped by slot
+            slots = [view.slot_of[e] for e in experts]
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            order = np.argsort(slots, kind="stable")
+            perm = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else np.zeros(0, np.int64)
+            offsets = np.zeros(view.stack.num_experts + 1, dtype=np.int64)
+            for sl, c in zip(slots, counts):
+                offsets[sl + 1] = c
             offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
             x = from_numpy(hidden, self.dtype_name).to(self.device)
-            idx = torch.from_numpy(np.ascontiguousarray(rows)).to(self.device)
-            y = grouped_ffn(x.index_select(0, idx), offsets, lw.stack, self.backend)
-            w = torch.from_numpy(np.ascontiguousarray(weights)).to(self.device)
+            idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
+            y = grouped_ffn(x.index_select(0, idx), offsets, view.stack, self.backend)
+            w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
             out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
-            out.index_add_(0, torch.from_numpy(np.ascontiguousarray(inverse)).to(self.device), y.float() * w[:, None])
+            inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
+            out.index_add_(0, inv, y.float() * w[:, None])
             with self._stats_lock:
                 for e, c in zip(experts, counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
@@ -183,13 +194,17 @@ class ExpertGroupCore:
         finally:
             with self._stats_lock:
                 self._in_flight -= 1
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
                 self._calls += 1
                 self._busy_s += time.perf_counter() - t0
 
     # -- reporting -------------------------------------------------------
     def stats(self) -> dict:
         """Queue depth, tokens served per expert, memory in use, device."""
-        layers = self._layers
+        sizes = [slots.nbytes() for slots in list(self._slots.values())]  # no lock: a load may be in progress
+        held, reserved = sum(h for h, _ in sizes), sum(r for _, r in sizes)
         with self._stats_lock:
             return {
                 "worker_id": self.worker_id,
@@ -197,7 +212,8 @@ class ExpertGroupCore:
                 "calls": self._calls,
                 "busy_s": self._busy_s,
                 "tokens_served": {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())},
-                "memory_bytes": sum(lw.stack.nbytes() for lw in layers.values()),
+                "memory_bytes": held,
+                "reserved_bytes": reserved,
                 "experts": [list(k) for k in self.experts()],
                 "device": str(self.device),
                 "backend": self.backend,

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 ROUTER_PREFIX = "moefleet-router:"
 
 
+def _local_cuda_devices() -> int:
+    """CUDA devices this machine really has (Ray's GPU count may include declared, fake ones)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def init_local_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Start (or join) Ray with every server on loopback."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -100,8 +107,8 @@ class LocalFleet:
         cls = expert_group_actor_class()
         wc = self.config.worker
         num_gpus = wc.num_gpus
-        if not num_gpus and ray.cluster_resources().get("GPU", 0) >= len(placement.assignments):
-            num_gpus = 1  # a GPU per worker when the machine has enough: workers then run the Triton path
+        if not num_gpus and _local_cuda_devices() >= len(placement.assignments):
+            num_gpus = 1  # a GPU per worker when this machine has enough: workers then run the Triton path
             log.info("local fleet: one GPU per worker")
         new = {}
         for device_id, keys in placement.assignments.items():

@@ -1,0 +1,96 @@
+"""The ExpertGroup worker without Ray: slot loading, unloading, quarantine, and exact results throughout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moefleet import MoEModel
+from moefleet.expert_workers.group import ExpertGroupCore, ExpertNotLoadedError
+from moefleet.expert_workers.slots import LayerSlots
+from moefleet.kernels.permute import permute
+from tests import hf_models
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral-worker")
+    model, _ = hf_models.build("mixtral", num_local_experts=8, num_experts_per_tok=2)
+    model.save_pretrained(path)
+    return path
+
+
+def _call(worker, model, layer, hidden, experts_allowed):
+    """Route with the model, keep assignments to ``experts_allowed``, call the worker; return (partial, expected)."""
+    lay = model.layer(layer)
+    _, routing = lay(hidden, return_routing=True)
+    ids = routing.topk_ids.clone()
+    ids[~torch.isin(ids, torch.tensor(experts_allowed))] = -1
+    perm = permute(ids, model.spec.layer.num_experts)
+    rows = perm.token_index.numpy()
+    counts = perm.counts().numpy()
+    experts = [int(e) for e in np.flatnonzero(counts)]
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    weights = routing.topk_weights.reshape(-1)[perm.slot_index].numpy().astype(np.float32)
+    got = worker.forward(layer, hidden.numpy(), rows, weights, experts, [int(counts[e]) for e in experts], inverse, len(uniq))
+    # expected: the in-process layer's routed output restricted to those experts
+    w = routing.topk_weights * (ids >= 0)
+    y = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e >= 0:
+                ex = lay.experts
+                g, u = torch.nn.functional.linear(hidden[t], ex.w13[e]).chunk(2)
+                y[t] += w[t, k] * torch.nn.functional.linear(torch.nn.functional.silu(g) * u, ex.w2[e])
+    return torch.from_numpy(got), y[torch.from_numpy(uniq)]
+
+
+def test_worker_results_are_exact_across_loads_and_unloads(checkpoint):
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, 1), (0, 5)], backend="torch")
+    hidden = torch.randn(40, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(0))
+    got, want = _call(worker, model, 0, hidden, [1, 5])
+    assert (got - want).abs().max() <= 1e-5
+    worker.unload([(0, 1)])
+    worker.load([(0, 7), (0, 2), (0, 6)])  # slots reused and grown, out of expert order
+    assert worker.experts() == [(0, 2), (0, 5), (0, 6), (0, 7)]
+    got, want = _call(worker, model, 0, hidden, [2, 5, 6, 7])
+    assert (got - want).abs().max() <= 1e-5
+    with pytest.raises(ExpertNotLoadedError, match=r"experts \[1\]"):
+        _call(worker, model, 0, hidden, [1])
+
+
+def test_load_copies_one_expert_into_a_free_slot_and_unload_copies_nothing():
+    slots = LayerSlots(gated=True, activation="silu", device=torch.device("cpu"), dtype=torch.float32)
+
+    def expert(v):
+        return {"w1": torch.full((3, 4), v), "w3": torch.full((3, 4), -v), "w2": torch.full((4, 3), v)}
+
+    for e in range(4):
+        slots.put(e, expert(float(e)))
+    stack = slots.stack
+    assert slots.capacity == 4
+    slots.drop(2)
+    slots.release(None)  # no forward running: the slot is free at once
+    slots.put(9, expert(9.0))
+    assert slots.stack is stack, "a load into a free slot does not re-stack"
+    assert slots.slot_of[9] == 2 and float(stack.w13[2, 0, 0]) == 9.0 and float(stack.w13[2, 3, 0]) == -9.0
+    slots.put(10, expert(10.0))  # full: grows by doubling, keeping every expert
+    assert slots.capacity == 8
+    assert float(slots.stack.w2[slots.slot_of[1], 0, 0]) == 1.0
+
+
+def test_freed_slot_is_quarantined_while_an_older_forward_may_read_it():
+    slots = LayerSlots(gated=False, activation="relu", device=torch.device("cpu"), dtype=torch.float32)
+    for e in range(4):
+        slots.put(e, {"w1": torch.ones(3, 4) * e, "w2": torch.ones(4, 3)})
+    old_view = slots.view()  # a forward started here (generation 0)
+    slots.drop(1)
+    slots.release(old_view.generation)  # that forward still runs
+    slots.put(5, {"w1": torch.ones(3, 4) * 5, "w2": torch.ones(4, 3)})
+    assert slots.slot_of[5] != old_view.slot_of[1], "the old forward's slot was not overwritten"
+    assert float(old_view.stack.w13[old_view.slot_of[1], 0, 0]) == 1.0
+    slots.release(None)  # that forward finished
+    assert old_view.slot_of[1] in slots.free
