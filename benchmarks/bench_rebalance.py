@@ -109,7 +109,7 @@ def main() -> None:
     ok = [(t0, dt) for t0, dt, e in log if e is None]
     failed = [e for _, _, e in log if e is not None]
     steady = [dt for t0, dt in ok if start + 2 <= t0 < r0]
-    during = [dt for t0, dt in ok if r0 <= t0 <= r1]
+    during = [dt for t0, dt in ok if t0 <= r1 and t0 + dt >= r0]  # every request in flight at some point of the rebalance
     err = max(float((out - model.layer(layer)(h)).abs().max()) for layer, h, out in samples)
     result = {
         "report": report, "rebalance_s": r1 - r0, "requests": len(log), "failed_requests": len(failed),
