@@ -35,11 +35,11 @@ class RouterActor:
         self._telemetry: asyncio.Task | None = None
 
     async def start(self) -> str:
-        import os
-
         import torch
 
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        # The router's own tensor work (gate, combine) is light; more threads would spin in
+        # OpenMP while it awaits the workers, taking CPU from them on a shared machine.
+        torch.set_num_threads(1)
         self.store = StateStore(self.redis_url, namespace=self.namespace)
         self.core = RouterCore(self.checkpoint, self.config, RayTransport(self.namespace), dtype=self.dtype)
         placement = self.store.get_placement()
