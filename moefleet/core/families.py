@@ -94,12 +94,27 @@ def _gated(prefix: str, gate: str, up: str, down: str) -> dict[str, TensorRef]:
     }
 
 
-def _classifier_gate(prefix: str, bias: bool) -> dict[str, TensorRef]:
-    """The seq2seq families' router: ``<prefix>.router.classifier`` (weight, optional bias)."""
-    refs = {"weight": TensorRef(f"{prefix}.router.classifier.weight")}
-    if bias:
-        refs["bias"] = TensorRef(f"{prefix}.router.classifier.bias")
-    return refs
+class _Seq2Seq(Family):
+    """Encoder-decoder families: MoE blocks named by a template per stack, router ``<block>.router.classifier``."""
+
+    encoder_block = ""
+    decoder_block = ""
+
+    def _prefix(self, layer: int, spec: ModelSpec) -> str:
+        n_enc = spec.num_encoder_layers
+        if layer < n_enc:
+            return self.encoder_block.format(i=layer)
+        return self.decoder_block.format(i=layer - n_enc)
+
+    def block_path(self, layer, spec):
+        return self._prefix(layer, spec)
+
+    def gate(self, layer, spec):
+        p = self._prefix(layer, spec)
+        refs = {"weight": TensorRef(f"{p}.router.classifier.weight")}
+        if spec.layer_spec(layer).gate_bias:
+            refs["bias"] = TensorRef(f"{p}.router.classifier.bias")
+        return refs
 
 
 class Mixtral(Family):
@@ -244,7 +259,7 @@ class Dbrx(Family):
         }
 
 
-class SwitchTransformers(Family):
+class SwitchTransformers(_Seq2Seq):
     name = "switch_transformers"
     model_types = ("switch_transformers",)
 
@@ -268,24 +283,15 @@ class SwitchTransformers(Family):
             num_encoder_layers=n_enc, dtype=_dtype(cfg),
         )
 
-    def _prefix(self, layer: int, spec: ModelSpec) -> str:
-        n_enc = spec.num_encoder_layers
-        if layer < n_enc:
-            return f"encoder.block.{layer}.layer.1.mlp"
-        return f"decoder.block.{layer - n_enc}.layer.2.mlp"
-
-    def block_path(self, layer, spec):
-        return self._prefix(layer, spec)
-
-    def gate(self, layer, spec):
-        return _classifier_gate(self._prefix(layer, spec), spec.layer_spec(layer).gate_bias)
+    encoder_block = "encoder.block.{i}.layer.1.mlp"
+    decoder_block = "decoder.block.{i}.layer.2.mlp"
 
     def expert(self, layer, expert, spec):
         p = f"{self._prefix(layer, spec)}.experts.expert_{expert}"
         return {"w1": TensorRef(f"{p}.wi.weight"), "w2": TensorRef(f"{p}.wo.weight")}
 
 
-class NllbMoe(Family):
+class NllbMoe(_Seq2Seq):
     name = "nllb_moe"
     model_types = ("nllb-moe", "nllb_moe")
 
@@ -329,17 +335,8 @@ class NllbMoe(Family):
             layer=base, layer_overrides=overrides, num_encoder_layers=n_enc, dtype=_dtype(cfg),
         )
 
-    def _prefix(self, layer, spec):
-        n_enc = spec.num_encoder_layers
-        if layer < n_enc:
-            return f"model.encoder.layers.{layer}.ffn"
-        return f"model.decoder.layers.{layer - n_enc}.ffn"
-
-    def block_path(self, layer, spec):
-        return self._prefix(layer, spec)
-
-    def gate(self, layer, spec):
-        return _classifier_gate(self._prefix(layer, spec), spec.layer_spec(layer).gate_bias)
+    encoder_block = "model.encoder.layers.{i}.ffn"
+    decoder_block = "model.decoder.layers.{i}.ffn"
 
     def expert(self, layer, expert, spec):
         p = f"{self._prefix(layer, spec)}.experts.expert_{expert}"
