@@ -9,6 +9,9 @@ Each step of the leader (every ``interval_s``):
    placement; the plan's predicted gain is recorded whether or not it is applied;
 4. if the plan says so, the reconciler applies it without pausing requests.
 
+Steps 2 and 3 are ``decide.decide``, a pure function the fleet simulator calls
+too, so a simulated controller decides exactly as this one does.
+
 Leadership: a lease in Redis. A follower polls for it; when the leader dies
 its lease lapses (Redis expiry) and the follower takes over within the lease
 time, continuing from the placement and records in Redis.
@@ -34,8 +37,9 @@ from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
 from moefleet.core.state import StateStore, resolve_redis_url
 
-from .autoscale import AutoscalingConfig, autoscale_step
-from .planner import Plan, PlannerKnobs, plan
+from .autoscale import AutoscalingConfig
+from .decide import decide
+from .planner import Plan, PlannerKnobs
 from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -164,34 +168,19 @@ class Controller:
             return None
         record = self.store.get_record(RECORD) or {}
         inventory = self.inventory()
-        devices = inventory.devices
         self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
         current = self.store.get_placement() or Placement()
-        report: dict = {"at": now, "holder": self.holder, "placement_version": current.version}
-        if self.config.autoscaling is not None:
-            active = int(record.get("active_devices") or len(current.assignments) or len(devices))
-            desired, policy_state = autoscale_step(
-                self.config.autoscaling, self.queue_depths(), active, record.get("autoscale_state"), now
-            )
-            desired = max(1, min(desired, len(devices)))
-            record["active_devices"], record["autoscale_state"] = desired, policy_state
-            report["active_devices"] = desired
-            devices = devices[:desired]
-        load = self.load(now)
-        report["tokens"] = float(load.sum())
-        if load.sum() < self.config.min_tokens and current.version > 0:
-            report["skipped"] = "too little load to plan from"
-        else:
-            result: Plan = plan(
-                load, Inventory(devices=devices), current, self.config.planner, expert_bytes=self.expert_bytes, layers=self.layers
-            )
-            report.update(
-                balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
-                gain=result.gain, copies=result.copies, apply=result.apply,
-            )
-            if result.apply and self.store.renew_lease(self.holder, self.config.lease_ttl_s, self.clock()):
-                published = self.reconciler.apply(result.target, reason=f"gain {result.gain:.3f}")
-                report["applied_version"] = published.version
+        depths = self.queue_depths() if self.config.autoscaling is not None else None
+        decision = decide(
+            self.config, record, inventory.devices, current, self.load(now), depths, now,
+            expert_bytes=self.expert_bytes, layers=self.layers,
+        )
+        report: dict = {"holder": self.holder, **decision.report}
+        record = decision.record
+        result: Plan | None = decision.plan
+        if result is not None and result.apply and self.store.renew_lease(self.holder, self.config.lease_ttl_s, self.clock()):
+            published = self.reconciler.apply(result.target, reason=f"gain {result.gain:.3f}")
+            report["applied_version"] = published.version
         record["last_report"] = report
         self.store.put_record(RECORD, record)
         self.store.emit_event("plan", report, now)
