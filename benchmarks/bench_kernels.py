@@ -190,6 +190,28 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    _write_schema(report, on_cuda)
+
+
+def _write_schema(report: dict, on_cuda: bool) -> None:
+    """benchmarks/results/kernels.json in the common schema; the question needs CUDA."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import single, write_result
+
+    figures = {}
+    for r in report["results"]:
+        for key, value in r.items():
+            if isinstance(value, dict) and "ms" in value:
+                figures[f"T={r['tokens']} {key} ms"] = single(value["ms"], "ms")
+                if "tflops" in value:
+                    figures[f"T={r['tokens']} {key} TFLOP/s"] = single(value["tflops"], "TFLOP/s")
+                if "gflops" in value:
+                    figures[f"T={r['tokens']} {key} GFLOP/s"] = single(value["gflops"], "GFLOP/s")
+    write_result("kernels", title="Triton grouped expert FFN", question=report["question"],
+                 command="python benchmarks/bench_kernels.py", status="ok" if on_cuda else "not run: no GPU",
+                 figures=figures, details=report)
 
 
 if __name__ == "__main__":

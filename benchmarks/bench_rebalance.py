@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_mixtral_checkpoint  # noqa: E402
+from common import goal, single, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -123,6 +123,21 @@ def main() -> None:
     print(f"p99 steady {result['steady_p99_ms']:.1f} ms, during rebalance {result['rebalance_p99_ms']:.1f} ms "
           f"({result['rebalance_requests']} requests): ratio {result['p99_ratio_rebalance_over_steady']:.2f}")
     write_json("rebalance", result, args.out)
+    figures = {
+        "rebalance_s": single(result["rebalance_s"], "s", "load -> publish -> drain -> unload"),
+        "steady_p99_ms": single(result["steady_p99_ms"], "ms"),
+        "rebalance_p99_ms": single(result["rebalance_p99_ms"], "ms", f"{result['rebalance_requests']} requests in flight"),
+        "requests": single(result["requests"], "requests"),
+        "copies": single(report.get("copies"), "weight copies"),
+    }
+    goals = [
+        goal("no request fails during a rebalance", result["failed_requests"], "==", 0, unit="requests"),
+        goal("p99 during the rebalance <= 1.2x steady", result["p99_ratio_rebalance_over_steady"], "<=", 1.2, unit="x"),
+        goal("outputs = in-process layer (max abs error)", err, "<=", 1e-5),
+    ]
+    write_result("rebalance", title="Rebalance under continuous load",
+                 question="Does a rebalance lose or stall requests while traffic runs?",
+                 command="python benchmarks/bench_rebalance.py", figures=figures, goals=goals, details=result)
 
 
 if __name__ == "__main__":

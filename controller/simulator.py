@@ -137,6 +137,7 @@ class SimResult:
     steps: int
     failed_steps: int
     busy_s_by_type: dict[str, float]
+    latency_percentiles_ms: dict[str, float] = field(default_factory=dict)
     timeline: dict[str, list] = field(default_factory=dict)
     reports: list[dict] = field(default_factory=list)
 
@@ -420,6 +421,7 @@ class _Run:
             steps=len(self.reports),
             failed_steps=self.failed,
             busy_s_by_type=by_type,
+            latency_percentiles_ms={f"p{q:g}": float(np.percentile(latency, q) * 1000) for q in (50, 90, 99, 99.9)},
             timeline=timeline,
             reports=self.reports,
         )
