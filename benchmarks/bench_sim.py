@@ -10,10 +10,8 @@
    max/mean device busy time.
 2. **Latency** at a load the elastic fleet sustains (``load=0.12`` of the
    ideal balanced capacity): p50..p99.9 and balancedness over time, plotted.
-3. **What-if dispatch**: the same as 1 with ``--dispatch earliest_finish``
-   (replica chosen by finish time instead of the router's rows in flight).
-4. **Scale**: 512 devices (256 H100, 128 H200, 128 L4); wall time of the run.
-5. **Local mode, predicted** (the simulator's half of the reality check): a
+3. **Scale**: 512 devices (256 H100, 128 H200, 128 L4); wall time of the run.
+4. **Local mode, predicted** (the simulator's half of the reality check): a
    calibration of this machine's expert FFN on one core, then the predicted
    elastic/static ratio for the elasticity benchmark's setups. The measured
    half needs local workers that own their cores.
@@ -120,15 +118,7 @@ def main() -> None:
         f"simulated {FLEET}: call latency percentiles at load 0.12 of ideal"))
     print(f"sustained: p99 queueing elastic {runs['elastic'].p99_ms:,.1f} ms vs static {runs['static'].p99_ms:,.1f} ms", flush=True)
 
-    # 3. what-if: replicas chosen by finish time
-    out = plan_json(["--trace", claim_trace(0, args.duration, 1.25), "--fleet", FLEET, "--dispatch", "earliest_finish"])
-    details["whatif_earliest_finish"] = out
-    figures["whatif_elastic_tokens_per_s"] = single(out["elastic"]["tokens_per_s"], "tokens/s",
-                                                    "claim's trace, seed 0, --dispatch earliest_finish")
-    figures["whatif_ratio"] = single(out["elastic"]["tokens_per_s"] / out["static"]["tokens_per_s"], "x")
-    print(f"what-if earliest_finish: elastic {out['elastic']['tokens_per_s']:,.0f} tokens/s", flush=True)
-
-    # 4. scale
+    # 3. scale
     if not args.quick:
         t0 = time.perf_counter()
         big = direct_runs(SCALE_FLEET, ZipfTraffic(s=1.2, experts=256, layers=4, top_k=8, duration_s=30, shift_s=10,
@@ -140,7 +130,7 @@ def main() -> None:
         goals.append(goal("512-device simulation (both placements) within 120 s", wall, "<=", 120, unit="s"))
         print(f"512 devices: {wall:.1f} s, ratio {figures['scale_512_ratio']['value']:.2f}", flush=True)
 
-    # 5. local mode, predicted
+    # 4. local mode, predicted
     cal = calibrate_cpu(512, 1536)
     expert_bytes = 3 * 512 * 1536 * 4
     local = []

@@ -7,16 +7,18 @@ make the same decision from the same inputs:
 
 1. autoscaling (when ``config.autoscaling`` is set): the number of active
    devices follows the workers' queue depth (``autoscale.autoscale_step``);
-   the active devices are the first ``desired`` of the inventory;
-2. planning: skipped when the load window saw fewer than ``config.min_tokens``
-   tokens and a placement exists; otherwise ``planner.plan`` from the load,
+   the active devices are the first ``desired`` of the live ones;
+2. planning: skipped when no device is live, or when the load window saw
+   fewer than ``config.min_tokens`` tokens, a placement exists and no worker
+   is down; otherwise ``planner.plan`` from the load (all ones when nothing
+   was measured yet, so a repair after a fresh start treats experts alike),
    the active devices and the current placement. Whether the plan is applied
    is the plan's ``apply`` (gain at least ``min_gain``, or a repair).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ class Decision:
         and emitted as a ``plan`` event): ``at``, ``placement_version``,
         ``active_devices`` (with autoscaling), ``tokens``, then either
         ``skipped`` or the plan's ``balancedness_before/after``, ``gain``,
-        ``copies``, ``apply``.
+        ``copies``, ``apply``, ``repaired``.
     record: the controller's record to store (a new dict; the input is not
         modified): ``active_devices`` and ``autoscale_state`` with autoscaling.
     plan: the plan, or None when planning was skipped.
@@ -65,13 +67,14 @@ def decide(
     *,
     expert_bytes,
     layers: Sequence[int],
+    down: Collection[str] = (),
 ) -> Decision:
     """One control step's decision.
 
     Args:
         config: the controller's settings (``autoscaling``, ``min_tokens``, ``planner``).
         record: the controller's stored record (``{}`` at first).
-        devices: the inventory's devices, in inventory order.
+        devices: the live devices (the inventory's, less those down or restarting), in inventory order.
         current: the placement in force.
         load: ``[L, E]`` decayed token counts; row ``i`` is layer ``layers[i]``.
         queue_depths: device id -> in-flight calls, read only with autoscaling
@@ -79,6 +82,7 @@ def decide(
         now: the controller's clock, seconds.
         expert_bytes: weight bytes of one replica (number or ``[L, E]``).
         layers: the model layer of each load row.
+        down: device ids of workers found down (planning then repairs even on little load).
     """
     record = dict(record)
     active = list(devices)
@@ -95,12 +99,16 @@ def decide(
     load = np.asarray(load, dtype=float)
     report["tokens"] = float(load.sum())
     result: Plan | None = None
-    if load.sum() < config.min_tokens and current.version > 0:
+    if not active:
+        report["skipped"] = "no live device"
+    elif load.sum() < config.min_tokens and current.version > 0 and not down:
         report["skipped"] = "too little load to plan from"
     else:
+        if load.sum() == 0:
+            load = np.ones_like(load)  # nothing measured yet (a repair after a fresh start): treat experts alike
         result = plan(load, Inventory(devices=active), current, config.planner, expert_bytes=expert_bytes, layers=layers)
         report.update(
             balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
-            gain=result.gain, copies=result.copies, apply=result.apply,
+            gain=result.gain, copies=result.copies, apply=result.apply, repaired=result.repaired,
         )
     return Decision(report=report, record=record, plan=result, devices=active)

@@ -8,8 +8,8 @@ To check the simulator against reality, the same trace runs on a local fleet
    owning one core runs) at 1 row and at ``rows`` rows: the per-row cost and
    the least cost of an expert (its weights streamed once);
 2. ``local_devices(n, calibration, ...)`` makes ``n`` simulated workers with
-   those costs, ids ``worker-0 ..`` and memory as ``LocalFleet.controller_config``
-   gives them (room for twice each worker's even share of the experts);
+   those costs, ids ``worker-0 ..`` and memory as local mode gives them
+   (``local_memory_bytes``: every expert twice over the other workers);
 3. ``predict_local(trace, ...)`` replays the trace in closed mode (``clients``
    callers back to back, as the benchmark's clients) and returns the
    predicted elastic / static throughput ratio.
@@ -82,9 +82,11 @@ def calibrate_cpu(hidden: int, intermediate: int, *, gated: bool = True, rows: i
     return CpuCalibration(hidden, intermediate, rows, row_s=many / rows, floor_s=one, threads=threads)
 
 
-def local_memory_bytes(num_workers: int, num_logical: int, expert_bytes: int) -> int:
-    """Expert memory per worker as ``LocalFleet.controller_config`` sets it: twice the even share, plus one expert."""
-    return int(2 * num_logical * expert_bytes / num_workers / 0.9) + expert_bytes
+def local_memory_bytes(num_workers: int, num_logical: int, expert_bytes: int, min_replicas: int = 1) -> int:
+    """Expert memory per worker as ``LocalFleet.local_devices`` sets it: every expert twice (or ``min_replicas``
+    times) over the other workers, at least four experts."""
+    total = num_logical * expert_bytes
+    return max(int(max(2, min_replicas) * total / max(num_workers - 1, 1) / 0.9) + expert_bytes, expert_bytes * 4)
 
 
 def local_devices(num_workers: int, calibration: CpuCalibration, *, memory_bytes: int, call_overhead_s: float = 0.005,

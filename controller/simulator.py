@@ -15,12 +15,10 @@ What is modelled
   ``concurrency`` clients each send the next line as soon as their previous
   call returns (lines in trace order; measures what the fleet can sustain).
 * **Dispatch** is the router's own rule, ``router_service.dispatch.
-  choose_replicas``: per call, each expert's rows go to one replica, hottest
-  expert first, the replica with the fewest rows in flight. One router sees
-  every call (a single global view of in-flight rows). The rule counts rows,
-  not time, so in a mixed fleet a slow replica gets as many rows as a fast
-  one; ``dispatch="earliest_finish"`` is a what-if that picks the replica
-  that would finish first given its speed and queue.
+  split_rows``: per call, each expert's rows are split among its replicas so
+  that all finish together, given each device's speed as the placement states
+  it (the planner's) and the rows it still has in flight. One router sees
+  every call (a single global view of in-flight rows).
 * **Devices** are FIFO servers (``sim_devices.SimDevice``): a call's rows on
   a device take ``overhead + max(sum over its experts of max(rows x row time,
   weight floor), rows x activation transfer time)``. A call completes when
@@ -79,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
 from moefleet.core.trace import Trace
-from moefleet.router_service.dispatch import choose_replicas
+from moefleet.router_service.dispatch import NoReplicaError, split_rows
 
 from .decide import decide
 from .main import ControllerConfig
@@ -109,14 +107,7 @@ class SimConfig(BaseModel):
         default="first", description="The first plan from the trace's first interval ('first') or its whole load ('mean')."
     )
     bin_s: float | None = Field(default=None, gt=0, description="Timeline bin width; default the controller's interval_s.")
-    dispatch: Literal["router", "earliest_finish"] = Field(
-        default="router",
-        description=(
-            "'router': the router's rule (router_service.dispatch.choose_replicas: fewest rows in flight). "
-            "'earliest_finish': a what-if, the replica that would finish the rows first given its speed and queue."
-        ),
-    )
-
+    seed: int = Field(default=0, description="Seed of the dispatcher's rounding (the router's random offset).")
 
 @dataclass
 class SimResult:
@@ -176,11 +167,12 @@ def initial_placement(trace: Trace, devices: Sequence[SimDevice], expert_bytes: 
 
 
 class _Routing:
-    """A placement as the dispatcher reads it: per load row, expert -> device ids holding it (sorted)."""
+    """A placement as the dispatcher reads it: per load row, expert -> device ids holding it (sorted); speeds."""
 
     def __init__(self, placement: Placement, row_of: dict[int, int], num_rows: int, index: dict[str, int]):
         self.replicas: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
         self.devices: set[int] = set()
+        self.speeds = dict(placement.speeds)
         for (layer, expert), holders in placement.replicas().items():
             row = row_of.get(int(layer))
             kept = [h for h in holders if h in index]
@@ -215,6 +207,7 @@ class _Run:
         self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
         self.ever_active = set(self.routing.devices)
         self.windows: dict[int, np.ndarray] = {}
+        self.rng = np.random.default_rng(config.seed)
         self.record: dict = {}
         self.reports: list[dict] = []
         self.switch: tuple[float, _Routing] | None = None
@@ -317,22 +310,25 @@ class _Run:
             self.call_done.append(now)
             self.call_wait.append(0.0)
             return now
-        load = {int(e): int(counts[e]) for e in nz}
         replicas = self.routing.replicas[row]
-        outstanding: dict[str, float] = {}
-        for e in load:
-            for holder in replicas.get(e, ()):
-                if holder not in outstanding:
-                    d = self.index[holder]
-                    self._drain(d, now)
-                    outstanding[holder] = self.inflight_rows[d]
-        if self.config.dispatch == "router":
-            chosen = choose_replicas(load, replicas, outstanding)
-        else:
-            chosen = self._earliest_finish(load, replicas, now)
+        speeds = self.routing.speeds
         per_device: dict[str, list[int]] = {}
-        for e, holder in chosen.items():
-            per_device.setdefault(holder, []).append(load[e])
+        for e in nz:
+            holders = replicas.get(int(e))
+            if not holders:
+                raise NoReplicaError(f"expert {int(e)} of layer {self.layers[row]} has no replica in the placement")
+            rows = int(counts[e])
+            if len(holders) == 1:
+                per_device.setdefault(holders[0], []).append(rows)
+                continue
+            outstanding = {}  # rows in flight before this call, as the router counts them
+            for holder in holders:
+                d = self.index[holder]
+                self._drain(d, now)
+                outstanding[holder] = self.inflight_rows[d]
+            for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
+                if n:
+                    per_device.setdefault(holder, []).append(n)
         done, wait = now, 0.0
         for holder, rows in per_device.items():
             d = self.index[holder]
@@ -349,22 +345,6 @@ class _Run:
         self.call_done.append(done)
         self.call_wait.append(wait)
         return done
-
-    def _earliest_finish(self, load: dict[int, int], replicas: dict[int, list[str]], now: float) -> dict[int, str]:
-        """What-if rule: hottest expert first, to the replica whose device would finish its rows first."""
-        free = {}
-        chosen: dict[int, str] = {}
-        for e in sorted(load, key=lambda e: (-load[e], e)):
-            best, best_end = None, math.inf
-            for holder in replicas[e]:
-                d = self.index[holder]
-                dev = self.devices[d]
-                end = max(now, free.get(holder, self.free_at[d])) + dev.service_s((load[e],)) - dev.overhead_s
-                if end < best_end:
-                    best, best_end = holder, end
-            chosen[e] = best
-            free[best] = best_end
-        return chosen
 
     def run(self) -> SimResult:
         trace = self.trace

@@ -143,13 +143,11 @@ def test_a_fleet_that_cannot_hold_every_expert_once_is_a_planning_error():
         simulate(steady_trace([64] * 16, 10, 2), devices(2, 4), expert_bytes=EXPERT_BYTES, elastic=False)
 
 
-def test_earliest_finish_dispatch_sends_less_to_slow_replicas_than_the_router_rule():
-    fast = devices(4, 8, row_s=1e-4, prefix="fast")
-    slow = devices(4, 8, row_s=1e-3, speed=0.1, prefix="slow")
-    trace = steady_trace(HOT, 20, 10)
-    runs = {
-        rule: simulate(trace, fast + slow, expert_bytes=EXPERT_BYTES, elastic=False, config=SimConfig(dispatch=rule))
-        for rule in ("router", "earliest_finish")
-    }
-    assert runs["earliest_finish"].busy_s_by_type["slow"] < runs["router"].busy_s_by_type["slow"]
-    assert runs["earliest_finish"].p99_latency_ms < runs["router"].p99_latency_ms
+def test_replicas_on_devices_of_different_speeds_finish_together():
+    # one expert on a fast and a slow device: the router's split gives each rows in proportion to its speed
+    fast = devices(1, 1, row_s=1e-4, speed=1.0, prefix="fast")
+    slow = devices(1, 1, row_s=4e-4, speed=0.25, prefix="slow")
+    trace = steady_trace([1000], 20, 10)
+    result = simulate(trace, fast + slow, expert_bytes=EXPERT_BYTES, elastic=False)
+    assert result.busy_s_by_type["slow"] == pytest.approx(result.busy_s_by_type["fast"], rel=0.05)
+    assert result.max_over_mean <= 1.05
