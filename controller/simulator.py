@@ -109,6 +109,7 @@ class SimConfig(BaseModel):
     bin_s: float | None = Field(default=None, gt=0, description="Timeline bin width; default the controller's interval_s.")
     seed: int = Field(default=0, description="Seed of the dispatcher's rounding (the router's random offset).")
 
+
 @dataclass
 class SimResult:
     """One run's figures (see the module docstring) and its timeline."""

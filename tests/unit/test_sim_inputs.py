@@ -139,3 +139,33 @@ def test_decide_scales_active_devices_by_queue_depth_and_returns_the_policy_stat
     assert [d.device_id for d in decision.devices] == ["d0", "d1", "d2"]
     assert set(decision.plan.target.assignments) <= {"d0", "d1", "d2"}
     assert record == {"active_devices": 1}  # the input record is not modified
+
+
+# --- local mode's model ----------------------------------------------------------------------------------------
+
+
+def test_cpu_calibration_measures_a_per_row_cost_and_a_floor_and_restores_threads():
+    import torch
+
+    from moefleet.controller.sim_local import calibrate_cpu
+
+    before = torch.get_num_threads()
+    cal = calibrate_cpu(64, 128, rows=64, repeats=3)
+    assert cal.row_s > 0 and cal.floor_s > 0 and cal.threads == 1
+    assert cal.floor_s < 64 * cal.row_s * 10  # one row costs less than ten full batches
+    assert torch.get_num_threads() == before
+
+
+def test_local_devices_predict_equal_ratios_when_nothing_drifts():
+    from moefleet.controller.sim_local import CpuCalibration, local_devices, local_memory_bytes, predict_local
+    from moefleet.controller.sim_traffic import ZipfTraffic
+
+    cal = CpuCalibration(hidden=64, intermediate=128, rows=64, row_s=1e-4, floor_s=1e-4, threads=1)
+    memory = local_memory_bytes(2, 16, 1000)
+    assert memory == int(2 * 16 * 1000 / 1 / 0.9) + 1000  # every expert twice over the other worker
+    devs = local_devices(2, cal, memory_bytes=memory, call_overhead_s=0.001)
+    assert [d.device_id for d in devs] == ["worker-0", "worker-1"]
+    trace = ZipfTraffic(s=1.2, experts=8, layers=2, top_k=2, duration_s=10, shift_s=0, tokens_per_call=64,
+                        arrivals="uniform").trace(rate=2000)
+    out = predict_local(trace, devs, expert_bytes=1000, top_k=2, clients=2)
+    assert out["ratio_elastic_over_static"] == pytest.approx(1.0, abs=0.05)
