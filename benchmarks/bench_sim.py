@@ -126,8 +126,11 @@ def main() -> None:
         wall = time.perf_counter() - t0
         figures["scale_512_wall_s"] = single(wall, "s", f"{SCALE_FLEET}: trace generation + both runs")
         figures["scale_512_ratio"] = single(big["elastic"].tokens_per_s / big["static"].tokens_per_s, "x")
+        figures["scale_512_decide_wall_s"] = spread([r["decide_wall_s"] for r in big["elastic"].reports if "decide_wall_s" in r],
+                                                    "s", "one controller decision (autoscale + plan) at 512 devices, this machine")
         details["scale_512"] = {k: r.to_dict(timeline=False) for k, r in big.items()}
-        goals.append(goal("512-device simulation (both placements) within 120 s", wall, "<=", 120, unit="s"))
+        goals.append(goal("512-device simulation (both placements) within 120 s", wall, "<=", 120, unit="s",
+                          description="trace generation, the first plan, both runs (the elastic one re-plans every 2 s)"))
         print(f"512 devices: {wall:.1f} s, ratio {figures['scale_512_ratio']['value']:.2f}", flush=True)
 
     # 4. local mode, predicted

@@ -44,7 +44,8 @@ What is not modelled
 --------------------
 Attention and everything outside the MoE layers; the dependency between a
 token's layers (calls are independent); several routers with partial views;
-telemetry flush delay; the planner's own run time; weight copies slowing the
+telemetry flush delay; the planner's own run time (a step's decision takes
+effect at once; each report records ``decide_wall_s``, what it took here); weight copies slowing the
 receiving device or sharing a node's link; memory during a transition (old
 and new replicas both held); failures; expert capacity limits (no token is
 dropped). Devices of one type are identical and steady (no thermal or
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -265,6 +267,7 @@ class _Run:
                 if d is not None:
                     self._drain(d, now)
                     depths[device_id] = float(len(self.inflight[d]))
+        wall = time.perf_counter()
         try:
             decision = decide(self.ctl, self.record, self.specs, self.published, self._load(now), depths, now,
                               expert_bytes=self.expert_bytes, layers=self.layers)
@@ -274,7 +277,7 @@ class _Run:
             self.next_step = now + self.ctl.interval_s
             return
         self.record = decision.record
-        report = dict(decision.report)
+        report = dict(decision.report, decide_wall_s=time.perf_counter() - wall)  # this machine's planning time
         duration = 0.0
         result = decision.plan
         if result is not None and result.apply:
