@@ -242,3 +242,4 @@ class FleetConfig(BaseModel):
     controller: dict = Field(
         default_factory=dict, description="Overrides of the local controller's settings (ControllerConfig fields)."
     )
+    start_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the workers to start.")
