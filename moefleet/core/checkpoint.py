@@ -100,6 +100,11 @@ class Checkpoint:
         with self._lock:
             return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name of ``name`` ("BF16", "F8_E4M3", "U8", ...)."""
+        with self._lock:
+            return self._open(self._file(name)).get_slice(name).get_dtype()
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``name``, or only its rows ``[start, stop)`` of dim 0, copied out of the map."""
         with self._lock:
