@@ -143,15 +143,15 @@ def _check_bias(bias: torch.Tensor | None, num_experts: int, m: int, device) -> 
 
 @triton.jit
 def _round_to_e4m3(x):
-    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value, ties to even; exact in fp32."""
+    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value, ties to even; exact in fp32, sign (and -0) kept."""
     bits = x.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)  # e4m3's subnormals share the spacing of its smallest binade
     inv_ulp = ((127 + 3 - e) << 23).to(tl.float32, bitcast=True)  # 2 ** (3 - e)
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2 ** (e - 3)
-    y = x * inv_ulp  # |y| < 16: exact
-    r = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, ties to even
-    return r * ulp
+    y = tl.abs(x) * inv_ulp  # < 16: exact
+    r = ((y + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2**23: rounds to an integer, ties to even
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

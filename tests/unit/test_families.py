@@ -25,6 +25,26 @@ CASES = [
     ("nllb_moe", {}),
     ("nllb_moe", {"moe_eval_capacity_token_fraction": 0.3, "router_bias": True}),
     ("nllb_moe", {"moe_eval_capacity_token_fraction": 0.25, "batch_prioritized_routing": True, "moe_token_dropout": 0.0}),
+    # the families people deploy today (built with initializer_range 0.2: outputs of order 1)
+    ("qwen3_moe", {}),  # no renormalisation, top-3, a dense first layer (mlp_only_layers)
+    ("qwen3_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [], "num_hidden_layers": 4}),
+    ("qwen3_moe", {"num_experts_per_tok": 1, "mlp_only_layers": [1]}),
+    ("qwen3_next", {}),  # renormalised top-2, shared expert with its sigmoid gate
+    ("qwen3_next", {"norm_topk_prob": False, "num_experts_per_tok": 5, "num_hidden_layers": 3, "mlp_only_layers": [1]}),
+    ("olmoe", {}),
+    ("olmoe", {"norm_topk_prob": True, "num_experts_per_tok": 5}),
+    ("glm4_moe", {}),  # sigmoid, 4 groups of which 2, correction bias, scaling 2.5, shared expert, a dense first layer
+    ("glm4_moe", {"n_group": 1, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+                  "n_shared_experts": 2, "first_k_dense_replace": 0, "num_experts_per_tok": 1}),
+    ("llama4_text", {}),  # top-1, every layer MoE
+    ("llama4_text", {"num_experts_per_tok": 3, "num_local_experts": 8, "interleave_moe_layer_step": 2, "num_hidden_layers": 4}),
+    ("llama4", {"interleave_moe_layer_step": 2}),  # as Meta publishes it: the text model under language_model
+    ("gpt_oss", {}),  # router bias, expert biases, clamped SwiGLU, interleaved gate/up
+    ("gpt_oss", {"num_experts_per_tok": 3, "swiglu_limit": 0.5, "swiglu_alpha": 1.0}),  # the clamps bite
+    ("gpt_oss", {"num_experts_per_tok": 1}),
+    ("deepseek_v32", {}),
+    ("deepseek_v32", {"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"], "num_hidden_layers": 4, "n_group": 8,
+                      "topk_group": 3, "num_experts_per_tok": 6, "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
 ]
 
 
@@ -88,7 +108,24 @@ def test_capacity_drops_are_visible_in_routing(tmp_path):
     assert torch.all(out[dropped] == 0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "dbrx", "nllb_moe"])
+def test_moe_layers_follow_each_family_config(tmp_path):
+    cases = {
+        ("qwen3_moe", (("decoder_sparse_step", 2), ("num_hidden_layers", 4), ("mlp_only_layers", (3,)))): (1,),
+        ("llama4_text", (("interleave_moe_layer_step", 2), ("num_hidden_layers", 4))): (1, 3),
+        ("deepseek_v32", (("mlp_layer_types", ("sparse", "dense", "sparse")),)): (0, 2),
+        ("glm4_moe", (("first_k_dense_replace", 2), ("num_hidden_layers", 4))): (2, 3),
+    }
+    for (family, over), want in cases.items():
+        over = {k: list(v) if isinstance(v, tuple) else v for k, v in over}
+        model, _ = hf_models.build(family, **over)
+        path = tmp_path / family
+        model.save_pretrained(path)
+        spec = MoEModel.from_pretrained(path).spec
+        assert spec.moe_layers == want, family
+        assert set(spec.dense_layers) == set(range(spec.num_layers)) - set(want), family
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "dbrx", "nllb_moe", "gpt_oss", "llama4_text"])
 def test_triton_layer_equals_torch_layer(family, tmp_path):
     """The Triton path (interpreted on CPU) computes the same layer as the torch path."""
     model, _ = hf_models.build(family)
