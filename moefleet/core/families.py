@@ -438,7 +438,7 @@ class Dbrx(Family):
         act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
         layer = MoELayerSpec(
             hidden_size=h, intermediate_size=f, num_experts=e, top_k=k, scoring="softmax",
-            norm_topk_prob=p is not None, norm_topk_p=float(p or 1.0),
+            norm_topk_prob=p is not None, norm_topk_p=float(p or 1.0), gate_precision="input",
             activation=activation(act, "ffn_config.ffn_act_fn.name"),
         )
         return ModelSpec(family=self.name, num_layers=n, moe_layers=tuple(range(n)), layer=layer, dtype=_dtype(cfg))
