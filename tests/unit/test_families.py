@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moefleet import MoEModel
+from moefleet.core.families import family_for
 from tests import hf_models
 
 CASES = [
@@ -138,3 +139,63 @@ def test_triton_layer_equals_torch_layer(family, tmp_path):
     b, rb = triton_model.layer(layer)(hidden, return_routing=True)
     assert torch.equal(ra.topk_ids.sort(-1).values, rb.topk_ids.sort(-1).values)
     assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "gpt_oss", "qwen3_next"])
+def test_worker_serves_the_family_as_the_layer_does(family, tmp_path):
+    """The ExpertGroup worker (no Ray) returns each token's routed sum: with Llama 4's input weighting, gpt-oss's biases."""
+    import numpy as np
+
+    from moefleet.expert_workers.group import ExpertGroupCore
+    from moefleet.kernels.permute import permute, row_weights
+
+    model, _ = hf_models.build(family)
+    model.save_pretrained(tmp_path)
+    ours = MoEModel.from_pretrained(tmp_path, backend="torch")
+    layer = ours.moe_layers[-1]
+    lay = ours.layer(layer)
+    e = lay.spec.num_experts
+    worker = ExpertGroupCore("w", str(tmp_path), [(layer, x) for x in range(e)], backend="torch")
+    hidden = torch.randn(21, lay.spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    out, routing = lay(hidden, return_routing=True)
+    perm = permute(routing.topk_ids, e)
+    rows = perm.token_index.numpy()
+    counts = perm.counts().numpy()
+    experts = [int(x) for x in np.flatnonzero(counts)]
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    got = worker.forward(layer, hidden.numpy(), rows, row_weights(routing.topk_weights, perm).numpy(), experts,
+                         [int(counts[x]) for x in experts], inverse, len(uniq))
+    routed = out - (lay.shared(hidden) if lay.shared is not None else 0)
+    assert (torch.from_numpy(got) - routed[torch.from_numpy(uniq)]).abs().max().item() <= 1e-5
+
+
+class _InProcessClient:
+    """``FleetClient.forward``'s interface over the in-process layers (the fleet's transport is tested in tests/integration)."""
+
+    def __init__(self, model: MoEModel):
+        self.model = model
+
+    def forward(self, layer, hidden):
+        return self.model.layer(layer)(hidden)
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "llama4", "gpt_oss", "glm4_moe"])
+def test_attach_serves_blocks_that_return_tuples(family, tmp_path):
+    """Llama 4 and gpt-oss blocks return (hidden, router output): the stand-in block keeps their signature."""
+    import copy
+
+    from moefleet.router_service.attach import attach
+
+    model, _ = hf_models.build(family)
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 17, 42, 7, 3, 11]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        served = copy.deepcopy(model)
+        layers = attach(served, _InProcessClient(MoEModel.from_pretrained(tmp_path, backend="torch")))
+        got = served(input_ids=ids).logits
+    spec = MoEModel.from_pretrained(tmp_path).spec
+    assert layers == list(spec.moe_layers)
+    fam = family_for(served.config.to_dict())
+    assert all(type(served.get_submodule(fam.block_path(i, spec))).__name__ == "RemoteMoEBlock" for i in layers)
+    assert (got - want).abs().max().item() <= 1e-4

@@ -222,3 +222,19 @@ def test_quantized_tensors_without_quantization_config_are_an_error(fp8_dir, tmp
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantizationError, match="no fp8 quantization_config"):
         MoECheckpoint(tmp_path).expert(1, 0)
+
+
+@pytest.mark.parametrize("which", ["fp8", "mxfp4"])
+def test_worker_holds_packed_experts_and_reports_their_bytes(which, fp8_dir, mxfp4_dir):
+    from moefleet.expert_workers.group import ExpertGroupCore
+
+    path = fp8_dir if which == "fp8" else mxfp4_dir
+    ckpt = MoECheckpoint(path)
+    layer = ckpt.spec.moe_layers[-1]
+    packed = ExpertGroupCore("w", str(path), [(layer, e) for e in range(4)], backend="triton")  # interpreted on CPU
+    dense = ExpertGroupCore("w", str(path), [(layer, e) for e in range(4)], backend="torch")
+    sp, sd = packed.stats(), dense.stats()
+    assert sp["expert_form"] == {str(layer): which} and sd["expert_form"] == {str(layer): "float"}
+    assert sp["memory_bytes"] == 4 * ckpt.expert_bytes(layer, packed=True)
+    assert sd["memory_bytes"] == 4 * ckpt.expert_bytes(layer)
+    assert sp["memory_bytes"] < sd["memory_bytes"] / 3
