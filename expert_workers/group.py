@@ -27,7 +27,7 @@ import torch
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.tensors import DTYPES, from_numpy
-from moefleet.kernels.experts import grouped_ffn, packed_supported, resolve_backend
+from moefleet.kernels.experts import grouped_ffn, packed_kind, resolve_backend
 
 from .slots import LayerSlots, LayerView
 
@@ -107,20 +107,11 @@ class ExpertGroupCore:
             gens = [g for (lay, g), n in self._running.items() if lay == layer and n > 0]
         return min(gens) if gens else None
 
-    def _packed_kind(self, layer: int) -> str | None:
-        """'fp8' / 'mxfp4' when this worker holds the layer's experts packed (Triton has a kernel); None: dequantized."""
-        if self.backend != "triton":
-            return None
-        spec = self.ckpt.layer_spec(layer)
-        kind = self.ckpt.packed_form(layer)
-        block = self.ckpt.quant.weight_block_size if self.ckpt.quant else None
-        return kind if packed_supported(kind, block, spec.intermediate_size, spec.expert_kind == "gated") else None
-
     def _layer_slots(self, layer: int) -> LayerSlots:
         slots = self._slots.get(layer)
         if slots is None:
             spec = self.ckpt.layer_spec(layer)
-            kind = self._packed_kind(layer)
+            kind = packed_kind(self.ckpt, layer, self.backend)
             kwargs = {"quant": kind, "swiglu_alpha": spec.swiglu_alpha, "swiglu_limit": spec.swiglu_limit}
             if kind == "fp8":
                 kwargs["block"] = self.ckpt.quant.weight_block_size

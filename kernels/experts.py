@@ -150,6 +150,20 @@ def packed_supported(kind: str | None, block: tuple[int, int] | None, intermedia
     return kind == "mxfp4"
 
 
+def packed_kind(checkpoint, layer: int, backend: str) -> str | None:
+    """How a worker or layer on ``backend`` ('torch' | 'triton') holds layer ``layer``'s experts: 'fp8' or 'mxfp4'
+    packed (a quantized checkpoint whose form a Triton kernel takes), or None: float (dequantized at load).
+
+    checkpoint: a ``moefleet.core.model.MoECheckpoint`` (duck-typed: ``packed_form``, ``quant``, ``layer_spec``).
+    """
+    if backend != "triton":
+        return None
+    kind = checkpoint.packed_form(layer)
+    spec = checkpoint.layer_spec(layer)
+    block = checkpoint.quant.weight_block_size if checkpoint.quant is not None else None
+    return kind if packed_supported(kind, block, spec.intermediate_size, spec.expert_kind == "gated") else None
+
+
 @dataclass
 class SharedExperts:
     """Shared experts, applied to every token: one gated MLP (several shared experts concatenated).

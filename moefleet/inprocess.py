@@ -9,7 +9,7 @@ import torch
 from moefleet.core.config import ModelSpec
 from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
-from moefleet.kernels.experts import packed_supported, resolve_backend, shared_from_tensors, stack_experts
+from moefleet.kernels.experts import packed_kind, resolve_backend, shared_from_tensors, stack_experts
 from moefleet.kernels.layer import GateWeights, MoELayer, gate_dtype
 
 
@@ -49,17 +49,6 @@ class MoEModel:
         if i not in self._layers:
             self._layers[i] = build_layer(self.checkpoint, i, device=self.device, dtype=self.dtype, backend=self.backend)
         return self._layers[i]
-
-
-def packed_kind(ckpt: MoECheckpoint, layer: int, backend: str) -> str | None:
-    """'fp8' or 'mxfp4' when layer ``layer``'s experts are held packed on ``backend`` ('torch' or 'triton'):
-    a quantized checkpoint, computed by Triton, in a form a kernel takes. None: held dequantized."""
-    if backend != "triton":
-        return None
-    kind = ckpt.packed_form(layer)
-    spec = ckpt.layer_spec(layer)
-    block = ckpt.quant.weight_block_size if ckpt.quant else None
-    return kind if packed_supported(kind, block, spec.intermediate_size, spec.expert_kind == "gated") else None
 
 
 def build_layer(ckpt: MoECheckpoint, i: int, *, device=None, dtype=None, backend: str = "auto") -> MoELayer:

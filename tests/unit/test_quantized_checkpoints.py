@@ -238,3 +238,52 @@ def test_worker_holds_packed_experts_and_reports_their_bytes(which, fp8_dir, mxf
     assert sp["memory_bytes"] == 4 * ckpt.expert_bytes(layer, packed=True)
     assert sd["memory_bytes"] == 4 * ckpt.expert_bytes(layer)
     assert sp["memory_bytes"] < sd["memory_bytes"] / 3
+
+
+def test_planner_counts_packed_bytes_for_cuda_workers_and_float_bytes_elsewhere(fp8_dir):
+    from moefleet.controller.main import held_expert_bytes
+    from moefleet.core.config import WorkerConfig
+
+    ckpt = MoECheckpoint(fp8_dir)
+    layers = list(ckpt.spec.moe_layers)
+    gpu = held_expert_bytes(ckpt, layers, WorkerConfig(num_gpus=1, dtype="bfloat16"))
+    cpu = held_expert_bytes(ckpt, layers, WorkerConfig(num_gpus=0, dtype="bfloat16"))
+    local = held_expert_bytes(ckpt, layers, WorkerConfig(num_gpus=1, dtype="bfloat16"), local=True)
+    s = ckpt.spec.layer
+    assert cpu == local == s.expert_params * 2
+    bo, bi = ckpt.quant.weight_block_size
+    h, f = s.hidden_size, s.intermediate_size
+    scales = 4 * (2 * -(-f // bo) * -(-h // bi) + -(-h // bo) * -(-f // bi))
+    assert gpu == s.expert_matrix_params + scales
+
+
+def test_inspect_shows_family_quantization_bytes_per_expert_and_full_copy(fp8_dir, mxfp4_dir, capsys, monkeypatch):
+    from moefleet import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli.main(["inspect", "--checkpoint", str(fp8_dir), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    ckpt = MoECheckpoint(fp8_dir)
+    layer = ckpt.spec.moe_layers[0]
+    assert "deepseek_v3" in out and "quantization: fp8 e4m3, 16x32 blocks" in out
+    assert f"{ckpt.expert_bytes(layer, packed=True):,}" in out and f"{ckpt.expert_bytes(layer, 'bfloat16'):,}" in out
+    rows = cli.memory_rows(ckpt, "bfloat16")
+    assert [r["form"] for r in rows] == ["fp8 packed", "bfloat16 (dequantized)"]
+    n = sum(ckpt.layer_spec(i).num_experts for i in ckpt.spec.moe_layers)
+    assert rows[0]["experts_bytes"] == n * ckpt.expert_bytes(layer, packed=True)
+    assert rows[1]["full_copy_bytes"] == n * ckpt.spec.layer.expert_params * 2 + rows[1]["router_bytes"]
+    assert cli.main(["inspect", "--checkpoint", str(mxfp4_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "gpt_oss" in out and "quantization: mxfp4" in out and "mxfp4 packed" in out
+
+
+def test_inspect_names_an_unsupported_quantization_method(fp8_dir, tmp_path, capsys):
+    from moefleet import cli
+
+    for f in fp8_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["inspect", "--checkpoint", str(tmp_path)]) == 2
+    assert "quant_method='awq' is not supported" in capsys.readouterr().err
