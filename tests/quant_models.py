@@ -30,8 +30,12 @@ MXFP4_PROJ = re.compile(r"mlp\.experts\.(gate_up_proj|down_proj)$")
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
-def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 w [out, in], scale_inv [ceil(out/bo), ceil(in/bi)]) with w ≈ q * scale_inv per block."""
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 w [out, in], scale_inv [ceil(out/bo), ceil(in/bi)]) with w ≈ q * scale_inv per block;
+    ``block=None``: one scale for the tensor (a 0-d scale_inv)."""
+    if block is None:
+        q, s = quantize_fp8(w, tuple(w.shape))
+        return q, s.reshape(())
     bo, bi = block
     r, c = w.shape
     ro, co = -(-r // bo), -(-c // bi)
@@ -43,7 +47,9 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     return q.view(ro * bo, co * bi)[:r, :c].contiguous(), scale_inv
 
 
-def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    if block is None:
+        return q.float() * scale_inv
     bo, bi = block
     r, c = q.shape
     return q.float() * scale_inv.repeat_interleave(bo, 0)[:r].repeat_interleave(bi, 1)[:, :c]
@@ -82,7 +88,7 @@ def _write(src: Path, tensors: dict, dst: Path, quantization_config: dict | None
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def write_fp8(src: Path, dst: Path, dequantized: Path, block: tuple[int, int], pattern: re.Pattern = FP8_PROJ) -> list[str]:
+def write_fp8(src: Path, dst: Path, dequantized: Path, block: tuple[int, int] | None, pattern: re.Pattern = FP8_PROJ) -> list[str]:
     """fp8 checkpoint at ``dst`` and its dequantized float twin at ``dequantized``; returns the names quantized."""
     tensors = load_file(str(src / "model.safetensors"))
     quant, deq, names = {}, {}, []
@@ -94,7 +100,7 @@ def write_fp8(src: Path, dst: Path, dequantized: Path, block: tuple[int, int], p
             names.append(name)
         else:
             quant[name] = deq[name] = t
-    cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    cfg = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block) if block else None}
     _write(src, quant, dst, cfg)
     _write(src, deq, dequantized, None)
     return names

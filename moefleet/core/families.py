@@ -280,8 +280,10 @@ class DeepseekV2(Family):
 
 
 class DeepseekV3(DeepseekV2):
+    """DeepSeek-V3 / R1; Kimi-K2 publishes the same architecture under ``model_type: kimi_k2``."""
+
     name = "deepseek_v3"
-    model_types = ("deepseek_v3",)
+    model_types = ("deepseek_v3", "kimi_k2")
 
     def _routing(self, cfg) -> dict:
         g, tg = cfg.get("n_group", 1) or 1, cfg.get("topk_group", 1) or 1
@@ -401,7 +403,9 @@ class GptOss(Family):
     block_returns_tuple = True
 
     def spec(self, cfg):
-        h, f, e, k, n = _need(cfg, "hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok", "num_hidden_layers")
+        h, f, e, k, n = _need(
+            cfg, "hidden_size", "intermediate_size", "num_local_experts", ("num_experts_per_tok", "experts_per_token"), "num_hidden_layers"
+        )
         layer = MoELayerSpec(
             hidden_size=h, intermediate_size=f, num_experts=e, top_k=k, scoring="softmax", norm_topk_prob=True,
             gate_bias=True, gate_precision="input", expert_bias=True, activation="clamped_swiglu",

@@ -199,3 +199,20 @@ def test_attach_serves_blocks_that_return_tuples(family, tmp_path):
     fam = family_for(served.config.to_dict())
     assert all(type(served.get_submodule(fam.block_path(i, spec))).__name__ == "RemoteMoEBlock" for i in layers)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_kimi_k2_is_read_as_deepseek_v3(tmp_path):
+    """Kimi-K2 publishes DeepSeek-V3's architecture under model_type 'kimi_k2'."""
+    import json
+
+    model, block = hf_models.build("deepseek_v3", n_group=1, topk_group=1, first_k_dense_replace=1)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = MoEModel.from_pretrained(tmp_path)
+    assert ours.spec.family == "deepseek_v3"
+    hidden = torch.randn(1, 9, ours.spec.layer.hidden_size)
+    forward, _ = block(1)
+    with torch.no_grad():
+        assert (ours.layer(1)(hidden[0]) - forward(hidden)[0]).abs().max().item() <= 1e-5

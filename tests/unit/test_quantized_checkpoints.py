@@ -84,6 +84,18 @@ def test_fp8_partial_blocks_equal_the_dequantized_model(tmp_path):
     _compare_with(hf_deq, ours, _hf_block("deepseek_v3", hf_deq))
 
 
+def test_fp8_per_tensor_scales_equal_the_dequantized_model(tmp_path):
+    """``weight_block_size: null``: one scale per tensor. Served dequantized everywhere (no packed kernel for it)."""
+    model, _ = hf_models.build("qwen3_moe", hidden_size=48, moe_intermediate_size=24)
+    model.save_pretrained(tmp_path / "float")
+    quant_models.write_fp8(tmp_path / "float", tmp_path / "fp8", tmp_path / "deq", block=None)
+    ours = MoEModel.from_pretrained(tmp_path / "fp8")
+    assert ours.spec.quantization.weight_block_size is None
+    assert MoECheckpoint(tmp_path / "fp8").packed_form(1) is None
+    hf_deq = T.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
+    _compare_with(hf_deq, ours, _hf_block("qwen3_moe", hf_deq))
+
+
 def test_mxfp4_checkpoint_equals_transformers_loading_it(tmp_path):
     model, _ = hf_models.build("gpt_oss", hidden_size=64, intermediate_size=32, num_experts_per_tok=3)
     model.save_pretrained(tmp_path / "float")
