@@ -310,7 +310,7 @@ class DeepseekV32(DeepseekV3):
             )
         moe = tuple(i for i, t in enumerate(types) if t == "sparse")
         dense = tuple(i for i, t in enumerate(types) if t == "dense")
-        return spec.model_copy(update={"moe_layers": moe, "dense_layers": dense})
+        return ModelSpec(**{**spec.model_dump(), "moe_layers": moe, "dense_layers": dense})  # validated again
 
 
 class Glm4Moe(DeepseekV3):
