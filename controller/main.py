@@ -236,17 +236,29 @@ class Controller:
         return down
 
     def _restart(self, devices: set[str]) -> None:
+        """Start a fresh, empty worker for each device whose worker died, once Ray has released its name."""
         if not self.config.restart_workers:
             return
+        import ray
+
         for d in sorted(devices):
             if d in self._restarting:
                 continue
+            try:
+                old = ray.get_actor(worker_actor_name(d), namespace=self.config.namespace)
+            except ValueError:
+                old = None
+            if old is not None:
+                if self._ray_alive(d):
+                    continue  # it answers after all
+                ray.kill(old, no_restart=True)  # a dead actor can keep its name until killed: free it
+                time.sleep(0.05)
             try:
                 h = self.reconciler.handle(d, [])
                 self._restarting[d] = (h, h.ready.remote(), time.monotonic())
                 log.info("started a fresh worker for device %s", d)
                 self.store.emit_event("worker_restart", {"device": d})
-            except Exception as e:  # Ray refused (no resources): tried again next step
+            except Exception as e:  # Ray refused (no resources, name taken): tried again next step
                 log.warning("could not restart the worker of %s: %s", d, e)
 
     def _poll_restarts(self, records: dict[str, dict]) -> None:
@@ -317,6 +329,13 @@ class Controller:
         self.down = down
         report["down"] = sorted(down)
         unusable = down | set(self._restarting)
+        if self.config.local:
+            # local devices are this machine's workers: one without a live worker is restarted, not planned on
+            idle_dead = {d.device_id for d in inventory.devices if d.device_id not in records and d.device_id not in current.assignments}
+            unusable |= idle_dead
+            down_or_idle = down | idle_dead
+        else:
+            down_or_idle = down
         devices = [d for d in inventory.devices if d.device_id not in unusable]
         # finish or roll back what a previous leader left half-done
         pending = self.store.get_record("rebalance") or {}
@@ -362,7 +381,7 @@ class Controller:
                 published = self.reconciler.apply(result.target, reason=reason, skip=down)
                 report["applied_version"] = published.version
                 report["apply_seconds"] = time.monotonic() - t0
-        self._restart(down)
+        self._restart(down_or_idle)
         record["last_report"] = report
         self.store.put_record(RECORD, record)
         self.store.emit_event("plan", report)
