@@ -452,6 +452,11 @@ def controller_actor_class():
         def last_report(self) -> dict:
             return self.controller.last_report
 
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
         def shutdown(self) -> None:
             self.stop.set()
             if self.thread.is_alive():
