@@ -7,7 +7,11 @@ Two forms, one formula per kind:
 - mlp (Switch, NLLB-MoE): ``fc2(act(fc1(x) + b1)) + b2``.
 
 ``grouped_ffn`` runs the Triton kernel on CUDA tensors (or under
-``TRITON_INTERPRET=1`` when asked for) and the torch reference otherwise.
+``TRITON_INTERPRET=1`` when asked for) and the torch reference otherwise;
+``moe_experts`` runs a whole routed expert step (gather, FFN, weighted
+combine): on the Triton backend the fused, host-synchronisation-free
+``triton_moe.fused_experts``, on the torch backend the reference steps, whose
+numbers are the CPU path's.
 """
 
 from __future__ import annotations
@@ -79,6 +83,38 @@ def grouped_ffn(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, stack: Exp
         b13=stack.b13,
         b2=stack.b2,
     )
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    stack: ExpertStack,
+    backend: str = "auto",
+    *,
+    token_index: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weighted sum of each row's K experts: hidden [T, H], topk [U, K] -> [U, H].
+
+    token_index: [U] rows of ``hidden`` (default: U = T, row u is hidden[u]).
+    extra: [U, H] added in fp32 before the cast to ``out_dtype`` (default hidden's).
+    The Triton backend gathers in the first GEMM's loads and combines in a
+    fixed order (bitwise reproducible, no atomics, no host synchronisation).
+    """
+    kwargs = {
+        "gated": stack.gated,
+        "activation": stack.activation,
+        "b13": stack.b13,
+        "b2": stack.b2,
+        "token_index": token_index,
+        "extra": extra,
+        "out_dtype": out_dtype,
+    }
+    if resolve_backend(backend, hidden.device) == "triton":
+        return triton_moe.fused_experts(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
+    return triton_moe.fused_experts_reference(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
 
 
 @dataclass

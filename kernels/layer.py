@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import ExpertStack, SharedExperts, grouped_ffn, resolve_backend
-from .permute import gather_rows, permute, unpermute
+from .experts import ExpertStack, SharedExperts, moe_experts, resolve_backend
 from .routing import Routing, RoutingSpec, gate_logits, route
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,11 @@ class MoELayer:
 
     spec: an object with the attributes of ``MoELayerSpec``.
     backend: 'auto' (Triton on CUDA, torch on CPU), 'torch' or 'triton'.
+
+    On the Triton backend a call with fused routing (softmax/sigmoid top-k,
+    no groups or capacity) makes no host synchronisation, so a decode step of
+    fixed T can be captured in a CUDA graph; group-limited and capacity
+    routing run the torch router.
     """
 
     def __init__(
@@ -109,7 +113,8 @@ class MoELayer:
         if hidden.dim() != 2 or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"hidden: expected [T, {self.spec.hidden_size}], got {list(hidden.shape)}")
         routing = self.route(hidden, router_logits)
-        perm = permute(routing.topk_ids, self.spec.num_experts)
-        y = grouped_ffn(gather_rows(hidden, perm), perm.expert_offsets, self.experts, self.backend)
-        out = combine_shared(unpermute(y, perm, routing.topk_weights, hidden.shape[0]), hidden, self.shared)
+        # Shared experts join the routed sum in fp32 before the cast to hidden's dtype
+        # (inside the combine kernel on the Triton path).
+        shared = self.shared(hidden) if self.shared is not None else None
+        out = moe_experts(hidden, routing.topk_ids, routing.topk_weights, self.experts, self.backend, extra=shared)
         return (out, routing) if return_routing else out
