@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_values
-from .launch_config import get_launch_config, moe_config
+from .launch_config import MOE_KERNEL_KEYS, check_kernel_config, get_launch_config, moe_config
 from .permute import align, gather_rows, permute, unpermute
 
 __all__ = [
@@ -912,6 +912,7 @@ def fused_experts(
     extra: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     check: bool | None = None,
+    config: dict[str, dict[str, int]] | None = None,
 ) -> torch.Tensor:
     """The routed experts of a MoE layer, weighted and combined: ``[U, H]``.
 
@@ -932,6 +933,8 @@ def fused_experts(
         check: check ids and token_index values; None = on CPU, and on CUDA
             with ``MOEFLEET_KERNEL_DEBUG=1``. Unchecked, ids outside [0, E)
             count as dropped.
+        config: launch parameters ``{"gate_up": {...}, "down": {...}}`` to use
+            instead of the table's bucket (the tuner's candidates); checked.
 
     Returns:
         [U, H] in ``out_dtype``. The sum over a token's slots runs in slot
@@ -977,7 +980,10 @@ def fused_experts(
     x, w13, w2 = hidden.contiguous(), w13.contiguous(), w2.contiguous()
     ids = topk_ids.contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [U * K], by slot
-    cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
+    if config is None:
+        cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
+    else:
+        cfg = {k: check_kernel_config(config.get(k), MOE_KERNEL_KEYS[k], f"config[{k!r}]") for k in MOE_KERNEL_KEYS}
     cfg_up, cfg_down = cfg["gate_up"], cfg["down"]
     map_up = _expert_tile_map(offsets, num_rows, cfg_up["BLOCK_M"])
     map_down = map_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else _expert_tile_map(offsets, num_rows, cfg_down["BLOCK_M"])
