@@ -121,6 +121,12 @@ def bench_shape(name: str, shape: dict, tokens: list[int], args, ceilings: dict,
         row = {"shape": name, "tokens": t, "rows": t * k, "experts_touched": touched, "relative_error_vs_torch": err}
 
         triton_ms = time_cuda(lambda: fused_experts(x, ids, weights, w13, w2, **kw), args.iters)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):  # host time to issue one call (the GPU queue absorbs the launches)
+            fused_experts(x, ids, weights, w13, w2, **kw)
+        row["triton_host_launch_ms"] = (time.perf_counter() - t0) * 1e3 / args.iters
+        torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -151,7 +157,7 @@ def bench_shape(name: str, shape: dict, tokens: list[int], args, ceilings: dict,
         tg = row["triton_graph"]
         print(
             f"{name:8s} T={t:5d} N={t * k:6d} touched={touched:3d}  triton {triton_ms:8.3f} ms  graph {graph_ms:8.3f} ms  "
-            f"loop {loop_ms:8.3f} ms  x{row['speedup_vs_torch_loop']:5.2f}  "
+            f"loop {loop_ms:8.3f} ms  x{row['speedup_vs_torch_loop']:5.2f}  host {row['triton_host_launch_ms']:6.3f} ms  "
             f"{tg['tflops']:6.1f} TFLOP/s ({100 * tg['fraction_of_datasheet_peak']:4.1f}% sheet)  "
             f"{tg['gbps']:7.0f} GB/s ({100 * tg['fraction_of_datasheet_hbm']:4.1f}% sheet, "
             f"{100 * tg['fraction_of_measured_copy']:4.1f}% copy)  err {err:.1e}",

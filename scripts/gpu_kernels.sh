@@ -15,7 +15,8 @@ SHIM=$(mktemp -d)
 mkdir -p "$SHIM/moefleet"
 printf '__path__ = [%s, %s]\n' "'$ROOT/moefleet'" "'$ROOT'" > "$SHIM/moefleet/__init__.py"
 export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-cd "$ROOT"
+# Run from the shim's folder: from the checkout's root, `python -m` would put the real moefleet/ first.
+cd "$SHIM"
 PY=${PY:-python3}
 
 case "${1:-}" in
@@ -25,11 +26,12 @@ case "${1:-}" in
     ;;
   tests)
     # Compiled kernels (not the interpreter) on the GPU; --noconftest: the suite's conftest wants Ray.
-    $PY -m pytest --noconftest -q -p no:cacheprovider \
-      tests/unit/test_triton_kernels.py tests/unit/test_fused_experts.py tests/unit/test_launch_config.py tests/gpu
+    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" \
+      "$ROOT"/tests/unit/test_triton_kernels.py "$ROOT"/tests/unit/test_fused_experts.py \
+      "$ROOT"/tests/unit/test_launch_config.py "$ROOT"/tests/gpu
     ;;
   bench)
-    $PY benchmarks/bench_kernels.py --label "${3:-run}" --tokens 1 8 64 256 1024 4096 --extra-tokens 16384 \
+    $PY "$ROOT"/benchmarks/bench_kernels.py --label "${3:-run}" --tokens 1 8 64 256 1024 4096 --extra-tokens 16384 \
       --out "$OUT/kernels_${3:-run}.json"
     ;;
   tune-mixtral)
@@ -41,7 +43,7 @@ case "${1:-}" in
       --tokens 1 2 4 8 16 32 64 128 256 512 1024 2048 4096 16384 --budget-s "${TUNE_BUDGET_S:-200}"
     ;;
   transport)
-    $PY benchmarks/bench_gpu_transport.py --out "$OUT/gpu_transport.json"
+    $PY "$ROOT"/benchmarks/bench_gpu_transport.py --out "$OUT/gpu_transport.json"
     ;;
   *)
     echo "usage: $0 env|tests|bench LABEL|tune-mixtral|tune-deepseek|transport [OUTDIR]" >&2
