@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from moefleet.kernels import launch_config
-from moefleet.kernels.triton_moe import _device_name, fused_experts, fused_experts_reference, fused_topk
+from moefleet.kernels.fused_moe import fused_experts, fused_experts_reference
+from moefleet.kernels.triton_moe import _device_name, fused_topk
 
 SHAPES = {
     "mixtral": {"hidden": 4096, "inter": 14336, "experts": 8, "top_k": 2},

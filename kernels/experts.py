@@ -10,7 +10,7 @@ Two forms, one formula per kind:
 ``TRITON_INTERPRET=1`` when asked for) and the torch reference otherwise;
 ``moe_experts`` runs a whole routed expert step (gather, FFN, weighted
 combine): on the Triton backend the fused, host-synchronisation-free
-``triton_moe.fused_experts``, on the torch backend the reference steps, whose
+``fused_moe.fused_experts``, on the torch backend the reference steps, whose
 numbers are the CPU path's.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import triton_moe
+from . import fused_moe, triton_moe
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def moe_experts(
         "out_dtype": out_dtype,
     }
     if resolve_backend(backend, hidden.device) == "triton":
-        return triton_moe.fused_experts(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
-    return triton_moe.fused_experts_reference(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
+        return fused_moe.fused_experts(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
+    return fused_moe.fused_experts_reference(hidden, topk_ids, topk_weights, stack.w13, stack.w2, **kwargs)
 
 
 @dataclass

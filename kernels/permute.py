@@ -102,6 +102,16 @@ class Alignment:
     expert_offsets: torch.Tensor
 
 
+def check_topk_ids(flat: torch.Tensor, num_experts: int, check: bool | None = None) -> None:
+    """Raise ``ValueError`` for ids outside ``{-1} | [0, E)`` when values are checked (see ``checks``)."""
+    if flat.numel() and check_values(flat, check):
+        bad = (flat < -1) | (flat >= num_experts)
+        if bool(bad.any()):
+            raise ValueError(
+                f"topk_ids: expert ids must be -1 (dropped) or in [0, {num_experts}), got {flat[bad][:8].tolist()}"
+            )
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, *, check: bool | None = None) -> Alignment:
     """Group the slots of ``topk_ids [T, K]`` by expert without leaving the device.
 
@@ -119,12 +129,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, *, check: bool | None = None
     if num_experts < 1:
         raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
     flat = topk_ids.reshape(-1).to(torch.int64)
-    if flat.numel() and check_values(flat, check):
-        bad = (flat < -1) | (flat >= num_experts)
-        if bool(bad.any()):
-            raise ValueError(
-                f"topk_ids: expert ids must be -1 (dropped) or in [0, {num_experts}), got {flat[bad][:8].tolist()}"
-            )
+    check_topk_ids(flat, num_experts, check)
     dropped = (flat < 0) | (flat >= num_experts)
     keyed = torch.where(dropped, torch.full_like(flat, num_experts), flat)  # [T*K]
     sorted_keys, order = torch.sort(keyed, stable=True)

@@ -10,27 +10,8 @@ permuted token batch (T * K when every choice is kept), H hidden, F expert
 intermediate, M output features of a grouped GEMM, Kd its reduction dim,
 S the parts a reduction is split into.
 
-The whole routed expert path: :func:`fused_experts`
--------------------------------------------------------
-``hidden [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` -> ``[T, H]``
-in four steps, none of which reads anything back to the host (so a decode
-step of fixed T can be captured in a CUDA graph):
-
-1. :func:`~moefleet.kernels.permute.align` sorts the T * K slots by expert
-   on the device (fixed size; dropped slots last) and finds the expert offsets.
-2. The gate/up kernel reads each permuted row straight from ``hidden``
-   (``hidden[slot // K]``: the token gather is fused into the GEMM's loads,
-   no gathered copy is made), computes the gate and up tiles of a row tile in
-   one program, and applies the activation and the gated product in its
-   epilogue: ``h [N, F]``.
-3. The down kernel computes ``h @ w2[e].T (+ b2[e])``, multiplies each row by
-   its routing weight in the epilogue and stores it at its *slot*
-   (``t * K + k``), not at its permuted position: ``y [S, T * K, H]`` fp32,
-   S > 1 when the launch config splits the reduction over F.
-4. The combine kernel sums each token's K slots (and S parts) in a fixed
-   order, adds an optional ``extra [T, H]`` (the shared experts) and casts:
-   the weighted combine is deterministic, with no atomics anywhere, so two
-   runs give bitwise-identical outputs.
+The routed expert path built on these kernels (alignment, gather, weighted
+scatter, fixed-order combine) is :mod:`~moefleet.kernels.fused_moe`.
 
 Tile scheduling of the grouped GEMMs
 ------------------------------------
@@ -76,14 +57,11 @@ import triton
 import triton.language as tl
 
 from .checks import check_values
-from .launch_config import MOE_KERNEL_KEYS, check_kernel_config, get_launch_config, moe_config
-from .permute import align, gather_rows, permute, unpermute
+from .launch_config import get_launch_config, moe_config
 
 __all__ = [
     "ACTIVATIONS",
     "SCORINGS",
-    "fused_experts",
-    "fused_experts_reference",
     "fused_topk",
     "fused_topk_reference",
     "grouped_ffn",
@@ -350,31 +328,6 @@ def _grouped_gate_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _combine_kernel(
-    y_ptr, ids_ptr, extra_ptr, out_ptr,
-    H, E, stride_ys, stride_yn, stride_it, stride_ik, stride_et, stride_ot,
-    K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
-    """out[t] = sum over k, then over parts s, of y[s, t * K + k] (kept slots only) (+ extra[t]).
-
-    One program per (token, BLOCK_H columns); the sum runs in a fixed order, in fp32.
-    """
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(K):
-        e = tl.load(ids_ptr + t * stride_it + k * stride_ik + tl.zeros((BLOCK_H,), dtype=tl.int64))  # [BLOCK_H], one id
-        keep = col_ok & (e >= 0) & (e < E)
-        for s in tl.static_range(SPLIT_K):
-            v = tl.load(y_ptr + s * stride_ys + (t * K + k) * stride_yn + cols, mask=keep, other=0.0)
-            acc += v.to(tl.float32)
-    if HAS_EXTRA:
-        acc += tl.load(extra_ptr + t * stride_et + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
 # ---------------------------------------------------------------------------
 # Launchers: check everything, then launch
 # ---------------------------------------------------------------------------
@@ -592,25 +545,6 @@ def _launch_gate_up(
             DOT_PRECISION=_DOT_PRECISION, UPCAST_DOT=_upcast_dot(x),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
-
-
-def _launch_combine(
-    y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, extra: torch.Tensor | None, out: torch.Tensor
-) -> None:
-    """out [U, H] = fixed-order sum of y [S, U * K, H] over each token's kept slots (+ extra)."""
-    cfg = get_launch_config("combine")
-    num_tokens, hidden = out.shape
-    block_h = min(cfg["BLOCK_H"], triton.next_power_of_2(hidden))
-    ex = extra if extra is not None else out  # dummy pointer, never read
-    grid = (num_tokens, triton.cdiv(hidden, block_h))
-    with _on_device(y):
-        _combine_kernel[grid](
-            y, topk_ids, ex, out,
-            hidden, num_experts, y.stride(0), y.stride(1), topk_ids.stride(0), topk_ids.stride(1),
-            ex.stride(0), out.stride(0),
-            K=topk_ids.shape[1], SPLIT_K=y.shape[0], HAS_EXTRA=extra is not None, BLOCK_H=block_h,
-            num_warps=cfg["num_warps"],
         )  # fmt: skip
 
 
@@ -895,139 +829,3 @@ def grouped_ffn_reference(
             y = y + b2[e].to(y.dtype)
         out[lo:hi] = y
     return out
-
-
-def fused_experts(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    *,
-    gated: bool,
-    activation: str,
-    b13: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    token_index: torch.Tensor | None = None,
-    extra: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    check: bool | None = None,
-    config: dict[str, dict[str, int]] | None = None,
-) -> torch.Tensor:
-    """The routed experts of a MoE layer, weighted and combined: ``[U, H]``.
-
-    ``out[u] = sum_k topk_weights[u, k] * FFN_{topk_ids[u, k]}(x[u]) (+ extra[u])``
-    where ``x[u] = hidden[token_index[u]]`` (``hidden[u]`` without token_index).
-    Four launches and a few device ops, no host synchronisation (see the
-    module docstring): capturable in a CUDA graph for fixed shapes.
-
-    Args:
-        hidden: [T, H] fp16, bf16 or fp32.
-        topk_ids: [U, K] int64/int32 expert per slot, ``-1`` for a dropped slot.
-        topk_weights: [U, K] float, combine weight per slot.
-        w13, w2, gated, activation, b13, b2: as in :func:`grouped_ffn`.
-        token_index: [U] int or None: the row of ``hidden`` each output row
-            reads (a worker's unique tokens of a larger call).
-        extra: [U, H] float or None, added in fp32 before the cast (shared experts).
-        out_dtype: dtype of the result; default hidden's.
-        check: check ids and token_index values; None = on CPU, and on CUDA
-            with ``MOEFLEET_KERNEL_DEBUG=1``. Unchecked, ids outside [0, E)
-            count as dropped.
-        config: launch parameters ``{"gate_up": {...}, "down": {...}}`` to use
-            instead of the table's bucket (the tuner's candidates); checked.
-
-    Returns:
-        [U, H] in ``out_dtype``. The sum over a token's slots runs in slot
-        order in fp32: two runs give the same bits.
-    """
-    _check_gemm_operand("hidden", hidden, 2, "[T, H]")
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
-        _fail(f"topk_ids must be a 2-D [U, K] tensor, got {getattr(topk_ids, 'shape', type(topk_ids).__name__)}")
-    if topk_ids.dtype not in (torch.int64, torch.int32):
-        _fail(f"topk_ids must be int64 (or int32), got {topk_ids.dtype}")
-    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
-        _fail("topk_weights must be a floating torch.Tensor [U, K]")
-    if topk_weights.shape != topk_ids.shape:
-        _fail(f"topk_weights must have topk_ids' shape {list(topk_ids.shape)}, got {list(topk_weights.shape)}")
-    num_out, top_k = topk_ids.shape
-    num_in, hidden_size = hidden.shape
-    num_experts, f_inter = _check_ffn_weights(hidden_size, w13, w2, gated, activation, hidden.dtype)
-    _check_same_device(
-        hidden, "hidden", topk_ids=topk_ids, topk_weights=topk_weights, w13=w13, w2=w2, b13=b13, b2=b2,
-        token_index=token_index, extra=extra,
-    )  # fmt: skip
-    b13 = _check_bias("b13", b13, (num_experts, w13.shape[1]), "[E, 2F]" if gated else "[E, F]")
-    b2 = _check_bias("b2", b2, (num_experts, hidden_size), "[E, H]")
-    if token_index is not None:
-        token_index = _check_index("token_index", token_index, num_out, num_in, check)
-    elif num_out != num_in:
-        _fail(f"topk_ids has {num_out} rows but hidden has {num_in}; pass token_index [U] to pick hidden's rows")
-    if extra is not None:
-        if not isinstance(extra, torch.Tensor) or not extra.is_floating_point():
-            _fail("extra must be a floating torch.Tensor [U, H] or None")
-        if tuple(extra.shape) != (num_out, hidden_size):
-            _fail(f"extra must have shape [U, H] = {[num_out, hidden_size]}, got {list(extra.shape)}")
-        extra = extra.contiguous()
-    if top_k < 1:
-        _fail("topk_ids must have at least one slot per row (K >= 1)")
-
-    out = torch.empty((num_out, hidden_size), dtype=out_dtype or hidden.dtype, device=hidden.device)
-    if num_out == 0 or hidden_size == 0:
-        return out
-    num_rows = num_out * top_k
-    alignment = align(topk_ids, num_experts, check=check)
-    offsets, slots = alignment.expert_offsets, alignment.sorted_slots
-    x, w13, w2 = hidden.contiguous(), w13.contiguous(), w2.contiguous()
-    ids = topk_ids.contiguous()
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [U * K], by slot
-    if config is None:
-        cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
-    else:
-        cfg = {k: check_kernel_config(config.get(k), MOE_KERNEL_KEYS[k], f"config[{k!r}]") for k in MOE_KERNEL_KEYS}
-    cfg_up, cfg_down = cfg["gate_up"], cfg["down"]
-    map_up = _expert_tile_map(offsets, num_rows, cfg_up["BLOCK_M"])
-    map_down = map_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else _expert_tile_map(offsets, num_rows, cfg_down["BLOCK_M"])
-
-    h = torch.empty((num_rows, f_inter), dtype=x.dtype, device=x.device)  # [N, F], permuted order
-    if f_inter > 0:
-        _launch_gate_up(
-            x, w13, offsets, b13, h, gated, ACTIVATIONS[activation], cfg_up, map_up,
-            row_src=slots, row_div=top_k, token_map=token_index,
-        )  # fmt: skip
-    split_k = cfg_down["SPLIT_K"]
-    y = torch.empty((split_k, num_rows, hidden_size), dtype=torch.float32, device=x.device)  # [S, U * K, H] by slot
-    _launch_grouped_gemm(h, w2, offsets, b2, y, cfg_down, map_down, split_k=split_k, row_dst=slots, row_weight=weights)
-    _launch_combine(y, ids, num_experts, extra, out)
-    return out
-
-
-def fused_experts_reference(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    *,
-    gated: bool,
-    activation: str,
-    b13: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    token_index: torch.Tensor | None = None,
-    extra: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Torch reference of :func:`fused_experts`, and the CPU path's own numbers.
-
-    permute (exact size) -> gather -> per-expert loop -> weighted ``index_add_``
-    in fp32 (+ extra in fp32) -> cast: the steps the in-process layer has
-    always taken on CPU, in the same order.
-    """
-    x = hidden if token_index is None else hidden.index_select(0, token_index)
-    perm = permute(topk_ids, w13.shape[0])
-    y = grouped_ffn_reference(
-        gather_rows(x, perm), perm.expert_offsets, w13, w2, gated=gated, activation=activation, b13=b13, b2=b2
-    )
-    out = unpermute(y, perm, topk_weights, x.shape[0])
-    if extra is not None:
-        out = out + extra.float()
-    return out.to(out_dtype or hidden.dtype)

@@ -17,8 +17,9 @@ Candidates depend on the rows per active expert r = N / min(E, N): 16-row
 tiles and a split reduction for decode (r <= 16), mid tiles, then large
 tiles; a candidate whose accumulators would pass 128 fp32 registers per
 thread, or whose pipeline would not fit the GPU's shared memory, is left out.
-``--budget-s`` bounds the search: past it, each kernel keeps the best
-candidate timed so far for the remaining token counts.
+The whole space of a regime is timed at its first token count (within a
+third of ``--budget-s``); later token counts of the same regime re-time its
+``--keep`` best. Past the budget, each kernel keeps the best timed so far.
 
 Needs CUDA. Imports nothing of the project outside ``kernels``.
 """
@@ -38,8 +39,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from . import launch_config, triton_moe
-from .permute import align
+from . import fused_moe, launch_config, triton_moe
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -75,7 +75,7 @@ def candidates(kernel: str, rows: int, num_experts: int, elem_bytes: int, smem_b
     else:
         space = [
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": w, "num_stages": st}
-            for bm, bn, w, st in product([64, 128], [128, 256], [4, 8], [3, 4])
+            for bm, bn, w, st in product([64, 128], [128, 256], [4, 8], [3, 4, 5])
         ]
         splits = [1]
     accs = 2 if kernel == "gate_up" else 1
@@ -108,8 +108,7 @@ class Problem:
         self.ids, self.weights = triton_moe.fused_topk(logits, top_k, "softmax", renormalize=True)  # [T, K]
         self.top_k = top_k
         self.rows = num_tokens * top_k
-        a = align(self.ids, num_experts)
-        self.offsets, self.slots = a.expert_offsets, a.sorted_slots
+        self.slots, self.offsets, _, _ = fused_moe.align_tiles(self.ids, num_experts, 16)
         self.flat_weights = self.weights.reshape(-1).contiguous()
         self.h = torch.empty(self.rows, w2.shape[2], dtype=w13.dtype, device=device)  # [N, F]
         self.out = torch.empty(num_tokens, hidden, dtype=w13.dtype, device=device)
@@ -140,7 +139,7 @@ class Problem:
                 self.h, self.w2, self.offsets, None, y, cfg, self.tile_map(cfg["BLOCK_M"]),
                 split_k=cfg["SPLIT_K"], row_dst=self.slots, row_weight=self.flat_weights,
             )  # fmt: skip
-            triton_moe._launch_combine(y, self.ids, self.w13.shape[0], None, self.out)
+            fused_moe._launch_combine(y, self.ids, self.w13.shape[0], None, self.out)
 
         return run
 
@@ -162,13 +161,13 @@ def time_candidates(make_fn, cands, warmup_ms: float, rep_ms: float, deadline: f
 
 
 def verify(problem: Problem, entry: dict, dtype: torch.dtype) -> float:
-    """Relative error of the fused path with ``entry`` against the torch reference (fp32 weights)."""
-    got = triton_moe.fused_experts(
+    """Relative error of the fused path with ``entry`` against the torch loop (same dtype)."""
+    got = fused_moe.fused_experts(
         problem.x, problem.ids, problem.weights, problem.w13, problem.w2, gated=True, activation="silu", config=entry
     ).float()
-    want = triton_moe.fused_experts_reference(
-        problem.x.float(), problem.ids, problem.weights, problem.w13.float(), problem.w2.float(), gated=True, activation="silu"
-    )
+    want = fused_moe.fused_experts_reference(  # the torch loop in the same dtype: no fp32 copy of the weights
+        problem.x, problem.ids, problem.weights, problem.w13, problem.w2, gated=True, activation="silu"
+    ).float()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
@@ -193,22 +192,24 @@ def tune(args: argparse.Namespace, log=print, device: str = "cuda", device_name:
     deadline = start + args.budget_s
     table: dict[str, dict] = {}
     winners = {}
-    best_so_far: dict[tuple, dict] = {}
+    ranked: dict[tuple[str, str], list[dict]] = {}  # (kernel, regime) -> configs, fastest first
     for num_tokens in args.tokens:
         problem = Problem(w13, w2, num_tokens, args.top_k, seed=num_tokens)
         entry, note = {}, {}
         for kernel in ("gate_up", "down"):
-            cands = candidates(kernel, problem.rows, e, elem, smem)
             key = (kernel, regime(problem.rows, e))
-            if time.monotonic() > deadline:  # past the budget: the regime's best so far, else its first candidate
-                cands = [best_so_far.get(key, cands[0])]
+            if key in ranked:  # the regime was searched at a smaller T: re-time its best few
+                cands, until = ranked[key][: args.keep], deadline
+            else:  # first T of the regime: the whole space, within a third of the budget
+                cands = candidates(kernel, problem.rows, e, elem, smem)
+                until = min(deadline, time.monotonic() + args.budget_s / 3)
             make = problem.gate_up if kernel == "gate_up" else problem.down
-            timed = time_candidates(make, cands, args.warmup_ms, args.rep_ms, deadline, log)
+            timed = time_candidates(make, cands, args.warmup_ms, args.rep_ms, until, log)
             if not timed:
                 raise RuntimeError(f"no {kernel} candidate ran for T={num_tokens}")
             ms, cfg = timed[0]
-            entry[kernel], note[kernel] = cfg, {"ms": ms, "timed": len(timed)}
-            best_so_far[key] = cfg
+            entry[kernel], note[kernel] = cfg, {"ms": ms, "timed": len(timed), "of": len(cands)}
+            ranked[key] = [c for _, c in timed] + [c for c in ranked.get(key, []) if c not in [t[1] for t in timed]]
         err = verify(problem, entry, dtype)
         if not err < 2e-2:
             raise RuntimeError(f"T={num_tokens}: the winning configs give relative error {err:.2e}: {entry}")
@@ -250,8 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="T values: one bucket each")
     p.add_argument("--out-dir", default=str(launch_config.CONFIG_DIR))
     p.add_argument("--budget-s", type=float, default=600.0, help="stop searching after this many seconds")
+    p.add_argument("--keep", type=int, default=6, help="candidates re-timed at later T of a searched regime")
     p.add_argument("--warmup-ms", type=float, default=5.0)
-    p.add_argument("--rep-ms", type=float, default=30.0)
+    p.add_argument("--rep-ms", type=float, default=20.0)
     args = p.parse_args(argv)
     for name in ("experts", "hidden", "inter", "top_k"):
         if getattr(args, name) < 1:

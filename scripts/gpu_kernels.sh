@@ -25,8 +25,9 @@ case "${1:-}" in
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     ;;
   tests)
-    # Compiled kernels (not the interpreter) on the GPU; --noconftest: the suite's conftest wants Ray.
-    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" \
+    # Compiled kernels (not the interpreter) on the GPU, compiled by parallel workers (pytest-xdist);
+    # --noconftest: the suite's conftest wants Ray.
+    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" -n "${TEST_WORKERS:-8}" \
       "$ROOT"/tests/unit/test_triton_kernels.py "$ROOT"/tests/unit/test_fused_experts.py \
       "$ROOT"/tests/unit/test_launch_config.py "$ROOT"/tests/gpu
     ;;

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from moefleet.kernels import triton_moe
+from moefleet.kernels import fused_moe, triton_moe
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
@@ -51,4 +51,5 @@ def use_moe_config(monkeypatch, entry: dict) -> list:
         return {k: dict(v) for k, v in entry.items()}
 
     monkeypatch.setattr(triton_moe, "moe_config", fixed)
+    monkeypatch.setattr(fused_moe, "moe_config", fixed)
     return asked

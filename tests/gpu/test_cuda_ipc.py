@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from moefleet.core.cuda_ipc import export_tensor, open_tensor
-from moefleet.kernels.triton_moe import fused_experts, fused_topk
+from moefleet.kernels.fused_moe import fused_experts
+from moefleet.kernels.triton_moe import fused_topk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

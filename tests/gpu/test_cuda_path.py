@@ -13,7 +13,7 @@ import torch
 
 from moefleet.kernels.experts import ExpertStack
 from moefleet.kernels.layer import GateWeights, MoELayer
-from moefleet.kernels.triton_moe import fused_experts, fused_experts_reference
+from moefleet.kernels.fused_moe import fused_experts, fused_experts_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

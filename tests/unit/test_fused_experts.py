@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from moefleet.kernels import triton_moe
+from moefleet.kernels import fused_moe, triton_moe
 from moefleet.kernels.checks import DEBUG_ENV
+from moefleet.kernels.fused_moe import align_tiles, fused_experts, fused_experts_reference
 from moefleet.kernels.launch_config import CONFIG_DIR
 from moefleet.kernels.permute import align, rows_to_topk
-from moefleet.kernels.triton_moe import (
-    fused_experts,
-    fused_experts_reference,
-    fused_topk_reference,
-    grouped_ffn,
-    grouped_ffn_reference,
-)
+from moefleet.kernels.triton_moe import fused_topk_reference, grouped_ffn, grouped_ffn_reference
 from tests.kernel_helpers import DEVICE, ffn_weights, on_device, use_moe_config
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -63,6 +58,24 @@ def test_align_rejects_out_of_range_ids_when_checked_and_drops_them_when_not():
     a = align(ids, num_experts=4, check=False)
     assert a.expert_offsets.tolist() == [0, 1, 2, 2, 2]
     assert a.sorted_slots[:2].tolist() == [2, 0]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "experts", "block_m", "block_m_down"),
+    [(1, 2, 8, 16, None), (7, 2, 3, 16, 32), (37, 8, 256, 16, 64), (150, 2, 8, 64, 128), (65, 1, 1, 16, None)],
+)
+def test_align_kernel_gives_the_torch_alignment_and_tile_maps_bit_for_bit(tokens, top_k, experts, block_m, block_m_down):
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=g)
+    ids[torch.rand(tokens, top_k, generator=g) < 0.15] = -1  # dropped slots
+    ids[0, 0] = experts + 3 if tokens > 1 else ids[0, 0]  # out of range counts as dropped when unchecked
+    ids = on_device(ids)
+    got = align_tiles(ids, experts, block_m, block_m_down, check=False, use_kernel=True)
+    want = align_tiles(ids, experts, block_m, block_m_down, check=False, use_kernel=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for (te, tr), (we, wr) in zip(got[2:], want[2:]):
+        assert te.dtype == we.dtype == torch.int32 and tr.dtype == wr.dtype == torch.int64
+        assert torch.equal(te, we) and torch.equal(tr, wr)
 
 
 # --- fused experts against the reference -----------------------------------------
@@ -117,8 +130,8 @@ def test_fused_gather_reads_hidden_rows_in_the_first_gemm_without_a_gathered_cop
     # A worker's form: U output rows, each reading a row of a larger hidden [T, H] via token_index.
     use_moe_config(monkeypatch, small_entry())
     seen = []
-    real = triton_moe._launch_gate_up
-    monkeypatch.setattr(triton_moe, "_launch_gate_up", lambda x, *a, **k: (seen.append(x), real(x, *a, **k))[1])
+    real = fused_moe._launch_gate_up
+    monkeypatch.setattr(fused_moe, "_launch_gate_up", lambda x, *a, **k: (seen.append(x), real(x, *a, **k))[1])
     x = hidden_states(30, 40, seed=8)
     token_index = on_device(torch.tensor([29, 3, 17, 4, 0, 22, 11]))
     ids, weights = routing(7, 5, 2, seed=9, drop=[(1, 1)])
@@ -171,7 +184,7 @@ def test_combine_kernel_sums_each_tokens_slots_in_slot_order():
     want = want + extra
     y, ids, extra = on_device(y, ids, extra)
     out = on_device(torch.empty(tokens, hidden))
-    triton_moe._launch_combine(y, ids, 4, extra, out)
+    fused_moe._launch_combine(y, ids, 4, extra, out)
     assert torch.equal(out.cpu(), want)
 
 
