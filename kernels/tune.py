@@ -66,10 +66,13 @@ def candidates(kernel: str, rows: int, num_experts: int, elem_bytes: int, smem_b
             for (bn, bk), st in product([(32, 128), (32, 256), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)], [3, 4, 5])
         ]
         splits = [1, 2, 4]
-    elif kind == "mid":
+    elif kind == "mid":  # largest tiles first: a search cut short by the budget keeps them
         space = [
+            {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": st}
+            for bn, st in product([128, 256], [3, 4])
+        ] + [
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": st}
-            for bm, bn, bk, w, st in product([32, 64], [64, 128], [64, 128], [4, 8], [3, 4])
+            for bm, bn, bk, w, st in product([64, 32], [64, 128], [64, 128], [4, 8], [3, 4])
         ]
         splits = [1]
     else:
@@ -233,6 +236,14 @@ def tune(args: argparse.Namespace, log=print, device: str = "cuda", device_name:
         "winners": winners,
     }
     out = Path(args.out_dir) / launch_config.moe_config_file_name(e, f, device_name, dtype)
+    if args.merge and out.is_file():  # keep the buckets of the earlier file that this run did not tune
+        earlier = json.loads(out.read_text())
+        for key, entry in earlier.items():
+            if not key.startswith("_") and key not in table:
+                table[key] = entry
+                winners[key] = earlier.get("_meta", {}).get("winners", {}).get(key, {})
+        table["_meta"]["merged_with"] = earlier.get("_meta", {}).get("command")
+        table = {k: table[k] for k in sorted((k for k in table if not k.startswith("_")), key=int)} | {"_meta": table["_meta"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     launch_config.clear_caches()
@@ -251,6 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="T values: one bucket each")
     p.add_argument("--out-dir", default=str(launch_config.CONFIG_DIR))
     p.add_argument("--budget-s", type=float, default=600.0, help="stop searching after this many seconds")
+    p.add_argument("--merge", action="store_true", help="keep the existing file's buckets for rows not tuned now")
     p.add_argument("--keep", type=int, default=6, help="candidates re-timed at later T of a searched regime")
     p.add_argument("--warmup-ms", type=float, default=5.0)
     p.add_argument("--rep-ms", type=float, default=20.0)

@@ -27,9 +27,12 @@ case "${1:-}" in
   tests)
     # Compiled kernels (not the interpreter) on the GPU, compiled by parallel workers (pytest-xdist);
     # --noconftest: the suite's conftest wants Ray.
-    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" -n "${TEST_WORKERS:-8}" \
-      "$ROOT"/tests/unit/test_triton_kernels.py "$ROOT"/tests/unit/test_fused_experts.py \
-      "$ROOT"/tests/unit/test_launch_config.py "$ROOT"/tests/gpu
+    # TEST_FILES narrows the run (paths relative to the checkout).
+    files=()
+    for f in ${TEST_FILES:-tests/unit/test_triton_kernels.py tests/unit/test_fused_experts.py tests/unit/test_launch_config.py tests/gpu}; do
+      files+=("$ROOT/$f")
+    done
+    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" -n "${TEST_WORKERS:-8}" --durations=12 "${files[@]}"
     ;;
   bench)
     $PY "$ROOT"/benchmarks/bench_kernels.py --label "${3:-run}" --tokens 1 8 64 256 1024 4096 --extra-tokens 16384 \
@@ -37,11 +40,11 @@ case "${1:-}" in
     ;;
   tune-mixtral)
     $PY -m moefleet.kernels.tune --experts 8 --hidden 4096 --inter 14336 --top-k 2 \
-      --tokens 1 2 4 8 16 32 64 128 256 512 1024 2048 4096 --budget-s "${TUNE_BUDGET_S:-200}"
+      --tokens ${TUNE_TOKENS:-1 2 4 8 16 32 64 128 256 512 1024 2048 4096} --budget-s "${TUNE_BUDGET_S:-200}" ${TUNE_EXTRA:-}
     ;;
   tune-deepseek)
     $PY -m moefleet.kernels.tune --experts 256 --hidden 7168 --inter 2048 --top-k 8 \
-      --tokens 1 2 4 8 16 32 64 128 256 512 1024 2048 4096 16384 --budget-s "${TUNE_BUDGET_S:-200}"
+      --tokens ${TUNE_TOKENS:-1 2 4 8 16 32 64 128 256 512 1024 2048 4096 16384} --budget-s "${TUNE_BUDGET_S:-200}" ${TUNE_EXTRA:-}
     ;;
   transport)
     $PY "$ROOT"/benchmarks/bench_gpu_transport.py --out "$OUT/gpu_transport.json"

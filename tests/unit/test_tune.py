@@ -84,3 +84,15 @@ def test_tuner_rejects_bad_arguments_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         tune.parse_args(["--experts", "8", "--hidden", "64", "--inter", "64", "--top-k", "2", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_merge_keeps_the_earlier_files_buckets_that_were_not_tuned_again(tiny_search, tmp_path):
+    (tmp_path / "default.json").write_text((launch_config.CONFIG_DIR / "default.json").read_text())
+    base = ["--experts", "4", "--hidden", "24", "--inter", "20", "--top-k", "2", "--out-dir", str(tmp_path)]
+    tune.tune(tune.parse_args([*base, "--tokens", "1", "6"]), log=lambda *a: None, device="cpu", device_name="Test GPU")
+    _, path = tune.tune(
+        tune.parse_args([*base, "--tokens", "6", "9", "--merge"]), log=lambda *a: None, device="cpu", device_name="Test GPU"
+    )
+    written = json.loads(path.read_text())
+    assert [k for k in written if not k.startswith("_")] == ["2", "12", "18"]
+    assert "merged_with" in written["_meta"] and set(written["_meta"]["winners"]) == {"2", "12", "18"}
