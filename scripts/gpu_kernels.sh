@@ -32,7 +32,7 @@ case "${1:-}" in
     for f in ${TEST_FILES:-tests/unit/test_triton_kernels.py tests/unit/test_fused_experts.py tests/unit/test_launch_config.py tests/gpu}; do
       files+=("$ROOT/$f")
     done
-    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" -n "${TEST_WORKERS:-8}" --durations=12 "${files[@]}"
+    $PY -m pytest --noconftest -q -p no:cacheprovider --rootdir "$ROOT" -n "${TEST_WORKERS:-8}" --timeout "${TEST_TIMEOUT_S:-300}" --durations=12 "${files[@]}"
     ;;
   bench)
     $PY "$ROOT"/benchmarks/bench_kernels.py --label "${3:-run}" --tokens 1 8 64 256 1024 4096 --extra-tokens 16384 \

@@ -20,8 +20,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 KW = {"gated": True, "activation": "silu"}
 
 
+def recv(conn, timeout_s: float = 120.0):
+    """The worker's answer, or a failure (never a hang) if none comes."""
+    if not conn.poll(timeout_s):
+        pytest.fail(f"the worker process sent nothing in {timeout_s:.0f} s")
+    return conn.recv()
+
+
 def _worker(conn):
     """The worker side: open what the router sends, act on it, answer with handles."""
+    torch.cuda.init()
+    conn.send("ready")
     held = None
     while True:
         msg = conn.recv()
@@ -57,6 +66,7 @@ def worker():
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker, args=(child,), daemon=True)
     proc.start()
+    assert parent.poll(120) and parent.recv() == "ready", "the worker process did not start"
     yield parent
     parent.send(None)
     proc.join(timeout=30)
@@ -67,7 +77,7 @@ def test_handle_is_small_and_the_worker_writes_the_routers_memory_in_place(worke
     handle = export_tensor(x)
     assert len(pickle.dumps(handle)) < 2048
     worker.send(("add_one", handle))
-    assert worker.recv() == "done"
+    assert recv(worker) == "done"
     torch.cuda.synchronize()
     assert torch.equal(x, torch.arange(16 << 20, device="cuda", dtype=torch.float32) + 1)
 
@@ -81,12 +91,12 @@ def test_expert_step_on_shared_hidden_states_returns_the_same_bits_as_in_process
     ids, weights = fused_topk(torch.randn(tokens, experts, generator=g, device="cuda"), top_k, renormalize=True)
     want = fused_experts(x, ids, weights, w13, w2, out_dtype=torch.float32, **KW)
     worker.send(("experts", [export_tensor(t) for t in (x, ids, weights, w13, w2)]))
-    got = open_tensor(worker.recv())
+    got = open_tensor(recv(worker))
     assert got.device == x.device and got.shape == (tokens, hidden)
     assert torch.equal(got, want)
 
 
 def test_exported_memory_outlives_the_producers_own_reference(worker):
     worker.send(("export_and_drop", 1 << 20))
-    got = open_tensor(worker.recv())
+    got = open_tensor(recv(worker))
     assert torch.equal(got, torch.arange(1 << 20, device="cuda", dtype=torch.float32) * 3)
