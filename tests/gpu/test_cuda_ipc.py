@@ -6,6 +6,8 @@ Run by ``scripts/gpu_kernels.sh tests``; skipped without CUDA.
 """
 
 import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,13 @@ def _worker(conn):
 
 @pytest.fixture(scope="module")
 def worker():
+    # A spawned child imports this module again through sys.path, where pytest put the checkout first; on a
+    # machine that reaches the kernels through a shim package (scripts/gpu_kernels.sh), the child must find
+    # `moefleet` where this process found it.
+    import moefleet
+
+    found = str(Path(moefleet.__file__).resolve().parent.parent)
+    sys.path.insert(0, found)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker, args=(child,), daemon=True)
@@ -70,6 +79,7 @@ def worker():
     yield parent
     parent.send(None)
     proc.join(timeout=30)
+    sys.path.remove(found)
 
 
 def test_handle_is_small_and_the_worker_writes_the_routers_memory_in_place(worker):
