@@ -49,51 +49,63 @@ class FleetIngress:
     """Serve ingress: the router's serving path behind Serve's gRPC proxy."""
 
     def __init__(self, args: dict):
-        import asyncio
+        import uuid
+
+        import ray
 
         from moefleet.core.default_model import default_model_dir
         from moefleet.core.model import MoECheckpoint
         from moefleet.core.placement import spread_placement
         from moefleet.core.state import StateStore
-        from moefleet.expert_workers.group import expert_group_actor_class
+        from moefleet.expert_workers.launch import start_worker
 
         from .router import RouterCore
         from .server import MoEFleetServicer
-        from .transport import RayTransport, worker_actor_name
+        from .transport import RayTransport
 
         self.args = ServeAppArgs(**args)
         checkpoint = str(self.args.checkpoint or default_model_dir())
-        self.store = StateStore(self.args.resolved_redis_url(), namespace=self.args.namespace)
+        redis_url = self.args.resolved_redis_url()
+        self.store = StateStore(redis_url, namespace=self.args.namespace, socket_timeout_s=1.0)
         placement = self.store.get_placement()
         if placement is None:
             spec = MoECheckpoint(checkpoint).spec
             ids = [f"worker-{i}" for i in range(self.args.num_workers)]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
         wc = self.args.worker
-        cls = expert_group_actor_class()
         handles = [
-            cls.options(
-                name=worker_actor_name(d), namespace=self.args.namespace, lifetime="detached", get_if_exists=True,
-                num_cpus=wc.num_cpus, num_gpus=wc.num_gpus, resources=wc.resources, max_concurrency=wc.max_concurrency,
-            ).remote(d, checkpoint, [tuple(k) for k in keys], dtype=wc.dtype, backend=wc.backend)
+            start_worker(d, checkpoint, keys, self.args.namespace, wc, redis_url=redis_url)
             for d, keys in placement.assignments.items()
         ]
-        import ray
-
         ray.get([h.ready.remote() for h in handles])
         if self.store.placement_version() == 0:
             placement = self.store.publish_placement(placement, expected_version=0)
         self.core = RouterCore(checkpoint, self.args.router, RayTransport(self.args.namespace), dtype=wc.dtype)
         self.core.set_placement(self.store.get_placement() or placement)
-        loop = asyncio.get_event_loop()
-        self._watch = self.store.watch_placement(
-            lambda p: loop.call_soon_threadsafe(self.core.set_placement, p), since_version=self.core.placement.version
-        )
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (a test driving the class directly)
+            replica = uuid.uuid4().hex[:8]
+        self.ingress_id = f"ingress-{replica}"
+        self.runtime = None
         self.servicer = MoEFleetServicer(self.core)
+
+    async def _ensure_runtime(self) -> None:
+        """Start the placement watch, heartbeats and telemetry in the serving event loop (once)."""
+        if self.runtime is None:
+            from .runtime import RouterRuntime
+
+            self.runtime = RouterRuntime(self.core, self.store, self.ingress_id, kind="ingress")
+            self.runtime.start()
+            try:
+                await self.runtime.heartbeat()
+            except Exception as e:  # Redis down: the runtime keeps trying
+                log.warning("ingress %s: first heartbeat failed: %s", self.ingress_id, e)
 
     async def Forward(self, request, grpc_context=None):
         from .router import RequestError
 
+        await self._ensure_runtime()
         try:
             return await self.servicer._serve(request, None)
         except RequestError as e:
@@ -105,6 +117,7 @@ class FleetIngress:
             return pb.ForwardResponse(request_id=request.request_id, error_code=e.code.value[0], error_message=e.message)
 
     async def ForwardStream(self, request_stream, grpc_context=None):
+        await self._ensure_runtime()
         async for reply in self.servicer.stream(request_stream, None):
             yield reply
 
@@ -120,7 +133,8 @@ class FleetIngress:
             status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        await self._ensure_runtime()  # Serve calls this periodically from the replica's loop: the runtime starts early
         if not self.core.ready():
             raise RuntimeError("placement incomplete: some expert has no replica")
 
