@@ -248,7 +248,8 @@ class Reconciler:
         self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
         log.info(
             "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs (%s)",
-            published.version, diff.num_loads, len(diff.new_devices), len(diff.retired_devices), drained, elapsed, reason,
+            published.version, diff.num_loads, len(diff.new_devices), len([d for d in diff.retired_devices if d not in skip]),
+            drained, elapsed, reason,
         )
         return published
 
