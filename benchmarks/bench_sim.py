@@ -11,10 +11,10 @@
 2. **Latency** at a load the elastic fleet sustains (``load=0.12`` of the
    ideal balanced capacity): p50..p99.9 and balancedness over time, plotted.
 3. **Scale**: 512 devices (256 H100, 128 H200, 128 L4); wall time of the run.
-4. **Local mode, predicted** (the simulator's half of the reality check): a
-   calibration of this machine's expert FFN on one core, then the predicted
-   elastic/static ratio for the elasticity benchmark's setups. The measured
-   half needs local workers that own their cores.
+4. **Local mode, predicted**: a calibration of this machine's expert FFN on
+   one core, then the predicted elastic/static ratio for the elasticity
+   benchmark's setups (``bench_sim_reality.py`` measures one against a local
+   fleet).
 """
 
 from __future__ import annotations
@@ -147,11 +147,9 @@ def main() -> None:
         local.append({"workers": workers, "clients": clients, "max_moves": moves, "elastic": p["elastic"],
                       "static": p["static"], "predicted_ratio": p["ratio_elastic_over_static"]})
         figures[f"local_{workers}w_predicted_ratio"] = single(p["ratio_elastic_over_static"], "x",
-                                                              f"{workers} workers, {clients} clients (bench_elastic's setup)")
+                                                              f"{workers} workers, {clients} clients (bench_elastic's setups)")
     details["local_prediction"] = {"calibration": cal.__dict__, "runs": local}
     figures["local_calibration_rows_per_s"] = single(1 / cal.row_s, "rows/s", "one expert H=512 F=1536 fp32, one core")
-    goals.append(goal("local mode: predicted elastic/static within 20% of measured", None, "<=", 0.2, unit="relative error",
-                      note="not measured: the local fleet's workers do not yet own their cores"))
     print(f"local prediction: {[round(x['predicted_ratio'], 2) for x in local]}", flush=True)
 
     write_result(
