@@ -137,6 +137,7 @@ class Controller:
             drain_timeout_s=config.drain_timeout_s, local=config.local, redis_url=self.store.url, clock=clock,
         )
         self.reconciler.keepalive = self._keepalive
+        self.reconciler.expert_bytes = self._replica_bytes
         self.last_report: dict = {}
         self.down: set[str] = set()  # devices of the placement whose worker is dead
         self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
@@ -145,6 +146,13 @@ class Controller:
         self._store_ok_since: float | None = -float("inf")
         self._seen_generation = ""
         self._last_step = -float("inf")
+
+    def _replica_bytes(self, key) -> int:
+        """Bytes one replica of ``key`` holds on a worker (what the reconciler stages moves with)."""
+        eb = self.expert_bytes
+        if np.ndim(eb) == 0:
+            return int(eb)
+        return int(eb[self.layers.index(int(key[0])), int(key[1])])
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
