@@ -442,7 +442,10 @@ def controller_actor_class():
         """``autorun``: step every interval in a thread; otherwise step only when ``step()`` is called."""
 
         def __init__(self, config: dict, holder: str, autorun: bool = True):
-            self.controller = Controller(ControllerConfig(**config), holder=holder)
+            # Each incarnation is its own lease holder: one Ray restarted after a crash waits for the
+            # old lease to lapse and leads under a new fencing token, never under the dead one's.
+            incarnation = ray.get_runtime_context().was_current_actor_reconstructed
+            self.controller = Controller(ControllerConfig(**config), holder=f"{holder}-{uuid.uuid4().hex[:6]}" if incarnation else holder)
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self.controller.run, args=(self.stop,), daemon=True)
             if autorun:
