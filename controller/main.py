@@ -141,6 +141,7 @@ class Controller:
             drain_timeout_s=config.drain_timeout_s, local=config.local, redis_url=self.store.url, clock=clock,
         )
         self.reconciler.keepalive = self._keepalive
+        self.reconciler.expert_bytes = self._replica_bytes
         self.last_report: dict = {}
         self.down: set[str] = set()  # devices of the placement whose worker is dead
         self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
@@ -149,6 +150,13 @@ class Controller:
         self._store_ok_since: float | None = -float("inf")
         self._seen_generation = ""
         self._last_step = -float("inf")
+
+    def _replica_bytes(self, key) -> int:
+        """Bytes one replica of ``key`` holds on a worker (what the reconciler stages moves with)."""
+        eb = self.expert_bytes
+        if np.ndim(eb) == 0:
+            return int(eb)
+        return int(eb[self.layers.index(int(key[0])), int(key[1])])
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
@@ -420,7 +428,10 @@ def controller_actor_class():
         """``autorun``: step every interval in a thread; otherwise step only when ``step()`` is called."""
 
         def __init__(self, config: dict, holder: str, autorun: bool = True):
-            self.controller = Controller(ControllerConfig(**config), holder=holder)
+            # Each incarnation is its own lease holder: one Ray restarted after a crash waits for the
+            # old lease to lapse and leads under a new fencing token, never under the dead one's.
+            incarnation = ray.get_runtime_context().was_current_actor_reconstructed
+            self.controller = Controller(ControllerConfig(**config), holder=f"{holder}-{uuid.uuid4().hex[:6]}" if incarnation else holder)
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self.controller.run, args=(self.stop,), daemon=True)
             if autorun:

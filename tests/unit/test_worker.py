@@ -143,3 +143,19 @@ def test_commands_from_an_older_leader_are_refused(checkpoint):
     assert worker.experts() == [(0, 0), (0, 1)]
     worker.unload([(0, 0)], token=201)  # a newer leader is obeyed
     assert worker.experts() == [(0, 1)]
+
+
+def test_a_load_past_the_memory_budget_is_refused_and_changes_nothing(checkpoint):
+    from moefleet.expert_workers.slots import MemoryBudgetError
+
+    probe = ExpertGroupCore("p", str(checkpoint), [(0, 0)], backend="torch")
+    slot = probe._slots[0].slot_bytes({})  # bytes of one slot
+    # room for a stack of 4 slots (the first allocation) but not for growing it beside the old one
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=6 * slot)
+    assert worker.stats()["reserved_bytes"] == 4 * slot
+    with pytest.raises(MemoryBudgetError, match="no room"):
+        worker.load([(0, 4)])
+    assert worker.experts() == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    roomy = ExpertGroupCore("r", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=10 * slot)
+    roomy.load([(0, 4)])  # grows to 6 slots, not 8: 4 + 6 fit in 10 while the copy runs
+    assert roomy.stats()["reserved_bytes"] == 6 * slot
