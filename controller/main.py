@@ -330,7 +330,11 @@ class Controller:
             self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
             self._seen_generation = ""
         if current is None:
-            current = (self.recover_placement(records) if self._store_settled() else None) or Placement()
+            if not self._store_settled():  # workers have not had time to heartbeat into the store yet
+                report["skipped"] = "waiting for workers to report what they hold"
+                self.last_report = report
+                return report
+            current = self.recover_placement(records) or Placement()  # empty: a fleet with nothing placed yet
         self._seen_generation = current.generation or self._seen_generation
         report["placement_version"] = current.version
         # liveness and repair
