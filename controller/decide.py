@@ -56,6 +56,17 @@ class Decision:
     devices: list[DeviceSpec]
 
 
+def _memory_floor(devices: Sequence[DeviceSpec], load, expert_bytes, headroom: float) -> int:
+    """Fewest of ``devices`` (in order) whose memory holds every expert once: autoscaling never goes below it."""
+    need = float(np.sum(np.broadcast_to(np.asarray(expert_bytes, dtype=float), np.shape(load))))
+    have = 0.0
+    for i, d in enumerate(devices, 1):
+        have += d.memory_bytes * (1.0 - headroom)
+        if have >= need:
+            return i
+    return len(devices)
+
+
 def decide(
     config: ControllerConfig,
     record: Mapping[str, Any],
@@ -92,7 +103,8 @@ def decide(
         desired, policy_state = autoscale_step(
             config.autoscaling, queue_depths or {}, count, record.get("autoscale_state"), now
         )
-        desired = max(1, min(desired, len(active)))
+        desired = max(1, _memory_floor(active, load, expert_bytes, config.planner.headroom), min(desired, len(active)))
+        desired = min(desired, len(active))
         record["active_devices"], record["autoscale_state"] = desired, policy_state
         report["active_devices"] = desired
         active = active[:desired]
