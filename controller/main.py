@@ -53,7 +53,7 @@ from moefleet.kernels.experts import packed_kind
 from .autoscale import AutoscalingConfig
 from .decide import decide
 from .planner import Plan, PlannerKnobs
-from .reconciler import Reconciler
+from .reconciler import LoadFailedError, Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,18 @@ class Controller:
         self._store_ok_since: float | None = -float("inf")
         self._seen_generation = ""
         self._last_step = -float("inf")
+        self._full_until: dict[str, float] = {}  # device -> monotonic time until which it takes no new experts
+        self.full_cooldown_s = 60.0
+
+    def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
+        """A device whose worker refused loads lately, capped at what it holds now (the planner adds nothing there)."""
+        until = self._full_until.get(device.device_id)
+        if until is None or time.monotonic() >= until:
+            self._full_until.pop(device.device_id, None)
+            return device
+        held = sum(self._replica_bytes(k) for k in current.assignments.get(device.device_id, []))
+        cap = int(held / max(1e-9, 1.0 - self.config.planner.headroom)) + 1
+        return device.model_copy(update={"memory_bytes": min(device.memory_bytes, cap)})
 
     def _replica_bytes(self, key) -> int:
         """Bytes one replica of ``key`` holds on a worker (what the reconciler stages moves with)."""
@@ -352,7 +364,7 @@ class Controller:
             down_or_idle = down | idle_dead
         else:
             down_or_idle = down
-        devices = [d for d in inventory.devices if d.device_id not in unusable]
+        devices = [self._cap_if_full(d, current) for d in inventory.devices if d.device_id not in unusable]
         # finish or roll back what a previous leader left half-done
         pending = self.store.get_record("rebalance") or {}
         if pending.get("phase") and pending.get("holder") != self.holder:
@@ -376,8 +388,15 @@ class Controller:
         if result is not None and result.apply:
             reason = f"repair: {sorted(down)} down" if down else ("repair" if result.repaired else f"gain {result.gain:.3f}")
             t0 = time.monotonic()
-            published = self.reconciler.apply(result.target, reason=reason, skip=down)
-            report["applied_version"] = published.version
+            try:
+                published = self.reconciler.apply(result.target, reason=reason, skip=down)
+                report["applied_version"] = published.version
+            except LoadFailedError as e:
+                # the step was undone; a device that refused its loads takes no new experts for a while
+                log.warning("%s", e)
+                report["apply_error"] = str(e)
+                for d in e.errors:
+                    self._full_until[d] = time.monotonic() + self.full_cooldown_s
             report["apply_seconds"] = time.monotonic() - t0
         self._restart(down_or_idle)
         record["last_report"] = report

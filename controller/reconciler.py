@@ -41,6 +41,15 @@ from moefleet.core.config import WorkerConfig
 from moefleet.core.placement import DeviceId, DeviceSpec, ExpertKey, Placement, worker_actor_name
 from moefleet.core.state import LeaseLostError, StateStore
 
+
+
+class LoadFailedError(RuntimeError):
+    """A step's loads failed on some devices (out of memory, worker error); nothing was published."""
+
+    def __init__(self, errors: dict[DeviceId, str]):
+        self.errors = dict(errors)
+        super().__init__("loads failed, step undone: " + "; ".join(f"{d}: {e}" for d, e in sorted(self.errors.items())))
+
 log = logging.getLogger(__name__)
 
 
@@ -253,6 +262,39 @@ class Reconciler:
                 self._check_lease(what)
         return ray.get(list(refs))
 
+    def _wait_loads(self, pending: dict, diff: PlacementDiff, token) -> None:
+        """Wait for a step's loads; when any fails, take back what the step loaded and raise ``LoadFailedError``.
+
+        Nothing is published before every load succeeded, so undoing the loads
+        leaves the fleet serving the current placement, untouched.
+        """
+        import ray
+
+        try:
+            self._wait(list(pending.values()), "the loads end")
+            return
+        except LeaseLostError:
+            raise
+        except Exception:
+            pass
+        failed: dict[DeviceId, str] = {}
+        for d, ref in pending.items():
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - reported with the device it came from
+                failed[d] = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        undo = [self.handle(d).unload.remote([list(k) for k in diff.adds[d]], token) for d in pending]
+        try:
+            ray.get(undo, timeout=30)
+        except Exception as e:  # noqa: BLE001 - the next step converges workers to the placement anyway
+            log.warning("could not take back every load of a failed step: %s", e)
+        self._record(None)
+        try:
+            self.store.emit_event("rebalance_failed", {"devices": sorted(failed), "errors": failed})
+        except Exception as e:  # reporting only
+            log.warning("could not record the failed rebalance: %s", e)
+        raise LoadFailedError(failed)
+
     def _check_lease(self, what: str) -> None:
         if self.keepalive is not None and not self.keepalive():
             raise LeaseLostError(f"lease lost before {what}: stopping this rebalance (the next leader converges)")
@@ -301,13 +343,13 @@ class Reconciler:
         token = self._token()
         self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason)
         # 1. load what each device gains (new devices start with their experts)
-        pending = []
+        pending: dict[DeviceId, object] = {}
         for d, keys in diff.adds.items():
             if d in skip:
                 continue
             h = self.handle(d, keys if d in diff.new_devices else [])
-            pending.append(h.load.remote([list(k) for k in keys], token))
-        self._wait(pending, "the loads end")
+            pending[d] = h.load.remote([list(k) for k in keys], token)
+        self._wait_loads(pending, diff, token)
         # 2. publish: routers switch without waiting
         self._check_lease("publish")
         published = self.store.publish_placement(target, expected_version=current.version, fence=self.fence)

@@ -273,3 +273,46 @@ def test_a_worker_side_value_error_is_a_failed_call_not_a_dead_worker(ray_cluste
     assert gone.dead and gone.retryable
     ray.kill(actor)
     assert wait_for(lambda: asyncio.run(call("w0")).dead, 10)
+
+
+def test_a_step_whose_loads_a_worker_refuses_is_undone_and_nothing_is_published(fleet):
+    """The planner's arithmetic says a device has room, its worker's memory budget says no (slot stacks,
+    quarantine): the step takes back every load it made, publishes nothing, records why, and serving goes on."""
+    from moefleet.controller.reconciler import LoadFailedError
+    from moefleet.core.model import MoECheckpoint
+    from moefleet.core.placement import DeviceSpec
+    from moefleet.expert_workers.launch import start_worker
+
+    store = fleet.store
+    ckpt = MoECheckpoint(fleet.checkpoint)
+    layer = ckpt.spec.moe_layers[0]
+    per_expert = ckpt.expert_bytes(layer, "float32")
+    small = start_worker("worker-small", fleet.checkpoint, [], fleet.config.namespace, fleet.worker_config(None),
+                         redis_url=fleet.redis_url, memory_bytes=5 * per_expert)  # one stack of 4 fits, 8 do not
+    ray.get(small.experts.remote())
+    rec = _reconciler(fleet, "leader-mem", ttl=10)
+    rec.devices["worker-small"] = DeviceSpec(device_id="worker-small", node_id="local", kind="gpu",
+                                             accelerator_type="local-cpu", memory_bytes=100 * per_expert)
+    traffic = Traffic(fleet.address, fleet.model).start()
+    try:
+        assert wait_for(lambda: traffic.answered() > 10, 30)
+        current = store.get_placement()
+        held_before = _held(fleet)
+        target = Placement(assignments={**current.assignments,
+                                        "worker-small": [(layer, e) for e in range(ckpt.spec.layer.num_experts)]})
+        with pytest.raises(LoadFailedError) as err:
+            rec.apply(target, reason="more than the worker's budget")
+        assert set(err.value.errors) == {"worker-small"} and "no room" in err.value.errors["worker-small"]
+        assert store.get_placement().version == current.version
+        assert ray.get(small.experts.remote()) == []  # what it loaded before running out was taken back
+        assert {d: h for d, h in _held(fleet).items() if d in held_before} == held_before
+        failed = [e.data for e in store.events(50) if e.kind == "rebalance_failed"]
+        assert failed and failed[0]["devices"] == ["worker-small"]
+        assert (store.get_record("rebalance") or {}).get("phase") is None  # no half-done rebalance left behind
+        n = traffic.answered()
+        assert wait_for(lambda: traffic.answered() > n + 10, 30)
+    finally:
+        traffic.stop()
+        store.release_lease("leader-mem")
+        ray.kill(small)
+    assert traffic.wrong == 0 and traffic.failures() == []
