@@ -95,8 +95,30 @@ def _fleet_config(args):
 
     return FleetConfig(
         checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
-        router=RouterConfig(port=args.port), worker=WorkerConfig(num_cpus=args.worker_cpus),
+        router=RouterConfig(port=args.port, **_security_settings(args)), worker=WorkerConfig(num_cpus=args.worker_cpus),
     )
+
+
+SECURITY_FLAGS = ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _security_settings(args) -> dict:
+    """RouterConfig's token and TLS settings from ``up``'s flags (absolute paths: the fleet runs elsewhere)."""
+    import os
+
+    return {k: os.path.abspath(getattr(args, k)) for k in SECURITY_FLAGS if getattr(args, k, None)}
+
+
+def _client_kwargs(args, state: dict | None) -> dict:
+    """Token and TLS for the CLI's own calls: --tls-ca/--tls-cert/--tls-key, the local fleet's token file, else
+    $MOEFLEET_AUTH_TOKEN (read by the client)."""
+    from moefleet.core.secrets import read_secret_file
+
+    kw = {k: getattr(args, k) for k in ("tls_ca", "tls_cert", "tls_key") if getattr(args, k, None)}
+    token_file = (state or {}).get("auth_token_file")
+    if token_file:
+        kw["token"] = read_secret_file(token_file, "auth_token_file")
+    return kw
 
 
 def cmd_up(args) -> int:
@@ -117,6 +139,8 @@ def cmd_up(args) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "moefleet.cli", "up", "--foreground", "--workers", str(args.workers), "--port", str(args.port),
             "--worker-cpus", str(args.worker_cpus)]
+    for key, value in _security_settings(args).items():
+        argv += ["--" + key.replace("_", "-"), value]
     if args.checkpoint:
         argv += ["--checkpoint", args.checkpoint]
     if args.redis_url:
@@ -155,11 +179,14 @@ def _up_foreground(cfg, args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         address = fleet.start()
+        from moefleet.core.secrets import redact_url, write_private_file
+
         state = {"pid": os.getpid(), "address": address, "redis_url": fleet.redis_url, "namespace": cfg.namespace,
-                 "checkpoint": fleet.checkpoint, "workers": list(fleet.workers)}
+                 "checkpoint": fleet.checkpoint, "workers": list(fleet.workers),
+                 "auth_token_file": cfg.router.auth_token_file, "tls": cfg.router.tls_cert is not None}
         f = state_file()
-        f.write_text(json.dumps(state, indent=2))
-        print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers, Redis {fleet.redis_url}", flush=True)
+        write_private_file(f, json.dumps(state, indent=2))  # the Redis URL holds its password: this user only
+        print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers, Redis {redact_url(fleet.redis_url)}", flush=True)
         stop.wait()
     finally:
         fleet.stop()
@@ -205,7 +232,7 @@ def cmd_status(args) -> int:
 
     address, state = _address(args)
     console = Console()
-    with FleetClient(address, timeout=10) as client:
+    with FleetClient(address, timeout=10, **_client_kwargs(args, state)) as client:
         p = client.placement()
     load = {}
     if state:
@@ -231,7 +258,7 @@ def cmd_demo(args) -> int:
     address, state = _address(args)
     checkpoint = args.checkpoint or (state or {}).get("checkpoint")
     return asyncio.run(run_demo(address, checkpoint, duration_s=args.duration, concurrency=args.concurrency,
-                                tokens=args.tokens, shift_s=args.shift))
+                                tokens=args.tokens, shift_s=args.shift, client_kwargs=_client_kwargs(args, state)))
 
 
 def cmd_deploy(args) -> int:
@@ -264,6 +291,12 @@ def cmd_deploy(args) -> int:
     return subprocess.call([serve_bin, "deploy", f.name, "--address", args.address])
 
 
+def _client_flags(p) -> None:
+    p.add_argument("--tls-ca", help="PEM CA bundle that signed the router's certificate (TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-fleet", description="Elastic expert serving for MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="gRPC port on 127.0.0.1 (0: any free port)")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until interrupted")
+    p.add_argument("--auth-token-file", help="require this bearer token on every RPC (default: $MOEFLEET_AUTH_TOKEN if set)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the fleet to come up")
     p.set_defaults(fn=cmd_up)
     p = sub.add_parser("down", help="stop the local fleet")
@@ -290,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="placement and per-expert load as a table")
     p.add_argument("--address", help="router address (default: the local fleet)")
     p.add_argument("--window", type=int, default=10, help="seconds of load to show")
+    _client_flags(p)
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("demo", help="drive skewed, drifting traffic at the fleet and show per-expert load live")
     p.add_argument("--address", help="router address (default: the local fleet)")
@@ -298,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--shift", type=float, default=5.0, help="seconds between shifts of the hot experts")
+    _client_flags(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("deploy", help="start the fleet on an existing Ray cluster (serve deploy of the generated config)")
     p.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's dashboard address")

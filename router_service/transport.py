@@ -13,12 +13,15 @@ in-process fleet and tests of the serving path without a cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import numpy as np
 
+import grpc
+
 from .dispatch import WorkerBatch
-from .router import WorkerCallError
+from .router import RequestError, WorkerCallError
 
 WORKER_PREFIX = "moefleet-worker:"
 INLINE_BYTES = 64 << 10  # under Ray's 100 KiB inline-argument limit
@@ -55,12 +58,13 @@ class RayTransport:
             return hidden
         return self._ray.put(hidden)
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         try:
             ref = self.handle(worker).forward.remote(
-                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens)
+                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens),
+                deadline=deadline,
             )
             return await ref
         except ValueError as e:  # no actor of that name (retired, or not started yet)
@@ -71,6 +75,8 @@ class RayTransport:
             raise WorkerCallError(worker, e, retryable=True) from e
         except RayTaskError as e:
             cause = e.as_instanceof_cause()
+            if isinstance(cause, TimeoutError):  # DeadlineExpiredError: the worker did not start it
+                raise _expired(worker) from e
             stale = isinstance(cause, LookupError)  # ExpertNotLoadedError: the placement moved on
             raise WorkerCallError(worker, LookupError(str(cause)) if stale else cause, retryable=stale) from e
 
@@ -84,15 +90,24 @@ class LocalTransport:
     def share(self, hidden: np.ndarray) -> Any:
         return hidden
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         w = self.workers.get(worker)
         if w is None:
             raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                None, w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
-                len(batch.unique_tokens),
+                None,
+                functools.partial(
+                    w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
+                    len(batch.unique_tokens), deadline=deadline,
+                ),
             )
+        except TimeoutError as e:
+            raise _expired(worker) from e
         except LookupError as e:
             raise WorkerCallError(worker, e, retryable=True) from e
+
+
+def _expired(worker: str) -> RequestError:
+    return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline expired before worker {worker} started the batch; not computed")
