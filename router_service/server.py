@@ -106,16 +106,20 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         replies: asyncio.Queue = asyncio.Queue()  # holds at most stream_window items: each holds a window slot
         tasks: set[asyncio.Task] = set()
         end = object()
+        unanswered = 0  # items read whose reply has not been taken from the queue
 
         async def one(raw):
             try:
                 reply = await self._serve(raw, deadline)
             except RequestError as e:
-                request_id = raw.request_id if isinstance(raw, pb.ForwardRequest) else _request_id(raw)
-                reply = error_reply(request_id, e)
+                reply = error_reply(_request_id(raw), e)
+            except Exception as e:  # a bug: answer the item (INTERNAL) rather than leave the stream waiting
+                log.exception("router: stream item failed")
+                reply = error_reply(_request_id(raw), RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
             await replies.put(reply)
 
         async def read():
+            nonlocal unanswered
             it = request_iterator.__aiter__()
             try:
                 while True:
@@ -125,6 +129,7 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
                     except StopAsyncIteration:
                         window.release()
                         return
+                    unanswered += 1
                     t = asyncio.create_task(one(raw))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
@@ -134,13 +139,14 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         reader = asyncio.create_task(read())
         reading = True
         try:
-            while reading or tasks or not replies.empty():
+            while reading or unanswered:
                 item = await replies.get()
                 if item is end:
                     reading = False
-                    if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                    if not reader.cancelled() and reader.exception() is not None:
                         raise reader.exception()
                     continue
+                unanswered -= 1
                 yield item  # returns once the reply is written: the client's reading paces the stream
                 window.release()
         finally:
@@ -168,7 +174,9 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
 
 
 def _request_id(raw) -> str:
-    """The request_id of an unparseable request, when its bytes still hold one (else empty)."""
+    """The request_id of a request, even an unparseable one when its bytes still hold it (else empty)."""
+    if isinstance(raw, pb.ForwardRequest):
+        return raw.request_id
     try:
         msg = pb.ForwardRequest()
         msg.MergeFromString(bytes(raw))

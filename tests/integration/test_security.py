@@ -107,19 +107,32 @@ def test_health_checks_are_open_without_a_token(authed):
 
 def test_stream_without_the_token_is_unauthenticated(authed, model, monkeypatch):
     monkeypatch.delenv(security.AUTH_TOKEN_ENV, raising=False)
-    hidden = torch.randn(2, model.spec.layer.hidden_size)
+    from moefleet.router_service import codec
 
-    async def run(token):
-        client = AsyncFleetClient(authed.address, token=token)
+    request = pb.ForwardRequest(layer=model.moe_layers[0], hidden=codec.encode(torch.randn(2, model.spec.layer.hidden_size)))
+
+    async def refused():
+        async def requests():  # the refusal comes on the headers, before any message: nothing is sent until then
+            await asyncio.sleep(0.5)
+            yield request
+
+        async with grpc.aio.insecure_channel(authed.address) as channel:
+            call = pb_grpc.MoEFleetStub(channel).ForwardStream(requests(), metadata=(("authorization", "Bearer wrong"),))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [r async for r in call]
+            return e.value
+
+    error = asyncio.run(refused())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "invalid bearer token" in error.details()
+
+    async def accepted():
+        client = AsyncFleetClient(authed.address, token=TOKEN)
         try:
-            return [r async for r in client.forward_stream([(model.moe_layers[0], hidden)] * 3)]
+            return [r async for r in client.forward_stream([(model.moe_layers[0], torch.randn(2, 32))] * 3)]
         finally:
             await client.close()
 
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        asyncio.run(run(None))
-    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    replies = asyncio.run(run(TOKEN))
+    replies = asyncio.run(accepted())
     assert len(replies) == 3 and all(isinstance(r, torch.Tensor) for _, r in replies)
 
 
