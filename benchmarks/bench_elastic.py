@@ -118,7 +118,7 @@ def run(mode: str, path: str, args, redis_url: str) -> dict:
             t.join(timeout=120)
     fleet.stop()
     if mode == "elastic":  # the controller's detached workers
-        from moefleet.router_service.transport import worker_actor_name
+        from moefleet.core.placement import worker_actor_name
 
         for d in store.get_placement().assignments:
             try:

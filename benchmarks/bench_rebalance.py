@@ -97,7 +97,7 @@ def main() -> None:
             t.join(timeout=60)
         fleet.stop()
         for d in store.get_placement().assignments:  # the controller's detached workers
-            from moefleet.router_service.transport import worker_actor_name
+            from moefleet.core.placement import worker_actor_name
 
             try:
                 ray.kill(ray.get_actor(worker_actor_name(d), namespace=ns))

@@ -1,17 +1,29 @@
-"""The controller: one leader at a time turns load into placement, step by step.
+"""The controller: one leader at a time turns load into placement, and keeps the fleet whole.
 
-Each step of the leader (every ``interval_s``):
+Each step of the leader (every ``interval_s``; liveness every ``health_interval_s``):
 
-1. read the decayed per-expert load from Redis (or from a recorded trace);
-2. autoscaling: the number of active devices follows the workers' queue depth
+1. liveness: a worker of the placement whose heartbeat lapsed (judged on the
+   store's clock, confirmed by asking Ray) is down. The step then plans at
+   once without it: its experts are re-placed on the survivors (a repair, made
+   past the copy cap), routers already avoid it, and a fresh worker is started
+   for the device; once it heartbeats it is a device the planner can use again;
+2. convergence: live workers are made to hold what the placement says (what a
+   leader that died mid-rebalance loaded but never published is unloaded;
+   what a placement names but a worker lacks is loaded);
+3. autoscaling: the number of active devices follows the workers' queue depth
    (pure policy in ``autoscale.py``; its state is returned and stored in Redis);
-3. plan (pure, ``planner.plan``) from load, the active devices and the current
-   placement; the plan's predicted gain is recorded whether or not it is applied;
-4. if the plan says so, the reconciler applies it without pausing requests.
+4. plan (pure, ``planner.plan``) from the decayed load, the active live
+   devices and the current placement; the plan's predicted gain is recorded
+   whether or not it is applied;
+5. if the plan says so, the reconciler applies it without pausing requests,
+   fenced by the lease.
 
-Leadership: a lease in Redis. A follower polls for it; when the leader dies
-its lease lapses (Redis expiry) and the follower takes over within the lease
-time, continuing from the placement and records in Redis.
+Leadership: a lease in Redis with a fencing token. A follower polls for it;
+when the leader dies its lease lapses and the follower takes over within the
+lease time, continuing from the placement and records in Redis. While Redis
+is unreachable the leader pauses (it cannot renew, so it stops acting); when
+Redis is back it re-acquires, and if Redis lost its data it republishes the
+placement the workers actually hold as a new generation.
 
     python -m moefleet.controller.main --config controller.yaml
 """
@@ -31,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
-from moefleet.core.placement import DeviceSpec, Inventory, Placement
+from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_actor_name
 from moefleet.core.state import StateStore, resolve_redis_url
 
 from .autoscale import AutoscalingConfig, autoscale_step
@@ -53,6 +65,10 @@ class ControllerConfig(BaseModel):
     namespace: str = Field(default="moefleet", description="Ray namespace and Redis key prefix.")
     ray_address: str | None = Field(default="auto", description="Ray cluster to join ('auto', an address, or None for none).")
     interval_s: float = Field(default=2.0, gt=0, description="Seconds between control steps.")
+    health_interval_s: float = Field(
+        default=0.25, gt=0, description="Seconds between liveness checks of the placement's workers (a death triggers a step)."
+    )
+    restart_workers: bool = Field(default=True, description="Start a fresh worker for a device whose worker died.")
     lease_ttl_s: float = Field(default=5.0, gt=0, description="Leader lease; a dead leader is replaced within this.")
     load_window_s: float = Field(default=1.0, gt=0, description="Width of the routers' load windows.")
     load_windows: int = Field(default=30, gt=0, description="Windows of load the planner looks at.")
@@ -89,7 +105,7 @@ class Controller:
 
         self.config = config
         self.holder = holder or f"controller-{uuid.uuid4().hex[:8]}"
-        self.store = store or StateStore(resolve_redis_url(config.redis_url), namespace=config.namespace)
+        self.store = store or StateStore(resolve_redis_url(config.redis_url), namespace=config.namespace, socket_timeout_s=2.0)
         self.checkpoint = str(config.checkpoint or default_model_dir())
         self.spec = MoECheckpoint(self.checkpoint).spec
         self.layers = list(self.spec.moe_layers)
@@ -97,13 +113,22 @@ class Controller:
         self.expert_bytes = ls.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[config.worker.dtype or self.spec.dtype]
         self.clock = clock
         self.leader = False
+        self.token = 0
         self._trace = json.loads(Path(config.trace).read_text()) if config.trace else None
         self._trace_start: float | None = None
         self.reconciler = Reconciler(
             self.store, self.checkpoint, config.namespace, config.worker, {d.device_id: d for d in config.devices},
-            drain_timeout_s=config.drain_timeout_s, local=config.local, clock=clock,
+            drain_timeout_s=config.drain_timeout_s, local=config.local, redis_url=self.store.url, clock=clock,
         )
+        self.reconciler.keepalive = self._keepalive
         self.last_report: dict = {}
+        self.down: set[str] = set()  # devices of the placement whose worker is dead
+        self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
+        # monotonic time since which the store has answered (None while it does not): heartbeats are
+        # judged only once it has answered longer than a heartbeat lives (after an outage or a reset)
+        self._store_ok_since: float | None = -float("inf")
+        self._seen_generation = ""
+        self._last_step = -float("inf")
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
@@ -115,63 +140,203 @@ class Controller:
 
         return inventory_from_nodes(ray.nodes())
 
-    def load(self, now: float) -> np.ndarray:
+    def load(self, now: float | None) -> np.ndarray:
         c = self.config
         if self._trace is not None:
+            now = self.clock() if now is None else now
             if self._trace_start is None:
                 self._trace_start = now
             t = now - self._trace_start
             entries = self._trace["steps"]
             step = max((s for s in entries if s["t"] <= t), key=lambda s: s["t"], default=entries[0])
             return np.asarray(step["load"], dtype=float)
-        raw = self.store.read_load(now, c.load_window_s, c.load_windows, c.load_half_life_s)
+        raw = self.store.read_load(None, c.load_window_s, c.load_windows, c.load_half_life_s)
         return load_matrix(raw, self.layers, self.spec.layer.num_experts)
 
-    def queue_depths(self) -> dict[str, float]:
-        """Workers' queue depth (in-flight calls), by device id."""
-        import ray
+    def worker_records(self) -> dict[str, dict]:
+        """Live workers' heartbeat info by device id (the store's clock)."""
+        return {k.split(":", 1)[1]: v for k, v in self.store.workers().items() if k.startswith("worker:")}
 
-        from moefleet.router_service.transport import worker_actor_name
-
-        current = self.store.get_placement() or Placement()
-        out = {}
-        for d in current.assignments:
-            try:
-                out[d] = float(ray.get(ray.get_actor(worker_actor_name(d), namespace=self.config.namespace).stats.remote(), timeout=5)["queue_depth"])
-            except Exception as e:  # an unreachable worker reports nothing this round
-                log.warning("queue depth of %s unavailable: %s", d, e)
-        return out
+    def queue_depths(self, records: dict[str, dict] | None = None) -> dict[str, float]:
+        """Workers' queue depth (in-flight calls), by device id, from their heartbeats."""
+        records = self.worker_records() if records is None else records
+        return {d: float(info.get("queue_depth", 0)) for d, info in records.items()}
 
     # -- leadership ------------------------------------------------------
-    def hold_lease(self, now: float) -> bool:
+    def hold_lease(self) -> bool:
         ttl = self.config.lease_ttl_s
         if self.leader:
-            self.leader = self.store.renew_lease(self.holder, ttl, now)
+            self.token = self.store.renew_lease(self.holder, ttl, token=self.token)
+            self.leader = bool(self.token)
             if not self.leader:
                 log.warning("%s lost the leader lease", self.holder)
         if not self.leader:
-            self.leader = self.store.try_acquire_lease(self.holder, ttl, now)
+            self.token = self.store.try_acquire_lease(self.holder, ttl)
+            self.leader = bool(self.token)
             if self.leader:
-                log.info("%s is the leader", self.holder)
-                self.store.emit_event("leader", {"holder": self.holder}, now)
+                log.info("%s is the leader (fencing token %d)", self.holder, self.token)
+                self.store.emit_event("leader", {"holder": self.holder, "token": self.token})
+        self.reconciler.fence = (self.holder, self.token) if self.leader else None
         return self.leader
 
+    def _keepalive(self) -> bool:
+        """Renew the lease under our token (the reconciler calls this before publishing and unloading)."""
+        try:
+            self.token = self.store.renew_lease(self.holder, self.config.lease_ttl_s, token=self.token)
+        except Exception as e:  # the store is down: we cannot prove we lead, so we do not act
+            log.warning("%s: lease renewal failed: %s", self.holder, e)
+            self.token = 0
+        self.leader = bool(self.token)
+        return self.leader
+
+    # -- liveness --------------------------------------------------------
+    def _store_settled(self) -> bool:
+        """Heartbeats are trusted once the store has answered for longer than a heartbeat's lifetime."""
+        from moefleet.expert_workers.group import HEARTBEAT_TTL_S
+
+        return self._store_ok_since is not None and time.monotonic() - self._store_ok_since > HEARTBEAT_TTL_S + 0.25
+
+    def _ray_alive(self, device: str) -> bool:
+        """Ask Ray whether the device's worker answers (a lapsed heartbeat may be the worker's link to Redis)."""
+        import ray
+
+        try:
+            h = ray.get_actor(worker_actor_name(device), namespace=self.config.namespace)
+            ray.get(h.ready.remote(), timeout=0.5)
+            return True
+        except Exception:  # no such actor, dead, or not answering within the timeout
+            return False
+
+    def find_down(self, placement: Placement, records: dict[str, dict]) -> set[str]:
+        """Devices of ``placement`` whose worker is dead (no heartbeat, and Ray confirms)."""
+        if not self._store_settled():
+            return set()
+        down = set()
+        for d in placement.assignments:
+            if d in records or d in self._restarting:
+                continue
+            if not self._ray_alive(d):
+                down.add(d)
+        return down
+
+    def _restart(self, devices: set[str]) -> None:
+        """Start a fresh, empty worker for each device whose worker died, once Ray has released its name."""
+        if not self.config.restart_workers:
+            return
+        import ray
+
+        for d in sorted(devices):
+            if d in self._restarting:
+                continue
+            try:
+                old = ray.get_actor(worker_actor_name(d), namespace=self.config.namespace)
+            except ValueError:
+                old = None
+            if old is not None:
+                if self._ray_alive(d):
+                    continue  # it answers after all
+                ray.kill(old, no_restart=True)  # a dead actor can keep its name until killed: free it
+                time.sleep(0.05)
+            try:
+                h = self.reconciler.handle(d, [])
+                self._restarting[d] = (h, h.ready.remote(), time.monotonic())
+                log.info("started a fresh worker for device %s", d)
+                self.store.emit_event("worker_restart", {"device": d})
+            except Exception as e:  # Ray refused (no resources, name taken): tried again next step
+                log.warning("could not restart the worker of %s: %s", d, e)
+
+    def _poll_restarts(self, records: dict[str, dict]) -> None:
+        import ray
+
+        for d, (h, ref, t0) in list(self._restarting.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # it died while starting: try again
+                    log.warning("restarted worker of %s failed to start: %s", d, e)
+                    del self._restarting[d]
+                    continue
+                if d in records:  # heartbeating: a device again
+                    del self._restarting[d]
+                    log.info("worker of %s is back after %.1fs", d, time.monotonic() - t0)
+
+    # -- recovery ----------------------------------------------------------
+    def recover_placement(self, records: dict[str, dict]) -> Placement | None:
+        """The store lost the placement table: republish what the live workers hold, as a new generation."""
+        held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()}
+        held = {d: keys for d, keys in held.items() if keys}
+        if not held:
+            return None
+        recovered = Placement(assignments=held)
+        published = self.store.publish_placement(recovered, expected_version=0, fence=(self.holder, self.token))
+        log.warning("placement table was lost; republished what %d workers hold as v%d (generation %s)",
+                    len(held), published.version, published.generation)
+        self.store.emit_event("placement_recovered", {"version": published.version, "generation": published.generation})
+        return published
+
     # -- one step --------------------------------------------------------
+    def health(self) -> bool:
+        """Quick liveness check; True when a placement worker is newly down (the caller steps at once)."""
+        if not self.leader:
+            return False
+        current = self.store.get_placement()
+        if current is None:
+            return False
+        newly = self.find_down(current, self.worker_records()) - self.down
+        return bool(newly)
+
     def step(self, now: float | None = None) -> dict | None:
         """One control step if leader; returns the report (also stored in Redis), or None as follower."""
-        now = self.clock() if now is None else now
-        if not self.hold_lease(now):
+        now = self.store.time() if now is None else now
+        if not self.hold_lease():
             return None
         record = self.store.get_record(RECORD) or {}
         inventory = self.inventory()
-        devices = inventory.devices
         self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
-        current = self.store.get_placement() or Placement()
-        report: dict = {"at": now, "holder": self.holder, "placement_version": current.version}
+        records = self.worker_records()
+        self._poll_restarts(records)
+        current = self.store.get_placement()
+        report: dict = {"at": now, "holder": self.holder}
+        if current is None and self._seen_generation and self._store_settled():
+            self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
+            self._seen_generation = ""
+        if current is None:
+            current = (self.recover_placement(records) if self._store_settled() else None) or Placement()
+        self._seen_generation = current.generation or self._seen_generation
+        report["placement_version"] = current.version
+        # liveness and repair
+        down = self.find_down(current, records) if current.assignments else set()
+        if down - self.down:
+            log.warning("worker(s) down: %s", sorted(down - self.down))
+            self.store.emit_event("worker_down", {"devices": sorted(down - self.down)})
+        self.down = down
+        report["down"] = sorted(down)
+        unusable = down | set(self._restarting)
+        if self.config.local:
+            # local devices are this machine's workers: one without a live worker is restarted, not planned on
+            idle_dead = {d.device_id for d in inventory.devices if d.device_id not in records and d.device_id not in current.assignments}
+            unusable |= idle_dead
+            down_or_idle = down | idle_dead
+        else:
+            down_or_idle = down
+        devices = [d for d in inventory.devices if d.device_id not in unusable]
+        # finish or roll back what a previous leader left half-done
+        pending = self.store.get_record("rebalance") or {}
+        if pending.get("phase") and pending.get("holder") != self.holder:
+            what = "completing" if pending["phase"] == "published" else "rolling back"
+            log.warning("%s a rebalance left at phase %r by %s", what, pending["phase"], pending.get("holder"))
+            self.store.emit_event("rebalance_resumed", {"action": what, **pending})
+        if current.version and not down:
+            live_held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()
+                         if d not in unusable and "experts" in info}
+            diff = self.reconciler.converge(current, live_held)
+            if pending.get("phase") and pending.get("holder") != self.holder and not diff.removes and not diff.adds:
+                self.store.put_record("rebalance", {"phase": None, "at": now, "holder": self.holder})
         if self.config.autoscaling is not None:
             active = int(record.get("active_devices") or len(current.assignments) or len(devices))
             desired, policy_state = autoscale_step(
-                self.config.autoscaling, self.queue_depths(), active, record.get("autoscale_state"), now
+                self.config.autoscaling, self.queue_depths(records), active, record.get("autoscale_state"), now
             )
             desired = max(1, min(desired, len(devices)))
             record["active_devices"], record["autoscale_state"] = desired, policy_state
@@ -179,43 +344,76 @@ class Controller:
             devices = devices[:desired]
         load = self.load(now)
         report["tokens"] = float(load.sum())
-        if load.sum() < self.config.min_tokens and current.version > 0:
+        if not devices:
+            report["skipped"] = "no live device"
+        elif load.sum() < self.config.min_tokens and current.version > 0 and not down:
             report["skipped"] = "too little load to plan from"
         else:
+            if load.sum() == 0:
+                load = np.ones_like(load)  # nothing measured yet (a repair after a fresh start): treat experts alike
             result: Plan = plan(
                 load, Inventory(devices=devices), current, self.config.planner, expert_bytes=self.expert_bytes, layers=self.layers
             )
             report.update(
                 balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
-                gain=result.gain, copies=result.copies, apply=result.apply,
+                gain=result.gain, copies=result.copies, apply=result.apply, repaired=result.repaired,
             )
-            if result.apply and self.store.renew_lease(self.holder, self.config.lease_ttl_s, self.clock()):
-                published = self.reconciler.apply(result.target, reason=f"gain {result.gain:.3f}")
+            if result.apply:
+                reason = f"repair: {sorted(down)} down" if down else (
+                    "repair" if result.repaired else f"gain {result.gain:.3f}")
+                t0 = time.monotonic()
+                published = self.reconciler.apply(result.target, reason=reason, skip=down)
                 report["applied_version"] = published.version
+                report["apply_seconds"] = time.monotonic() - t0
+        self._restart(down_or_idle)
         record["last_report"] = report
         self.store.put_record(RECORD, record)
-        self.store.emit_event("plan", report, now)
+        self.store.emit_event("plan", report)
         self.last_report = report
         return report
 
     def run(self, stop: threading.Event) -> None:
-        """Step every ``interval_s`` until ``stop`` is set (followers poll for the lease at the same pace)."""
+        """Step every ``interval_s`` (at once when a worker dies) until ``stop`` is set; followers poll for the lease."""
+        from moefleet.core.state import StateStoreUnavailable
+
+        c = self.config
+        store_down = False
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                self.step()
+                if self._store_ok_since is None and self.store.ping():
+                    self._store_ok_since = time.monotonic()
+                due = t0 - self._last_step >= c.interval_s
+                if not due and self.leader:
+                    due = self.health()
+                if due:
+                    self._last_step = t0
+                    self.step()
+                if store_down:
+                    log.info("%s: the store answers again; resuming", self.holder)
+                store_down = False
+            except StateStoreUnavailable as e:
+                if not store_down:
+                    log.warning("%s: the store is unreachable (%s); pausing until it answers", self.holder, e)
+                store_down = True
+                self.leader = False  # cannot renew: stop acting as leader
+                self.reconciler.fence = None
+                self._store_ok_since = None
             except Exception:  # a failed step is logged with its cause and retried next interval
                 log.exception("controller step failed")
-            stop.wait(max(0.0, self.config.interval_s - (time.monotonic() - t0)))
+            stop.wait(max(0.0, c.health_interval_s - (time.monotonic() - t0)))
         if self.leader:
-            self.store.release_lease(self.holder)
+            try:
+                self.store.release_lease(self.holder)
+            except Exception as e:  # it lapses by itself
+                log.warning("%s: could not release the lease: %s", self.holder, e)
 
 
 def controller_actor_class():
     """The controller as a Ray actor (its loop runs in a thread of the actor)."""
     import ray
 
-    @ray.remote(num_cpus=0, max_concurrency=4)
+    @ray.remote(num_cpus=0, max_concurrency=4, max_restarts=-1)
     class ControllerActor:
         """``autorun``: step every interval in a thread; otherwise step only when ``step()`` is called."""
 

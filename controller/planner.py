@@ -132,6 +132,15 @@ class PlannerKnobs(BaseModel):
     max_search_steps: int = Field(
         default=4000, ge=1, description="Safety cap on improvement steps of one plan (each step is one move)."
     )
+    min_replicas: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Replicas every expert keeps on distinct GPU devices when GPU memory can hold every expert this many "
+            "times (else 1). 2 trades memory for zero loss when a worker dies: its experts keep serving elsewhere. "
+            "Capped at the number of GPU devices. Restoring the floor is a repair (made past the copy cap)."
+        ),
+    )
 
 
 class Move(BaseModel):
@@ -209,6 +218,10 @@ class _Fleet:
         self.host = self.gpu | cpu_on  # may hold replicas at all
         self.cpu_host = ~self.gpu & cpu_on
         self.row_of = {layer: i for i, layer in enumerate(self.layers)}
+        # replicas every expert keeps: min_replicas where GPU memory holds every expert that often
+        gpu_cap = int(self.cap[self.gpu].sum())
+        floor = min(knobs.min_replicas, int(self.gpu.sum()))
+        self.floor = floor if floor > 1 and int(self.nbytes.sum()) * floor <= gpu_cap else 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -248,7 +261,8 @@ class _Fleet:
             rows, experts = np.nonzero(x[d])
             if len(rows):
                 out[device_id] = [(self.layers[r], int(e)) for r, e in zip(rows, experts)]
-        return Placement(version=version, assignments=out)
+        speeds = {device_id: float(self.speed[d]) for d, device_id in enumerate(self.ids) if device_id in out}
+        return Placement(version=version, assignments=out, speeds=speeds)
 
 
 # --------------------------------------------------------------------------- state
@@ -402,8 +416,9 @@ def _construct(fleet: _Fleet, per_layer: bool) -> np.ndarray:
             on_cpu.flat[flat] = True
             excess -= int(nbytes.flat[flat])
 
-    # 2. Redundant replicas, one at a time, to the most load per replica, while memory is free.
-    count = np.where(on_cpu, 0, 1).astype(np.int64)
+    # 2. Redundant replicas, one at a time, to the most load per replica, while memory is free
+    #    (every GPU expert starts at the floor of replicas).
+    count = np.where(on_cpu, 0, fleet.floor if not on_cpu.any() else 1).astype(np.int64)
     free = gpu_cap - int((nbytes * count).sum())
     if per_layer:
         share = nbytes.sum(axis=1) / nbytes.sum()
@@ -479,7 +494,7 @@ def _drop_choices(st: _State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     f = st.f
     num_devices, _, num_experts = f.shape
-    red_flat = np.flatnonzero(st.cnt.ravel() >= 2)  # experts with a redundant replica
+    red_flat = np.flatnonzero(st.cnt.ravel() > f.floor)  # experts with a redundant replica
     d, col = np.nonzero(st.x.reshape(num_devices, -1)[:, red_flat])  # one entry per their replicas
     key = red_flat[col]
     l = key // num_experts
@@ -571,7 +586,7 @@ def _make_room(st: _State, mask: np.ndarray, b: int) -> int | None:
     best = None
     for d in np.flatnonzero(mask):
         room = int(f.cap[d] - st.used[d])
-        redundant = np.argwhere(st.x[d] & (st.cnt >= 2))
+        redundant = np.argwhere(st.x[d] & (st.cnt > f.floor))
         order = np.argsort(st.c[redundant[:, 0], redundant[:, 1]], kind="stable") if len(redundant) else []
         drops, lost = [], 0.0
         for i in order:
@@ -596,12 +611,50 @@ def _repair(st: _State) -> None:
     for d in np.flatnonzero(st.used > f.cap):
         while st.used[d] > f.cap[d]:
             held = np.flatnonzero(st.x[d].ravel())
-            redundant = held[st.cnt.ravel()[held] >= 2]
+            redundant = held[st.cnt.ravel()[held] > f.floor]
             pool = redundant if len(redundant) else held
             per_replica = st.c.ravel()[pool] if len(redundant) else f.w.ravel()[pool]
             l, e = divmod(int(pool[np.argmin(per_replica)]), num_experts)
             st.apply([(-1, int(d), l, e)])
     _place_unplaced(st)
+    _restore_floor(st)
+
+
+def _restore_floor(st: _State) -> None:
+    """Give every expert below the replica floor more replicas, hottest first, on the least loaded GPUs with room."""
+    f = st.f
+    if f.floor <= 1:
+        return
+    num_experts = f.shape[2]
+    short = np.flatnonzero((st.cnt < f.floor).ravel())
+    for flat in short[np.lexsort((short, -f.w.ravel()[short]))]:
+        l, e = divmod(int(flat), num_experts)
+        while st.cnt[l, e] < f.floor:
+            b = f.nbytes[l, e]
+            fit = np.flatnonzero(f.gpu & ~st.x[:, l, e] & (f.cap - st.used >= b))
+            if len(fit):
+                d = fit[np.argmin(st.T[l, fit] + f.w[l, e] / (st.S[l, e] + f.speed[fit]))]
+                st.apply([(1, int(d), l, e)])
+                continue
+            ops = _floor_shuffle(st, l, e)
+            if ops is None:
+                break  # memory is short here: left at fewer replicas
+            st.apply(ops)
+
+
+def _floor_shuffle(st: _State, l: int, e: int):
+    """Room for another replica of (l, e) where only its own holders have room: move a replica
+    (l2, e2) from a full device that lacks (l, e) to a holder with room that lacks (l2, e2), then add."""
+    f = st.f
+    b = f.nbytes[l, e]
+    room = f.cap - st.used
+    for src in np.flatnonzero(f.gpu & st.x[:, l, e] & (room > 0)):
+        for dst in np.flatnonzero(f.gpu & ~st.x[:, l, e]):
+            for l2, e2 in np.argwhere(st.x[dst] & ~st.x[src]):
+                b2 = f.nbytes[l2, e2]
+                if room[src] >= b2 and room[dst] + b2 >= b:
+                    return [(-1, int(dst), int(l2), int(e2)), (1, int(src), int(l2), int(e2)), (1, int(dst), l, e)]
+    return None
 
 
 # --------------------------------------------------------------------------- search
@@ -672,7 +725,7 @@ def _layer_candidates(st: _State, ctx: _Context, l: int, out: list) -> None:
     holders_other = st.x[:, l, :].copy()
     holders_other[dstar] = False
     # Trading a redundant replica g of this layer for e: g's other holders take up its share.
-    red_cols = np.flatnonzero(st.cnt[l] >= 2)  # [G] experts of layer l with a redundant replica
+    red_cols = np.flatnonzero(st.cnt[l] > f.floor)  # [G] experts of layer l with a redundant replica
     if len(red_cols):
         x_g = st.x[:, l, red_cols]  # [D, G]
         holder_t = np.where(x_g, t_l[:, None], -np.inf)
@@ -797,7 +850,7 @@ def _repack_layer(st: _State, l: int, stickiness: float) -> list[tuple[int, int,
         return None
     slots = cur.sum(axis=1)
     hosts = int((slots > 0).sum())
-    count = np.ones(f.shape[2], dtype=np.int64)
+    count = np.full(f.shape[2], min(f.floor, hosts), dtype=np.int64)
     w_l = f.w[l]
     heap = [(-w_l[e], e) for e in range(len(w_l))]
     heapq.heapify(heap)
@@ -1012,7 +1065,12 @@ def plan(
     x0, dropped, stale = fleet.matrix(current)
     initial = not x0.any()
     before_state = _State(fleet, x0, x0.copy())
-    broken = dropped or bool((before_state.cnt == 0).any()) or bool((before_state.used > fleet.cap).any())
+    broken = (
+        dropped
+        or bool((before_state.cnt < fleet.floor).any())
+        or bool((before_state.cnt == 0).any())
+        or bool((before_state.used > fleet.cap).any())
+    )
     if initial:  # two constructions, each improved; keep the faster (the first on ties)
         st = None
         for per_layer in (False, True):

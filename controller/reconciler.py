@@ -4,18 +4,30 @@ The order of a step (each part safe to repeat):
 
 1. start workers for new devices and load the experts each device gains,
    while the old placement keeps serving (workers hold old and new experts);
-2. publish the target placement as the next version (compare-and-set in Redis);
-   routers switch by swapping one reference, so no request waits;
-3. drain: wait until every live router reports that nothing it dispatched under
-   an older version is still in flight;
+2. publish the target placement as the next version (compare-and-set in Redis,
+   fenced by the leader lease); routers switch by swapping one reference, so
+   no request waits;
+3. drain: wait until every router reports that nothing it dispatched under
+   an older version is still in flight (renewing the lease while waiting);
 4. unload the experts each device lost, and retire devices left empty.
+
+Every command to a worker carries the leader's fencing token, and the lease
+is checked (renewed under its token) before each publish and unload: a leader
+that lost its lease stops there, and workers refuse commands from a leader
+older than one they obeyed.
+
+``converge`` makes the workers hold what the published placement says, from
+what they report holding: experts a crashed leader loaded but never published,
+or unpublished-then-abandoned, are unloaded; experts a placement names that a
+worker lacks are loaded. It is how a new leader completes or rolls back a
+rebalance its predecessor died in.
 
 A router that still dispatches to a replica already gone (a stale placement)
 gets ``ExpertNotLoadedError`` back and re-dispatches on the new placement, so
 even a missed drain loses no request.
 
-``placement_diff`` is the pure part; ``Reconciler`` is the thin shell over Ray
-and the state store.
+``placement_diff``, ``routers_drained`` and ``worker_diff`` are the pure part;
+``Reconciler`` is the thin shell over Ray and the state store.
 """
 
 from __future__ import annotations
@@ -25,8 +37,8 @@ import time
 from dataclasses import dataclass, field
 
 from moefleet.core.config import WorkerConfig
-from moefleet.core.placement import DeviceId, DeviceSpec, ExpertKey, Placement
-from moefleet.core.state import StateStore
+from moefleet.core.placement import DeviceId, DeviceSpec, ExpertKey, Placement, worker_actor_name
+from moefleet.core.state import LeaseLostError, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +80,43 @@ def placement_diff(current: Placement, target: Placement) -> PlacementDiff:
     return diff
 
 
-def routers_drained(routers: dict[str, dict], version: int) -> bool:
-    """True when every live router serves ``version`` or later and has nothing older in flight."""
+def routers_drained(routers: dict[str, dict], version: int, generation: str | None = None) -> bool:
+    """True when every live router serves ``version`` (of ``generation``) or later and has nothing older in flight.
+
+    No router reporting is not drained: routers that cannot reach the store
+    (or have not yet said anything) may still have old calls in flight.
+    """
+    if not routers:
+        return False
     return all(
-        r.get("placement_version", -1) >= version and r.get("oldest_inflight_version", -1) >= version for r in routers.values()
+        (generation is None or r.get("placement_generation") == generation)
+        and r.get("placement_version", -1) >= version
+        and r.get("oldest_inflight_version", -1) >= version
+        for r in routers.values()
     )
 
 
+def worker_diff(placement: Placement, held: dict[DeviceId, list[ExpertKey]]) -> PlacementDiff:
+    """What each live worker must load and unload to hold exactly what ``placement`` assigns it.
+
+    held: experts each live worker reports holding (devices absent here are
+    not live and get nothing). Devices the placement does not name must hold
+    nothing.
+    """
+    assigned = {d: keys for d, keys in placement.assignments.items() if d in held}
+    actual = Placement(assignments={d: [tuple(k) for k in keys] for d, keys in held.items()})
+    diff = placement_diff(actual, Placement(assignments=assigned))
+    diff.new_devices, diff.retired_devices = [], []  # workers are not started or retired here
+    return diff
+
+
 class Reconciler:
-    """Converges the running workers to a target placement (see the module docstring)."""
+    """Converges the running workers to a target placement (see the module docstring).
+
+    fence: ``(holder, token)`` of the lease the commands are made under; with
+    ``keepalive`` (renews the lease, returns False once it is lost) the lease is
+    checked before each publish and unload and kept alive while draining.
+    """
 
     def __init__(
         self,
@@ -88,6 +128,7 @@ class Reconciler:
         *,
         drain_timeout_s: float = 30.0,
         local: bool = False,
+        redis_url: str | None = None,
         clock=time.time,
     ):
         self.store = store
@@ -97,52 +138,73 @@ class Reconciler:
         self.devices = devices or {}
         self.drain_timeout_s = drain_timeout_s
         self.local = local  # local mode: devices are CPU workers on this node (no GPU request, no node affinity)
+        self.redis_url = redis_url
         self.clock = clock
+        self.fence: tuple[str, int] | None = None
+        self.keepalive = None
+        self.last_apply: dict = {}
 
     # -- Ray -------------------------------------------------------------
     def handle(self, device: DeviceId, experts: list[ExpertKey] = ()):
         """The worker actor of ``device``, started (detached, named) if it is not running."""
-        import ray
+        from moefleet.expert_workers.launch import start_worker
 
-        from moefleet.expert_workers.group import expert_group_actor_class
-        from moefleet.router_service.transport import worker_actor_name
-
-        opts = dict(
-            name=worker_actor_name(device), namespace=self.namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=self.worker.num_cpus, num_gpus=self.worker.num_gpus, max_concurrency=self.worker.max_concurrency,
-            resources=dict(self.worker.resources),
-        )
         spec = self.devices.get(device)
-        if spec is not None and not self.local:
+        options: dict = {}
+        cpus = None
+        if spec is not None and self.local:
+            cpus = spec.cpus
+        elif spec is not None:
             from .inventory import worker_resources
 
             need = worker_resources(spec)
-            opts["num_gpus"] = need.get("num_gpus", opts["num_gpus"])
-            opts["resources"].update(need.get("resources", {}))
-            if spec.node_id:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                node = next((n["NodeID"] for n in ray.nodes() if n["NodeID"].startswith(spec.node_id) and n["Alive"]), None)
-                if node is not None:
-                    opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-        cls = expert_group_actor_class()
-        return cls.options(**opts).remote(
-            device, self.checkpoint, [tuple(k) for k in experts], dtype=self.worker.dtype, backend=self.worker.backend
+            options = dict(num_gpus=need.get("num_gpus"), resources=need.get("resources"), node_id=spec.node_id or None)
+        return start_worker(
+            device, self.checkpoint, list(experts), self.namespace, self.worker, cpus=cpus, redis_url=self.redis_url, **options
         )
 
     def retire(self, device: DeviceId) -> None:
         import ray
-
-        from moefleet.router_service.transport import worker_actor_name
 
         try:
             ray.kill(ray.get_actor(worker_actor_name(device), namespace=self.namespace))
         except ValueError:
             pass  # already gone
 
+    def _token(self) -> int | None:
+        return None if self.fence is None else self.fence[1]
+
+    def _wait(self, refs: list, what: str) -> list:
+        """``ray.get(refs)``, renewing the lease while waiting (loads on a worker that is starting take seconds)."""
+        import ray
+
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if pending:
+                self._check_lease(what)
+        return ray.get(list(refs))
+
+    def _check_lease(self, what: str) -> None:
+        if self.keepalive is not None and not self.keepalive():
+            raise LeaseLostError(f"lease lost before {what}: stopping this rebalance (the next leader converges)")
+
+    def _record(self, phase: str | None, **data) -> None:
+        """The rebalance in progress, for the next leader and for operators (best effort)."""
+        try:
+            rec = self.store.get_record("rebalance") or {}
+            rec = {"phase": phase, "at": self.clock(), "holder": None if self.fence is None else self.fence[0], **data}
+            self.store.put_record("rebalance", rec)
+        except Exception as e:  # never let bookkeeping stop a rebalance
+            log.warning("could not record the rebalance phase %s: %s", phase, e)
+
     # -- one step --------------------------------------------------------
-    def apply(self, target: Placement, *, reason: str = "") -> Placement:
-        """Converge to ``target``; returns the placement as published (its version is the next one)."""
+    def apply(self, target: Placement, *, reason: str = "", skip: set[DeviceId] | frozenset = frozenset()) -> Placement:
+        """Converge to ``target``; returns the placement as published (its version is the next one).
+
+        skip: devices whose workers are dead: nothing is loaded on, unloaded
+        from or retired on them (a restarted worker may already hold the name).
+        """
         import ray
 
         current = self.store.get_placement() or Placement()
@@ -150,36 +212,86 @@ class Reconciler:
         if diff.empty:
             return current
         t0 = self.clock()
+        token = self._token()
+        self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason)
         # 1. load what each device gains (new devices start with their experts)
         pending = []
         for d, keys in diff.adds.items():
+            if d in skip:
+                continue
             h = self.handle(d, keys if d in diff.new_devices else [])
-            pending.append(h.load.remote([list(k) for k in keys]))
-        ray.get(pending)
+            pending.append(h.load.remote([list(k) for k in keys], token))
+        self._wait(pending, "the loads end")
         # 2. publish: routers switch without waiting
-        published = self.store.publish_placement(target, expected_version=current.version)
+        self._check_lease("publish")
+        published = self.store.publish_placement(target, expected_version=current.version, fence=self.fence)
+        self._record("published", version=published.version, generation=published.generation)
         self.store.emit_event(
-            "placement", {"version": published.version, "loads": diff.num_loads, "reason": reason}, self.clock()
+            "placement", {"version": published.version, "loads": diff.num_loads, "reason": reason}
         )
-        # 3. drain what was dispatched under older versions
-        drained = self.wait_drained(published.version)
+        # 3. drain what was dispatched under older versions (nothing to wait for when nothing is unloaded)
+        removing = any(d not in skip for d in diff.removes)
+        drained = self.wait_drained(published.version, published.generation) if removing else True
         # 4. unload and retire
-        unloads = [self.handle(d).unload.remote([list(k) for k in keys]) for d, keys in diff.removes.items() if d not in diff.retired_devices]
-        ray.get(unloads)
+        self._check_lease("unload")
+        unloads = [
+            self.handle(d).unload.remote([list(k) for k in keys], token)
+            for d, keys in diff.removes.items()
+            if d not in diff.retired_devices and d not in skip
+        ]
+        self._wait(unloads, "the unloads end")
         for d in diff.retired_devices:
-            self.retire(d)
+            if d not in skip:
+                self.retire(d)
+        self._record(None, version=published.version)
+        elapsed = self.clock() - t0
+        self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
         log.info(
-            "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs",
-            published.version, diff.num_loads, len(diff.new_devices), len(diff.retired_devices), drained, self.clock() - t0,
+            "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs (%s)",
+            published.version, diff.num_loads, len(diff.new_devices), len([d for d in diff.retired_devices if d not in skip]),
+            drained, elapsed, reason,
         )
         return published
 
-    def wait_drained(self, version: int, poll_s: float = 0.05) -> bool:
+    def converge(self, placement: Placement, held: dict[DeviceId, list[ExpertKey]]) -> PlacementDiff:
+        """Make live workers hold what ``placement`` assigns them (``held``: what they report holding).
+
+        Missing experts are loaded at once; extra ones are unloaded only once
+        every router has drained ``placement`` (no call in flight may still use them).
+        Returns what it did.
+        """
+        import ray
+
+        diff = worker_diff(placement, held)
+        if diff.empty:
+            return diff
+        token = self._token()
+        loads = [self.handle(d).load.remote([list(k) for k in keys], token) for d, keys in diff.adds.items()]
+        self._wait(loads, "the loads end")
+        if diff.removes:
+            routers = self.store.workers()
+            routers = {k: v for k, v in routers.items() if k.startswith("router:")}
+            if not routers_drained(routers, placement.version, placement.generation):
+                diff.removes = {}  # next step
+            else:
+                self._check_lease("unload")
+                ray.get([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()])
+        if diff.adds or diff.removes:
+            log.info("converged workers to placement v%d: loaded %s, unloaded %s", placement.version, diff.adds, diff.removes)
+            self.store.emit_event("converge", {"version": placement.version, "loaded": diff.num_loads,
+                                               "unloaded": sum(len(v) for v in diff.removes.values())})
+        return diff
+
+    def wait_drained(self, version: int, generation: str | None = None, poll_s: float = 0.05) -> bool:
         deadline = time.monotonic() + self.drain_timeout_s
+        last_renew = time.monotonic()
         while time.monotonic() < deadline:
-            routers = {k: v for k, v in self.store.workers(self.clock()).items() if k.startswith("router:")}
-            if routers_drained(routers, version):
+            routers = {k: v for k, v in self.store.workers().items() if k.startswith("router:")}
+            if routers_drained(routers, version, generation):
                 return True
+            if self.keepalive is not None and time.monotonic() - last_renew > 0.5:
+                self._check_lease("the drain ends")
+                last_renew = time.monotonic()
             time.sleep(poll_s)
         log.warning("placement v%d: routers did not drain within %.0fs; unloading anyway (stale calls re-dispatch)", version, self.drain_timeout_s)
         return False

@@ -65,6 +65,33 @@ class ExpertNotLoadedError(LookupError):
     """A forward asked for an expert this worker does not hold (a stale placement)."""
 
 
+class StaleCommandError(RuntimeError):
+    """A load/unload carried a fencing token older than one this worker already obeyed (a deposed leader)."""
+
+
+def pin_process_to_cpus(cpus: list[int]) -> list[int]:
+    """Pin every thread of this process (and the threads it starts later) to ``cpus``.
+
+    Linux scheduling affinity is per thread: each existing thread is set, and
+    new threads inherit the creator's. Returns the CPUs now allowed; a no-op
+    (returning []) where affinity is not supported.
+    """
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return []
+    want = set(int(c) for c in cpus)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, want)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    os.sched_setaffinity(0, want)
+    return sorted(os.sched_getaffinity(0))
+
+
 class ExpertGroupCore:
     """Experts of one worker.
 
@@ -98,6 +125,7 @@ class ExpertGroupCore:
         self._load_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._in_flight = 0
+        self._fence = 0  # highest fencing token a load/unload carried
         self._tokens: dict[ExpertKey, int] = {}
         self._calls = 0
         self._expired = 0  # calls refused because they arrived after their deadline
@@ -120,9 +148,23 @@ class ExpertGroupCore:
             self._slots[layer] = slots
         return slots
 
-    def load(self, keys: list[ExpertKey]) -> list[ExpertKey]:
-        """Load experts (idempotent), at background priority: each copies into a free slot. Returns the experts held."""
+    def _check_fence(self, token: int | None) -> None:
+        """Refuse a command from a leader older than one already obeyed (callers hold ``_load_lock``)."""
+        if token is None:
+            return
+        if int(token) < self._fence:
+            raise StaleCommandError(
+                f"worker {self.worker_id}: command with fencing token {token} refused; token {self._fence} was already seen"
+            )
+        self._fence = int(token)
+
+    def load(self, keys: list[ExpertKey], token: int | None = None) -> list[ExpertKey]:
+        """Load experts (idempotent), at background priority: each copies into a free slot. Returns the experts held.
+
+        token: the fencing token of the leader commanding it (see ``StaleCommandError``).
+        """
         with self._load_lock, background_priority():
+            self._check_fence(token)
             for layer, expert in sorted({(int(l), int(e)) for l, e in keys}):
                 slots = self._layer_slots(layer)
                 if expert in slots.slot_of:
@@ -132,9 +174,10 @@ class ExpertGroupCore:
                 self._views = {**self._views, layer: slots.view()}
             return self.experts()
 
-    def unload(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+    def unload(self, keys: list[ExpertKey], token: int | None = None) -> list[ExpertKey]:
         """Drop experts (idempotent); copies nothing. Returns the experts held afterwards."""
         with self._load_lock:
+            self._check_fence(token)
             views = dict(self._views)
             for layer, expert in {(int(l), int(e)) for l, e in keys}:
                 slots = self._slots.get(layer)
@@ -173,9 +216,12 @@ class ExpertGroupCore:
             with self._stats_lock:
                 self._expired += 1
             raise DeadlineExpiredError(f"worker {self.worker_id}: layer {layer} call arrived after its deadline; not computed")
-        view = self._views.get(layer)
-        key = (layer, -1 if view is None else view.generation)
+        # Take the view and register as running on it in one step: a load that frees
+        # quarantined slots either sees this forward, or this forward sees the view
+        # published after the unload that freed them.
         with self._stats_lock:
+            view = self._views.get(layer)
+            key = (layer, -1 if view is None else view.generation)
             self._in_flight += 1
             self._running[key] = self._running.get(key, 0) + 1
         t0 = time.perf_counter()
@@ -236,15 +282,61 @@ class ExpertGroupCore:
         return True
 
 
-class ExpertGroupActor(ExpertGroupCore):
-    """``ExpertGroupCore`` as a Ray actor: torch threads follow the CPUs Ray gave it."""
+HEARTBEAT_INTERVAL_S = 0.25
+HEARTBEAT_TTL_S = 1.0
+"""Workers beat every 0.25 s and count as live for 1 s after a beat (the store's clock): a dead
+worker is noticed within about 1.25 s plus the controller's poll."""
 
-    def __init__(self, *args, **kwargs):
+
+class ExpertGroupActor(ExpertGroupCore):
+    """``ExpertGroupCore`` as a Ray actor.
+
+    It owns its device: on a GPU node the GPU Ray gave it; on a CPU machine
+    (local mode) the cores in ``cpus``, to which every thread of the process is
+    pinned, with as many torch threads. Without ``cpus`` its torch threads
+    follow the CPUs Ray reserved. With ``redis_url`` it heartbeats its stats
+    into the fleet's store (``worker:<id>``), which is how the controller
+    notices it is alive.
+    """
+
+    def __init__(self, *args, cpus: list[int] | None = None, redis_url: str | None = None, namespace: str = "moefleet", **kwargs):
         import ray
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(round(cpus))))
+        self.cpus = pin_process_to_cpus(cpus or [])
+        if self.cpus:
+            torch.set_num_threads(len(self.cpus))
+        else:
+            reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            torch.set_num_threads(max(1, int(round(reserved))))
         super().__init__(*args, **kwargs)
+        self._beat_stop = threading.Event()
+        self._store = None
+        if redis_url:
+            from moefleet.core.state import StateStore
+
+            self._store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
+            self._beat()  # registered before ready() returns
+            threading.Thread(target=self._beat_loop, name="moefleet-worker-heartbeat", daemon=True).start()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "pid": os.getpid(), "cpus": self.cpus, "torch_threads": torch.get_num_threads()}
+
+    def _beat(self) -> None:
+        info = {"kind": "worker", **self.stats()}
+        self._store.register_worker(f"worker:{self.worker_id}", info, None, HEARTBEAT_TTL_S)
+
+    def _beat_loop(self) -> None:
+        down = False
+        while not self._beat_stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self._beat()
+                if down:
+                    log.info("worker %s: heartbeats reach the store again", self.worker_id)
+                down = False
+            except Exception as e:  # the store is down: keep serving, keep trying, say it once
+                if not down:
+                    log.warning("worker %s: heartbeat failed (%s); retrying every %.2fs", self.worker_id, e, HEARTBEAT_INTERVAL_S)
+                down = True
 
     def node_id(self) -> str:
         import ray

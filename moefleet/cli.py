@@ -96,6 +96,7 @@ def _fleet_config(args):
     return FleetConfig(
         checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
         router=RouterConfig(port=args.port, **_security_settings(args)), worker=WorkerConfig(num_cpus=args.worker_cpus),
+        static=args.static, min_replicas=args.min_replicas,
     )
 
 
@@ -145,6 +146,9 @@ def cmd_up(args) -> int:
         argv += ["--checkpoint", args.checkpoint]
     if args.redis_url:
         argv += ["--redis-url", args.redis_url]
+    if args.static:
+        argv += ["--static"]
+    argv += ["--min-replicas", str(args.min_replicas)]
     with open(log_path, "wb") as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -182,11 +186,14 @@ def _up_foreground(cfg, args) -> int:
         from moefleet.core.secrets import redact_url, write_private_file
 
         state = {"pid": os.getpid(), "address": address, "redis_url": fleet.redis_url, "namespace": cfg.namespace,
-                 "checkpoint": fleet.checkpoint, "workers": list(fleet.workers),
+                 "checkpoint": fleet.checkpoint, "workers": list(fleet.workers), "static": cfg.static,
+                 "devices": [d.model_dump(mode="json") for d in fleet.devices],
                  "auth_token_file": cfg.router.auth_token_file, "tls": cfg.router.tls_cert is not None}
         f = state_file()
         write_private_file(f, json.dumps(state, indent=2))  # the Redis URL holds its password: this user only
-        print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers, Redis {redact_url(fleet.redis_url)}", flush=True)
+        owned = ", ".join(f"{d.device_id} cores {list(d.cpus)}" for d in fleet.devices if d.cpus)
+        print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers{' (' + owned + ')' if owned else ''}, "
+              f"controller {'off (--static)' if cfg.static else 'on'}, Redis {redact_url(fleet.redis_url)}", flush=True)
         stop.wait()
     finally:
         fleet.stop()
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker")
     p.add_argument("--port", type=int, default=50051, help="gRPC port on 127.0.0.1 (0: any free port)")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--static", action="store_true", help="no controller: keep the starting placement, repair nothing")
+    p.add_argument("--min-replicas", type=int, default=1,
+                   help="replicas every expert keeps when memory allows (2: a worker's death loses no request)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until interrupted")
     p.add_argument("--auth-token-file", help="require this bearer token on every RPC (default: $MOEFLEET_AUTH_TOKEN if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")

@@ -1,31 +1,46 @@
-"""Local mode: a whole fleet on one machine — Ray on loopback, Redis, workers, router.
+"""Local mode: a whole fleet on one machine — Ray on loopback, Redis, workers, routers, the controller.
 
 ``LocalFleet(config).start()`` returns the router's gRPC address. It joins a
 Ray instance already initialised in this process (tests, notebooks) or starts
-one bound to 127.0.0.1, and starts its own ``redis-server`` on loopback when
-no Redis URL is configured.
+one bound to 127.0.0.1, starts its own ``redis-server`` on loopback when no
+Redis URL is configured (and starts it again if it dies), and runs the
+controller beside workers and routers unless ``config.static``.
+
+A worker owns its device. On a machine with a GPU per worker, each worker asks
+Ray for one GPU. On a CPU machine each worker owns a disjoint set of cores
+(``assign_cores``: ``cores // workers`` each, in order; every thread of the
+worker process is pinned to them and torch runs as many threads), so a busy
+worker cannot borrow an idle one's core: load imbalance costs what it costs on
+GPUs, and balancing it pays. Routers and the controller run on the cores no
+worker owns, or on all of them when every core is owned.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moefleet.core.config import FleetConfig
 from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
-from moefleet.core.placement import Placement, spread_placement
+from moefleet.core.placement import DeviceSpec, Placement, assign_cores, spread_placement, worker_actor_name
 from moefleet.core.redis_server import RedisServer
 from moefleet.core.state import StateStore
-from moefleet.expert_workers.group import expert_group_actor_class
 from moefleet.router_service.actor import router_actor_class
-from moefleet.router_service.transport import worker_actor_name
 
 log = logging.getLogger(__name__)
 
 ROUTER_PREFIX = "moefleet-router:"
+CONTROLLER_NAME = "moefleet-controller"
+LOCAL_CONTROLLER_DEFAULTS = dict(
+    interval_s=1.0, health_interval_s=0.25, lease_ttl_s=3.0, load_window_s=1.0, load_windows=6, load_half_life_s=2.0,
+    min_tokens=50.0, drain_timeout_s=10.0,
+)
+"""Local mode reacts within seconds: a step a second over a few seconds of decayed load."""
 
 
 def _local_cuda_devices() -> int:
@@ -59,9 +74,14 @@ def _keep_ray_token_private() -> None:
         log.warning("cannot restrict %s to its owner: %s", token, e.strerror)
 
 
+def available_cores() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 @dataclass
 class LocalFleet:
-    """Workers and routers of one fleet, started in the current Ray instance."""
+    """Workers, routers and the controller of one fleet, started in the current Ray instance."""
 
     config: FleetConfig = field(default_factory=FleetConfig)
     ray_address: str | None = None
@@ -71,7 +91,12 @@ class LocalFleet:
         self.workers: dict[str, object] = {}
         self.routers: list[object] = []
         self.addresses: list[str] = []
+        self.controller = None
         self.checkpoint = str(self.config.checkpoint or default_model_dir())
+        self.devices: list[DeviceSpec] = []
+        self.router_cores: tuple[int, ...] = ()
+        self._supervise_stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def redis_url(self) -> str:
@@ -81,6 +106,51 @@ class LocalFleet:
     def address(self) -> str:
         return self.addresses[0]
 
+    # -- devices -----------------------------------------------------------
+    def local_devices(self) -> list[DeviceSpec]:
+        """The fleet's devices: a GPU each when the machine has one per worker, else a set of cores each."""
+        spec = MoECheckpoint(self.checkpoint).spec
+        per_expert = spec.layer.expert_params * 4
+        n = self.config.num_workers
+        total = per_expert * spec.layer.num_experts * len(spec.moe_layers)
+        # room for every expert twice over the fleet (replicas; or a dead worker's experts on the survivors)
+        memory = max(int(max(2, self.config.min_replicas) * total / max(n - 1, 1) / 0.9) + per_expert, per_expert * 4)
+        if self.config.worker.num_gpus or _local_cuda_devices() >= n:
+            return [
+                DeviceSpec(device_id=f"worker-{i}", node_id="local", kind="gpu", accelerator_type="local-gpu", memory_bytes=memory)
+                for i in range(n)
+            ]
+        cores, self.router_cores = (None, ()) if not self.config.pin_cores else assign_cores(n, available_cores())
+        return [
+            DeviceSpec(device_id=f"worker-{i}", node_id="local", kind="gpu", accelerator_type="local-cpu", memory_bytes=memory,
+                       cpus=None if cores is None else cores[i])
+            for i in range(n)
+        ]
+
+    def controller_config(self, device_memory_bytes: int | None = None, **overrides):
+        """The local controller's config: this fleet's devices as a static inventory, local defaults.
+
+        Local workers on a CPU machine stand in for the GPU tier: they are
+        ``kind='gpu'`` devices of accelerator type 'local-cpu'; ``local=True``
+        keeps the reconciler from asking Ray for GPUs and has it pin restarted
+        workers to the device's cores.
+        """
+        from moefleet.controller.main import ControllerConfig
+        from moefleet.controller.planner import PlannerKnobs
+
+        devices = self.devices or self.local_devices()
+        if device_memory_bytes:
+            devices = [d.model_copy(update={"memory_bytes": device_memory_bytes}) for d in devices]
+        cfg = dict(
+            LOCAL_CONTROLLER_DEFAULTS, checkpoint=self.checkpoint, redis_url=self.redis_url, namespace=self.config.namespace,
+            ray_address=None, devices=devices, worker=self.config.worker, local=True,
+            planner=PlannerKnobs(min_replicas=self.config.min_replicas, min_gain=0.05),
+        )
+        cfg.update(self.config.controller)
+        cfg.update(overrides)
+        return ControllerConfig(**cfg)
+
+    # -- lifecycle -----------------------------------------------------------
     def start(self, placement: Placement | None = None) -> str:
         import ray
 
@@ -89,8 +159,9 @@ class LocalFleet:
             self.redis = RedisServer()
         self.store = StateStore(self.redis_url, namespace=self.config.namespace)
         spec = MoECheckpoint(self.checkpoint).spec
+        self.devices = self.local_devices()
         if placement is None:
-            ids = [f"worker-{i}" for i in range(self.config.num_workers)]
+            ids = [d.device_id for d in self.devices]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
         self.start_workers(placement)
         current = self.store.placement_version()
@@ -108,62 +179,63 @@ class LocalFleet:
                 )
             )
         self.addresses = ray.get([r.start.remote() for r in self.routers])
-        log.info("fleet up: %d workers, routers at %s", len(self.workers), self.addresses)
+        if not self.config.static:
+            self.start_controller()
+        if self.redis is not None:
+            self._supervisor = threading.Thread(target=self._supervise_redis, name="moefleet-redis-supervisor", daemon=True)
+            self._supervisor.start()
+        log.info("fleet up: %d workers, routers at %s, controller %s", len(self.workers), self.addresses,
+                 "off (static)" if self.config.static else "on")
         return self.addresses[0]
 
     def start_workers(self, placement: Placement, resources: dict[str, dict[str, float]] | None = None) -> None:
-        """Start one ExpertGroup actor per device of ``placement`` (not yet running), and wait until ready."""
+        """Start one ExpertGroup worker per device of ``placement`` (not yet running), and wait until ready."""
         import ray
 
-        cls = expert_group_actor_class()
-        wc = self.config.worker
-        num_gpus = wc.num_gpus
-        if not num_gpus and _local_cuda_devices() >= len(placement.assignments):
-            num_gpus = 1  # a GPU per worker when this machine has enough: workers then run the Triton path
-            log.info("local fleet: one GPU per worker")
+        from moefleet.expert_workers.launch import start_worker
+
+        by_id = {d.device_id: d for d in self.devices}
+        gpu = self.config.worker.num_gpus or (_local_cuda_devices() >= len(placement.assignments))
         new = {}
         for device_id, keys in placement.assignments.items():
             if device_id in self.workers:
                 continue
-            opts = dict(
-                name=worker_actor_name(device_id), namespace=self.config.namespace, get_if_exists=True, num_cpus=wc.num_cpus,
-                num_gpus=num_gpus, max_concurrency=wc.max_concurrency,
-                resources={**wc.resources, **((resources or {}).get(device_id, {}))},
-            )
-            new[device_id] = cls.options(**opts).remote(
-                device_id, self.checkpoint, [tuple(k) for k in keys], dtype=wc.dtype, backend=wc.backend
+            dev = by_id.get(device_id)
+            new[device_id] = start_worker(
+                device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.config.worker,
+                cpus=None if gpu or dev is None else dev.cpus, redis_url=self.redis_url,
+                num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
+                resources=(resources or {}).get(device_id), detached=False,
             )
         ray.get([w.ready.remote() for w in new.values()])
         self.workers.update(new)
 
-    def controller_config(self, device_memory_bytes: int | None = None, **overrides):
-        """A ControllerConfig for this fleet: its workers as a static inventory.
+    def start_controller(self, **overrides):
+        """Start the controller as a Ray actor (Ray restarts it if its process dies); returns its handle."""
+        from moefleet.controller.main import controller_actor_class
 
-        Local mode's workers are CPU processes standing in for the GPU tier, so
-        they are declared as ``kind='gpu'`` devices of accelerator type
-        'local-cpu' (the planner balances load over that tier); ``local=True``
-        keeps the reconciler from asking Ray for GPUs.
-        device_memory_bytes: expert memory per worker; default room for twice
-        its even share of experts, so hot experts can be replicated.
-        """
-        from moefleet.controller.main import ControllerConfig
-        from moefleet.core.placement import DeviceSpec
+        cfg = self.controller_config(**overrides)
+        self.controller = controller_actor_class().options(
+            name=CONTROLLER_NAME, namespace=self.config.namespace, get_if_exists=True
+        ).remote(cfg.model_dump(mode="json"), f"local-controller-{os.getpid()}")
+        return self.controller
 
-        spec = MoECheckpoint(self.checkpoint).spec
-        per_expert = spec.layer.expert_params * 4
-        n = self.config.num_workers
-        total = per_expert * spec.layer.num_experts * len(spec.moe_layers)
-        memory = device_memory_bytes or int(2 * total / n / 0.9) + per_expert
-        devices = [
-            DeviceSpec(device_id=f"worker-{i}", node_id="local", kind="gpu", accelerator_type="local-cpu", memory_bytes=memory)
-            for i in range(n)
-        ]
-        cfg = dict(
-            checkpoint=self.checkpoint, redis_url=self.redis_url, namespace=self.config.namespace, ray_address=None,
-            devices=devices, worker=self.config.worker, local=True,
-        )
-        cfg.update(overrides)
-        return ControllerConfig(**cfg)
+    def _supervise_redis(self) -> None:
+        """Local mode owns its redis-server: start it again (same port, empty) if it dies."""
+        while not self._supervise_stop.wait(0.2):
+            if self.redis is not None and self.redis.exited():
+                log.warning("local redis-server exited; starting it again on port %d", self.redis.port)
+                try:
+                    self.redis.restart()
+                    log.info("local redis-server is back on port %d", self.redis.port)
+                except Exception as e:  # tried again on the next tick
+                    log.error("could not restart redis-server: %s", e)
+
+    def worker(self, device_id: str):
+        """The live handle of a device's worker (after a restart, the new one)."""
+        import ray
+
+        return ray.get_actor(worker_actor_name(device_id), namespace=self.config.namespace)
 
     def router_stats(self) -> list[dict]:
         import ray
@@ -173,22 +245,39 @@ class LocalFleet:
     def worker_stats(self) -> dict[str, dict]:
         import ray
 
-        ids = list(self.workers)
-        return dict(zip(ids, ray.get([self.workers[i].stats.remote() for i in ids])))
+        out = {}
+        for d in [dev.device_id for dev in self.devices] or list(self.workers):
+            try:
+                out[d] = ray.get(self.worker(d).stats.remote(), timeout=10)
+            except Exception as e:  # a dead worker reports nothing
+                log.warning("worker %s: no stats: %s", d, e)
+        return out
 
     def stop(self) -> None:
         import ray
 
+        self._supervise_stop.set()
         if ray.is_initialized():
+            if self.controller is not None:
+                try:
+                    ray.get(self.controller.shutdown.remote(), timeout=30)
+                except Exception as e:  # it may already be gone; killed next either way
+                    log.warning("controller stop: %s", e)
+                ray.kill(self.controller, no_restart=True)
             for r in self.routers:
                 try:
                     ray.get(r.stop.remote(), timeout=10)
                 except Exception as e:  # the actor may already be gone; it is killed next either way
                     log.warning("router stop: %s", e)
                 ray.kill(r)
+            for d in {dev.device_id for dev in self.devices} | set(self.workers):
+                try:
+                    ray.kill(self.worker(d))  # the current actor of the name (a restarted one included)
+                except ValueError:
+                    pass
             for w in self.workers.values():
                 ray.kill(w)
-        self.routers, self.workers = [], {}
+        self.routers, self.workers, self.controller = [], {}, None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

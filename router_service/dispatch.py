@@ -1,11 +1,19 @@
 """Dispatch planning, pure: which worker serves which (token, slot) assignments of one layer call.
 
-Given the router's choice (``topk_ids [T, K]``), the replicas of each expert and
-the work already outstanding on each worker, ``plan_dispatch`` picks one
-replica per expert (least outstanding work first, hottest expert first) and
-lays out each worker's rows in the permuted form the kernels take: rows grouped
-by expert, experts ascending, with ``counts`` per expert. Each worker is
-called at most once per layer call.
+Given the router's choice (``topk_ids [T, K]``), the replicas of each expert,
+the speed of each replica's device and the work already outstanding on each
+worker, ``plan_dispatch`` splits each expert's rows among its replicas and
+lays out each worker's rows in the permuted form the kernels take: rows
+grouped by expert, experts ascending, with ``counts`` per expert. Each worker
+is called at most once per layer call.
+
+How rows split (``split_rows``): an expert's rows go to its replicas so that
+every replica finishes at the same time, counting the rows each worker still
+has in flight from earlier calls: with no outstanding work that is in
+proportion to the replicas' speeds, exactly the planner's load model
+(``controller/planner.py``), so the per-device load the planner predicted is
+the load achieved. Fractions are rounded by systematic sampling with a random
+offset, so no replica is favoured when rows are few.
 
 Each worker sums its experts' weighted outputs per token before replying
 (``unique_tokens``), so a token routed to several experts on one worker costs
@@ -47,24 +55,43 @@ class WorkerBatch:
         return int(self.rows.shape[0])
 
 
-def choose_replicas(
-    expert_load: dict[int, int], replicas: dict[int, list[str]], outstanding: dict[str, float]
-) -> dict[int, str]:
-    """Expert -> worker. Hottest expert first, each to the replica with least outstanding work.
+def split_rows(
+    num_rows: int,
+    workers: list[str],
+    speeds: dict[str, float] | None = None,
+    outstanding: dict[str, float] | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """Rows of one expert per replica (same order as ``workers``), summing to ``num_rows``.
 
-    expert_load: rows per expert in this call. replicas: expert -> workers holding it.
-    outstanding: rows already in flight per worker (not modified).
+    Water-filling: replica ``w`` gets ``max(0, level * speed[w] - outstanding[w])``
+    rows, the level chosen so they sum to ``num_rows``; every replica that gets
+    rows then finishes at ``level`` (time = rows / speed). Speeds default to 1,
+    outstanding work to 0 (then the split is in proportion to speed).
     """
-    work = dict(outstanding)
-    chosen: dict[int, str] = {}
-    for expert in sorted(expert_load, key=lambda e: (-expert_load[e], e)):
-        workers = replicas.get(expert)
-        if not workers:
-            raise NoReplicaError(f"expert {expert} has no replica in the placement")
-        best = min(workers, key=lambda w: (work.get(w, 0.0), w))
-        chosen[expert] = best
-        work[best] = work.get(best, 0.0) + expert_load[expert]
-    return chosen
+    n = len(workers)
+    if n == 1 or num_rows == 0:
+        return [num_rows] + [0] * (n - 1)
+    sp = np.array([max(float((speeds or {}).get(w, 1.0)), 1e-12) for w in workers])
+    out = np.array([max(float((outstanding or {}).get(w, 0.0)), 0.0) for w in workers])
+    # replicas sorted by the level at which they start taking rows (their current finish time)
+    start = out / sp
+    order = np.argsort(start, kind="stable")
+    level = 0.0
+    for i in range(n):
+        active = order[: i + 1]
+        # the level at which the first i+1 replicas absorb all rows
+        level = (num_rows + out[active].sum()) / sp[active].sum()
+        if i + 1 == n or level <= start[order[i + 1]]:
+            break
+    share = np.maximum(level * sp - out, 0.0)
+    share *= num_rows / share.sum()
+    # systematic rounding: exact total, unbiased per replica
+    u = (rng or np.random.default_rng()).random()
+    edges = np.floor(np.concatenate([[0.0], np.cumsum(share)]) + u)
+    counts = np.diff(edges).astype(np.int64)
+    counts[-1] += num_rows - counts.sum()  # guard float error at the end
+    return [int(c) for c in counts]
 
 
 def plan_dispatch(
@@ -72,11 +99,18 @@ def plan_dispatch(
     topk_weights: np.ndarray,
     replicas: dict[int, list[str]],
     outstanding: dict[str, float] | None = None,
+    speeds: dict[str, float] | None = None,
+    rng: np.random.Generator | None = None,
 ) -> list[WorkerBatch]:
     """Split one layer call's assignments into one batch per worker.
 
     topk_ids: [T, K] int, ``-1`` for dropped slots; topk_weights: [T, K] float.
-    replicas: expert -> workers holding a replica. Returns batches sorted by worker id.
+    replicas: expert -> workers holding a replica. outstanding: rows in flight
+    per worker (not modified). speeds: relative speed per worker (default 1).
+    Returns batches sorted by worker id.
+
+    Raises:
+        NoReplicaError: an expert chosen by some token has no replica.
     """
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
@@ -86,16 +120,23 @@ def plan_dispatch(
     slots = valid[order]
     ids = ids[order]
     experts, starts, counts = np.unique(ids, return_index=True, return_counts=True)
-    load = {int(e): int(c) for e, c in zip(experts, counts)}
-    chosen = choose_replicas(load, replicas, outstanding or {})
-    per_worker: dict[str, list[int]] = {}
-    for i, e in enumerate(experts):
-        per_worker.setdefault(chosen[int(e)], []).append(i)
+    # per worker: [(expert, first slot index, rows)]
+    per_worker: dict[str, list[tuple[int, int, int]]] = {}
+    for e, s0, c in zip(experts.tolist(), starts.tolist(), counts.tolist()):
+        workers = replicas.get(e)
+        if not workers:
+            raise NoReplicaError(f"expert {e} has no replica in the placement")
+        parts = split_rows(c, workers, speeds, outstanding, rng) if len(workers) > 1 else [c]
+        offset = s0
+        for w, n in zip(workers, parts):
+            if n:
+                per_worker.setdefault(w, []).append((e, offset, n))
+                offset += n
     weights_flat = topk_weights.reshape(-1)
     batches = []
     for worker in sorted(per_worker):
-        idx = per_worker[worker]
-        sel = np.concatenate([slots[starts[i] : starts[i] + counts[i]] for i in idx])
+        parts = per_worker[worker]
+        sel = np.concatenate([slots[s0 : s0 + n] for _, s0, n in parts])
         rows = (sel // k).astype(np.int64)
         uniq, inverse = np.unique(rows, return_inverse=True)
         batches.append(
@@ -103,8 +144,8 @@ def plan_dispatch(
                 worker=worker,
                 rows=rows,
                 weights=weights_flat[sel].astype(np.float32),
-                experts=[int(experts[i]) for i in idx],
-                counts=[int(counts[i]) for i in idx],
+                experts=[e for e, _, _ in parts],
+                counts=[n for _, _, n in parts],
                 unique_tokens=uniq.astype(np.int64),
                 inverse=inverse.astype(np.int64),
             )

@@ -45,13 +45,20 @@ class RequestError(Exception):
 
 
 class WorkerCallError(Exception):
-    """A worker call failed; ``retryable`` when another placement or replica may succeed."""
+    """A worker call failed.
 
-    def __init__(self, worker: str, cause: BaseException, retryable: bool):
+    retryable: another placement or replica may succeed. dead: the worker
+    itself is gone or unreachable (its process died, it was retired); the
+    router stops sending to it until the placement changes. A retryable call
+    that is not ``dead`` reached a worker holding a stale placement.
+    """
+
+    def __init__(self, worker: str, cause: BaseException, retryable: bool, dead: bool = False):
         super().__init__(f"worker {worker}: {type(cause).__name__}: {cause}")
         self.worker = worker
         self.cause = cause
         self.retryable = retryable
+        self.dead = dead
 
 
 class WorkerTransport(Protocol):
@@ -88,6 +95,8 @@ class RouterStats:
     cancelled: int = 0
     rejected_full: int = 0
     retries: int = 0
+    failed_fast: int = 0  # layer calls failed at once because an expert's every replica was on dead workers
+    dead_workers_seen: int = 0
     forward_s: float = 0.0  # wall time inside forward()
     telemetry_s: float = 0.0  # time spent counting tokens per expert and flushing the counts
 
@@ -116,23 +125,34 @@ class RouterCore:
         self.load_counts: dict[tuple[int, int], int] = defaultdict(int)
         self._pending: dict[int, list[_Pending]] = defaultdict(list)
         self._flushers: dict[int, asyncio.Task] = {}
+        self._batch_tasks: set[asyncio.Task] = set()
         self._queued = 0
         self.inflight_tokens = 0  # admitted, unanswered (admission: max_inflight_tokens)
         self.inflight_bytes = 0  # request message bytes of those (max_inflight_bytes)
         self._service_s = 0.05  # moving average of a request's time in the router: the retry hint
         self._placement_changed = asyncio.Event()
         self._inflight_by_version: dict[int, int] = defaultdict(int)
+        self.dead: dict[str, float] = {}  # worker -> monotonic time it was found dead
+        self._rng = np.random.default_rng()
 
     # -- placement -------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
-        """Switch to ``placement`` (calls already dispatched finish on the old one)."""
-        if placement.version < self.placement.version:
+        """Switch to ``placement`` (calls already dispatched finish on the old one).
+
+        An older version of the same table is ignored; a placement of another
+        generation (the store lost its data and the table was started again)
+        is taken whatever its version. Workers marked dead are tried again on
+        the new placement (the controller may have restarted them).
+        """
+        same_table = placement.generation == self.placement.generation
+        if same_table and placement.version < self.placement.version:
             return
         replicas: dict[int, dict[int, list[str]]] = defaultdict(dict)
         for (layer, expert), workers in placement.replicas().items():
             replicas[layer][expert] = workers
         self._replicas = dict(replicas)
         self.placement = placement
+        self.dead.clear()
         self._placement_changed.set()
         log.info("router: placement version %d", placement.version)
 
@@ -257,11 +277,20 @@ class RouterCore:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the request was computed")
 
     async def _flush_after_window(self, layer: int) -> None:
+        """After the window, dispatch what is waiting as batches, without waiting for earlier batches to finish.
+
+        Batches overlap: while the workers compute one, the router gates and
+        dispatches the next, so workers do not idle between calls.
+        """
         await asyncio.sleep(self.config.batch_window_ms / 1000.0)
         while self._pending[layer]:
-            await self._flush(layer)
+            batch = self._take_batch(layer)
+            if batch:
+                task = asyncio.create_task(self._run_batch(layer, batch))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
 
-    async def _flush(self, layer: int) -> None:
+    def _take_batch(self, layer: int) -> list[_Pending]:
         pending = self._pending[layer]
         batch: list[_Pending] = []
         tokens = 0
@@ -284,8 +313,9 @@ class RouterCore:
             batch.append(pending.pop(0))
             tokens += n
             dtype = p.hidden.dtype
-        if not batch:
-            return
+        return batch
+
+    async def _run_batch(self, layer: int, batch: list[_Pending]) -> None:
         hidden = torch.cat([p.hidden for p in batch]) if len(batch) > 1 else batch[0].hidden
         deadline = None if any(p.deadline is None for p in batch) else max(p.deadline for p in batch)
         try:
@@ -344,10 +374,18 @@ class RouterCore:
         version = self.placement.version
         while True:
             sub_ids = np.where(todo, ids, -1)
+            replicas = self._replicas_for(layer, exclude)
             try:
-                replicas = self._replicas_for(layer, exclude)
-                batches = plan_dispatch(sub_ids, weights, replicas, self.outstanding)
+                batches = plan_dispatch(sub_ids, weights, replicas, self.outstanding, self.placement.speeds, self._rng)
             except NoReplicaError as e:
+                if self.dead or exclude:
+                    self.stats.failed_fast += 1
+                    down = sorted(set(self.dead) | exclude)
+                    raise RequestError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"layer {layer}: {e}: its replicas were on worker(s) {down}, which are down; "
+                        "the controller is re-placing them, retry shortly",
+                    ) from e
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: {e}") from e
             version = self.placement.version
             self._inflight_by_version[version] += 1
@@ -376,10 +414,16 @@ class RouterCore:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: worker call failed: {errors}")
             self.stats.retries += 1
             log.warning("router: layer %d re-dispatch after %s", layer, errors)
+            stale = False
             for b, r in failed:
-                if isinstance(r, WorkerCallError) and not isinstance(r.cause, LookupError):
-                    exclude.add(b.worker)  # a dead worker; a stale one is retried on the new placement
-            await self._await_placement_change(0.5)
+                if r.dead:
+                    exclude.add(b.worker)
+                    self.mark_dead(b.worker)
+                else:
+                    stale = True  # the placement moved on: wait for this router to see the new one
+            if stale:
+                await self._await_placement_change(0.5)
+            # a dead worker's rows go straight to the other replicas; experts without one fail fast above
         self.stats.batches += 1
         self.stats.tokens_computed += hidden.shape[0]
         shared_out = None if shared_task is None else await shared_task
@@ -396,8 +440,23 @@ class RouterCore:
         match = ids.reshape(-1)[slots] == expert_of_row[:, None]
         return slots[match]
 
+    DEAD_RETRY_S = 2.0
+    """A worker found dead is avoided until the placement changes, or this long (then tried again)."""
+
+    def mark_dead(self, worker: str) -> None:
+        if worker not in self.dead:
+            self.stats.dead_workers_seen += 1
+            log.warning("router: worker %s is down; sending its rows to other replicas", worker)
+        self.dead[worker] = time.monotonic()
+
     def _replicas_for(self, layer: int, exclude: set[str]) -> dict[int, list[str]]:
         reps = self._replicas.get(layer, {})
+        if self.dead:
+            now = time.monotonic()
+            for w, t in list(self.dead.items()):
+                if now - t > self.DEAD_RETRY_S:
+                    del self.dead[w]
+            exclude = exclude | set(self.dead)
         if not exclude:
             return reps
         return {e: [w for w in ws if w not in exclude] for e, ws in reps.items()}

@@ -16,6 +16,7 @@ config's ``grpc_options``), and then the methods below check the same token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -62,61 +63,75 @@ fleet's gRPC port, lives on the head, where the cluster's Service and the guide 
 class FleetIngress:
     """Serve ingress: the router's serving path, on its own gRPC server (``serve_grpc``) or behind Serve's gRPC proxy."""
 
-    async def __init__(self, args: dict):
-        import asyncio
+    def __init__(self, args: dict):
+        import uuid
+
+        import ray
 
         from moefleet.core.default_model import default_model_dir
         from moefleet.core.model import MoECheckpoint
         from moefleet.core.placement import spread_placement
         from moefleet.core.state import StateStore
-        from moefleet.expert_workers.group import expert_group_actor_class
+        from moefleet.expert_workers.launch import start_worker
 
         from . import security
         from .router import RouterCore
-        from .server import MoEFleetServicer, RouterServer
-        from .transport import RayTransport, worker_actor_name
+        from .server import MoEFleetServicer
+        from .transport import RayTransport
 
         self.args = ServeAppArgs(**args)
-        # Fail before touching the cluster when the router could not start securely (no token where one is required).
+        # Fail before touching the cluster when the router could not serve securely: no token where one is
+        # required, TLS files that cannot be read.
         self.token = security.resolve_token(self.args.router)
+        security.server_credentials(self.args.router)
         checkpoint = str(self.args.checkpoint or default_model_dir())
-        self.store = StateStore(self.args.resolved_redis_url(), namespace=self.args.namespace)
+        redis_url = self.args.resolved_redis_url()
+        self.store = StateStore(redis_url, namespace=self.args.namespace, socket_timeout_s=1.0)
         placement = self.store.get_placement()
         if placement is None:
             spec = MoECheckpoint(checkpoint).spec
             ids = [f"worker-{i}" for i in range(self.args.num_workers)]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
         wc = self.args.worker
-        cls = expert_group_actor_class()
         handles = [
-            cls.options(
-                name=worker_actor_name(d), namespace=self.args.namespace, lifetime="detached", get_if_exists=True,
-                num_cpus=wc.num_cpus, num_gpus=wc.num_gpus, resources=wc.resources, max_concurrency=wc.max_concurrency,
-            ).remote(d, checkpoint, [tuple(k) for k in keys], dtype=wc.dtype, backend=wc.backend)
+            start_worker(d, checkpoint, keys, self.args.namespace, wc, redis_url=redis_url)
             for d, keys in placement.assignments.items()
         ]
-        await asyncio.gather(*(h.ready.remote() for h in handles))
+        ray.get([h.ready.remote() for h in handles])
         if self.store.placement_version() == 0:
             placement = self.store.publish_placement(placement, expected_version=0)
         self.core = RouterCore(checkpoint, self.args.router, RayTransport(self.args.namespace), dtype=wc.dtype)
         self.core.set_placement(self.store.get_placement() or placement)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (a test driving the class directly)
+            replica = uuid.uuid4().hex[:8]
+        self.ingress_id = f"ingress-{replica}"
+        self.runtime = None
+        self.server = None
         self.servicer = MoEFleetServicer(self.core)
-        self.server = RouterServer(self.core, self.args.router) if self.args.serve_grpc else None
-        if self.server is not None:
-            await self.server.start()
 
-        def on_placement(p):
-            self.core.set_placement(p)
-            if self.server is not None:
-                asyncio.ensure_future(self.server.set_serving(self.core.ready()))
+    async def _ensure_runtime(self) -> None:
+        """Start the placement watch, heartbeats and telemetry in the serving event loop (once)."""
+        if self.runtime is None:
+            from .runtime import RouterRuntime
 
-        loop = asyncio.get_running_loop()
-        self._watch = self.store.watch_placement(
-            lambda p: loop.call_soon_threadsafe(on_placement, p), since_version=self.core.placement.version
-        )
+            self.runtime = RouterRuntime(self.core, self.store, self.ingress_id, kind="ingress")
+            if self.args.serve_grpc:
+                from .server import RouterServer
+
+                self.server = RouterServer(self.core, self.args.router)
+                await self.server.start()
+                self.runtime.info["address"] = self.server.address
+                self.runtime.on_placement = lambda _p: asyncio.ensure_future(self.server.set_serving(self.core.ready()))
+            self.runtime.start()
+            try:
+                await self.runtime.heartbeat()
+            except Exception as e:  # Redis down: the runtime keeps trying
+                log.warning("ingress %s: first heartbeat failed: %s", self.ingress_id, e)
 
     def _refusal(self, grpc_context):
-        """A RequestError when the call through Serve's gRPC proxy lacks the token; None when it may proceed."""
+        """A RequestError when a call through Serve's gRPC proxy lacks the token; None when it may proceed."""
         from . import security
         from .router import RequestError
 
@@ -127,10 +142,10 @@ class FleetIngress:
         return None if why is None else RequestError(grpc.StatusCode.UNAUTHENTICATED, why)
 
     async def Forward(self, request, grpc_context=None):
-        from .proto import fleet_pb2 as pb
         from .router import RequestError
-        from .server import error_reply
+        from .server import _request_id, error_reply
 
+        await self._ensure_runtime()
         try:
             refused = self._refusal(grpc_context)
             if refused:
@@ -140,10 +155,10 @@ class FleetIngress:
             if grpc_context is not None:
                 grpc_context.set_code(e.code)
                 grpc_context.set_details(e.message)
-            request_id = request.request_id if isinstance(request, pb.ForwardRequest) else ""
-            return error_reply(request_id, e)
+            return error_reply(_request_id(request), e)
 
     async def ForwardStream(self, request_stream, grpc_context=None):
+        await self._ensure_runtime()
         refused = self._refusal(grpc_context)
         if refused:
             from .server import error_reply
@@ -156,10 +171,10 @@ class FleetIngress:
     async def GetPlacement(self, request, grpc_context=None):
         refused = self._refusal(grpc_context)
         if refused and grpc_context is not None:
-            grpc_context.set_code(refused.code)
-            grpc_context.set_details(refused.message)
             from .proto import fleet_pb2 as pb
 
+            grpc_context.set_code(refused.code)
+            grpc_context.set_details(refused.message)
             return pb.GetPlacementResponse()
         return await self.servicer.GetPlacement(request, grpc_context)
 
@@ -172,7 +187,8 @@ class FleetIngress:
             status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        await self._ensure_runtime()  # Serve calls this periodically from the replica's loop: the runtime starts early
         if not self.core.ready():
             raise RuntimeError("placement incomplete: some expert has no replica")
 

@@ -16,19 +16,15 @@ import asyncio
 import functools
 from typing import Any
 
-import numpy as np
-
 import grpc
+import numpy as np
 
 from .dispatch import WorkerBatch
 from .router import RequestError, WorkerCallError
 
-WORKER_PREFIX = "moefleet-worker:"
+from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
+
 INLINE_BYTES = 64 << 10  # under Ray's 100 KiB inline-argument limit
-
-
-def worker_actor_name(worker_id: str) -> str:
-    return WORKER_PREFIX + worker_id
 
 
 class RayTransport:
@@ -62,23 +58,27 @@ class RayTransport:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         try:
-            ref = self.handle(worker).forward.remote(
+            handle = self.handle(worker)
+        except ValueError as e:  # no actor of that name: retired, dead and not restarted, or not started yet
+            raise WorkerCallError(worker, e, retryable=True, dead=True) from e
+        try:
+            ref = handle.forward.remote(
                 layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens),
                 deadline=deadline,
             )
             return await ref
-        except ValueError as e:  # no actor of that name (retired, or not started yet)
-            self.forget(worker)
-            raise WorkerCallError(worker, e, retryable=True) from e
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-            self.forget(worker)
-            raise WorkerCallError(worker, e, retryable=True) from e
         except RayTaskError as e:
+            # The worker ran the call and raised: it is alive. Only a stale placement (it does not
+            # hold an expert any more) is worth a retry; anything else is the request's failure.
+            # (Checked first: Ray's error type also derives from the cause's type, a ValueError say.)
             cause = e.as_instanceof_cause()
             if isinstance(cause, TimeoutError):  # DeadlineExpiredError: the worker did not start it
                 raise _expired(worker) from e
             stale = isinstance(cause, LookupError)  # ExpertNotLoadedError: the placement moved on
             raise WorkerCallError(worker, LookupError(str(cause)) if stale else cause, retryable=stale) from e
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            self.forget(worker)
+            raise WorkerCallError(worker, e, retryable=True, dead=True) from e
 
 
 class LocalTransport:
@@ -93,7 +93,7 @@ class LocalTransport:
     async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         w = self.workers.get(worker)
         if w is None:
-            raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True)
+            raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(

@@ -273,3 +273,16 @@ class FleetConfig(BaseModel):
     num_routers: int = Field(default=1, gt=0, description="Router replicas (each its own gRPC port).")
     redis_url: str | None = Field(default=None, description="Redis URL; None starts a local redis-server on loopback.")
     namespace: str = Field(default="moefleet", description="Ray namespace and Redis key prefix of this fleet.")
+    static: bool = Field(
+        default=False, description="No controller: the starting placement stays, and a dead worker is not repaired."
+    )
+    min_replicas: int = Field(
+        default=1, ge=1, description="Replicas every expert keeps when memory allows (2: a worker's death loses no request)."
+    )
+    pin_cores: bool = Field(
+        default=True,
+        description="Local mode on a CPU machine: each worker owns a disjoint set of cores (affinity and torch threads).",
+    )
+    controller: dict = Field(
+        default_factory=dict, description="Overrides of the local controller's settings (ControllerConfig fields)."
+    )

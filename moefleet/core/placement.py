@@ -31,6 +31,13 @@ ExpertKey = tuple[int, int]
 DeviceId = str
 """A device (worker slot) id, unique in the fleet, e.g. ``"node-1/gpu0"``."""
 
+WORKER_PREFIX = "moefleet-worker:"
+"""Workers are named Ray actors ``moefleet-worker:<device id>`` in the fleet's namespace."""
+
+
+def worker_actor_name(device_id: DeviceId) -> str:
+    return WORKER_PREFIX + device_id
+
 
 class DeviceSpec(BaseModel):
     """One device that can host an ``ExpertGroup`` worker."""
@@ -46,6 +53,11 @@ class DeviceSpec(BaseModel):
     memory_bytes: int = Field(gt=0, description="Memory available for expert weights on this device, in bytes.")
     speed: float = Field(
         default=1.0, gt=0, description="Relative expert throughput (tokens/s) against a reference device of 1.0."
+    )
+    cpus: tuple[int, ...] | None = Field(
+        default=None,
+        description="Local mode: the CPU cores this device's worker owns (pinned, as many torch threads); None on GPU "
+        "nodes and Ray-scheduled CPU workers.",
     )
 
 
@@ -75,10 +87,25 @@ class Placement(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(default=0, ge=0, description="Monotonic version; routers follow the highest.")
+    version: int = Field(default=0, ge=0, description="Monotonic version within a generation; routers follow the highest.")
+    generation: str = Field(
+        default="", description="Id of the placement table this version belongs to (a reset table starts a new one)."
+    )
     assignments: dict[DeviceId, list[ExpertKey]] = Field(
         default_factory=dict, description="Device id -> (layer, expert) pairs it holds, one replica each."
     )
+    speeds: dict[DeviceId, float] = Field(
+        default_factory=dict,
+        description="Relative speed of each device as the planner assumed it; routers split an expert's rows among "
+        "its replicas in proportion (absent: 1.0).",
+    )
+
+    def speed(self, device_id: DeviceId) -> float:
+        return float(self.speeds.get(device_id, 1.0))
+
+    def newer_than(self, other: "Placement") -> bool:
+        """Whether a holder of ``other`` should switch to this one: a later version, or another generation."""
+        return self.generation != other.generation or self.version > other.version
 
     def replicas(self) -> dict[ExpertKey, list[DeviceId]]:
         """Logical expert -> devices holding a replica, devices in sorted order."""
@@ -103,3 +130,29 @@ def spread_placement(layers: list[int], num_experts: int, device_ids: list[Devic
         for e in range(num_experts):
             assignments[device_ids[e * n // num_experts]].append((layer, e))
     return Placement(version=version, assignments=assignments)
+
+
+def assign_cores(num_workers: int, cores: list[int]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """Disjoint cores for each local worker, and the cores left for routers and the controller.
+
+    Each worker gets ``len(cores) // num_workers`` cores (at least one), in
+    order. With more workers than cores, workers share cores round-robin (then
+    they no longer own a device: imbalance costs less than on GPUs). What no
+    worker owns is left to the rest of the fleet; when every core is owned, the
+    routers and the controller run on all of them.
+
+    >>> assign_cores(2, [0, 1, 2, 3, 4])
+    ([(0, 1), (2, 3)], (4,))
+    >>> assign_cores(3, [0, 1])
+    ([(0,), (1,), (0,)], (0, 1))
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers: must be >= 1, got {num_workers}")
+    if not cores:
+        raise ValueError("cores: no CPU cores to assign")
+    if num_workers > len(cores):
+        return [(cores[i % len(cores)],) for i in range(num_workers)], tuple(cores)
+    each = len(cores) // num_workers
+    owned = [tuple(cores[i * each : (i + 1) * each]) for i in range(num_workers)]
+    rest = tuple(cores[num_workers * each :])
+    return owned, rest or tuple(cores)

@@ -195,6 +195,7 @@ class RedisServer:
         write_private_file(self.config_path, conf)  # the password never appears on a command line
         if self.password:
             self.password_file = write_private_file(self.dir / "password", self.password + "\n")
+        self._stopped = False
         attempts = 1 if port is not None else 3
         try:
             for attempt in range(attempts):
@@ -282,8 +283,22 @@ class RedisServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and _ping(self.port, password=self.password, tls=self.tls)
 
+    def exited(self) -> bool:
+        """True when the server process has ended (killed, crashed) and ``stop()`` was not called."""
+        return self._proc is not None and self._proc.poll() is not None and not self._stopped
+
+    def restart(self, startup_timeout_s: float = 10.0) -> None:
+        """Start the server again on the same port (after it died); it comes back empty (no persistence)."""
+        if self._proc is not None:
+            _kill(self._proc, 2.0)
+        self._start(startup_timeout_s)
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill, self._proc, 5.0)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate the server (kill it if it does not exit in ``timeout_s``) and remove the temp dir. Idempotent."""
+        self._stopped = True
         if self._proc is not None:
             _kill(self._proc, timeout_s)
         finalizer = getattr(self, "_finalizer", None)

@@ -21,18 +21,35 @@ events
     A capped stream of what the controller did, for operators.
 
 Time: every decision that depends on time uses the ``now`` passed in
-(seconds, float), so tests drive a fake clock. Redis expiry (PX, PEXPIRE) is
-used only to free memory and to let a dead leader's lease lapse.
+(seconds, float), so tests drive a fake clock. ``now=None`` means the store's
+own clock (Redis ``TIME``): routers, workers and controllers on different hosts
+pass None, so heartbeats, leases and load windows are judged on one clock
+whatever the skew between hosts. Redis expiry (PX, PEXPIRE) is used only to
+free memory and to let a dead leader's lease lapse.
+
+Generations: the placement table carries a generation id, minted when the
+table is created (the publish of version 1). A Redis that lost its data starts
+a new generation, so a router holding version 7 of the old table follows
+version 1 of the new one instead of ignoring it as older.
+
+Fencing: each lease acquisition hands out a fencing token larger than any
+before it (Redis time in microseconds, and past the last one). A publish made
+with ``fence=(holder, token)`` lands only while that lease is still held with
+that token, so a leader that lost its lease (paused, partitioned) cannot
+publish over its successor; workers refuse load/unload commands carrying an
+older token than one they have seen.
 
 Key layout (``ns`` is the namespace)::
 
     ns:placement                      string  JSON Placement (current)
     ns:placement:version              string  int, current version (absent = 0)
+    ns:placement:generation           string  id minted when the table is (re)created at version 1
     ns:placement:history              list    JSON Placement, newest first, capped
     ns:placement:updates              channel pub/sub, message = new version
     ns:load:<window_s>:<index>        hash    "layer:expert" -> tokens, PEXPIRE retention
     ns:load:<window_s>:<index>:sources hash   source -> tokens, PEXPIRE retention
     ns:lease                          string  JSON LeaseRecord, PX ttl
+    ns:lease:token                    string  last fencing token handed out
     ns:record:<name>                  string  JSON object
     ns:workers                        hash    worker id -> JSON WorkerRecord
     ns:workers:expiry                 zset    worker id, score = expires_at (for pruning)
@@ -68,6 +85,7 @@ _STOP_LATENCY_S = 0.2
 
 __all__ = [
     "Event",
+    "LeaseLostError",
     "LeaseRecord",
     "PlacementWatch",
     "StaleVersionError",
@@ -88,6 +106,10 @@ class StateStoreError(RuntimeError):
 
 class StateStoreUnavailable(StateStoreError):
     """Redis could not be reached; the message names the URL."""
+
+
+class LeaseLostError(StateStoreError):
+    """A fenced write was refused: the writer no longer holds the lease with its token."""
 
 
 class StaleVersionError(StateStoreError):
@@ -111,7 +133,8 @@ class LeaseRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     holder: str = Field(description="Id of the lease holder (a controller instance).")
-    expires_at: float = Field(description="Holder's clock (`now` + ttl) when the lease lapses.")
+    expires_at: float = Field(description="`now` + ttl when the lease lapses (the store's clock unless a `now` was given).")
+    token: int = Field(default=0, description="Fencing token of this holding; larger than every earlier holding's.")
 
 
 class WorkerRecord(BaseModel):
@@ -154,6 +177,10 @@ class StateKeys:
         return f"{self.namespace}:placement:version"
 
     @property
+    def placement_generation(self) -> str:
+        return f"{self.namespace}:placement:generation"
+
+    @property
     def placement_history(self) -> str:
         return f"{self.namespace}:placement:history"
 
@@ -170,6 +197,10 @@ class StateKeys:
     @property
     def lease(self) -> str:
         return f"{self.namespace}:lease"
+
+    @property
+    def lease_token(self) -> str:
+        return f"{self.namespace}:lease:token"
 
     def record(self, name: str) -> str:
         return f"{self.namespace}:record:{name}"
@@ -189,13 +220,31 @@ class StateKeys:
 
 # --------------------------------------------------------------------------- Lua
 
-# KEYS: placement, version, history. ARGV: expected version, new JSON, history size, channel.
-# Returns {1, new_version} on success, {0, current_version} when the version moved.
+# KEYS: placement, version, history, generation, lease.
+# ARGV: expected version, new JSON, history size, channel, generation for a new table,
+#       fence holder ('' = unfenced), fence token.
+# Returns {1, new_version, generation} on success, {0, current_version, ''} when the
+# version moved, {-1, 0, ''} when the fence (lease holder and token) does not hold.
 _PUBLISH_PLACEMENT = """
+if ARGV[6] ~= '' then
+  local cur = redis.call('GET', KEYS[5])
+  if not cur then
+    return {-1, 0, ''}
+  end
+  local rec = cjson.decode(cur)
+  if rec.holder ~= ARGV[6] or string.format('%d', rec.token or 0) ~= ARGV[7] then
+    return {-1, 0, ''}
+  end
+end
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local expected = tonumber(ARGV[1])
 if current ~= expected then
-  return {0, current}
+  return {0, current, ''}
+end
+local generation = redis.call('GET', KEYS[4])
+if expected == 0 or not generation then
+  generation = ARGV[5]
+  redis.call('SET', KEYS[4], generation)
 end
 local new_version = expected + 1
 redis.call('SET', KEYS[1], ARGV[2])
@@ -203,24 +252,36 @@ redis.call('SET', KEYS[2], new_version)
 redis.call('LPUSH', KEYS[3], ARGV[2])
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
 redis.call('PUBLISH', ARGV[4], new_version)
-return {1, new_version}
+return {1, new_version, generation}
 """
 
-# KEYS: lease. ARGV: holder, now, new JSON, ttl ms.
-# Free, lapsed (by `now`) or already ours: take it.
+# KEYS: lease, last token. ARGV: holder, now, expires_at, ttl ms, token candidate (Redis time, us).
+# Free, lapsed (by `now`) or already ours: take it. A new holding gets a token past every
+# earlier one; re-acquiring your own keeps its token. Returns the token, or 0.
 _ACQUIRE_LEASE = """
 local cur = redis.call('GET', KEYS[1])
+local token = nil
 if cur then
   local rec = cjson.decode(cur)
   if rec.holder ~= ARGV[1] and tonumber(rec.expires_at) > tonumber(ARGV[2]) then
     return 0
   end
+  if rec.holder == ARGV[1] and tonumber(rec.expires_at) > tonumber(ARGV[2]) and rec.token then
+    token = tonumber(rec.token)
+  end
 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return 1
+if not token then
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  token = math.max(tonumber(ARGV[5]), last + 1)
+  redis.call('SET', KEYS[2], string.format('%d', token))
+end
+local rec = '{"holder":' .. cjson.encode(ARGV[1]) .. ',"expires_at":' .. ARGV[3] .. ',"token":' .. string.format('%d', token) .. '}'
+redis.call('SET', KEYS[1], rec, 'PX', ARGV[4])
+return token
 """
 
-# KEYS: lease. ARGV: holder, now, new JSON, ttl ms. Only a current (by `now`) holder renews.
+# KEYS: lease. ARGV: holder, now, expires_at, ttl ms, token ('' = any).
+# Only a current (by `now`) holder renews, keeping its token. Returns the token, or 0.
 _RENEW_LEASE = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then
@@ -230,8 +291,13 @@ local rec = cjson.decode(cur)
 if rec.holder ~= ARGV[1] or tonumber(rec.expires_at) <= tonumber(ARGV[2]) then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-return 1
+local token = tonumber(rec.token or 0)
+if ARGV[5] ~= '' and string.format('%d', token) ~= ARGV[5] then
+  return 0
+end
+local out = '{"holder":' .. cjson.encode(ARGV[1]) .. ',"expires_at":' .. ARGV[3] .. ',"token":' .. string.format('%d', token) .. '}'
+redis.call('SET', KEYS[1], out, 'PX', ARGV[4])
+return math.max(token, 1)
 """
 
 # KEYS: lease. ARGV: holder.
@@ -433,6 +499,19 @@ class StateStore:
         except StateStoreUnavailable:
             return False
 
+    @staticmethod
+    def _server_time(r: redis.Redis) -> float:
+        seconds, micros = r.time()
+        return seconds + micros / 1e6
+
+    def time(self) -> float:
+        """The store's clock (Redis ``TIME``), in seconds: the one clock every host's liveness is judged by."""
+        with self._redis("time") as r:
+            return self._server_time(r)
+
+    def _now(self, now: float | None) -> float:
+        return self.time() if now is None else float(now)
+
     def close(self) -> None:
         """Stop this store's placement watches and close its connections. Idempotent."""
         with self._lock:
@@ -446,10 +525,12 @@ class StateStore:
     # ---------------------------------------------------------------- placement
 
     def get_placement(self) -> Placement | None:
-        """The current placement, or None if none was ever published."""
+        """The current placement (with its generation), or None if none was ever published."""
         with self._redis("get_placement") as r:
-            raw = r.get(self.keys.placement)
-        return None if raw is None else Placement.model_validate_json(raw)
+            raw, generation = r.mget(self.keys.placement, self.keys.placement_generation)
+        if raw is None:
+            return None
+        return Placement.model_validate_json(raw).model_copy(update={"generation": generation or ""})
 
     def placement_version(self) -> int:
         """Version of the current placement; 0 if none was published."""
@@ -457,33 +538,56 @@ class StateStore:
             raw = r.get(self.keys.placement_version)
         return 0 if raw is None else int(raw)
 
-    def publish_placement(self, placement: Placement, expected_version: int) -> Placement:
+    def _version_and_generation(self) -> tuple[int, str]:
+        with self._redis("placement_version") as r:
+            raw, generation = r.mget(self.keys.placement_version, self.keys.placement_generation)
+        return (0 if raw is None else int(raw)), generation or ""
+
+    def placement_generation(self) -> str:
+        """Generation id of the placement table ('' before the first publish)."""
+        with self._redis("placement_generation") as r:
+            return r.get(self.keys.placement_generation) or ""
+
+    def publish_placement(
+        self, placement: Placement, expected_version: int, *, fence: tuple[str, int] | None = None
+    ) -> Placement:
         """Store ``placement`` as version ``expected_version + 1`` if the stored version is ``expected_version``.
 
         Atomic (one Lua script): on success the placement, its version, the
         history entry and the pub/sub announcement happen together. The
-        ``version`` field of ``placement`` is ignored and replaced.
+        ``version`` and ``generation`` fields of ``placement`` are ignored and
+        replaced: publishing version 1 starts a new generation.
+
+        Args:
+            fence: ``(holder, token)`` of the lease this write is made under; the
+                publish lands only while that holding is current.
 
         Returns:
-            The stored placement, with its new version.
+            The stored placement, with its new version and the table's generation.
         Raises:
             StaleVersionError: the stored version is not ``expected_version``.
+            LeaseLostError: ``fence`` was given and no longer holds.
         """
+        import uuid
+
         expected = operator.index(expected_version)
         if expected < 0:
             raise ValueError(f"expected_version: must be >= 0, got {expected}")
-        stored = placement.model_copy(update={"version": expected + 1})
-        payload = stored.model_dump_json()
+        stored = placement.model_copy(update={"version": expected + 1, "generation": ""})
+        payload = stored.model_dump_json(exclude={"generation"})
         k = self.keys
+        holder, token = ("", 0) if fence is None else (str(fence[0]), int(fence[1]))
         with self._redis("publish_placement") as r:
-            ok, version = self._publish_script(
-                keys=[k.placement, k.placement_version, k.placement_history],
-                args=[expected, payload, self.placement_history_size, k.placement_channel],
+            ok, version, generation = self._publish_script(
+                keys=[k.placement, k.placement_version, k.placement_history, k.placement_generation, k.lease],
+                args=[expected, payload, self.placement_history_size, k.placement_channel, uuid.uuid4().hex[:12], holder, token],
                 client=r,
             )
+        if ok == -1:
+            raise LeaseLostError(f"publish_placement: lease holder {holder!r} with token {token} no longer holds the lease")
         if not ok:
             raise StaleVersionError(expected, int(version))
-        return stored
+        return stored.model_copy(update={"generation": generation})
 
     def placement_history(self, n: int = 10) -> list[Placement]:
         """Up to ``n`` most recently published placements, newest (the current one) first.
@@ -502,6 +606,7 @@ class StateStore:
         poll_interval_s: float = 0.1,
         *,
         since_version: int | None = None,
+        generation: str | None = None,
     ) -> "PlacementWatch":
         """Call ``callback(placement)`` from a background thread whenever the version advances.
 
@@ -523,10 +628,14 @@ class StateStore:
                 than the version stored now (read before this returns). Pass the
                 version of a placement you already hold to close the gap between
                 reading it and watching.
+            generation: the generation of the placement you hold (default: the
+                stored one); a table of another generation is delivered from its
+                first version on.
         """
         _check_positive("poll_interval_s", poll_interval_s)
-        start = self.placement_version() if since_version is None else operator.index(since_version)
-        watch = PlacementWatch(self, callback, poll_interval_s, start)
+        version, stored_generation = self._version_and_generation()
+        start = version if since_version is None else operator.index(since_version)
+        watch = PlacementWatch(self, callback, poll_interval_s, start, stored_generation if generation is None else generation)
         with self._lock:
             self._watches = [w for w in self._watches if w.is_alive()]
             self._watches.append(watch)
@@ -542,7 +651,7 @@ class StateStore:
     def record_load(
         self,
         counts: Mapping[ExpertKey, int],
-        now: float,
+        now: float | None,
         window_s: float = 1.0,
         source: str = "",
     ) -> None:
@@ -564,7 +673,7 @@ class StateStore:
                 fields[field] = fields.get(field, 0) + n
         if not fields:
             return
-        index = self._window_index(now, window_s)
+        index = self._window_index(self._now(now), window_s)
         key = self.keys.load_window(window_s, index)
         ttl_ms = math.ceil(max(self.load_retention_s, window_s) * 1000)
         with self._redis("record_load") as r:
@@ -585,7 +694,7 @@ class StateStore:
                 pipe.hgetall(key)
             return pipe.execute()
 
-    def read_windows(self, now: float, window_s: float, num_windows: int) -> list[tuple[float, dict[ExpertKey, int]]]:
+    def read_windows(self, now: float | None, window_s: float, num_windows: int) -> list[tuple[float, dict[ExpertKey, int]]]:
         """Raw counts of the last ``num_windows`` windows, the current one included, oldest first.
 
         Returns ``[(window_start_s, {(layer, expert): tokens}), ...]`` with exactly
@@ -595,7 +704,7 @@ class StateStore:
         window_s = _check_positive("window_s", window_s)
         if num_windows < 1:
             return []
-        current = self._window_index(now, window_s)
+        current = self._window_index(self._now(now), window_s)
         indices = list(range(current - num_windows + 1, current + 1))
         hashes = self._read_hashes("read_windows", [self.keys.load_window(window_s, i) for i in indices])
         return [
@@ -603,7 +712,7 @@ class StateStore:
             for i, h in zip(indices, hashes)
         ]
 
-    def read_load(self, now: float, window_s: float, num_windows: int, half_life_s: float) -> dict[ExpertKey, float]:
+    def read_load(self, now: float | None, window_s: float, num_windows: int, half_life_s: float) -> dict[ExpertKey, float]:
         """Exponentially decayed token counts per ``(layer, expert)`` over the last ``num_windows`` windows.
 
         A window's age is counted in whole windows from the current one
@@ -636,32 +745,43 @@ class StateStore:
 
     # ---------------------------------------------------------------- leader lease
 
-    def _lease_args(self, holder: str, ttl_s: float, now: float) -> list[Any]:
+    def _lease_args(self, holder: str, ttl_s: float, now: float | None) -> list[Any]:
         if not holder:
             raise ValueError("holder: must be a non-empty id")
         ttl_s = _check_positive("ttl_s", ttl_s)
-        record = LeaseRecord(holder=holder, expires_at=float(now) + ttl_s)
-        return [holder, repr(float(now)), record.model_dump_json(), max(1, math.ceil(ttl_s * 1000))]
+        now = self._now(now)
+        return [holder, repr(float(now)), repr(float(now) + ttl_s), max(1, math.ceil(ttl_s * 1000))]
 
-    def try_acquire_lease(self, holder: str, ttl_s: float, now: float) -> bool:
+    def try_acquire_lease(self, holder: str, ttl_s: float, now: float | None = None) -> int:
         """Take the lease for ``ttl_s`` if it is free, lapsed by ``now``, or already ``holder``'s.
 
         Redis expires the key after ``ttl_s`` (PX), so a dead holder's lease
-        lapses without anyone writing. Returns whether ``holder`` now holds it.
+        lapses without anyone writing. Returns the holding's fencing token
+        (> 0, truthy) if ``holder`` now holds it, else 0. ``now=None``: the
+        store's clock.
         """
         args = self._lease_args(holder, ttl_s, now)
         with self._redis("try_acquire_lease") as r:
-            return bool(self._acquire_script(keys=[self.keys.lease], args=args, client=r))
+            candidate = int(self._server_time(r) * 1e6)
+            return int(self._acquire_script(keys=[self.keys.lease, self.keys.lease_token], args=[*args, candidate], client=r))
 
-    def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
-        """Extend ``holder``'s lease to ``now + ttl_s``; False if it is not (or no longer, by ``now``) the holder.
+    def renew_lease(self, holder: str, ttl_s: float, now: float | None = None, *, token: int | None = None) -> int:
+        """Extend ``holder``'s lease to ``now + ttl_s``; 0 if it is not (or no longer, by ``now``) the holder.
 
-        A holder that gets False has lost leadership and must stop acting as
-        leader (it may try to acquire again).
+        With ``token``, renews only the holding that token was handed out for.
+        Returns the holding's fencing token (truthy) on success. A holder that
+        gets 0 has lost leadership and must stop acting as leader (it may try
+        to acquire again, under a new token).
         """
         args = self._lease_args(holder, ttl_s, now)
         with self._redis("renew_lease") as r:
-            return bool(self._renew_script(keys=[self.keys.lease], args=args, client=r))
+            return int(self._renew_script(keys=[self.keys.lease], args=[*args, "" if token is None else str(int(token))], client=r))
+
+    def lease(self) -> LeaseRecord | None:
+        """The lease record as stored (None when no one holds it)."""
+        with self._redis("lease") as r:
+            raw = r.get(self.keys.lease)
+        return None if raw is None else LeaseRecord.model_validate_json(raw)
 
     def release_lease(self, holder: str) -> bool:
         """Give the lease up; False (and nothing changes) if ``holder`` does not hold it."""
@@ -699,7 +819,7 @@ class StateStore:
 
     # ---------------------------------------------------------------- workers
 
-    def register_worker(self, worker_id: str, info: dict[str, Any], now: float, ttl_s: float) -> None:
+    def register_worker(self, worker_id: str, info: dict[str, Any], now: float | None, ttl_s: float) -> None:
         """Register or heartbeat a worker: it counts in ``workers(t)`` while ``t < now + ttl_s``.
 
         Also deletes entries that expired more than ``worker_forget_after_s`` before ``now``.
@@ -708,6 +828,7 @@ class StateStore:
             raise ValueError("worker_id: must be non-empty")
         ttl_s = _check_positive("ttl_s", ttl_s)
         _dumps(f"worker {worker_id!r} info", info)
+        now = self._now(now)
         record = WorkerRecord(worker_id=worker_id, info=info, heartbeat_at=now, expires_at=now + ttl_s)
         k = self.keys
         with self._redis("register_worker") as r:
@@ -726,22 +847,23 @@ class StateStore:
             removed, _ = pipe.execute()
         return bool(removed)
 
-    def worker_records(self, now: float) -> dict[str, WorkerRecord]:
-        """Registry entries whose heartbeat has not expired by ``now``."""
+    def worker_records(self, now: float | None = None) -> dict[str, WorkerRecord]:
+        """Registry entries whose heartbeat has not expired by ``now`` (None: the store's clock)."""
+        now = self._now(now)
         with self._redis("workers") as r:
             raw = r.hgetall(self.keys.workers)
         records = (WorkerRecord.model_validate_json(v) for v in raw.values())
         return {rec.worker_id: rec for rec in records if now < rec.expires_at}
 
-    def workers(self, now: float) -> dict[str, dict[str, Any]]:
+    def workers(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         """``{worker_id: info}`` of the workers whose heartbeat has not expired by ``now``."""
         return {wid: rec.info for wid, rec in self.worker_records(now).items()}
 
     # ---------------------------------------------------------------- events
 
-    def emit_event(self, kind: str, data: dict[str, Any], now: float) -> str:
+    def emit_event(self, kind: str, data: dict[str, Any], now: float | None = None) -> str:
         """Append an event to the capped stream (``XADD MAXLEN ~ events_maxlen``); returns its id."""
-        event = Event(kind=kind, at=now, data=data)
+        event = Event(kind=kind, at=self._now(now), data=data)
         payload = _dumps(f"event {kind!r} data", event.model_dump(exclude={"id"}))
         with self._redis("emit_event") as r:
             return r.xadd(self.keys.events, {"event": payload}, maxlen=self.events_maxlen, approximate=True)
@@ -761,11 +883,15 @@ class StateStore:
 class PlacementWatch:
     """Handle of a ``StateStore.watch_placement`` thread; ``stop()`` ends it."""
 
-    def __init__(self, store: StateStore, callback: Callable[[Placement], None], poll_interval_s: float, since: int):
+    def __init__(
+        self, store: StateStore, callback: Callable[[Placement], None], poll_interval_s: float, since: int, generation: str = ""
+    ):
         self._store = store
         self._callback = callback
         self._poll = poll_interval_s
         self.last_version = since
+        self.last_generation = generation
+        """Generation of the table ``last_version`` belongs to ('' until known)."""
         """Version of the last placement delivered (or the starting point)."""
         self.callback_errors = 0
         """Callbacks that raised (each logged with its traceback)."""
@@ -785,19 +911,26 @@ class PlacementWatch:
             self._thread.join(timeout_s)
 
     def _check(self) -> None:
-        version = self._store.placement_version()
-        if version < self.last_version:
-            # Versions only grow, so the table was lost (a Redis restarted without its
-            # data, a flushed database): follow whatever is published from now on.
+        version, generation = self._store._version_and_generation()
+        if generation and self.last_generation and generation != self.last_generation:
+            # A new table (Redis lost its data, or the table was flushed): follow it from its start.
+            log.warning("placement table at %s has a new generation (%s, was %s): following it",
+                        self._store._safe_url, generation, self.last_generation)
+            self.last_version = 0
+        elif version < self.last_version:
+            # Versions only grow within a table, so the table was lost: follow whatever is published from now on.
             log.warning("placement version went back from %d to %d at %s: the placement table was reset",
                         self.last_version, version, self._store._safe_url)
             self.last_version = 0
+        if generation:
+            self.last_generation = generation
         if version <= self.last_version:
             return
         placement = self._store.get_placement()
         if placement is None or placement.version <= self.last_version:
             return
         self.last_version = placement.version
+        self.last_generation = placement.generation
         try:
             self._callback(placement)
         except Exception:  # the callback's failure must not end the watch; surfaced in the log and counter

@@ -30,6 +30,7 @@ def fleet(ray_cluster, redis_server, tmp_path_factory):
     cfg = FleetConfig(
         checkpoint=str(path), num_workers=3, redis_url=redis_server.url, namespace=f"ctl-{uuid.uuid4().hex[:8]}",
         worker=WorkerConfig(num_cpus=0.5), router=RouterConfig(telemetry_interval_s=0.2, load_window_s=1.0),
+        static=True,  # these tests drive their own controllers
     )
     f = LocalFleet(cfg)
     f.start()
@@ -135,7 +136,7 @@ def test_follower_takes_over_when_the_leader_dies(fleet):
 def test_autoscaling_adds_a_worker_when_queues_grow(fleet):
     """Queue depth above target: the active devices grow, and the reconciler starts a worker for the new one."""
     from moefleet.core.placement import DeviceSpec
-    from moefleet.router_service.transport import worker_actor_name
+    from moefleet.core.placement import worker_actor_name
 
     model = MoEModel.from_pretrained(fleet.checkpoint)
     store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
@@ -184,7 +185,7 @@ def test_controller_places_workers_by_node_type_on_a_heterogeneous_cluster(ray_c
     """Inventory from the Ray nodes (2 fake H100s, 1 fake L4, a CPU tier): workers land on their nodes,
     the faster GPUs carry more of the skewed load, and the fleet still computes the model's layer."""
     from moefleet.controller.main import ControllerConfig
-    from moefleet.router_service.transport import worker_actor_name
+    from moefleet.core.placement import worker_actor_name
 
     path = tmp_path_factory.mktemp("mixtral-het")
     hf, _ = hf_models.build("mixtral", num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
@@ -220,7 +221,7 @@ def test_controller_places_workers_by_node_type_on_a_heterogeneous_cluster(ray_c
         h100 = [d for d in by_id if by_id[d].accelerator_type == "H100"]
         l4 = [d for d in by_id if by_id[d].accelerator_type == "L4"]
         assert min(tokens[d] for d in h100) > 2 * max(tokens[d] for d in l4), tokens
-        fleet = LocalFleet(FleetConfig(checkpoint=str(path), redis_url=redis_server.url, namespace=ns))
+        fleet = LocalFleet(FleetConfig(checkpoint=str(path), redis_url=redis_server.url, namespace=ns, static=True))
         fleet.start(placement)
         with FleetClient(fleet.address) as client:
             client.wait_ready(60)

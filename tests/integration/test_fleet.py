@@ -36,7 +36,9 @@ def _checkpoint(tmp_path_factory, family, **over):
 @pytest.fixture(scope="module", params=["mixtral", "deepseek_v3"])
 def fleet(request, ray_cluster, redis_server, tmp_path_factory):
     path, hf = _checkpoint(tmp_path_factory, request.param)
-    cfg = FleetConfig(checkpoint=str(path), num_workers=2, redis_url=redis_server.url, namespace=f"t-{uuid.uuid4().hex[:8]}")
+    cfg = FleetConfig(
+        checkpoint=str(path), num_workers=2, redis_url=redis_server.url, namespace=f"t-{uuid.uuid4().hex[:8]}", static=True
+    )
     f = LocalFleet(cfg)
     f.start()
     f.hf_model = hf
@@ -280,7 +282,7 @@ def test_workers_land_on_the_nodes_the_placement_names(ray_cluster, redis_server
     placement = spread_placement(list(model.moe_layers), model.spec.layer.num_experts, ["a-0", "b-0"])
     cfg = FleetConfig(
         checkpoint=str(path), redis_url=redis_server.url, namespace=f"mn-{uuid.uuid4().hex[:8]}",
-        worker=WorkerConfig(num_cpus=0.5),
+        worker=WorkerConfig(num_cpus=0.5), static=True,
     )
     f = LocalFleet(cfg)
     f.start_workers(placement, resources={"a-0": {"node_a": 1}, "b-0": {"node_b": 1}})

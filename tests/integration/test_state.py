@@ -15,6 +15,7 @@ import pytest
 from moefleet.core.placement import Placement
 from moefleet.core.redis_server import RedisServer, RedisServerNotFound, _ping, find_redis_server, free_port
 from moefleet.core.state import (
+    LeaseLostError,
     StaleVersionError,
     StateStore,
     StateStoreError,
@@ -234,6 +235,66 @@ def test_watch_follows_a_table_that_was_reset(store):
         assert wait_until(lambda: rec.placements[-1] == fresh), rec.versions
     finally:
         watch.stop()
+
+
+def test_version_one_starts_a_generation_that_later_versions_keep(store):
+    first = store.publish_placement(placement("gpu0"), 0)
+    second = store.publish_placement(placement("gpu1"), 1)
+    assert first.generation and second.generation == first.generation
+    assert store.get_placement().generation == first.generation
+    store._client.delete(store.keys.placement, store.keys.placement_version, store.keys.placement_history)
+    reborn = store.publish_placement(placement("gpu2"), 0)
+    assert reborn.version == 1 and reborn.generation != first.generation
+    assert reborn.newer_than(second)  # a router holding version 2 of the old table follows version 1 of the new
+    assert not second.newer_than(second)
+
+
+def test_a_fenced_publish_lands_only_under_the_current_holding(store):
+    token_a = store.try_acquire_lease("ctl-a", ttl_s=0.2)
+    assert token_a
+    store.publish_placement(placement("gpu0"), 0, fence=("ctl-a", token_a))
+    assert wait_until(lambda: store.lease() is None, timeout_s=2.0)  # A stalls; its lease lapses in Redis
+    token_b = store.try_acquire_lease("ctl-b", ttl_s=5.0)
+    assert token_b > token_a
+    with pytest.raises(LeaseLostError, match="ctl-a"):
+        store.publish_placement(placement("gpu1"), 1, fence=("ctl-a", token_a))
+    assert store.placement_version() == 1  # nothing landed
+    assert store.publish_placement(placement("gpu1"), 1, fence=("ctl-b", token_b)).version == 2
+    # A comes back and takes the lease again only after B's lapses, under a new, larger token
+    assert not store.renew_lease("ctl-a", 5.0, token=token_a)
+    store.release_lease("ctl-b")
+    token_a2 = store.try_acquire_lease("ctl-a", ttl_s=5.0)
+    assert token_a2 > token_b
+    with pytest.raises(LeaseLostError):
+        store.publish_placement(placement("gpu0"), 2, fence=("ctl-a", token_a))
+
+
+def test_fencing_tokens_keep_growing_when_the_store_loses_its_data(store):
+    t1 = store.try_acquire_lease("ctl-a", ttl_s=5.0)
+    store._client.delete(store.keys.lease, store.keys.lease_token)  # a Redis restarted without data
+    t2 = store.try_acquire_lease("ctl-b", ttl_s=5.0)
+    assert t2 > t1
+
+
+def test_renewing_keeps_the_token_and_a_token_names_one_holding(store):
+    token = store.try_acquire_lease("ctl-a", ttl_s=5.0)
+    assert store.renew_lease("ctl-a", 5.0) == token
+    assert store.renew_lease("ctl-a", 5.0, token=token) == token
+    assert store.try_acquire_lease("ctl-a", ttl_s=5.0) == token  # re-acquiring your own keeps it
+    assert not store.renew_lease("ctl-a", 5.0, token=token - 1)
+
+
+def test_heartbeats_without_a_clock_are_judged_by_the_store_clock(store):
+    """Hosts whose clocks disagree pass now=None: the entry's times are the store's."""
+    server_now = store.time()
+    assert abs(server_now - time.time()) < 5  # loopback: same host
+    store.register_worker("router:skewed", {"kind": "router"}, None, ttl_s=1.0)
+    rec = store.worker_records()["router:skewed"]
+    assert abs(rec.heartbeat_at - server_now) < 1.0
+    # judged by a clock 10 s ahead (a skewed host judging by its own clock), the heartbeat looks dead;
+    # judged by the store's clock it is alive
+    assert "router:skewed" not in store.workers(time.time() + 10)
+    assert "router:skewed" in store.workers()
 
 
 def test_watch_survives_a_failing_callback(store):

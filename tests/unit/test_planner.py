@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from moefleet.controller.planner import PlannerKnobs, PlanningError, plan, predict
-from moefleet.core.placement import DeviceSpec, Inventory, Placement
+from moefleet.core.placement import DeviceSpec, Inventory, Placement, spread_placement
 
 NO_HEADROOM = PlannerKnobs(headroom=0.0)
 
@@ -417,3 +417,30 @@ def test_replicas_left_on_a_disallowed_cpu_device_are_removed():
     removes = {(m.device_id, m.expert) for m in result.moves if m.kind == "remove"}
     assert {("cpu0", (0, 3)), ("cpu0", (9, 9))} <= removes
     assert result.target.experts() == {(0, e) for e in range(4)}
+
+
+# --------------------------------------------------------------------------- replica floor
+
+
+def test_min_replicas_two_gives_every_expert_two_devices_when_memory_allows():
+    load = zipf(2, 8, s=1.2)
+    knobs = PlannerKnobs(headroom=0.0, min_replicas=2)
+    p = plan(load, Inventory(devices=gpus(4, 8)), Placement(), knobs, expert_bytes=1).target
+    assert all(len(ws) >= 2 and len(set(ws)) == len(ws) for ws in p.replicas().values())
+    # a running placement under the floor is repaired even with no copy budget
+    single = spread_placement([0, 1], 8, [f"gpu{i}" for i in range(4)])
+    repaired = plan(load, Inventory(devices=gpus(4, 8)), single, knobs.model_copy(update={"max_moves_per_step": 0}), expert_bytes=1)
+    assert repaired.repaired and repaired.apply
+    assert all(len(ws) >= 2 for ws in repaired.target.replicas().values())
+
+
+def test_min_replicas_falls_back_to_one_when_memory_is_short():
+    load = zipf(1, 8)
+    p = plan(load, Inventory(devices=gpus(2, 5)), Placement(), PlannerKnobs(headroom=0.0, min_replicas=2), expert_bytes=1)
+    assert set(p.target.experts()) == {(0, e) for e in range(8)}  # every expert once: 16 copies would not fit in 10
+
+
+def test_planned_placements_carry_the_device_speeds():
+    devices = gpus(2, 8) + gpus(1, 8, speed=3.0, prefix="big")
+    p = plan(zipf(1, 8), Inventory(devices=devices), Placement(), NO_HEADROOM, expert_bytes=1).target
+    assert p.speeds["big0"] == 3.0 and p.speeds["gpu0"] == 1.0

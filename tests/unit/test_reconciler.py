@@ -1,6 +1,6 @@
 """Pure parts of the reconciler: placement diffs and the drain condition."""
 
-from moefleet.controller.reconciler import placement_diff, routers_drained
+from moefleet.controller.reconciler import placement_diff, routers_drained, worker_diff
 from moefleet.core.placement import Placement
 
 
@@ -23,9 +23,27 @@ def test_diff_retires_devices_left_empty_and_is_empty_for_equal_placements():
 
 
 def test_drained_only_when_every_router_serves_the_version_with_nothing_older_in_flight():
-    assert routers_drained({}, 5)
+    assert not routers_drained({}, 5)  # no router reporting is not "drained": they may be cut off from the store
     assert routers_drained({"r1": {"placement_version": 5, "oldest_inflight_version": 5}}, 5)
     assert not routers_drained({"r1": {"placement_version": 5, "oldest_inflight_version": 4}}, 5)
     assert not routers_drained(
         {"r1": {"placement_version": 5, "oldest_inflight_version": 5}, "r2": {"placement_version": 4, "oldest_inflight_version": 4}}, 5
     )
+
+
+def test_drained_needs_the_routers_to_serve_the_same_table():
+    """After a store reset, a router still on version 7 of the old table has not drained version 2 of the new."""
+    old = {"r1": {"placement_version": 7, "oldest_inflight_version": 7, "placement_generation": "old"}}
+    assert not routers_drained(old, 2, "new")
+    new = {"r1": {"placement_version": 2, "oldest_inflight_version": 2, "placement_generation": "new"}}
+    assert routers_drained(new, 2, "new")
+
+
+def test_worker_diff_unloads_what_no_placement_names_and_loads_what_is_missing():
+    placement = Placement(version=4, assignments={"a": [(0, 0), (0, 1)], "b": [(0, 2)], "dead": [(0, 3)]})
+    held = {"a": [(0, 0), (0, 5)], "b": [(0, 2)], "spare": [(0, 6)]}  # "dead" reports nothing: it is not live
+    d = worker_diff(placement, held)
+    assert d.adds == {"a": [(0, 1)]}
+    assert d.removes == {"a": [(0, 5)], "spare": [(0, 6)]}
+    assert d.new_devices == [] and d.retired_devices == []
+    assert worker_diff(placement, {"a": [(0, 1), (0, 0)], "b": [(0, 2)]}).empty
