@@ -284,6 +284,9 @@ def cmd_deploy(args) -> int:
         app_args["checkpoint"] = args.checkpoint
     if args.redis_url:
         app_args["redis_url"] = args.redis_url
+    router = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file") if getattr(args, k)}
+    if router:
+        app_args["router"] = router  # paths on the head node
     config = serve_config(app_args)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.dry_run:
@@ -353,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint directory present on every node (default: built-in model)")
     p.add_argument("--workers", type=int, default=2, help="workers of the starting placement")
     p.add_argument("--redis-url", help="Redis URL (default: MOEFLEET_REDIS_URL on the cluster)")
+    p.add_argument("--tls-cert", help="on the head: PEM certificate of the gRPC port (TLS)")
+    p.add_argument("--tls-key", help="on the head: its PEM key")
+    p.add_argument("--tls-client-ca", help="on the head: CA bundle of the client certificates to require (mutual TLS)")
+    p.add_argument("--auth-token-file", help="on the head: the API's bearer token (default: MOEFLEET_AUTH_TOKEN on the head)")
     p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
     p.set_defaults(fn=cmd_deploy)
     args = parser.parse_args(argv)
