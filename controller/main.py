@@ -45,6 +45,7 @@ from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_actor_name
 from moefleet.core.state import StateStore, resolve_redis_url
+from moefleet.kernels.experts import packed_kind
 
 from .autoscale import AutoscalingConfig, autoscale_step
 from .planner import Plan, PlannerKnobs, plan
@@ -87,6 +88,21 @@ class ControllerConfig(BaseModel):
     )
 
 
+def held_expert_bytes(ckpt: MoECheckpoint, layers: list[int], worker: WorkerConfig, local: bool = False):
+    """Bytes one replica of each expert occupies on a worker: one number, or ``[L, E]`` where layers differ.
+
+    What the workers hold: experts of a quantized checkpoint stay packed on CUDA
+    workers where a kernel takes their form (fp8 values + block scales, MXFP4
+    bytes + exponents), and are dequantized to the compute dtype elsewhere.
+    """
+    cuda = worker.num_gpus > 0 and not local and worker.backend != "torch"
+    dtype = worker.dtype or ckpt.spec.dtype
+    sizes = [ckpt.expert_bytes(layer, dtype, packed=packed_kind(ckpt, layer, "triton" if cuda else "torch") is not None) for layer in layers]
+    if len(set(sizes)) <= 1:
+        return sizes[0] if sizes else ckpt.expert_bytes(ckpt.spec.moe_layers[0], dtype)
+    return np.array([[size] * ckpt.layer_spec(layer).num_experts for layer, size in zip(layers, sizes)], dtype=float)
+
+
 def load_matrix(load: dict, layers: list[int], num_experts: int) -> np.ndarray:
     """[L, E] from ``{(layer, expert): tokens}``."""
     row = {layer: i for i, layer in enumerate(layers)}
@@ -107,10 +123,10 @@ class Controller:
         self.holder = holder or f"controller-{uuid.uuid4().hex[:8]}"
         self.store = store or StateStore(resolve_redis_url(config.redis_url), namespace=config.namespace, socket_timeout_s=2.0)
         self.checkpoint = str(config.checkpoint or default_model_dir())
-        self.spec = MoECheckpoint(self.checkpoint).spec
+        ckpt = MoECheckpoint(self.checkpoint)
+        self.spec = ckpt.spec
         self.layers = list(self.spec.moe_layers)
-        ls = self.spec.layer
-        self.expert_bytes = ls.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[config.worker.dtype or self.spec.dtype]
+        self.expert_bytes = held_expert_bytes(ckpt, self.layers, config.worker, local=config.local)
         self.clock = clock
         self.leader = False
         self.token = 0

@@ -57,12 +57,28 @@ def gather_rows(hidden: torch.Tensor, perm: Permutation) -> torch.Tensor:
     return hidden.index_select(0, perm.token_index)
 
 
+def row_weights(topk_weights: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """[N] fp32: the routed weight of each permuted row (topk_weights [T, K])."""
+    return topk_weights.reshape(-1).index_select(0, perm.slot_index).float()
+
+
+def scale_rows(x_sorted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each row times its weight (x_sorted [N, H], weights [N]), in fp32, back in x's dtype.
+
+    For families that weight an expert's *input* (Llama 4); their outputs are
+    then combined unweighted.
+    """
+    return (x_sorted.float() * weights[:, None].float()).to(x_sorted.dtype)
+
+
 def unpermute(
-    y_sorted: torch.Tensor, perm: Permutation, topk_weights: torch.Tensor, num_tokens: int
+    y_sorted: torch.Tensor, perm: Permutation, topk_weights: torch.Tensor | None, num_tokens: int
 ) -> torch.Tensor:
-    """Weighted combine: out[t] = sum over t's rows of w * y. y_sorted [N, H] -> out [T, H] (fp32)."""
+    """Weighted combine: out[t] = sum over t's rows of w * y (w = 1 with ``topk_weights=None``). y_sorted [N, H] -> out [T, H] (fp32)."""
     out = torch.zeros(num_tokens, y_sorted.shape[-1], dtype=torch.float32, device=y_sorted.device)
     if perm.num_rows:
-        w = topk_weights.reshape(-1).index_select(0, perm.slot_index).float()
-        out.index_add_(0, perm.token_index, y_sorted.float() * w[:, None])
+        y = y_sorted.float()
+        if topk_weights is not None:
+            y = y * row_weights(topk_weights, perm)[:, None]
+        out.index_add_(0, perm.token_index, y)
     return out

@@ -23,7 +23,7 @@ from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
 from moefleet.core.tensors import DTYPES, to_numpy
 from moefleet.kernels.experts import shared_from_tensors
-from moefleet.kernels.layer import GateWeights, combine_shared, fused_route
+from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
 
 from .dispatch import NoReplicaError, WorkerBatch, plan_dispatch
@@ -115,8 +115,8 @@ class RouterCore:
         self.shared = {}
         for layer in self.spec.moe_layers:
             ls = self.spec.layer_spec(layer)
-            self.gates[layer] = GateWeights(**self.ckpt.gate(layer))
-            sh = shared_from_tensors(self.ckpt.shared(layer), ls.activation)
+            self.gates[layer] = GateWeights(**self.ckpt.gate(layer), dtype=gate_dtype(ls, self.dtype))
+            sh = shared_from_tensors(self.ckpt.shared(layer, dtype=self.dtype), ls.activation)
             self.shared[layer] = None if sh is None else sh.to(dtype=self.dtype)
         self.placement = Placement()
         self._replicas: dict[int, dict[int, list[str]]] = {}
