@@ -267,6 +267,17 @@ class RouterCore:
         retry_ms = self.retry_after_ms()
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {retry_ms} ms", retry_after_ms=retry_ms)
 
+    def full(self) -> str | None:
+        """Why no request at all can be admitted now (a limit reached), or None."""
+        c = self.config
+        if self._queued >= c.max_queued_requests:
+            return f"router queue full: {self._queued} requests waiting or in flight (max_queued_requests={c.max_queued_requests})"
+        if self.inflight_tokens >= c.max_inflight_tokens:
+            return f"router overloaded: {self.inflight_tokens} tokens in flight (max_inflight_tokens={c.max_inflight_tokens})"
+        if self.inflight_bytes >= c.max_inflight_bytes:
+            return f"router overloaded: {self.inflight_bytes} bytes in flight (max_inflight_bytes={c.max_inflight_bytes})"
+        return None
+
     def retry_after_ms(self) -> int:
         """When a refused request should come back: a request's recent average time in the router (10 ms .. 10 s)."""
         return int(min(10_000, max(10, round(self._service_s * 1000))))

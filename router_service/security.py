@@ -95,17 +95,20 @@ def check_bearer(metadata, token: str) -> str | None:
     return None if ok else "invalid bearer token"
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED without reading the request."""
+def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, trailing_metadata=(), on_refuse=None):
+    """A handler standing in for ``handler`` that answers ``code`` without reading the request message.
 
-    async def refuse(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    It takes the request as a stream whatever the method's kind (on the wire a unary request is a
+    stream of one message), so a refused call's message is never received into Python.
+    ``on_refuse`` runs when the refusal is sent (counting it then, not when the handler is made).
+    """
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary:
+    async def refuse(_request_iterator, context):
+        if on_refuse is not None:
+            on_refuse()
+        await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
+
+    if handler.unary_unary or handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(refuse)
     return grpc.stream_stream_rpc_method_handler(refuse)
 
@@ -128,8 +131,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if why is None or handler is None:  # an unknown method is UNIMPLEMENTED either way
             return handler
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, why, on_refuse=self._count)
+
+    def _count(self) -> None:
         self.refused += 1
-        return _refusal(handler, why)
 
 
 # -- TLS -----------------------------------------------------------------------------------------

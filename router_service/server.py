@@ -185,6 +185,41 @@ def _request_id(raw) -> str:
         return ""
 
 
+FORWARD_METHOD = f"/{SERVICE_NAME}/Forward"
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a ``Forward`` call before its message is read while the router is full.
+
+    Full: ``max_queued_requests`` requests, ``max_inflight_tokens`` tokens or
+    ``max_inflight_bytes`` bytes already admitted and unanswered. The answer is
+    the one ``RouterCore`` gives after parsing (RESOURCE_EXHAUSTED with a retry
+    hint), at the cost of no receive, parse or decode: under overload the
+    router spends almost nothing on what it refuses. A call that finds room
+    here is still admitted (or refused) by ``RouterCore.submit``.
+    """
+
+    def __init__(self, core: RouterCore):
+        self.core = core
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method != FORWARD_METHOD:
+            return handler
+        why = self.core.full()
+        if why is None:
+            return handler
+        retry_ms = self.core.retry_after_ms()
+
+        def count() -> None:
+            self.core.stats.rejected_full += 1
+
+        return security.refusal(
+            handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {retry_ms} ms",
+            trailing_metadata=(("grpc-retry-pushback-ms", str(retry_ms)),), on_refuse=count,
+        )
+
+
 def add_moefleet_servicer(servicer: MoEFleetServicer, server) -> None:
     """Register ``moefleet.v1.MoEFleet`` with requests passed through as bytes (parsed by the servicer).
 
@@ -227,8 +262,9 @@ class RouterServer:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self.auth = security.BearerTokenInterceptor(token) if token else None
+        interceptors = ([self.auth] if self.auth else []) + [AdmissionInterceptor(self.core)]  # the token is checked first
         self.server = grpc.aio.server(
-            options=opts, interceptors=[self.auth] if self.auth else [], maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
+            options=opts, interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
         )
         add_moefleet_servicer(MoEFleetServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

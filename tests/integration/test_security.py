@@ -210,6 +210,41 @@ def test_overload_is_resource_exhausted_at_once_with_a_retry_hint(checkpoint, mo
         assert (router.core.inflight_tokens, router.core.inflight_bytes, router.core._queued) == (0, 0, 0)
 
 
+def test_a_full_router_refuses_before_reading_the_message(checkpoint, model):
+    """While full, Forward is refused on its headers: even bytes that are no message get RESOURCE_EXHAUSTED."""
+    cfg = RouterConfig(batch_window_ms=1500, max_queued_requests=2)
+    with InProcessRouter(checkpoint, cfg) as router:
+        h = model.spec.layer.hidden_size
+
+        async def run():
+            client = AsyncFleetClient(router.address)
+            channel = grpc.aio.insecure_channel(router.address)
+            raw = channel.unary_unary("/moefleet.v1.MoEFleet/Forward", request_serializer=None,
+                                      response_deserializer=pb.ForwardResponse.FromString)
+            try:
+                held = [asyncio.create_task(client.forward(model.moe_layers[0], torch.randn(2, h))) for _ in range(2)]
+                await asyncio.sleep(0.5)  # both admitted, waiting out the batch window
+                assert router.core.full() is not None
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await raw(b"\xff\xfe not a ForwardRequest", timeout=10)
+                served = await asyncio.gather(*held)
+                return e.value, served
+            finally:
+                await client.close()
+                await channel.close()
+
+        error, served = asyncio.run(run())
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_requests=2" in error.details()
+        assert dict(error.trailing_metadata())["grpc-retry-pushback-ms"].isdigit()
+        assert len(served) == 2 and router.core.stats.rejected_full == 1
+        with FleetClient(router.address) as c:  # room again: the same bytes are now read, and refused as what they are
+            channel = c.channel.unary_unary("/moefleet.v1.MoEFleet/Forward", request_serializer=None,
+                                            response_deserializer=pb.ForwardResponse.FromString)
+            with pytest.raises(grpc.RpcError) as e:
+                channel(b"\xff\xfe not a ForwardRequest", timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_stream_reader_is_held_back_while_the_client_does_not_read(checkpoint, model):
     """Flow control end to end: unread replies stop the router reading; reading again drains every item, exact."""
     window = 4
