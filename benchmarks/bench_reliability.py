@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from common import percentiles, write_json, write_mixtral_checkpoint  # noqa: E402
 
 MIB = 1 << 20
+PER_CALL = 64 << 10  # a call's own bookkeeping in the router (gRPC call state, buffers, task): part of the memory bound
 
 
 def rss_mib(pid: int, field: str = "RssAnon") -> float:
@@ -251,12 +252,18 @@ def overload(path: str, hidden: int, tokens: int, seconds: float, slots: int = 4
     end_rss = sampler.stop()
     held = _held(fleet)
     fleet.stop()
+    # The same offered load on a router that holds its admitted requests in a 5 s batch window: the workers
+    # idle, so the refusals' latency is the router's own, without two saturated workers on the same cores.
+    fleet = _fleet(path, router.model_copy(update={"batch_window_ms": 5000.0}))
+    idle = asyncio.run(open_loop(5 * capacity, seconds))
+    fleet.stop()
+    idle_refused = [b - a for a, b, code, _ in idle if code == "RESOURCE_EXHAUSTED"]
     accepted = [r for r in over if r[2] == "OK"]
     accepted = [(a, b, c, (codec.decode(rep.output, "output") - wants[i % len(raws)]).abs().max().item() <= 1e-4)
                 for a, b, c, (i, rep) in accepted]
     refused = [r for r in over if r[2] == "RESOURCE_EXHAUSTED"]
     other = Counter(r[2] for r in over if r[2] not in ("OK", "RESOURCE_EXHAUSTED"))
-    bound = start_rss + (5 * router.max_inflight_bytes + 3 * router.max_message_bytes * router.max_concurrent_rpcs) / MIB
+    bound = start_rss + (5 * router.max_inflight_bytes + (3 * router.max_message_bytes + PER_CALL) * router.max_concurrent_rpcs) / MIB
     return {
         "request_bytes": req_bytes, "tokens": tokens, "hidden": hidden, "admission_slots": slots,
         "router": {k: getattr(router, k) for k in ("max_inflight_bytes", "max_message_bytes", "max_concurrent_rpcs")},
@@ -270,6 +277,9 @@ def overload(path: str, hidden: int, tokens: int, seconds: float, slots: int = 4
         "accepted_latency": percentiles([b - a for a, b, _, _ in accepted]),
         "router_rss_mib": {"start": start_rss, "peak": sampler.peak, "end": end_rss, "bound": bound},
         "held_after": held,
+        "idle_workers": {"refused": len(idle_refused), "refusal_latency": percentiles(idle_refused),
+                         "refusal_within_50ms": sum(1 for d in idle_refused if d <= 0.050),
+                         "other_statuses": dict(Counter(code for _, _, code, _ in idle if code not in ("OK", "RESOURCE_EXHAUSTED")))},
     }
 
 
@@ -398,6 +408,10 @@ def table(res: dict) -> str:
         rows.append(f"| refused (`RESOURCE_EXHAUSTED`) | {o['refused']:,}, {o['refusals_with_retry_hint']:,} with a retry hint; "
                     f"client-side latency p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} ms; "
                     f"{o['refusal_within_50ms']:,} within 50 ms |")
+        idle = o["idle_workers"]
+        rows.append(f"| refused, workers idle (the router's own refusal path) | {idle['refused']:,}: p50 "
+                    f"{idle['refusal_latency']['p50_ms']:.1f} / p99 {idle['refusal_latency']['p99_ms']:.1f} ms; "
+                    f"{idle['refusal_within_50ms']:,} within 50 ms |")
         r = o["router_rss_mib"]
         rows.append(f"| router resident memory | start {r['start']:.0f}, peak {r['peak']:.0f}, end {r['end']:.0f} MiB; "
                     f"bound {r['bound']:.0f} MiB |")
