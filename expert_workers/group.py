@@ -99,6 +99,8 @@ class ExpertGroupCore:
     checkpoint: checkpoint directory the weights load from (lazily, per expert).
     device: 'auto' (CUDA when visible, else CPU), 'cpu' or 'cuda'.
     dtype: compute dtype name; default the checkpoint's.
+    memory_budget_bytes: the most this worker's slot stacks may reserve (its device's
+        memory for experts); a load past it raises ``MemoryBudgetError``.
     """
 
     def __init__(
@@ -110,8 +112,10 @@ class ExpertGroupCore:
         device: str = "auto",
         dtype: str | None = None,
         backend: str = "auto",
+        memory_budget_bytes: int | None = None,
     ):
         self.worker_id = worker_id
+        self.memory_budget_bytes = memory_budget_bytes  # expert weights' cap on this device (slot stacks included)
         self.ckpt = MoECheckpoint(checkpoint)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,7 +179,10 @@ class ExpertGroupCore:
                     continue
                 slots.release(self._oldest_running(layer))
                 packed = slots.stack_kwargs.get("quant") is not None
-                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed))
+                room = None
+                if self.memory_budget_bytes is not None:
+                    room = self.memory_budget_bytes - sum(sl.nbytes()[1] for sl in self._slots.values())
+                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room)
                 self._views = {**self._views, layer: slots.view()}
             return self.experts()
 

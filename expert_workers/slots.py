@@ -22,6 +22,10 @@ import torch
 from moefleet.kernels.experts import ExpertStack, expert_rows, stack_experts
 
 
+class MemoryBudgetError(MemoryError):
+    """A load would take the worker past its memory budget (slot growth counted with the old stack alive)."""
+
+
 @dataclass(frozen=True)
 class LayerView:
     """What a forward reads: slot stack [C, ...] and which expert sits in which slot."""
@@ -78,12 +82,34 @@ class LayerSlots:
                 keep.append((slot, gen))
         self.quarantine = keep
 
-    def put(self, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy one expert (roles w1, w3, w2, b1, b3, b2; w*_scale when packed) into a free slot."""
+    def slot_bytes(self, like: dict[str, torch.Tensor]) -> int:
+        """Bytes one slot of this layer takes (from the stack, or from one expert's tensors)."""
+        if self.stack is not None and self.capacity:
+            return self.stack.nbytes() // self.capacity
+        return stack_experts([like], self.gated, self.activation, **self.stack_kwargs).to(dtype=self.dtype).nbytes()
+
+    def put(self, expert: int, tensors: dict[str, torch.Tensor], room_bytes: int | None = None) -> None:
+        """Copy one expert (roles w1, w3, w2, b1, b3, b2; w*_scale when packed) into a free slot.
+
+        room_bytes: memory the worker may still take (its budget less everything
+        it reserves, this layer's stack included). Growing the stack doubles it,
+        but never past what fits beside the old stack while the copy runs; when
+        not even one more slot fits, ``MemoryBudgetError`` (nothing changes).
+        """
         if expert in self.slot_of:
             return
         if not self.free:
-            self._allocate(tensors, max(4, 2 * self.capacity))
+            want = max(4, 2 * self.capacity)
+            if room_bytes is not None:
+                fit = max(0, room_bytes) // max(1, self.slot_bytes(tensors))
+                want = min(want, fit)
+                if want <= self.capacity:
+                    raise MemoryBudgetError(
+                        f"no room for another slot: {room_bytes} bytes left, a slot stack of {self.capacity + 1} "
+                        f"takes {(self.capacity + 1) * self.slot_bytes(tensors)} beside the current one "
+                        f"({len(self.quarantine)} freed slots still quarantined)"
+                    )
+            self._allocate(tensors, want)
         self.free.sort(reverse=True)
         slot = self.free.pop()
         for name, t in expert_rows(tensors, self.gated).items():

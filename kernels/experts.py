@@ -16,6 +16,13 @@ experts with a standard activation take the fused grouped FFN
 (``triton_moe.grouped_ffn``); the others (clamped SwiGLU, packed weights) run
 GEMM -> activation (``glu.py``) -> GEMM, each stage a Triton kernel with its
 torch reference.
+
+``moe_experts`` runs a whole routed expert step (gather, FFN, weighted
+combine). On the Triton backend, float experts with a standard activation
+(:func:`fusable`) take ``fused_moe.fused_experts``: no host synchronisation,
+the gather in the first GEMM, a fixed-order combine. Everything else takes the
+steps permute -> gather -> ``grouped_ffn`` -> weighted ``index_add_``, whose
+numbers on CPU are the CPU path's.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused_moe, triton_moe
 from . import glu as glu_ops
 from . import quant as quant_ops
-from . import triton_moe
+from .permute import gather_rows, permute, unpermute
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,46 @@ def packed_kind(checkpoint, layer: int, backend: str) -> str | None:
     spec = checkpoint.layer_spec(layer)
     block = checkpoint.quant.weight_block_size if checkpoint.quant is not None else None
     return kind if packed_supported(kind, block, spec.intermediate_size, spec.expert_kind == "gated") else None
+
+
+def fusable(stack: ExpertStack) -> bool:
+    """Whether ``fused_moe.fused_experts`` computes this stack: float weights and a standard activation."""
+    return stack.quant is None and stack.activation in triton_moe.ACTIVATIONS
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    stack: ExpertStack,
+    backend: str = "auto",
+    *,
+    token_index: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Weighted sum of each row's K experts: hidden [T, H], topk [U, K] -> [U, H].
+
+    token_index: [U] rows of ``hidden`` (default: U = T, row u is hidden[u]).
+    extra: [U, H] added in fp32 before the cast to ``out_dtype`` (default hidden's).
+    On the Triton backend a :func:`fusable` stack runs ``fused_moe.fused_experts``
+    (gather in the first GEMM's loads, a fixed-order combine: bitwise
+    reproducible, no atomics, no host synchronisation). Otherwise the steps:
+    permute, gather, :func:`grouped_ffn` on ``backend``, weighted ``index_add_``
+    in fp32, ``extra``, cast.
+    """
+    if resolve_backend(backend, hidden.device) == "triton" and fusable(stack):
+        return fused_moe.fused_experts(
+            hidden, topk_ids, topk_weights, stack.w13, stack.w2, gated=stack.gated, activation=stack.activation,
+            b13=stack.b13, b2=stack.b2, token_index=token_index, extra=extra, out_dtype=out_dtype,
+        )  # fmt: skip
+    x = hidden if token_index is None else hidden.index_select(0, token_index)
+    perm = permute(topk_ids, stack.num_experts)
+    y = grouped_ffn(gather_rows(x, perm), perm.expert_offsets, stack, backend)
+    out = unpermute(y, perm, topk_weights, x.shape[0])
+    if extra is not None:
+        out = out + extra.float()
+    return out.to(out_dtype or hidden.dtype)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import ExpertStack, SharedExperts, grouped_ffn, resolve_backend
+from .experts import ExpertStack, SharedExperts, grouped_ffn, moe_experts, resolve_backend
 from .permute import gather_rows, permute, row_weights, scale_rows, unpermute
 from .routing import Routing, RoutingSpec, gate_logits, route
 
@@ -86,6 +86,14 @@ class MoELayer:
 
     spec: an object with the attributes of ``MoELayerSpec``.
     backend: 'auto' (Triton on CUDA, torch on CPU), 'torch' or 'triton'.
+
+    On the Triton backend a call with fused routing (softmax/sigmoid top-k,
+    no groups or capacity) and fusable experts (float weights, a standard
+    activation, routed weights on the output) makes no host synchronisation,
+    so a decode step of fixed T can be captured in a CUDA graph. Group-limited
+    and capacity routing run the torch router; packed (fp8, MXFP4) or
+    clamped-SwiGLU experts and input-weighted layers (Llama 4) run the
+    stepwise path (permute, grouped FFN, ``index_add_``).
     """
 
     def __init__(
@@ -122,11 +130,14 @@ class MoELayer:
         if hidden.dim() != 2 or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"hidden: expected [T, {self.spec.hidden_size}], got {list(hidden.shape)}")
         routing = self.route(hidden, router_logits)
-        perm = permute(routing.topk_ids, self.spec.num_experts)
-        x = gather_rows(hidden, perm)
-        weights = routing.topk_weights
         if getattr(self.spec, "routed_weight_on", "output") == "input":  # Llama 4: the weight scales the input
-            x, weights = scale_rows(x, row_weights(weights, perm)), None
-        y = grouped_ffn(x, perm.expert_offsets, self.experts, self.backend)
-        out = combine_shared(unpermute(y, perm, weights, hidden.shape[0]), hidden, self.shared)
+            perm = permute(routing.topk_ids, self.spec.num_experts)
+            x = scale_rows(gather_rows(hidden, perm), row_weights(routing.topk_weights, perm))
+            y = grouped_ffn(x, perm.expert_offsets, self.experts, self.backend)
+            out = combine_shared(unpermute(y, perm, None, hidden.shape[0]), hidden, self.shared)
+        else:
+            # Shared experts join the routed sum in fp32 before the cast to hidden's dtype
+            # (inside the combine kernel on the fused Triton path).
+            shared = self.shared(hidden) if self.shared is not None else None
+            out = moe_experts(hidden, routing.topk_ids, routing.topk_weights, self.experts, self.backend, extra=shared)
         return (out, routing) if return_routing else out

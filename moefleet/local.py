@@ -205,6 +205,7 @@ class LocalFleet:
             new[device_id] = start_worker(
                 device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.worker_config(cpus),
                 cpus=cpus, redis_url=self.redis_url, num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
+                memory_bytes=None if dev is None else dev.memory_bytes,
                 resources=(resources or {}).get(device_id), detached=False,
             )
         refs = {d: w.ready.remote() for d, w in new.items()}
