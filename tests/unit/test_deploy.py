@@ -483,7 +483,7 @@ def test_network_policies_leave_clients_only_the_grpc_port():
         for peer in rule.get("from", []):
             assert "ipBlock" not in peer
             fleet_pod = _selects(peer["podSelector"], {"moefleet.io/app": "moefleet"})
-            operator = peer["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}
+            operator = peer["podSelector"].get("matchLabels") == {"app.kubernetes.io/component": "kuberay-operator"}
             controller = _selects(peer["podSelector"], {"app.kubernetes.io/name": "moefleet-controller"})
             assert fleet_pod or operator or controller, peer
             if not fleet_pod:  # outside the cluster's pods: named ports only (dashboard for the operator)
