@@ -255,7 +255,9 @@ def overload(path: str, hidden: int, tokens: int, seconds: float, slots: int = 4
     # The same offered load on a router that holds its admitted requests in a 5 s batch window: the workers
     # idle, so the refusals' latency is the router's own, without two saturated workers on the same cores.
     fleet = _fleet(path, router.model_copy(update={"batch_window_ms": 5000.0}))
+    idle_sampler = RssSampler(fleet.router_stats()[0]["pid"])
     idle = asyncio.run(open_loop(5 * capacity, seconds))
+    idle_end = idle_sampler.stop()
     fleet.stop()
     idle_refused = [b - a for a, b, code, _ in idle if code == "RESOURCE_EXHAUSTED"]
     accepted = [r for r in over if r[2] == "OK"]
@@ -279,6 +281,8 @@ def overload(path: str, hidden: int, tokens: int, seconds: float, slots: int = 4
         "held_after": held,
         "idle_workers": {"refused": len(idle_refused), "refusal_latency": percentiles(idle_refused),
                          "refusal_within_50ms": sum(1 for d in idle_refused if d <= 0.050),
+                         "router_rss_mib": {"start": idle_sampler.start_mib, "peak": idle_sampler.peak, "end": idle_end,
+                                            "bound": bound - start_rss + idle_sampler.start_mib},
                          "other_statuses": dict(Counter(code for _, _, code, _ in idle if code not in ("OK", "RESOURCE_EXHAUSTED")))},
     }
 
@@ -409,9 +413,11 @@ def table(res: dict) -> str:
                     f"client-side latency p50 {lat['p50_ms']:.1f} / p99 {lat['p99_ms']:.1f} ms; "
                     f"{o['refusal_within_50ms']:,} within 50 ms |")
         idle = o["idle_workers"]
+        ir = idle["router_rss_mib"]
         rows.append(f"| refused, workers idle (the router's own refusal path) | {idle['refused']:,}: p50 "
                     f"{idle['refusal_latency']['p50_ms']:.1f} / p99 {idle['refusal_latency']['p99_ms']:.1f} ms; "
-                    f"{idle['refusal_within_50ms']:,} within 50 ms |")
+                    f"{idle['refusal_within_50ms']:,} within 50 ms; router memory start {ir['start']:.0f}, peak "
+                    f"{ir['peak']:.0f} MiB (bound {ir['bound']:.0f}) |")
         r = o["router_rss_mib"]
         rows.append(f"| router resident memory | start {r['start']:.0f}, peak {r['peak']:.0f}, end {r['end']:.0f} MiB; "
                     f"bound {r['bound']:.0f} MiB |")

@@ -260,8 +260,6 @@ class RouterServer:
         opts = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
-            # HTTP/2 streams one connection may open: calls past it wait in the client, not in this process's memory
-            ("grpc.max_concurrent_streams", self.config.max_concurrent_rpcs),
         ]
         self.auth = security.BearerTokenInterceptor(token) if token else None
         interceptors = ([self.auth] if self.auth else []) + [AdmissionInterceptor(self.core)]  # the token is checked first

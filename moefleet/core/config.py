@@ -271,8 +271,7 @@ class RouterConfig(BaseModel):
     max_concurrent_rpcs: int = Field(
         default=1024, gt=0,
         description="RPCs the gRPC server runs at once (a stream counts once); past it gRPC answers RESOURCE_EXHAUSTED "
-        "before reading the message. Also the HTTP/2 streams one connection may open (more wait in the client). "
-        "Bounds the memory of requests received but not yet admitted.",
+        "before reading the message. Bounds the memory of requests received but not yet admitted.",
     )
     stream_window: int = Field(
         default=32, gt=0,
