@@ -20,7 +20,8 @@ Three parts, each on a fresh local fleet (real Ray, Redis and gRPC on loopback; 
    router and workers after warm-up and at the end, and what the router and workers hold in flight
    at the end.
 
-Prints a markdown table (the one in benchmarks/RESULTS.md) and writes JSON.
+Prints a markdown table, writes benchmarks/results/reliability.json (figures and goals, for
+benchmarks/RESULTS.md) and the raw data to benchmarks/out/reliability.json.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # tests.fuzz_inputs, tests.hf_models
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import percentiles, write_json, write_mixtral_checkpoint  # noqa: E402
+from common import goal, percentiles, single, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 MIB = 1 << 20
 PER_CALL = 64 << 10  # a call's own bookkeeping in the router (gRPC call state, buffers, task): part of the memory bound
@@ -436,6 +437,9 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+T0 = time.monotonic()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fuzz", type=int, default=12000, help="fuzzed requests (half from hypothesis, half mutations)")
@@ -472,7 +476,53 @@ def main() -> int:
     print()
     print(table(res))
     write_json("reliability", res, args.out)
+    figures, goals = summary(res)
+    flags = "" if (args.fuzz, args.overload_s, args.soak_s, args.parts) == (12000, 20.0, 600.0, "fuzz,overload,soak") else \
+        " " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "quick"))
+    write_result("reliability", title="Reliability: hostile input, 5x overload, a soak with a worker killed",
+                 question="Is every input answered with a documented status, is overload refused at once with memory "
+                          "bounded, and does a long mixed soak with a worker killed lose nothing?",
+                 command=f"python benchmarks/bench_reliability.py{flags}", figures=figures, goals=goals,
+                 details={**res, "markdown": table(res)}, elapsed_s=time.monotonic() - T0)
     return 0
+
+
+def summary(res: dict) -> tuple[dict, list]:
+    """The common schema's figures and goals from the three parts."""
+    figures, goals = {}, []
+    f, o, s = res.get("fuzz"), res.get("overload"), res.get("soak")
+    if f:
+        figures["fuzz_requests"] = single(f["requests"], "requests", "fuzzed Forward requests (hypothesis + byte mutations)")
+        figures["fuzz_undocumented"] = single(f["undocumented_count"], "requests", "answered with an undocumented status or a wrong output")
+        goals.append(goal("fuzzed requests", f["requests"], ">=", 10_000, unit="requests"))
+        goals.append(goal("only documented statuses, exact outputs", f["undocumented_count"], "==", 0, unit="requests"))
+    if o:
+        other = sum(o["other_statuses"].values())
+        figures["overload_capacity"] = single(o["capacity_rps"], "requests/s", "closed loop at the admission limit")
+        figures["overload_offered"] = single(o["offered_rps"], "requests/s", "open loop, 5x capacity")
+        figures["overload_refusal_p50"] = single(o["refusal_latency"]["p50_ms"], "ms", "RESOURCE_EXHAUSTED, client-side")
+        figures["overload_refusal_p99"] = single(o["refusal_latency"]["p99_ms"], "ms", "RESOURCE_EXHAUSTED, client-side")
+        figures["overload_refusal_p99_idle_workers"] = single(o["idle_workers"]["refusal_latency"]["p99_ms"], "ms",
+                                                              "the same load, workers idle: the router's own refusal path")
+        figures["overload_goodput"] = single(o["goodput_ratio"], "x", "accepted requests/s over capacity")
+        r = o["router_rss_mib"]
+        figures["router_rss_growth"] = single(r["peak"] - r["start"], "MiB", "router RssAnon, peak over start")
+        goals.append(goal("accepted requests all complete, exact", other + o["accepted"] - o["accepted_exact"], "==", 0,
+                          unit="requests"))
+        goals.append(goal("refusal p99 within 50 ms (workers saturating both cores)", figures["overload_refusal_p99"], "<=", 50, unit="ms"))
+        goals.append(goal("refusal p99 within 50 ms (workers idle)", figures["overload_refusal_p99_idle_workers"], "<=", 50, unit="ms"))
+        goals.append(goal("router memory under its bound", r["peak"], "<=", r["bound"], unit="MiB"))
+    if s:
+        figures["soak_valid"] = single(s["valid_ok"], "requests", "valid requests answered exact")
+        figures["soak_lost"] = single(s["valid_lost"], "requests", "valid requests never answered")
+        figures["router_rss_end_over_start"] = single(s["rss_mib"]["end"]["router"] / s["rss_mib"]["start"]["router"], "x",
+                                                      "router RssAnon, end over after warm-up")
+        goals.append(goal("soak: lost accepted requests", s["valid_lost"], "==", 0, unit="requests"))
+        goals.append(goal("soak: wrong or failed answers", s["valid_wrong"] + sum(s["valid_failed"].values()), "==", 0,
+                          unit="requests"))
+        goals.append(goal("soak: router memory flat (end / start)", figures["router_rss_end_over_start"], "<=", 1.1, unit="x"))
+        goals.append(goal("soak: nothing in flight at the end", sum(s["held_after"].values()), "==", 0))
+    return figures, goals
 
 
 if __name__ == "__main__":
