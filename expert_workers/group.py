@@ -57,6 +57,10 @@ def background_priority(nice: int = 10):
             log.debug("could not restore thread priority %d", before)
 
 
+class DeadlineExpiredError(TimeoutError):
+    """A forward call that reached the worker after its deadline: not computed."""
+
+
 class ExpertNotLoadedError(LookupError):
     """A forward asked for an expert this worker does not hold (a stale placement)."""
 
@@ -128,6 +132,7 @@ class ExpertGroupCore:
         self._fence = 0  # highest fencing token a load/unload carried
         self._tokens: dict[ExpertKey, int] = {}
         self._calls = 0
+        self._expired = 0  # calls refused because they arrived after their deadline
         self._busy_s = 0.0
         if experts:
             self.load(list(experts))
@@ -208,14 +213,21 @@ class ExpertGroupCore:
         counts: list[int],
         inverse: np.ndarray,
         num_unique: int,
+        deadline: float | None = None,
     ) -> np.ndarray:
         """Partial outputs [num_unique, H] (fp32) for this worker's rows of one layer call.
+
+        deadline: ``time.time()`` past which the call is refused (DeadlineExpiredError), not computed.
 
         hidden: [T, H] the whole call's hidden states (compute dtype; bf16 as its bits).
         rows: [N] token of each row, grouped by expert in ``experts`` order (ascending).
         weights: [N] combine weight per row. counts: rows per expert.
         inverse: [N] index of each row's token among the unique tokens.
         """
+        if deadline is not None and time.time() >= deadline:
+            with self._stats_lock:
+                self._expired += 1
+            raise DeadlineExpiredError(f"worker {self.worker_id}: layer {layer} call arrived after its deadline; not computed")
         # Take the view and register as running on it in one step: a load that frees
         # quarantined slots either sees this forward, or this forward sees the view
         # published after the unload that freed them.
@@ -272,6 +284,7 @@ class ExpertGroupCore:
                 "worker_id": self.worker_id,
                 "queue_depth": self._in_flight,
                 "calls": self._calls,
+                "expired": self._expired,
                 "busy_s": self._busy_s,
                 "tokens_served": {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())},
                 "memory_bytes": held,

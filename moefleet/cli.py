@@ -154,9 +154,31 @@ def _fleet_config(args):
 
     return FleetConfig(
         checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
-        router=RouterConfig(port=args.port), worker=WorkerConfig(num_cpus=args.worker_cpus),
+        router=RouterConfig(port=args.port, **_security_settings(args)), worker=WorkerConfig(num_cpus=args.worker_cpus),
         static=args.static, min_replicas=args.min_replicas,
     )
+
+
+SECURITY_FLAGS = ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _security_settings(args) -> dict:
+    """RouterConfig's token and TLS settings from ``up``'s flags (absolute paths: the fleet runs elsewhere)."""
+    import os
+
+    return {k: os.path.abspath(getattr(args, k)) for k in SECURITY_FLAGS if getattr(args, k, None)}
+
+
+def _client_kwargs(args, state: dict | None) -> dict:
+    """Token and TLS for the CLI's own calls: --tls-ca/--tls-cert/--tls-key, the local fleet's token file, else
+    $MOEFLEET_AUTH_TOKEN (read by the client)."""
+    from moefleet.core.secrets import read_secret_file
+
+    kw = {k: getattr(args, k) for k in ("tls_ca", "tls_cert", "tls_key") if getattr(args, k, None)}
+    token_file = (state or {}).get("auth_token_file")
+    if token_file:
+        kw["token"] = read_secret_file(token_file, "auth_token_file")
+    return kw
 
 
 def cmd_up(args) -> int:
@@ -177,6 +199,8 @@ def cmd_up(args) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "moefleet.cli", "up", "--foreground", "--workers", str(args.workers), "--port", str(args.port),
             "--worker-cpus", str(args.worker_cpus)]
+    for key, value in _security_settings(args).items():
+        argv += ["--" + key.replace("_", "-"), value]
     if args.checkpoint:
         argv += ["--checkpoint", args.checkpoint]
     if args.redis_url:
@@ -218,14 +242,17 @@ def _up_foreground(cfg, args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         address = fleet.start()
+        from moefleet.core.secrets import redact_url, write_private_file
+
         state = {"pid": os.getpid(), "address": address, "redis_url": fleet.redis_url, "namespace": cfg.namespace,
                  "checkpoint": fleet.checkpoint, "workers": list(fleet.workers), "static": cfg.static,
-                 "devices": [d.model_dump(mode="json") for d in fleet.devices]}
+                 "devices": [d.model_dump(mode="json") for d in fleet.devices],
+                 "auth_token_file": cfg.router.auth_token_file, "tls": cfg.router.tls_cert is not None}
         f = state_file()
-        f.write_text(json.dumps(state, indent=2))
+        write_private_file(f, json.dumps(state, indent=2))  # the Redis URL holds its password: this user only
         owned = ", ".join(f"{d.device_id} cores {list(d.cpus)}" for d in fleet.devices if d.cpus)
         print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers{' (' + owned + ')' if owned else ''}, "
-              f"controller {'off (--static)' if cfg.static else 'on'}, Redis {fleet.redis_url}", flush=True)
+              f"controller {'off (--static)' if cfg.static else 'on'}, Redis {redact_url(fleet.redis_url)}", flush=True)
         stop.wait()
     finally:
         fleet.stop()
@@ -271,7 +298,7 @@ def cmd_status(args) -> int:
 
     address, state = _address(args)
     console = Console()
-    with FleetClient(address, timeout=10) as client:
+    with FleetClient(address, timeout=10, **_client_kwargs(args, state)) as client:
         p = client.placement()
     load = {}
     if state:
@@ -297,7 +324,7 @@ def cmd_demo(args) -> int:
     address, state = _address(args)
     checkpoint = args.checkpoint or (state or {}).get("checkpoint")
     return asyncio.run(run_demo(address, checkpoint, duration_s=args.duration, concurrency=args.concurrency,
-                                tokens=args.tokens, shift_s=args.shift))
+                                tokens=args.tokens, shift_s=args.shift, client_kwargs=_client_kwargs(args, state)))
 
 
 def cmd_deploy(args) -> int:
@@ -316,6 +343,9 @@ def cmd_deploy(args) -> int:
         app_args["checkpoint"] = args.checkpoint
     if args.redis_url:
         app_args["redis_url"] = args.redis_url
+    router = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file") if getattr(args, k)}
+    if router:
+        app_args["router"] = router  # paths on the head node
     config = serve_config(app_args)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.dry_run:
@@ -328,6 +358,12 @@ def cmd_deploy(args) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     return subprocess.call([serve_bin, "deploy", f.name, "--address", args.address])
+
+
+def _client_flags(p) -> None:
+    p.add_argument("--tls-ca", help="PEM CA bundle that signed the router's certificate (TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
 
 
 class _PlanArgError(ValueError):
@@ -500,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-replicas", type=int, default=1,
                    help="replicas every expert keeps when memory allows (2: a worker's death loses no request)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until interrupted")
+    p.add_argument("--auth-token-file", help="require this bearer token on every RPC (default: $MOEFLEET_AUTH_TOKEN if set)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the fleet to come up")
     p.set_defaults(fn=cmd_up)
     p = sub.add_parser("down", help="stop the local fleet")
@@ -508,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="placement and per-expert load as a table")
     p.add_argument("--address", help="router address (default: the local fleet)")
     p.add_argument("--window", type=int, default=10, help="seconds of load to show")
+    _client_flags(p)
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("demo", help="drive skewed, drifting traffic at the fleet and show per-expert load live")
     p.add_argument("--address", help="router address (default: the local fleet)")
@@ -516,12 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--shift", type=float, default=5.0, help="seconds between shifts of the hot experts")
+    _client_flags(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("deploy", help="start the fleet on an existing Ray cluster (serve deploy of the generated config)")
     p.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's dashboard address")
     p.add_argument("--checkpoint", help="checkpoint directory present on every node (default: built-in model)")
     p.add_argument("--workers", type=int, default=2, help="workers of the starting placement")
     p.add_argument("--redis-url", help="Redis URL (default: MOEFLEET_REDIS_URL on the cluster)")
+    p.add_argument("--tls-cert", help="on the head: PEM certificate of the gRPC port (TLS)")
+    p.add_argument("--tls-key", help="on the head: its PEM key")
+    p.add_argument("--tls-client-ca", help="on the head: CA bundle of the client certificates to require (mutual TLS)")
+    p.add_argument("--auth-token-file", help="on the head: the API's bearer token (default: MOEFLEET_AUTH_TOKEN on the head)")
     p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
     p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser(

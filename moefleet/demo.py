@@ -29,7 +29,10 @@ def hot_set(step: int, num_experts: int, size: int) -> list[int]:
     return [(step * size + i) % num_experts for i in range(size)]
 
 
-async def run_demo(address: str, checkpoint: str | None, *, duration_s: float, concurrency: int, tokens: int, shift_s: float) -> int:
+async def run_demo(
+    address: str, checkpoint: str | None, *, duration_s: float, concurrency: int, tokens: int, shift_s: float,
+    client_kwargs: dict | None = None,
+) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -42,7 +45,7 @@ async def run_demo(address: str, checkpoint: str | None, *, duration_s: float, c
     spec = ckpt.spec
     gates = {layer: ckpt.gate(layer)["weight"] for layer in spec.moe_layers}
     num_experts, top_k = spec.layer.num_experts, spec.layer.top_k
-    client = AsyncFleetClient(address, timeout=30)
+    client = AsyncFleetClient(address, timeout=30, **(client_kwargs or {}))
     counts = {layer: np.zeros(num_experts, dtype=np.int64) for layer in spec.moe_layers}
     latencies: list[float] = []
     errors: dict[str, int] = {}

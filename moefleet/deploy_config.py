@@ -1,12 +1,14 @@
 """Cluster deployment configs: the Serve config for ``serve deploy`` and what a KubeRay group declares.
 
-Cluster-only. The Serve config below runs MoE Fleet's gRPC API in Ray Serve's
-gRPC proxy, which Ray 2.60 binds on every interface (``[::]:9000``, hard-coded
-in ``ray/serve/_private/grpc_util.py``), and sets the HTTP proxy's host to
-``0.0.0.0`` (``CLUSTER_BIND_HOST``): a proxy in a cluster must take traffic
-from other machines and pods. Local mode (``moe-fleet up``, ``make demo``,
-the tests) never uses this module: it serves gRPC from ``LocalFleet`` on
-127.0.0.1.
+Cluster-only. The Serve config below runs the fleet's application, whose
+ingress replica (on the head node) serves MoE Fleet's gRPC API from its own
+grpc.aio server on ``0.0.0.0:9000`` (``CLUSTER_BIND_HOST``, ``FLEET_GRPC_PORT``):
+TLS / mutual TLS when ``router.tls_*`` name the files, and a bearer token,
+which a router listening beyond loopback requires. Ray Serve's gRPC proxy is
+not configured: Ray 2.60's binds ``[::]`` without TLS. Serve's HTTP proxy
+(``0.0.0.0:8000``) stays, for KubeRay's health checks. Local mode
+(``moe-fleet up``, ``make demo``, the tests) never uses this module: it serves
+gRPC from ``LocalFleet`` on 127.0.0.1.
 
 The same application runs in three places, from one definition here:
 
@@ -40,9 +42,11 @@ from moefleet.controller.inventory import GIB, NODE_TYPES, NodeType, node_labels
 APP_NAME = "moefleet"
 APP_IMPORT_PATH = "moefleet.router_service.serve_app:build_app"
 GRPC_SERVICER_FUNCTIONS = tuple(SERVICER_FUNCTIONS)
-"""The fleet API and the standard gRPC health service, both served through Serve's gRPC proxy."""
-SERVE_GRPC_PORT = 9000
-"""Serve's gRPC proxy port (Serve's default): the fleet's public gRPC API in a cluster."""
+"""The fleet API (bytes in, parsed by the servicer) and the standard health service, for Serve's gRPC proxy where one is used."""
+FLEET_GRPC_PORT = 9000
+"""The fleet's public gRPC API in a cluster: the ingress replica's own server, on the head node."""
+SERVE_GRPC_PORT = FLEET_GRPC_PORT
+"""Former name of FLEET_GRPC_PORT (the port Serve's gRPC proxy used to serve the API on)."""
 SERVE_HTTP_PORT = 8000
 """Serve's HTTP proxy port: KubeRay probes ``/-/healthz`` on it."""
 REDIS_URL_ENV = "MOEFLEET_REDIS_URL"
@@ -56,7 +60,7 @@ class ServeConfigError(ValueError):
 
 
 def serve_config(
-    args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = SERVE_GRPC_PORT
+    args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = FLEET_GRPC_PORT
 ) -> dict:
     """A Serve deploy config (``ServeDeploySchema``) that runs the fleet's application in a cluster.
 
@@ -66,9 +70,13 @@ def serve_config(
             ``num_workers``, ``namespace``, ``router``, ``worker``,
             ``redis_url``). Leave ``redis_url`` out to have the app read
             ``$MOEFLEET_REDIS_URL``: a URL with a password here would be stored
-            in plain text by the Serve controller, so it is refused.
+            in plain text by the Serve controller, so it is refused. The
+            router's ``host`` and ``port`` default to ``0.0.0.0`` and
+            ``grpc_port``; its token comes from ``auth_token_file`` or the
+            head's ``$MOEFLEET_AUTH_TOKEN`` (required: the port is not loopback),
+            TLS from ``tls_cert``/``tls_key``/``tls_client_ca``.
         app_name: the Serve application's name.
-        grpc_port: the gRPC proxy's port.
+        grpc_port: the fleet's gRPC port (the ingress replica's own server).
 
     Returns the config as plain data (dump it with ``yaml.safe_dump``); it is
     validated with ``check_serve_config`` first.
@@ -78,6 +86,9 @@ def serve_config(
     from moefleet.router_service.serve_app import ServeAppArgs
 
     args = dict(args or {})
+    router = args.get("router")
+    if router is None or isinstance(router, dict):
+        args["router"] = {"host": CLUSTER_BIND_HOST, "port": grpc_port, **(router or {})}
     try:
         ServeAppArgs(**args)
     except ValidationError as e:
@@ -87,10 +98,11 @@ def serve_config(
         raise ServeConfigError(
             f"args.redis_url: holds a password; set it in ${REDIS_URL_ENV} (from a secret) and leave redis_url out"
         )
+    if args.get("serve_grpc", True) is False:
+        raise ServeConfigError("args.serve_grpc: false would leave the cluster without the fleet's gRPC API")
     config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": CLUSTER_BIND_HOST, "port": SERVE_HTTP_PORT},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
         "applications": [{"name": app_name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args}],
     }
     check_serve_config(config)
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--arg", action="append", default=[], metavar="KEY=VALUE", help="another build_app argument (YAML value)"
     )
-    p.add_argument("--grpc-port", type=int, default=SERVE_GRPC_PORT)
+    p.add_argument("--grpc-port", type=int, default=FLEET_GRPC_PORT, help="the fleet's gRPC port (router.port)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
 
     p = sub.add_parser("ray-start", help="print the `ray start` command for a node of a type")

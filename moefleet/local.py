@@ -61,6 +61,17 @@ def init_local_ray(num_cpus: int | None = None, address: str | None = None) -> N
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    _keep_ray_token_private()
+
+
+def _keep_ray_token_private() -> None:
+    """Ray (2.60) writes the token of a local cluster to ~/.ray/auth_token readable by every user: make it 0600."""
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        if token.is_file() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError as e:  # not ours to fix (another owner): say so
+        log.warning("cannot restrict %s to its owner: %s", token, e.strerror)
 
 
 def available_cores() -> list[int]:

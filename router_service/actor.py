@@ -72,6 +72,8 @@ class RouterActor:
             "placement_version": self.core.placement.version,
             "placement_generation": self.core.placement.generation,
             "queued": self.core._queued,
+            "inflight_tokens": self.core.inflight_tokens,
+            "inflight_bytes": self.core.inflight_bytes,
             "dead_workers": sorted(self.core.dead),
             **s.__dict__,
         }

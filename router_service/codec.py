@@ -41,6 +41,8 @@ def decode(msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: b
         raise TensorError(f"{field}.shape: expected {ndim} dimensions, got {shape}")
     if any(d < 0 for d in shape):
         raise TensorError(f"{field}.shape: negative dimension in {shape}")
+    if any(d > MAX_DIM for d in shape):
+        raise TensorError(f"{field}.shape: dimension over {MAX_DIM} in {shape}")
     dtype = TORCH_DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     want = math.prod(shape) * itemsize
@@ -51,3 +53,7 @@ def decode(msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: b
     if want == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+
+
+MAX_DIM = 1 << 31
+"""Largest dimension accepted: empty tensors ([0, huge]) are refused before torch sizes them."""

@@ -15,7 +15,7 @@ class RouterCollector:
         "tokens_computed": "Tokens computed",
         "expired": "Requests whose deadline passed before they were computed",
         "cancelled": "Requests dropped before dispatch because the caller went away",
-        "rejected_full": "Requests refused because the queue was full",
+        "rejected_full": "Requests refused at once because a limit was reached (queued requests, tokens or bytes in flight)",
         "retries": "Layer calls re-dispatched after a worker failed or held a stale placement",
         "forward_s": "Seconds spent serving layer calls",
         "telemetry_s": "Seconds spent counting and flushing per-expert load",
@@ -33,6 +33,12 @@ class RouterCollector:
             yield c
         g = GaugeMetricFamily("moefleet_router_queued_requests", "Requests waiting or in flight", labels=["router"])
         g.add_metric([self.router_id], float(self.core._queued))
+        yield g
+        g = GaugeMetricFamily("moefleet_router_inflight_tokens", "Tokens of admitted, unanswered requests", labels=["router"])
+        g.add_metric([self.router_id], float(self.core.inflight_tokens))
+        yield g
+        g = GaugeMetricFamily("moefleet_router_inflight_bytes", "Request bytes of admitted, unanswered requests", labels=["router"])
+        g.add_metric([self.router_id], float(self.core.inflight_bytes))
         yield g
         g = GaugeMetricFamily("moefleet_router_placement_version", "Placement version in use", labels=["router"])
         g.add_metric([self.router_id], float(self.core.placement.version))

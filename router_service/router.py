@@ -32,12 +32,16 @@ log = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    """A request refused or failed, with the gRPC status code it maps to."""
+    """A request refused or failed, with the gRPC status code it maps to.
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    retry_after_ms: for an overload refusal, when a retry is likely to be admitted.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 class WorkerCallError(Exception):
@@ -62,7 +66,9 @@ class WorkerTransport(Protocol):
 
     def share(self, hidden: np.ndarray) -> Any: ...
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray: ...
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
+        """deadline: ``time.time()`` after which the worker must not start the batch (RequestError DEADLINE_EXCEEDED)."""
+        ...
 
 
 @dataclass
@@ -121,6 +127,9 @@ class RouterCore:
         self._flushers: dict[int, asyncio.Task] = {}
         self._batch_tasks: set[asyncio.Task] = set()
         self._queued = 0
+        self.inflight_tokens = 0  # admitted, unanswered (admission: max_inflight_tokens)
+        self.inflight_bytes = 0  # request message bytes of those (max_inflight_bytes)
+        self._service_s = 0.05  # moving average of a request's time in the router: the retry hint
         self._placement_changed = asyncio.Event()
         self._inflight_by_version: dict[int, int] = defaultdict(int)
         self.dead: dict[str, float] = {}  # worker -> monotonic time it was found dead
@@ -198,21 +207,25 @@ class RouterCore:
 
     # -- serving ---------------------------------------------------------
     async def submit(
-        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, deadline: float | None = None
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        router_logits: torch.Tensor | None = None,
+        deadline: float | None = None,
+        *,
+        request_bytes: int | None = None,
     ) -> ForwardResult:
-        """Serve one request: validated, then batched with concurrent requests for the same layer where allowed.
+        """Serve one request: validated, admitted, then batched with concurrent requests for the same layer where allowed.
 
         deadline: ``time.monotonic()`` after which the request is failed, not computed.
+        request_bytes: size of the request message (default: the tensors' bytes), counted against max_inflight_bytes.
         """
         self.validate(layer, hidden, router_logits)
-        if self._queued >= self.config.max_queued_requests:
-            self.stats.rejected_full += 1
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"router queue full: {self._queued} requests waiting or in flight (max_queued_requests={self.config.max_queued_requests})",
-            )
-        self._queued += 1
-        self.stats.requests += 1
+        tokens = int(hidden.shape[0])
+        if request_bytes is None:
+            request_bytes = hidden.nbytes + (0 if router_logits is None else router_logits.nbytes)
+        self._admit(tokens, request_bytes)
+        t_admitted = time.monotonic()
         try:
             batchable = (
                 router_logits is None
@@ -221,14 +234,53 @@ class RouterCore:
             )
             if not batchable:
                 self._check_deadline(deadline)
-                return await self.forward(layer, hidden, router_logits)
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[layer].append(_Pending(hidden, deadline, fut))
-            if layer not in self._flushers or self._flushers[layer].done():
-                self._flushers[layer] = asyncio.create_task(self._flush_after_window(layer))
-            return await fut
+                result = await self.forward(layer, hidden, router_logits, deadline=deadline)
+            else:
+                fut = asyncio.get_running_loop().create_future()
+                self._pending[layer].append(_Pending(hidden, deadline, fut))
+                if layer not in self._flushers or self._flushers[layer].done():
+                    self._flushers[layer] = asyncio.create_task(self._flush_after_window(layer))
+                result = await fut
+            self._service_s += 0.2 * (time.monotonic() - t_admitted - self._service_s)
+            return result
         finally:
             self._queued -= 1
+            self.inflight_tokens -= tokens
+            self.inflight_bytes -= request_bytes
+
+    def _admit(self, tokens: int, nbytes: int) -> None:
+        """Count a request in, or refuse it at once (RESOURCE_EXHAUSTED with a retry hint) when a limit would be passed."""
+        c = self.config
+        if self._queued >= c.max_queued_requests:
+            why = f"router queue full: {self._queued} requests waiting or in flight (max_queued_requests={c.max_queued_requests})"
+        elif self.inflight_tokens + tokens > c.max_inflight_tokens:
+            why = f"router overloaded: {self.inflight_tokens} tokens in flight + {tokens} exceed max_inflight_tokens={c.max_inflight_tokens}"
+        elif self.inflight_bytes + nbytes > c.max_inflight_bytes:
+            why = f"router overloaded: {self.inflight_bytes} bytes in flight + {nbytes} exceed max_inflight_bytes={c.max_inflight_bytes}"
+        else:
+            self._queued += 1
+            self.inflight_tokens += tokens
+            self.inflight_bytes += nbytes
+            self.stats.requests += 1
+            return
+        self.stats.rejected_full += 1
+        retry_ms = self.retry_after_ms()
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {retry_ms} ms", retry_after_ms=retry_ms)
+
+    def full(self) -> str | None:
+        """Why no request at all can be admitted now (a limit reached), or None."""
+        c = self.config
+        if self._queued >= c.max_queued_requests:
+            return f"router queue full: {self._queued} requests waiting or in flight (max_queued_requests={c.max_queued_requests})"
+        if self.inflight_tokens >= c.max_inflight_tokens:
+            return f"router overloaded: {self.inflight_tokens} tokens in flight (max_inflight_tokens={c.max_inflight_tokens})"
+        if self.inflight_bytes >= c.max_inflight_bytes:
+            return f"router overloaded: {self.inflight_bytes} bytes in flight (max_inflight_bytes={c.max_inflight_bytes})"
+        return None
+
+    def retry_after_ms(self) -> int:
+        """When a refused request should come back: a request's recent average time in the router (10 ms .. 10 s)."""
+        return int(min(10_000, max(10, round(self._service_s * 1000))))
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
@@ -276,8 +328,9 @@ class RouterCore:
 
     async def _run_batch(self, layer: int, batch: list[_Pending]) -> None:
         hidden = torch.cat([p.hidden for p in batch]) if len(batch) > 1 else batch[0].hidden
+        deadline = None if any(p.deadline is None for p in batch) else max(p.deadline for p in batch)
         try:
-            result = await self.forward(layer, hidden)
+            result = await self.forward(layer, hidden, deadline=deadline)
         except Exception as e:  # every waiting request gets the failure
             for p in batch:
                 if not p.future.done():
@@ -297,15 +350,22 @@ class RouterCore:
                 )
             start += n
 
-    async def forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None) -> ForwardResult:
-        """One layer call (already validated): gate, dispatch, combine."""
+    async def forward(
+        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *, deadline: float | None = None
+    ) -> ForwardResult:
+        """One layer call (already validated): gate, dispatch, combine.
+
+        deadline: ``time.monotonic()``; workers skip the call's batches they would start after it (DEADLINE_EXCEEDED).
+        """
         t_start = time.perf_counter()
         try:
-            return await self._forward(layer, hidden, router_logits)
+            return await self._forward(layer, hidden, router_logits, deadline)
         finally:
             self.stats.forward_s += time.perf_counter() - t_start
 
-    async def _forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None) -> ForwardResult:
+    async def _forward(
+        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None, deadline: float | None = None
+    ) -> ForwardResult:
         ls = self.spec.layer_spec(layer)
         gate = self.gates[layer]
         logits = gate.logits(hidden) if router_logits is None else router_logits.float()
@@ -341,7 +401,7 @@ class RouterCore:
             version = self.placement.version
             self._inflight_by_version[version] += 1
             try:
-                results = await asyncio.gather(*(self._call(layer, shared_ref, b) for b in batches), return_exceptions=True)
+                results = await asyncio.gather(*(self._call(layer, shared_ref, b, deadline) for b in batches), return_exceptions=True)
             finally:
                 self._inflight_by_version[version] -= 1
                 if not self._inflight_by_version[version]:
@@ -355,6 +415,10 @@ class RouterCore:
                 todo.reshape(-1)[self._slots_of(b, ids)] = False
             if not failed:
                 break
+            expired = [r for _, r in failed if isinstance(r, RequestError)]  # a worker refused it: deadline passed
+            if expired:
+                self.stats.expired += 1
+                raise expired[0]
             attempt += 1
             errors = "; ".join(str(r) for _, r in failed)
             if attempt > self.config.worker_retries or not all(isinstance(r, WorkerCallError) and r.retryable for _, r in failed):
@@ -415,10 +479,12 @@ class RouterCore:
         except asyncio.TimeoutError:
             pass
 
-    async def _call(self, layer: int, shared_ref: Any, batch: WorkerBatch) -> np.ndarray:
+    async def _call(self, layer: int, shared_ref: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         self.outstanding[batch.worker] += batch.num_rows
+        # the worker's clock: wall time (monotonic clocks are per machine)
+        wall_deadline = None if deadline is None else time.time() + (deadline - time.monotonic())
         try:
-            return await self.transport.forward(batch.worker, layer, shared_ref, batch)
+            return await self.transport.forward(batch.worker, layer, shared_ref, batch, deadline=wall_deadline)
         finally:
             self.outstanding[batch.worker] -= batch.num_rows
 

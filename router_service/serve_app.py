@@ -1,19 +1,25 @@
 """The fleet as a Ray Serve application, for clusters (``serve deploy``, KubeRay ``serveConfigV2``).
 
 ``build_app(args)`` returns an application whose ingress, ``FleetIngress``,
-serves the ``moefleet.v1.MoEFleet`` API through Serve's gRPC proxy (register
-``moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server``
-in the Serve config's ``grpc_options``, with the standard health service:
-``SERVICER_FUNCTIONS``). The ingress owns the same
-``RouterCore`` as the grpc.aio router actor; on first start it creates the
-expert workers (detached, named actors, so a replica restart finds them) and
-publishes a starting placement unless Redis already holds one.
+owns the same ``RouterCore`` as the grpc.aio router actor; on first start it
+creates the expert workers (detached, named actors, so a replica restart finds
+them) and publishes a starting placement unless Redis already holds one.
+
+The API reaches clients through the replica's own grpc.aio ``RouterServer`` on
+``router.host:router.port`` (``serve_grpc``, the default): the same server as
+local mode, with its TLS / mutual TLS, bearer token, admission limits and
+stream flow control. Ray Serve 2.60's gRPC proxy cannot speak TLS (it binds
+``[::]:PORT`` with ``add_insecure_port``), so cluster configs do not use it;
+it can still carry the API (register ``SERVICER_FUNCTIONS`` in the Serve
+config's ``grpc_options``), and then the methods below check the same token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import grpc
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -21,7 +27,7 @@ from moefleet.core.config import RouterConfig, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-SERVICER_FUNCTION = "moefleet.router_service.proto.fleet_pb2_grpc.add_MoEFleetServicer_to_server"
+SERVICER_FUNCTION = "moefleet.router_service.server.add_moefleet_servicer"
 HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 SERVICER_FUNCTIONS = [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
 
@@ -37,6 +43,10 @@ class ServeAppArgs(BaseModel):
     namespace: str = Field(default="moefleet", description="Ray namespace and Redis key prefix.")
     router: RouterConfig = Field(default_factory=RouterConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    serve_grpc: bool = Field(
+        default=True,
+        description="Serve the API from this replica's own gRPC server on router.host:router.port (TLS, token, limits).",
+    )
 
     def resolved_redis_url(self) -> str:
         from moefleet.core.state import resolve_redis_url
@@ -44,9 +54,14 @@ class ServeAppArgs(BaseModel):
         return resolve_redis_url(self.redis_url)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""Ray's resource of the head node (Serve pins its own controller with it): the ingress, and so the
+fleet's gRPC port, lives on the head, where the cluster's Service and the guide send clients."""
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "resources": {HEAD_NODE_RESOURCE: 0.001}})
 class FleetIngress:
-    """Serve ingress: the router's serving path behind Serve's gRPC proxy."""
+    """Serve ingress: the router's serving path, on its own gRPC server (``serve_grpc``) or behind Serve's gRPC proxy."""
 
     def __init__(self, args: dict):
         import uuid
@@ -59,11 +74,16 @@ class FleetIngress:
         from moefleet.core.state import StateStore
         from moefleet.expert_workers.launch import start_worker
 
+        from . import security
         from .router import RouterCore
         from .server import MoEFleetServicer
         from .transport import RayTransport
 
         self.args = ServeAppArgs(**args)
+        # Fail before touching the cluster when the router could not serve securely: no token where one is
+        # required, TLS files that cannot be read.
+        self.token = security.resolve_token(self.args.router)
+        security.server_credentials(self.args.router)
         checkpoint = str(self.args.checkpoint or default_model_dir())
         redis_url = self.args.resolved_redis_url()
         self.store = StateStore(redis_url, namespace=self.args.namespace, socket_timeout_s=1.0)
@@ -88,6 +108,7 @@ class FleetIngress:
             replica = uuid.uuid4().hex[:8]
         self.ingress_id = f"ingress-{replica}"
         self.runtime = None
+        self.server = None
         self.servicer = MoEFleetServicer(self.core)
 
     async def _ensure_runtime(self) -> None:
@@ -96,32 +117,65 @@ class FleetIngress:
             from .runtime import RouterRuntime
 
             self.runtime = RouterRuntime(self.core, self.store, self.ingress_id, kind="ingress")
+            if self.args.serve_grpc:
+                from .server import RouterServer
+
+                self.server = RouterServer(self.core, self.args.router)
+                await self.server.start()
+                self.runtime.info["address"] = self.server.address
+                self.runtime.on_placement = lambda _p: asyncio.ensure_future(self.server.set_serving(self.core.ready()))
             self.runtime.start()
             try:
                 await self.runtime.heartbeat()
             except Exception as e:  # Redis down: the runtime keeps trying
                 log.warning("ingress %s: first heartbeat failed: %s", self.ingress_id, e)
 
+    def _refusal(self, grpc_context):
+        """A RequestError when a call through Serve's gRPC proxy lacks the token; None when it may proceed."""
+        from . import security
+        from .router import RequestError
+
+        if self.token is None:
+            return None
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        why = security.check_bearer(metadata, self.token)
+        return None if why is None else RequestError(grpc.StatusCode.UNAUTHENTICATED, why)
+
     async def Forward(self, request, grpc_context=None):
         from .router import RequestError
+        from .server import _request_id, error_reply
 
         await self._ensure_runtime()
         try:
+            refused = self._refusal(grpc_context)
+            if refused:
+                raise refused
             return await self.servicer._serve(request, None)
         except RequestError as e:
             if grpc_context is not None:
                 grpc_context.set_code(e.code)
                 grpc_context.set_details(e.message)
-            from .proto import fleet_pb2 as pb
-
-            return pb.ForwardResponse(request_id=request.request_id, error_code=e.code.value[0], error_message=e.message)
+            return error_reply(_request_id(request), e)
 
     async def ForwardStream(self, request_stream, grpc_context=None):
         await self._ensure_runtime()
+        refused = self._refusal(grpc_context)
+        if refused:
+            from .server import error_reply
+
+            yield error_reply("", refused)
+            return
         async for reply in self.servicer.stream(request_stream, None):
             yield reply
 
     async def GetPlacement(self, request, grpc_context=None):
+        refused = self._refusal(grpc_context)
+        if refused and grpc_context is not None:
+            from .proto import fleet_pb2 as pb
+
+            grpc_context.set_code(refused.code)
+            grpc_context.set_details(refused.message)
+            return pb.GetPlacementResponse()
         return await self.servicer.GetPlacement(request, grpc_context)
 
     async def Check(self, request, grpc_context=None):
@@ -137,6 +191,10 @@ class FleetIngress:
         await self._ensure_runtime()  # Serve calls this periodically from the replica's loop: the runtime starts early
         if not self.core.ready():
             raise RuntimeError("placement incomplete: some expert has no replica")
+
+    async def __del__(self):
+        if self.server is not None:
+            await self.server.stop()
 
 
 def build_app(args: dict):

@@ -11,12 +11,13 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moefleet.core.config import RouterConfig
 
-from . import codec
+from . import codec, security
 from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
 from .router import ForwardResult, RequestError, RouterCore
@@ -26,11 +27,37 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEFleet"].full_name
 
 
+def parse(raw, message_cls, what: str):
+    """A request message from the bytes received (or an already parsed message); INVALID_ARGUMENT if unparseable.
+
+    The service's methods take raw bytes (``add_moefleet_servicer``) so that a
+    message gRPC's own deserializer would fail on (answered ``UNKNOWN``) gets a
+    documented status instead.
+    """
+    if isinstance(raw, message_cls):
+        return raw
+    try:
+        return message_cls.FromString(bytes(raw))
+    except (DecodeError, TypeError, ValueError) as e:  # TypeError/ValueError: not bytes at all
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: not a valid {message_cls.DESCRIPTOR.full_name}: {e}") from None
+
+
+def error_reply(request_id: str, e: RequestError) -> pb.ForwardResponse:
+    """A ForwardStream item that failed: its status code, message and retry hint."""
+    return pb.ForwardResponse(
+        request_id=request_id, error_code=e.code.value[0], error_message=e.message, retry_after_ms=e.retry_after_ms or 0
+    )
+
+
 class MoEFleetServicer(pb_grpc.MoEFleetServicer):
+    """``moefleet.v1.MoEFleet`` over a RouterCore. Requests arrive as raw bytes and are parsed here."""
+
     def __init__(self, core: RouterCore):
         self.core = core
 
-    async def _serve(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardResponse:
+    async def _serve(self, raw, deadline: float | None) -> pb.ForwardResponse:
+        request = parse(raw, pb.ForwardRequest, "request")
+        nbytes = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else request.ByteSize()
         try:
             hidden = codec.decode(request.hidden, "hidden", ndim=2)
             logits = (
@@ -38,7 +65,7 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             )
         except codec.TensorError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        result: ForwardResult = await self.core.submit(request.layer, hidden, logits, deadline)
+        result: ForwardResult = await self.core.submit(request.layer, hidden, logits, deadline, request_bytes=nbytes)
         reply = pb.ForwardResponse(
             output=codec.encode(result.output), request_id=request.request_id, placement_version=result.placement_version
         )
@@ -52,50 +79,86 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
+    @staticmethod
+    async def _abort(context, e: RequestError):
+        trailing = (("grpc-retry-pushback-ms", str(e.retry_after_ms)),) if e.retry_after_ms else ()
+        await context.abort(e.code, e.message, trailing_metadata=trailing)
+
     async def Forward(self, request, context):
         try:
             return await self._serve(request, self._deadline(context))
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await self._abort(context, e)
 
     async def ForwardStream(self, request_iterator, context):
         async for reply in self.stream(request_iterator, self._deadline(context)):
             yield reply
 
     async def stream(self, request_iterator, deadline: float | None):
-        """Serve a stream of requests concurrently; yield replies as they complete (failed items carry their status)."""
-        replies: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
+        """Serve a stream's requests concurrently; yield replies as they complete (failed items carry their status).
 
-        async def one(req):
+        Flow control: at most ``stream_window`` items are being served or waiting
+        to be sent. The next request is read only when a reply has been sent, so
+        a client that sends faster than the fleet serves (or reads slower) is held
+        back by HTTP/2 flow control, and the stream's memory stays bounded.
+        """
+        window = asyncio.Semaphore(self.core.config.stream_window)
+        replies: asyncio.Queue = asyncio.Queue()  # holds at most stream_window items: each holds a window slot
+        tasks: set[asyncio.Task] = set()
+        end = object()
+        unanswered = 0  # items read whose reply has not been taken from the queue
+
+        async def one(raw):
             try:
-                reply = await self._serve(req, deadline)
+                reply = await self._serve(raw, deadline)
             except RequestError as e:
-                reply = pb.ForwardResponse(request_id=req.request_id, error_code=e.code.value[0], error_message=e.message)
+                reply = error_reply(_request_id(raw), e)
+            except Exception as e:  # a bug: answer the item (INTERNAL) rather than leave the stream waiting
+                log.exception("router: stream item failed")
+                reply = error_reply(_request_id(raw), RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
             await replies.put(reply)
 
         async def read():
-            async for req in request_iterator:
-                t = asyncio.create_task(one(req))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await replies.put(None)
+            nonlocal unanswered
+            it = request_iterator.__aiter__()
+            try:
+                while True:
+                    await window.acquire()
+                    try:
+                        raw = await it.__anext__()
+                    except StopAsyncIteration:
+                        window.release()
+                        return
+                    unanswered += 1
+                    t = asyncio.create_task(one(raw))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+            finally:
+                await replies.put(end)
 
         reader = asyncio.create_task(read())
         reading = True
         try:
-            while reading or tasks or not replies.empty():
+            while reading or unanswered:
                 item = await replies.get()
-                if item is None:
+                if item is end:
                     reading = False
+                    if not reader.cancelled() and reader.exception() is not None:
+                        raise reader.exception()
                     continue
-                yield item
+                unanswered -= 1
+                yield item  # returns once the reply is written: the client's reading paces the stream
+                window.release()
         finally:
             reader.cancel()
             for t in list(tasks):
                 t.cancel()
 
     async def GetPlacement(self, request, context):
+        try:
+            parse(request, pb.GetPlacementRequest, "request")
+        except RequestError as e:
+            await self._abort(context, e)
         spec = self.core.spec
         reply = pb.GetPlacementResponse(
             version=self.core.placement.version,
@@ -110,6 +173,76 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         return reply
 
 
+def _request_id(raw) -> str:
+    """The request_id of a request, even an unparseable one when its bytes still hold it (else empty)."""
+    if isinstance(raw, pb.ForwardRequest):
+        return raw.request_id
+    try:
+        msg = pb.ForwardRequest()
+        msg.MergeFromString(bytes(raw))
+        return msg.request_id
+    except Exception:  # noqa: BLE001 - best effort on bytes already known to be bad
+        return ""
+
+
+FORWARD_METHOD = f"/{SERVICE_NAME}/Forward"
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a ``Forward`` call before its message is read while the router is full.
+
+    Full: ``max_queued_requests`` requests, ``max_inflight_tokens`` tokens or
+    ``max_inflight_bytes`` bytes already admitted and unanswered. The answer is
+    the one ``RouterCore`` gives after parsing (RESOURCE_EXHAUSTED with a retry
+    hint), at the cost of no receive, parse or decode: under overload the
+    router spends almost nothing on what it refuses. A call that finds room
+    here is still admitted (or refused) by ``RouterCore.submit``.
+    """
+
+    def __init__(self, core: RouterCore):
+        self.core = core
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method != FORWARD_METHOD:
+            return handler
+        why = self.core.full()
+        if why is None:
+            return handler
+        retry_ms = self.core.retry_after_ms()
+
+        def count() -> None:
+            self.core.stats.rejected_full += 1
+
+        return security.refusal(
+            handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {retry_ms} ms",
+            trailing_metadata=(("grpc-retry-pushback-ms", str(retry_ms)),), on_refuse=count,
+        )
+
+
+def add_moefleet_servicer(servicer: MoEFleetServicer, server) -> None:
+    """Register ``moefleet.v1.MoEFleet`` with requests passed through as bytes (parsed by the servicer).
+
+    The generated ``add_MoEFleetServicer_to_server`` lets gRPC parse requests,
+    and gRPC answers a message it cannot parse with ``UNKNOWN``; here every
+    input reaches the servicer, which answers ``INVALID_ARGUMENT``.
+    """
+    handlers = {
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            servicer.Forward, request_deserializer=None, response_serializer=pb.ForwardResponse.SerializeToString
+        ),
+        "ForwardStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ForwardStream, request_deserializer=None, response_serializer=pb.ForwardResponse.SerializeToString
+        ),
+        "GetPlacement": grpc.unary_unary_rpc_method_handler(
+            servicer.GetPlacement, request_deserializer=None, response_serializer=pb.GetPlacementResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class RouterServer:
     """A grpc.aio server around a RouterCore, with health and reflection."""
 
@@ -121,21 +254,34 @@ class RouterServer:
         self.port: int | None = None
 
     async def start(self) -> str:
+        """Bind and serve; refuses to start without a token where one is required (``security.resolve_token``)."""
+        token = security.resolve_token(self.config)
+        credentials = security.server_credentials(self.config)
         opts = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=opts)
-        pb_grpc.add_MoEFleetServicer_to_server(MoEFleetServicer(self.core), self.server)
+        self.auth = security.BearerTokenInterceptor(token) if token else None
+        interceptors = ([self.auth] if self.auth else []) + [AdmissionInterceptor(self.core)]  # the token is checked first
+        self.server = grpc.aio.server(
+            options=opts, interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
+        )
+        add_moefleet_servicer(MoEFleetServicer(self.core), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        where = f"{self.config.host}:{self.config.port}"
+        self.port = self.server.add_secure_port(where, credentials) if credentials else self.server.add_insecure_port(where)
         if not self.port:
-            raise RuntimeError(f"router: cannot bind {self.config.host}:{self.config.port}")
+            raise RuntimeError(f"router: cannot bind {where}")
         await self.server.start()
         await self.set_serving(self.core.ready())
+        log.info(
+            "router: gRPC on %s (%s, %s)", self.address,
+            "mutual TLS" if self.config.tls_client_ca else "TLS" if credentials else "plaintext",
+            "bearer token required" if token else "no authentication",
+        )
         return self.address
 
     @property

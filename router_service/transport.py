@@ -13,12 +13,14 @@ in-process fleet and tests of the serving path without a cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
+import grpc
 import numpy as np
 
 from .dispatch import WorkerBatch
-from .router import WorkerCallError
+from .router import RequestError, WorkerCallError
 
 from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
 
@@ -52,7 +54,7 @@ class RayTransport:
             return hidden
         return self._ray.put(hidden)
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         try:
@@ -61,7 +63,8 @@ class RayTransport:
             raise WorkerCallError(worker, e, retryable=True, dead=True) from e
         try:
             ref = handle.forward.remote(
-                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens)
+                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens),
+                deadline=deadline,
             )
             return await ref
         except RayTaskError as e:
@@ -69,6 +72,8 @@ class RayTransport:
             # hold an expert any more) is worth a retry; anything else is the request's failure.
             # (Checked first: Ray's error type also derives from the cause's type, a ValueError say.)
             cause = e.as_instanceof_cause()
+            if isinstance(cause, TimeoutError):  # DeadlineExpiredError: the worker did not start it
+                raise _expired(worker) from e
             stale = isinstance(cause, LookupError)  # ExpertNotLoadedError: the placement moved on
             raise WorkerCallError(worker, LookupError(str(cause)) if stale else cause, retryable=stale) from e
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
@@ -85,15 +90,24 @@ class LocalTransport:
     def share(self, hidden: np.ndarray) -> Any:
         return hidden
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
         w = self.workers.get(worker)
         if w is None:
             raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                None, w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
-                len(batch.unique_tokens),
+                None,
+                functools.partial(
+                    w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
+                    len(batch.unique_tokens), deadline=deadline,
+                ),
             )
+        except TimeoutError as e:
+            raise _expired(worker) from e
         except LookupError as e:
             raise WorkerCallError(worker, e, retryable=True) from e
+
+
+def _expired(worker: str) -> RequestError:
+    return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline expired before worker {worker} started the batch; not computed")

@@ -261,6 +261,23 @@ class RouterConfig(BaseModel):
     max_request_tokens: int = Field(default=65536, gt=0, description="Most tokens in one request (more is RESOURCE_EXHAUSTED).")
     max_message_bytes: int = Field(default=256 << 20, gt=0, description="Largest gRPC message accepted or sent.")
     max_queued_requests: int = Field(default=512, gt=0, description="Requests waiting or in flight before new ones get RESOURCE_EXHAUSTED.")
+    max_inflight_tokens: int = Field(
+        default=262144, gt=0, description="Tokens of admitted, unanswered requests; a request that would pass it gets RESOURCE_EXHAUSTED."
+    )
+    max_inflight_bytes: int = Field(
+        default=1 << 30, gt=0,
+        description="Bytes of admitted, unanswered request messages; a request that would pass it gets RESOURCE_EXHAUSTED.",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=1024, gt=0,
+        description="RPCs the gRPC server runs at once (a stream counts once); past it gRPC answers RESOURCE_EXHAUSTED "
+        "before reading the message. Bounds the memory of requests received but not yet admitted.",
+    )
+    stream_window: int = Field(
+        default=32, gt=0,
+        description="Items of one ForwardStream served or waiting to be sent at once; the stream reads no further request "
+        "until one is sent (back-pressure through HTTP/2 flow control).",
+    )
     nonfinite: Literal["reject", "allow"] = Field(
         default="reject", description="Hidden states with NaN/Inf: 'reject' (INVALID_ARGUMENT) or 'allow' (computed as given)."
     )
@@ -270,6 +287,33 @@ class RouterConfig(BaseModel):
     metrics_port: int | None = Field(
         default=0, ge=0, le=65535, description="Prometheus endpoint on host:metrics_port (0: a free port; None: off)."
     )
+    tls_cert: str | None = Field(default=None, description="PEM certificate chain of the gRPC port; with tls_key, the port speaks TLS.")
+    tls_key: str | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_client_ca: str | None = Field(
+        default=None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)."
+    )
+    auth_token_file: str | None = Field(
+        default=None,
+        description="File holding the bearer token every RPC but health checks must carry; default $MOEFLEET_AUTH_TOKEN.",
+    )
+    require_auth: bool | None = Field(
+        default=None,
+        description="Refuse to start without a token. None: required unless host is a loopback address (local mode).",
+    )
+
+    @model_validator(mode="after")
+    def _limits_and_tls(self) -> "RouterConfig":
+        if self.max_request_tokens > self.max_inflight_tokens:
+            raise ValueError(
+                f"max_request_tokens: {self.max_request_tokens} exceeds max_inflight_tokens {self.max_inflight_tokens}"
+            )
+        if self.max_message_bytes > self.max_inflight_bytes:
+            raise ValueError(f"max_message_bytes: {self.max_message_bytes} exceeds max_inflight_bytes {self.max_inflight_bytes}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: tls_cert and tls_key are set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca: mutual TLS needs tls_cert and tls_key")
+        return self
 
 
 class WorkerConfig(BaseModel):

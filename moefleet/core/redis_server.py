@@ -1,9 +1,16 @@
 """A throw-away ``redis-server`` on loopback, for local mode and tests.
 
 ``RedisServer()`` starts a real ``redis-server`` bound to 127.0.0.1 on a free
-port, without persistence, and returns once it answers PING. It speaks to
-Redis over a raw socket, so this module does not import ``redis`` (only
-``moefleet.core.state`` does).
+port, without persistence, and returns once it answers PING. It generates a
+password (``requirepass``) unless told otherwise: the password lives in the
+server's config file and in ``password_file``, both readable by this user only
+(mode 0600 in a 0700 directory), never on a command line. ``url`` carries it
+(``redis://:PASSWORD@127.0.0.1:PORT/0``); print ``safe_url`` instead. With
+``tls=RedisTLS(cert, key, ca)`` the server speaks only TLS and ``url`` is a
+``rediss://`` URL that names the CA.
+
+It speaks to Redis over a raw socket, so this module does not import ``redis``
+(only ``moefleet.core.state`` does).
 
     with RedisServer() as server:
         store = StateStore(server.url)
@@ -14,13 +21,18 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-__all__ = ["RedisServer", "RedisServerError", "RedisServerNotFound", "find_redis_server", "free_port"]
+from moefleet.core.secrets import generate_secret, redact_url, write_private_file
+
+__all__ = ["RedisServer", "RedisServerError", "RedisServerNotFound", "RedisTLS", "find_redis_server", "free_port"]
 
 HOST = "127.0.0.1"
 
@@ -60,28 +72,66 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
-def _ping(port: int, timeout_s: float = 0.5) -> bool:
-    """True if something on 127.0.0.1:port answers a RESP PING with +PONG."""
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout_s) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+@dataclass(frozen=True)
+class RedisTLS:
+    """PEM files for a TLS-only server: its certificate chain and key, and the CA clients verify it with."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
 
 
-def _server_pid(port: int, timeout_s: float = 0.5) -> int | None:
-    """``process_id`` from ``INFO server`` of the Redis on 127.0.0.1:port; None if none answers."""
+def _command(*args: str) -> bytes:
+    """One RESP command (array of bulk strings): safe for any bytes in a password."""
+    out = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _connect(port: int, timeout_s: float, tls: RedisTLS | None) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=timeout_s)
+    if tls is None:
+        return sock
+    ctx = ssl.create_default_context(cafile=tls.ca_file)
+    return ctx.wrap_socket(sock, server_hostname=HOST)
+
+
+def _exchange(port: int, request: bytes, done, timeout_s: float, tls: RedisTLS | None) -> bytes:
+    """Send ``request`` to 127.0.0.1:port and read until ``done(data)``; b"" if nothing answers."""
     try:
-        with socket.create_connection((HOST, port), timeout=timeout_s) as s:
-            s.sendall(b"INFO server\r\n")
+        with _connect(port, timeout_s, tls) as s:
+            s.sendall(request)
             data = b""
-            while b"process_id:" not in data or not data.endswith(b"\r\n"):
+            while not done(data):
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-    except OSError:
+            return data
+    except (OSError, ssl.SSLError):
+        return b""
+
+
+def _auth(password: str | None) -> bytes:
+    return _command("AUTH", password) if password else b""
+
+
+def _ping(port: int, timeout_s: float = 0.5, password: str | None = None, tls: RedisTLS | None = None) -> bool:
+    """True if something on 127.0.0.1:port answers a RESP PING with +PONG (after AUTH when a password is given)."""
+    data = _exchange(port, _auth(password) + _command("PING"), lambda d: b"PONG" in d or b"-" in d, timeout_s, tls)
+    return b"+PONG" in data
+
+
+def _server_pid(port: int, timeout_s: float = 0.5, password: str | None = None, tls: RedisTLS | None = None) -> int | None:
+    """``process_id`` from ``INFO server`` of the Redis on 127.0.0.1:port; None if none answers."""
+    data = _exchange(
+        port, _auth(password) + _command("INFO", "server"),
+        lambda d: (b"process_id:" in d and d.endswith(b"\r\n")) or d.startswith(b"-") or b"\r\n-" in d,
+        timeout_s, tls,
+    )
+    if not data:
         return None
     for line in data.decode(errors="replace").splitlines():
         if line.startswith("process_id:"):
@@ -107,6 +157,10 @@ class RedisServer:
     Args:
         port: port to listen on; None picks a free one (and retries with another
             if it was taken in the meantime).
+        password: True (default) generates one; a string sets it; False or None
+            starts a server without a password (any local user could then rewrite
+            the fleet's state).
+        tls: serve TLS only (``rediss://``) with these files.
         dir: working directory of the server (its log goes there); None uses a
             temporary directory removed by ``stop()``.
         startup_timeout_s: how long to wait for PING to answer.
@@ -124,6 +178,8 @@ class RedisServer:
         dir: str | os.PathLike[str] | None = None,
         startup_timeout_s: float = 10.0,
         executable: str | None = None,
+        password: str | bool | None = True,
+        tls: RedisTLS | None = None,
     ):
         self.executable = executable or find_redis_server()
         self._tmpdir = None if dir is not None else tempfile.mkdtemp(prefix="moefleet-redis-")
@@ -131,6 +187,14 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "redis-server.log"
         self._proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.password: str | None = generate_secret() if password is True else (password or None)
+        self.config_path = self.dir / "redis.conf"
+        self.password_file: Path | None = None
+        conf = f"requirepass {self.password}\n" if self.password else ""
+        write_private_file(self.config_path, conf)  # the password never appears on a command line
+        if self.password:
+            self.password_file = write_private_file(self.dir / "password", self.password + "\n")
         self._stopped = False
         attempts = 1 if port is not None else 3
         try:
@@ -150,10 +214,18 @@ class RedisServer:
         self._finalizer = weakref.finalize(self, _kill, self._proc, 5.0)
 
     def _argv(self) -> list[str]:
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = [
+                "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls.cert_file,
+                "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file, "--tls-auth-clients", "no",
+            ]
         return [
             self.executable,
+            str(self.config_path),
             "--bind", HOST,
-            "--port", str(self.port),
+            *ports,
             "--protected-mode", "yes",
             "--save", "",
             "--appendonly", "no",
@@ -176,7 +248,7 @@ class RedisServer:
                     f"before answering on {HOST}:{self.port}; its output:\n{self._log_tail()}"
                 )
             # Identify the answer by pid: another server may already listen on this port.
-            if _server_pid(self.port) == self._proc.pid:
+            if _server_pid(self.port, password=self.password, tls=self.tls) == self._proc.pid:
                 return
             time.sleep(0.02)
         _kill(self._proc, 2.0)
@@ -193,15 +265,23 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{HOST}:{self.port}/0"
+        """``redis://:PASSWORD@127.0.0.1:PORT/0`` (``rediss://...?ssl_ca_certs=CA`` with TLS). Holds the password: log ``safe_url``."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}{HOST}:{self.port}/0"
+        return f"rediss://{auth}{HOST}:{self.port}/0?ssl_ca_certs={quote(self.tls.ca_file)}&ssl_cert_reqs=required"
+
+    @property
+    def safe_url(self) -> str:
+        """``url`` with the password replaced by ``***``."""
+        return redact_url(self.url)
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None and _ping(self.port)
+        return self._proc is not None and self._proc.poll() is None and _ping(self.port, password=self.password, tls=self.tls)
 
     def exited(self) -> bool:
         """True when the server process has ended (killed, crashed) and ``stop()`` was not called."""
@@ -236,4 +316,4 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = "running" if self._proc is not None and self._proc.poll() is None else "stopped"
-        return f"RedisServer({self.url}, pid={self.pid}, {state})"
+        return f"RedisServer({self.safe_url}, pid={self.pid}, {state})"

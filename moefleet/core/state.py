@@ -373,15 +373,32 @@ def _dumps(what: str, value: Any) -> str:
 # --------------------------------------------------------------------------- store
 
 
-def resolve_redis_url(url: str | None) -> str:
-    """The Redis URL to use: ``url``, else ``$MOEFLEET_REDIS_URL``; ``$REDIS_PASSWORD`` is added when the URL has none."""
-    url = url or os.environ.get("MOEFLEET_REDIS_URL")
+def resolve_redis_url(url: str | None, environ=None) -> str:
+    """The Redis URL to use: ``url``, else ``$MOEFLEET_REDIS_URL``.
+
+    When the URL has no password, one is added from ``$REDIS_PASSWORD`` or the
+    file named by ``$MOEFLEET_REDIS_PASSWORD_FILE`` (a mounted secret). Schemes:
+    ``redis://``, ``rediss://`` (TLS; ``?ssl_ca_certs=PATH`` names the CA) and
+    ``unix://``. Errors name the variable, never the password.
+    """
+    from urllib.parse import quote
+
+    from moefleet.core.secrets import read_secret_file
+
+    environ = os.environ if environ is None else environ
+    url = url or environ.get("MOEFLEET_REDIS_URL")
     if not url:
         raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
-    password = os.environ.get("REDIS_PASSWORD")
-    if password and "@" not in url:
-        scheme, rest = url.split("://", 1)
-        url = f"{scheme}://:{password}@{rest}"
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"redis_url: {_redact(url)!r} is not a redis://, rediss:// or unix:// URL")
+    password = environ.get("REDIS_PASSWORD")
+    if not password and environ.get("MOEFLEET_REDIS_PASSWORD_FILE"):
+        password = read_secret_file(environ["MOEFLEET_REDIS_PASSWORD_FILE"], "MOEFLEET_REDIS_PASSWORD_FILE")
+    if password and urlsplit(url).password is None and scheme != "unix":
+        userinfo, at, hostpart = rest.rpartition("@")
+        user = userinfo if at else ""
+        url = f"{scheme}://{user}:{quote(password, safe='')}@{hostpart}"
     return url
 
 

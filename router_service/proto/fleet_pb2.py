@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moefleet/v1/fleet.proto\x12\x0bmoefleet.v1\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.moefleet.v1.DType\"\x9c\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12*\n\rrouter_logits\x18\x03 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12\x16\n\x0ereturn_routing\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xe2\x01\n\x0f\x46orwardResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12%\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12)\n\x0ctopk_weights\x18\x03 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11placement_version\x18\x05 \x01(\x03\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"\x15\n\x13GetPlacementRequest\"@\n\x0e\x45xpertReplicas\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07workers\x18\x03 \x03(\t\"\xb2\x01\n\x14GetPlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12,\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x1b.moefleet.v1.ExpertReplicas\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0e\n\x06\x66\x61mily\x18\x07 \x01(\t*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xf5\x01\n\x08MoEFleet\x12\x44\n\x07\x46orward\x12\x1b.moefleet.v1.ForwardRequest\x1a\x1c.moefleet.v1.ForwardResponse\x12N\n\rForwardStream\x12\x1b.moefleet.v1.ForwardRequest\x1a\x1c.moefleet.v1.ForwardResponse(\x01\x30\x01\x12S\n\x0cGetPlacement\x12 .moefleet.v1.GetPlacementRequest\x1a!.moefleet.v1.GetPlacementResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moefleet/v1/fleet.proto\x12\x0bmoefleet.v1\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.moefleet.v1.DType\"\x9c\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12#\n\x06hidden\x18\x02 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12*\n\rrouter_logits\x18\x03 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12\x16\n\x0ereturn_routing\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xfa\x01\n\x0f\x46orwardResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12%\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12)\n\x0ctopk_weights\x18\x03 \x01(\x0b\x32\x13.moefleet.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11placement_version\x18\x05 \x01(\x03\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x08 \x01(\x05\"\x15\n\x13GetPlacementRequest\"@\n\x0e\x45xpertReplicas\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x0f\n\x07workers\x18\x03 \x03(\t\"\xb2\x01\n\x14GetPlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12,\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x1b.moefleet.v1.ExpertReplicas\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0e\n\x06\x66\x61mily\x18\x07 \x01(\t*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xf5\x01\n\x08MoEFleet\x12\x44\n\x07\x46orward\x12\x1b.moefleet.v1.ForwardRequest\x1a\x1c.moefleet.v1.ForwardResponse\x12N\n\rForwardStream\x12\x1b.moefleet.v1.ForwardRequest\x1a\x1c.moefleet.v1.ForwardResponse(\x01\x30\x01\x12S\n\x0cGetPlacement\x12 .moefleet.v1.GetPlacementRequest\x1a!.moefleet.v1.GetPlacementResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=772
-  _globals['_DTYPE']._serialized_end=853
+  _globals['_DTYPE']._serialized_start=796
+  _globals['_DTYPE']._serialized_end=877
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=112
   _globals['_FORWARDREQUEST']._serialized_start=115
   _globals['_FORWARDREQUEST']._serialized_end=271
   _globals['_FORWARDRESPONSE']._serialized_start=274
-  _globals['_FORWARDRESPONSE']._serialized_end=500
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=502
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=523
-  _globals['_EXPERTREPLICAS']._serialized_start=525
-  _globals['_EXPERTREPLICAS']._serialized_end=589
-  _globals['_GETPLACEMENTRESPONSE']._serialized_start=592
-  _globals['_GETPLACEMENTRESPONSE']._serialized_end=770
-  _globals['_MOEFLEET']._serialized_start=856
-  _globals['_MOEFLEET']._serialized_end=1101
+  _globals['_FORWARDRESPONSE']._serialized_end=524
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=526
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=547
+  _globals['_EXPERTREPLICAS']._serialized_start=549
+  _globals['_EXPERTREPLICAS']._serialized_end=613
+  _globals['_GETPLACEMENTRESPONSE']._serialized_start=616
+  _globals['_GETPLACEMENTRESPONSE']._serialized_end=794
+  _globals['_MOEFLEET']._serialized_start=880
+  _globals['_MOEFLEET']._serialized_end=1125
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,7 @@ class ForwardRequest(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., return_routing: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "topk_ids", "topk_weights", "request_id", "placement_version", "error_code", "error_message")
+    __slots__ = ("output", "topk_ids", "topk_weights", "request_id", "placement_version", "error_code", "error_message", "retry_after_ms")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class ForwardResponse(_message.Message):
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     topk_ids: Tensor
     topk_weights: Tensor
@@ -60,7 +61,8 @@ class ForwardResponse(_message.Message):
     placement_version: int
     error_code: int
     error_message: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., placement_version: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., placement_version: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ()

@@ -56,6 +56,20 @@ class MoEFleetServicer:
 
     def Forward(self, request, context):
         """One MoE layer call: gate, dispatch to the experts' workers, combine.
+        OK                  output [T, H] (and the routing if asked).
+        INVALID_ARGUMENT    the bytes are not a ForwardRequest; hidden or router_logits
+        with a bad dtype, rank, shape, byte length or an empty batch;
+        NaN/Inf under the nonfinite: reject policy. The message names the field.
+        NOT_FOUND           layer is not a MoE layer of the model.
+        RESOURCE_EXHAUSTED  more than max_request_tokens tokens; or the router is at a limit
+        (max_queued_requests, max_inflight_tokens, max_inflight_bytes):
+        refused at once, with trailing metadata grpc-retry-pushback-ms and
+        "retry after N ms" in the message.
+        DEADLINE_EXCEEDED   the deadline passed before the request was computed: dropped while
+        queued, or refused by the worker that would have started it.
+        UNAVAILABLE         a worker failed and no replica took over after worker_retries
+        re-dispatches, or an expert has no replica.
+        UNAUTHENTICATED     missing or wrong bearer token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -63,6 +77,12 @@ class MoEFleetServicer:
 
     def ForwardStream(self, request_iterator, context):
         """Pipelined calls on one stream; replies may come in any order (match request_id).
+        Each item is answered with Forward's statuses in error_code / error_message
+        (retry_after_ms when overloaded); a bad item does not end the stream. The stream
+        itself ends with UNAUTHENTICATED, RESOURCE_EXHAUSTED (a message over max_message_bytes,
+        or max_concurrent_rpcs), DEADLINE_EXCEEDED or CANCELLED. Flow control: at most
+        stream_window items are served or unsent at once; the router reads no further
+        request until a reply is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +90,7 @@ class MoEFleetServicer:
 
     def GetPlacement(self, request, context):
         """The placement the router is serving with.
+        OK; INVALID_ARGUMENT (the bytes are not a GetPlacementRequest); UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -16,13 +16,28 @@ def _cli(*args, env, timeout=300):
 
 
 def test_up_status_demo_down_on_the_default_model(tmp_path):
+    """With a token required (--auth-token-file): status and demo use it; the Redis password shows nowhere."""
+    import json
+    import stat
+
     env = {**os.environ, "MOEFLEET_CACHE": str(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "COLUMNS": "160"}
     env.pop("RAY_ADDRESS", None)
-    up = _cli("up", "--port", "0", "--workers", "2", "--worker-cpus", "0.5", env=env)
+    env.pop("MOEFLEET_AUTH_TOKEN", None)
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-test-token-0123456789\n")
+    token_file.chmod(0o600)
+    up = _cli("up", "--port", "0", "--workers", "2", "--worker-cpus", "0.5", "--auth-token-file", str(token_file), env=env)
     assert up.returncode == 0, up.stderr + up.stdout
     address = up.stdout.strip().splitlines()[-1]
     assert address.startswith("127.0.0.1:")
+    outputs = [up.stdout + up.stderr]
     try:
+        state_path = tmp_path / "local-fleet.json"
+        assert stat.S_IMODE(state_path.stat().st_mode) == 0o600  # it holds the Redis URL with its password
+        from urllib.parse import urlsplit
+
+        password = urlsplit(json.loads(state_path.read_text())["redis_url"]).password
+        assert password and len(password) >= 32
         again = _cli("up", "--port", "0", env=env)
         assert "already up" in again.stdout
         status = _cli("status", env=env)
@@ -31,10 +46,24 @@ def test_up_status_demo_down_on_the_default_model(tmp_path):
         demo = _cli("demo", "--duration", "4", "--concurrency", "2", "--tokens", "16", env=env)
         assert demo.returncode == 0, demo.stderr + demo.stdout[-2000:]
         assert "0 failed" in demo.stdout
+        outputs += [again.stdout + again.stderr, status.stdout + status.stderr, demo.stdout + demo.stderr]
+        import grpc
+        import torch
+
+        from moefleet.router_service.client import FleetClient, FleetError
+
+        with FleetClient(address) as client:  # no token
+            with pytest.raises(FleetError) as e:
+                client.forward(1, torch.randn(2, 512))
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         down = _cli("down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert "no local fleet" in _cli("down", env=env).stdout
+    log = (tmp_path / "local-fleet.log").read_text()
+    assert "redis://:***@127.0.0.1:" in log
+    for text in outputs + [down.stdout, log]:
+        assert password not in text and "cli-test-token" not in text
 
 
 def test_bad_setting_is_named_on_the_command_line(tmp_path):

@@ -312,3 +312,31 @@ def test_router_exports_prometheus_metrics_on_loopback(fleet):
     requests = [line for line in text.splitlines() if line.startswith("moefleet_router_requests_total{")]
     assert requests and float(requests[0].split()[-1]) >= 1
     assert "moefleet_router_placement_version" in text
+
+
+def test_a_batch_past_its_deadline_is_refused_by_the_worker_not_computed(fleet):
+    """The deadline travels with each batch over Ray: a worker that would start it late refuses it (DEADLINE_EXCEEDED)."""
+    import time
+
+    from moefleet.router_service.dispatch import plan_dispatch
+    from moefleet.router_service.router import RequestError
+    from moefleet.router_service.transport import RayTransport
+
+    p = fleet.client.placement()
+    layer = p.moe_layers[0]
+    held = sorted(e.expert for e in p.experts if e.layer == layer and "worker-0" in e.workers)[:2]
+    ids = np.array([held] * 3 if len(held) == 2 else [[held[0]]] * 3)
+    batch, = plan_dispatch(ids, np.ones(ids.shape, np.float32), {e: ["worker-0"] for e in held})
+    transport = RayTransport(fleet.config.namespace)
+    hidden = np.random.default_rng(0).standard_normal((3, p.hidden_size)).astype(np.float32)
+    before = fleet.worker_stats()["worker-0"]
+
+    async def call(deadline):
+        return await transport.forward("worker-0", layer, transport.share(hidden), batch, deadline=deadline)
+
+    with pytest.raises(RequestError) as e:
+        asyncio.run(call(time.time() - 0.01))
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "not computed" in e.value.message
+    after = fleet.worker_stats()["worker-0"]
+    assert after["expired"] == before["expired"] + 1 and after["tokens_served"] == before["tokens_served"]
+    assert asyncio.run(call(time.time() + 30)).shape == (3, p.hidden_size)  # in time: computed

@@ -574,7 +574,7 @@ def test_passwords_stay_out_of_error_messages():
 def test_redis_server_binds_loopback_and_stops(tmp_path):
     server = RedisServer(dir=tmp_path)
     try:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.url == f"redis://:{server.password}@127.0.0.1:{server.port}/0"
         assert server.is_running()
         with StateStore(server.url) as s:
             config = s._client.config_get("bind")["bind"]
@@ -600,3 +600,55 @@ def test_missing_redis_server_names_the_install_command(monkeypatch):
         find_redis_server()
     with pytest.raises(RedisServerNotFound):
         RedisServer()
+
+
+def test_local_redis_refuses_a_client_without_the_password(redis_server):
+    assert redis_server.password and len(redis_server.password) >= 32
+    assert _ping(redis_server.port, password=redis_server.password)
+    assert not _ping(redis_server.port)  # NOAUTH
+    assert not _ping(redis_server.port, password="wrong")
+    no_password = f"redis://127.0.0.1:{redis_server.port}/0"
+    with StateStore(no_password, namespace="noauth") as s:
+        with pytest.raises(StateStoreError, match="(?i)auth"):
+            s.get_placement()
+    with StateStore(redis_server.url, namespace=f"auth-{time.monotonic_ns()}") as s:
+        assert s.get_placement() is None  # the generated password works
+
+
+def test_redis_password_stays_in_files_only_its_user_reads(tmp_path):
+    import os
+    import stat
+
+    server = RedisServer(dir=tmp_path / "r")
+    try:
+        for path in (server.password_file, server.config_path):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert server.password_file.read_text().strip() == server.password
+        cmdline = open(f"/proc/{server.pid}/cmdline", "rb").read().decode()
+        assert server.password not in cmdline  # not visible in ps
+        assert server.password not in repr(server) and server.password not in server.safe_url
+    finally:
+        server.stop()
+    tmp = RedisServer()
+    try:
+        assert stat.S_IMODE(os.stat(tmp.dir).st_mode) == 0o700  # its own directory is private too
+    finally:
+        tmp.stop()
+
+
+def test_rediss_url_reaches_a_tls_redis_and_plaintext_is_refused(tmp_path):
+    from moefleet.core.redis_server import RedisTLS
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = RedisServer(dir=tmp_path / "r", tls=RedisTLS(pki.server.cert, pki.server.key, pki.ca))
+    try:
+        assert server.url.startswith("rediss://:") and "ssl_ca_certs=" in server.url
+        with StateStore(server.url, namespace="tls") as s:
+            published = s.publish_placement(placement("a"), expected_version=0)
+            assert s.get_placement() == published
+        with StateStore(f"redis://:{server.password}@127.0.0.1:{server.port}/0", namespace="tls", socket_timeout_s=1.0) as s:
+            with pytest.raises(StateStoreError):
+                s.get_placement()
+    finally:
+        server.stop()

@@ -31,6 +31,8 @@ from moefleet.controller.inventory import (
 )
 from moefleet.deploy_config import (
     APP_IMPORT_PATH,
+    CLUSTER_BIND_HOST,
+    FLEET_GRPC_PORT,
     GRPC_SERVICER_FUNCTIONS,
     SERVE_GRPC_PORT,
     ServeConfigError,
@@ -368,21 +370,133 @@ def test_dev_cluster_nodes_give_two_cpu_tier_devices():
 
 
 # -- Services, secrets, controller, pods ------------------------------------------------------
-def test_grpc_service_exposes_port_9000_of_the_serve_ready_pods():
+def test_grpc_service_exposes_port_9000_of_the_head_pod_where_the_ingress_serves():
     svc = _doc("Service", "moefleet-grpc")
+    assert svc["spec"]["type"] == "ClusterIP"
     (port,) = svc["spec"]["ports"]
-    assert (port["name"], port["port"], port["targetPort"]) == ("grpc", SERVE_GRPC_PORT, "grpc")
+    assert (port["name"], port["port"], port["targetPort"]) == ("grpc", FLEET_GRPC_PORT, "grpc")
     selector = svc["spec"]["selector"]
-    assert selector["ray.io/serve"] == "true"  # KubeRay's label for pods with a healthy Serve proxy
+    assert selector["ray.io/node-type"] == "head"  # KubeRay's label of the head pod
+    from moefleet.router_service.serve_app import HEAD_NODE_RESOURCE, FleetIngress
+
+    # the ingress (and so the router's port) is pinned to the head node
+    assert FleetIngress.ray_actor_options["resources"][HEAD_NODE_RESOURCE] > 0
     rayservice = _doc("RayService", "moefleet")
-    for group_name, group, _ in _groups(rayservice):
+    for group_name, group, is_head in _groups(rayservice):
         pod_labels = group["template"]["metadata"]["labels"]
-        assert {k: v for k, v in selector.items() if k != "ray.io/serve"}.items() <= pod_labels.items(), group_name
+        assert {k: v for k, v in selector.items() if k != "ray.io/node-type"}.items() <= pod_labels.items(), group_name
         ports = {p["name"]: p["containerPort"] for p in _ray_container(group)["ports"]}
-        assert ports["grpc"] == SERVE_GRPC_PORT, group_name
+        assert (ports.get("grpc") == FLEET_GRPC_PORT) == is_head, group_name
+    router = _serve_config_v2()["applications"][0]["args"]["router"]
+    assert (router["host"], router["port"]) == (CLUSTER_BIND_HOST, FLEET_GRPC_PORT)
     # KubeRay keeps only the port named "serve" of spec.serveService: gRPC must not rely on it.
     serve_service_ports = rayservice["spec"].get("serveService", {}).get("spec", {}).get("ports", [])
     assert all(p.get("name") == "serve" for p in serve_service_ports)
+
+
+def test_no_service_exposes_anything_outside_the_cluster_or_the_dashboard_at_all():
+    for name, doc in MANIFESTS:
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", name
+            assert all(p["port"] not in (8265, 10001, 6379) or doc["metadata"]["name"] == "moefleet-redis"
+                       for p in doc["spec"]["ports"]), name
+    for name, doc in RAY_DOCS:
+        assert "headService" not in _cluster_spec(doc), name  # KubeRay's own head Service stays ClusterIP
+
+
+def _volume_of_mount(pod: dict, container: dict, path: str) -> dict:
+    (mount,) = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def test_router_serves_tls_from_the_secret_and_requires_the_token_on_the_head():
+    from moefleet.core.config import RouterConfig
+    from moefleet.router_service import security
+
+    rayservice = _doc("RayService", "moefleet")
+    router = RouterConfig(**_serve_config_v2()["applications"][0]["args"]["router"])
+    assert security.auth_required(router)  # not loopback: the router refuses to start without a token
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    container = _ray_container(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])
+    for path in (router.tls_cert, router.tls_key):
+        assert _volume_of_mount(head, container, path)["secret"]["secretName"] == "moefleet-tls", path
+    assert _secret_ref(_env(container), "MOEFLEET_AUTH_TOKEN") == ("moefleet-auth", "token")
+    dev = _doc("RayCluster", "moefleet-dev")
+    assert _secret_ref(_env(_ray_container(dev["spec"]["headGroupSpec"])), "MOEFLEET_AUTH_TOKEN") == ("moefleet-auth", "token")
+
+
+def test_every_ray_cluster_uses_rays_token_authentication_from_a_secret():
+    for name, doc in RAY_DOCS:
+        assert _cluster_spec(doc)["authOptions"] == {"mode": "token", "secretName": "moefleet-ray-auth"}, name
+    env = _env(_doc("Deployment", "moefleet-controller")["spec"]["template"]["spec"]["containers"][0])
+    assert env["RAY_AUTH_MODE"]["value"] == "token"  # its Ray Client connects to a token-guarded head
+    assert _secret_ref(env, "RAY_AUTH_TOKEN") == ("moefleet-ray-auth", "auth_token")
+
+
+def test_every_container_has_a_read_only_root_no_privilege_escalation_and_no_capabilities():
+    for name, pod in _pod_specs():
+        for container in pod["containers"]:
+            sc = container.get("securityContext", {})
+            assert sc.get("readOnlyRootFilesystem") is True, f"{name}: {container['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{name}: {container['name']}"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: {container['name']}"
+            if container["image"].startswith("registry.example.com/"):
+                # Ray writes sessions, logs and spills under /tmp: an emptyDir, not the image
+                assert _volume_of_mount(pod, container, "/tmp/ray")["emptyDir"] is not None, name
+
+
+def _policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc["spec"] for _, doc in MANIFESTS if doc["kind"] == "NetworkPolicy"}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _pod_labels() -> list[tuple[str, dict]]:
+    out = []
+    for name, doc in MANIFESTS:
+        if doc["kind"] in RAY_KINDS:
+            out += [(f"{name}:{g}", spec["template"]["metadata"]["labels"]) for g, spec, _ in _groups(doc)]
+        elif doc["kind"] == "Deployment":
+            out.append((name, doc["spec"]["template"]["metadata"]["labels"]))
+    return out
+
+
+def test_network_policies_leave_clients_only_the_grpc_port():
+    policies = _policies()
+    assert set(policies) == {"moefleet-ray", "moefleet-redis", "moefleet-controller"}
+    for name, labels in _pod_labels():
+        selecting = [p for p in policies.values() if _selects(p["podSelector"], labels)]
+        assert selecting and all("Ingress" in p["policyTypes"] for p in selecting), f"{name}: no ingress policy"
+    ray = policies["moefleet-ray"]
+    open_rules = [r for r in ray["ingress"] if "from" not in r]  # rules for any source
+    assert [[(p["protocol"], p["port"]) for p in r["ports"]] for r in open_rules] == [[("TCP", FLEET_GRPC_PORT)]]
+    for rule in ray["ingress"]:
+        for peer in rule.get("from", []):
+            assert "ipBlock" not in peer
+            fleet_pod = _selects(peer["podSelector"], {"moefleet.io/app": "moefleet"})
+            operator = peer["podSelector"].get("matchLabels") == {"app.kubernetes.io/component": "kuberay-operator"}
+            controller = _selects(peer["podSelector"], {"app.kubernetes.io/name": "moefleet-controller"})
+            assert fleet_pod or operator or controller, peer
+            if not fleet_pod:  # outside the cluster's pods: named ports only (dashboard for the operator)
+                assert rule["ports"], rule
+    redis = policies["moefleet-redis"]
+    assert _selects(redis["podSelector"], _doc("Deployment", "moefleet-redis")["spec"]["template"]["metadata"]["labels"])
+    (rule,) = redis["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock: this namespace's fleet pods only
+        assert _selects(peer["podSelector"], {"moefleet.io/app": "moefleet"}) or _selects(
+            peer["podSelector"], {"app.kubernetes.io/name": "moefleet-controller"})
+    assert policies["moefleet-controller"]["ingress"] == []
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -480,9 +594,10 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config():
     config = _serve_config_v2()
     check_serve_config(config)
     schema = ServeDeploySchema.model_validate(config)
-    assert schema.grpc_options.port == SERVE_GRPC_PORT
-    assert schema.grpc_options.grpc_servicer_functions == list(GRPC_SERVICER_FUNCTIONS)
+    # No Serve gRPC proxy (Ray 2.60's cannot speak TLS): the ingress serves the API itself.
+    assert "grpc_options" not in config and schema.grpc_options.grpc_servicer_functions == []
     assert [app.import_path for app in schema.applications] == [APP_IMPORT_PATH]
+    assert SERVE_GRPC_PORT == FLEET_GRPC_PORT
 
 
 def test_serve_config_v2_is_the_generated_serve_config():
@@ -497,7 +612,9 @@ def test_generated_serve_config_validates_with_serve_deploy_schema():
 
     config = serve_config({"checkpoint": "/models/m", "num_workers": 4, "namespace": "fleet"})
     parsed = ServeDeploySchema.model_validate(config)
-    assert parsed.applications[0].args == {"checkpoint": "/models/m", "num_workers": 4, "namespace": "fleet"}
+    assert parsed.applications[0].args == {
+        "checkpoint": "/models/m", "num_workers": 4, "namespace": "fleet", "router": {"host": "0.0.0.0", "port": 9000}
+    }
     assert yaml.safe_load(yaml.safe_dump(config)) == config
 
 
@@ -506,10 +623,10 @@ def test_serve_config_check_rejects_a_wrong_type():
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config({})
-    config["grpc_options"]["port"] = "nine-thousand"
+    config["http_options"]["port"] = "eight-thousand"
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(config)
-    with pytest.raises(ServeConfigError, match="grpc_options.port"):
+    with pytest.raises(ServeConfigError, match="http_options.port"):
         check_serve_config(config)
     with pytest.raises(ServeConfigError, match="applications"):
         check_serve_config({"grpc_options": {"port": 9000}})
@@ -519,7 +636,7 @@ def test_serve_config_check_rejects_a_misspelled_key_serve_itself_ignores():
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config({})
-    config["grpc_option"] = config.pop("grpc_options")
+    config["grpc_option"] = {"port": 9000, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
     ServeDeploySchema.model_validate(config)  # Serve accepts it, and would start no gRPC proxy
     with pytest.raises(ServeConfigError, match="grpc_option"):
         check_serve_config(config)
@@ -558,6 +675,18 @@ def test_serve_config_refuses_args_the_application_refuses():
         serve_config({"router_port": 50051})
     with pytest.raises(ServeConfigError, match="num_workers"):
         serve_config({"num_workers": 0})
+    with pytest.raises(ServeConfigError, match="tls_cert"):
+        serve_config({"router": {"tls_key": "/k.pem"}})
+    with pytest.raises(ServeConfigError, match="serve_grpc"):
+        serve_config({"serve_grpc": False})
+
+
+def test_serve_config_keeps_the_routers_tls_and_token_settings():
+    router = {"tls_cert": "/etc/t/tls.crt", "tls_key": "/etc/t/tls.key", "tls_client_ca": "/etc/t/ca.crt"}
+    args = serve_config({"router": router})["applications"][0]["args"]
+    assert args["router"] == {"host": CLUSTER_BIND_HOST, "port": FLEET_GRPC_PORT, **router}
+    assert serve_config({"router": {"host": "10.0.0.5", "port": 9443}})["applications"][0]["args"]["router"] == {
+        "host": "10.0.0.5", "port": 9443}
 
 
 def test_cli_writes_the_serve_config(tmp_path, capsys):
@@ -568,7 +697,7 @@ def test_cli_writes_the_serve_config(tmp_path, capsys):
     assert main([*argv, "-o", str(out)]) == 0
     config = yaml.safe_load(out.read_text())
     args = config["applications"][0]["args"]
-    assert args == {"checkpoint": "/m", "num_workers": 3, "router": {"batch_window_ms": 1.5}}
+    assert args == {"checkpoint": "/m", "num_workers": 3, "router": {"host": "0.0.0.0", "port": 9000, "batch_window_ms": 1.5}}
     assert main(["check", str(out)]) == 0
     assert main(["ray-start", "cpu", "--address", "10.0.0.1:6379"]) == 0
     assert capsys.readouterr().out.strip().endswith(ray_start_command(NODE_TYPES["cpu"], "10.0.0.1:6379"))
@@ -636,6 +765,35 @@ def test_readme_ray_start_commands_are_what_the_inventory_renders():
     assert ray_start_command(NODE_TYPES["head"]) in readme
     for name in sorted(set(NODE_TYPES) - DEV_TYPES - {"head"}):
         assert ray_start_command(NODE_TYPES[name], "$HEAD_IP:6379") in readme, name
+
+
+def test_readme_turns_on_rays_token_before_any_ray_start_or_deploy():
+    readme = (DEPLOY / "README.md").read_text()
+    bare = readme[readme.index("## 2. A Ray cluster"): readme.index("## 3. Ray cluster launcher")]
+    first_start = bare.index("ray start --head")
+    assert bare.index("ray get-auth-token --generate") < first_start  # a token exists before the head starts
+    assert bare.index("export RAY_AUTH_MODE=token") < first_start
+    assert bare.index("export MOEFLEET_AUTH_TOKEN=") < first_start  # the router on 0.0.0.0 requires one
+    assert bare.index("export RAY_AUTH_MODE=token", first_start) < bare.index("ray start --address")
+    assert "serve deploy moefleet-serve.yaml" in bare and "tls_cert:" in bare
+    launcher = readme[readme.index("## 3. Ray cluster launcher"): readme.index("## 4. Kubernetes")]
+    assert launcher.index("export RAY_AUTH_MODE=token") < launcher.index("ray up deploy/ray-cluster.yaml")
+    kube = readme[readme.index("## 4. Kubernetes"):]
+    for secret in ("moefleet-redis", "moefleet-ray-auth --from-literal=auth_token=", "moefleet-auth --from-literal=token=",
+                   "moefleet-tls --from-file=tls.crt --from-file=tls.key"):
+        assert f"kubectl create secret generic {secret}" in kube, secret
+    dev = kube[kube.index("### Development cluster"):]
+    assert dev.index("export RAY_AUTH_MODE=token") < dev.index("serve deploy")
+
+
+def test_cluster_launcher_starts_every_node_with_rays_token_and_reads_secrets_from_files():
+    config = _launcher_config()
+    assert config["file_mounts"]["/home/ray/.ray-auth-token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        text = " ".join(config[key])
+        assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/home/ray/.ray-auth-token;" in text, key
+        assert text.index("RAY_AUTH_MODE=token") < text.index("ray start --"), key
+    assert 'export MOEFLEET_AUTH_TOKEN="$(cat /home/ray/.moefleet-auth-token)"' in " ".join(config["head_start_ray_commands"])
 
 
 def test_readme_applies_every_manifest():
