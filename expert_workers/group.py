@@ -216,6 +216,26 @@ class ExpertGroupCore:
         weights: [N] combine weight per row. counts: rows per expert.
         inverse: [N] index of each row's token among the unique tokens.
         """
+        return self.forward_timed(layer, hidden, rows, weights, experts, counts, inverse, num_unique)[0]
+
+    def forward_timed(
+        self,
+        layer: int,
+        hidden: np.ndarray,
+        rows: np.ndarray,
+        weights: np.ndarray,
+        experts: list[int],
+        counts: list[int],
+        inverse: np.ndarray,
+        num_unique: int,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """``forward``, and the worker's stage times: ``(partial [U, H] fp32, times)``.
+
+        times: seconds of ``worker_gather``, ``expert_ffn``, ``worker_combine``
+        (``moefleet.core.stages.WORKER_STAGES``), and ``start`` / ``end``, the
+        wall clock (``time.time()``) when the call began and ended here.
+        """
+        start = time.time()
         # Take the view and register as running on it in one step: a load that frees
         # quarantined slots either sees this forward, or this forward sees the view
         # published after the unload that freed them.
@@ -245,14 +265,19 @@ class ExpertGroupCore:
             if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
                 x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
                 w = torch.ones_like(w)
+            t1 = time.perf_counter()
             y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
+            t2 = time.perf_counter()
             out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
             inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
             out.index_add_(0, inv, y.float() * w[:, None])
             with self._stats_lock:
                 for e, c in zip(experts, counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
-            return out.cpu().numpy()
+            result = out.cpu().numpy()
+            t3 = time.perf_counter()
+            times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
+            return result, times
         finally:
             with self._stats_lock:
                 self._in_flight -= 1

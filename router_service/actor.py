@@ -73,6 +73,7 @@ class RouterActor:
             "placement_generation": self.core.placement.generation,
             "queued": self.core._queued,
             "dead_workers": sorted(self.core.dead),
+            "stages": self.core.stages.totals(),  # stage -> (seconds, count) since start
             **s.__dict__,
         }
 

@@ -21,6 +21,7 @@ import torch
 from moefleet.core.config import RouterConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
+from moefleet.core.stages import WORKER_STAGES, StageHistograms
 from moefleet.core.tensors import DTYPES, to_numpy
 from moefleet.kernels.experts import shared_from_tensors
 from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
@@ -62,7 +63,9 @@ class WorkerTransport(Protocol):
 
     def share(self, hidden: np.ndarray) -> Any: ...
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray: ...
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> tuple[np.ndarray, dict[str, float]]:
+        """The worker's partial output [U, H] fp32 and its stage times (``ExpertGroupCore.forward_timed``)."""
+        ...
 
 
 @dataclass
@@ -116,6 +119,7 @@ class RouterCore:
         self._replicas: dict[int, dict[int, list[str]]] = {}
         self.outstanding: dict[str, float] = defaultdict(float)
         self.stats = RouterStats()
+        self.stages = StageHistograms()  # per-stage durations (moefleet.core.stages), exported by metrics.py
         self.load_counts: dict[tuple[int, int], int] = defaultdict(int)
         self._pending: dict[int, list[_Pending]] = defaultdict(list)
         self._flushers: dict[int, asyncio.Task] = {}
@@ -204,7 +208,9 @@ class RouterCore:
 
         deadline: ``time.monotonic()`` after which the request is failed, not computed.
         """
+        t0 = time.perf_counter()
         self.validate(layer, hidden, router_logits)
+        self.stages.observe("validate", time.perf_counter() - t0)
         if self._queued >= self.config.max_queued_requests:
             self.stats.rejected_full += 1
             raise RequestError(
@@ -275,6 +281,9 @@ class RouterCore:
         return batch
 
     async def _run_batch(self, layer: int, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        for p in batch:
+            self.stages.observe("queue", now - p.enqueued)
         hidden = torch.cat([p.hidden for p in batch]) if len(batch) > 1 else batch[0].hidden
         try:
             result = await self.forward(layer, hidden)
@@ -306,17 +315,22 @@ class RouterCore:
             self.stats.forward_s += time.perf_counter() - t_start
 
     async def _forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None) -> ForwardResult:
+        st = self.stages
+        t0 = time.perf_counter()
         ls = self.spec.layer_spec(layer)
         gate = self.gates[layer]
         logits = gate.logits(hidden) if router_logits is None else router_logits.float()
         routing = fused_route(logits, ls, gate, "torch")
         ids = routing.topk_ids.numpy()
+        t1 = time.perf_counter()
+        st.observe("gate", t1 - t0)
         self._count_load(layer, ids, ls.num_experts)
         hidden_c = hidden.to(self.dtype)
         shared_ref = self.transport.share(to_numpy(hidden_c))
+        st.observe("object_store_put", time.perf_counter() - t1)
         loop = asyncio.get_running_loop()
         shared_mod = self.shared[layer]
-        shared_task = loop.run_in_executor(None, shared_mod, hidden_c) if shared_mod is not None else None
+        shared_task = loop.run_in_executor(None, self._timed_shared, shared_mod, hidden_c) if shared_mod is not None else None
         out = torch.zeros(hidden.shape[0], ls.hidden_size, dtype=torch.float32)
         weights = routing.topk_weights.numpy()
         exclude: set[str] = set()
@@ -324,6 +338,7 @@ class RouterCore:
         todo = np.ones(ids.shape, dtype=bool)  # assignments still to serve
         version = self.placement.version
         while True:
+            t2 = time.perf_counter()
             sub_ids = np.where(todo, ids, -1)
             replicas = self._replicas_for(layer, exclude)
             try:
@@ -338,6 +353,8 @@ class RouterCore:
                         "the controller is re-placing them, retry shortly",
                     ) from e
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: {e}") from e
+            t3 = time.perf_counter()
+            st.observe("dispatch_plan", t3 - t2)
             version = self.placement.version
             self._inflight_by_version[version] += 1
             try:
@@ -346,6 +363,8 @@ class RouterCore:
                 self._inflight_by_version[version] -= 1
                 if not self._inflight_by_version[version]:
                     del self._inflight_by_version[version]
+            t4 = time.perf_counter()
+            st.observe("workers", t4 - t3)
             failed = []
             for b, r in zip(batches, results):
                 if isinstance(r, BaseException):
@@ -353,6 +372,7 @@ class RouterCore:
                     continue
                 out.index_add_(0, torch.from_numpy(b.unique_tokens), torch.from_numpy(np.asarray(r)))
                 todo.reshape(-1)[self._slots_of(b, ids)] = False
+            st.observe("combine", time.perf_counter() - t4)
             if not failed:
                 break
             attempt += 1
@@ -377,6 +397,13 @@ class RouterCore:
         if shared_out is not None:
             out += shared_out.float()
         return ForwardResult(out.to(hidden.dtype), routing, version)
+
+    def _timed_shared(self, shared_mod, hidden: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return shared_mod(hidden)
+        finally:
+            self.stages.observe("shared_experts", time.perf_counter() - t0)
 
     @staticmethod
     def _slots_of(batch: WorkerBatch, ids: np.ndarray) -> np.ndarray:
@@ -417,10 +444,18 @@ class RouterCore:
 
     async def _call(self, layer: int, shared_ref: Any, batch: WorkerBatch) -> np.ndarray:
         self.outstanding[batch.worker] += batch.num_rows
+        sent = time.time()
         try:
-            return await self.transport.forward(batch.worker, layer, shared_ref, batch)
+            partial, times = await self.transport.forward(batch.worker, layer, shared_ref, batch)
         finally:
             self.outstanding[batch.worker] -= batch.num_rows
+        got = time.time()
+        st = self.stages
+        st.observe("to_worker", times["start"] - sent)
+        for name in WORKER_STAGES:
+            st.observe(name, times[name])
+        st.observe("return", got - times["end"])
+        return partial
 
     def _count_load(self, layer: int, ids: np.ndarray, num_experts: int) -> None:
         t0 = time.perf_counter()

@@ -31,6 +31,8 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         self.core = core
 
     async def _serve(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardResponse:
+        stages = self.core.stages
+        t0 = time.perf_counter()
         try:
             hidden = codec.decode(request.hidden, "hidden", ndim=2)
             logits = (
@@ -38,13 +40,18 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             )
         except codec.TensorError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        stages.observe("decode", time.perf_counter() - t0)
         result: ForwardResult = await self.core.submit(request.layer, hidden, logits, deadline)
+        t1 = time.perf_counter()
         reply = pb.ForwardResponse(
             output=codec.encode(result.output), request_id=request.request_id, placement_version=result.placement_version
         )
         if request.return_routing:
             reply.topk_ids.CopyFrom(codec.encode(result.routing.topk_ids.to(dtype=codec.torch.int32)))
             reply.topk_weights.CopyFrom(codec.encode(result.routing.topk_weights.float()))
+        t2 = time.perf_counter()
+        stages.observe("reply", t2 - t1)
+        stages.observe("router_total", t2 - t0)
         return reply
 
     @staticmethod

@@ -3,7 +3,8 @@
 ``RayTransport``: the call's hidden states go into Ray's object store once
 (``ray.put``), and each worker gets the ``ObjectRef`` plus its small row index
 arrays; Ray hands the worker a zero-copy view. Each worker returns its partial
-output (one row per token it served). See ``benchmarks/RESULTS.md`` for the
+output (one row per token it served, a numpy array: no torch tensor is
+pickled) and its stage times (``ExpertGroupCore.forward_timed``). See ``benchmarks/RESULTS.md`` for the
 transport measurements behind this choice.
 
 ``LocalTransport``: workers in this process (``ExpertGroupCore``), for the
@@ -52,7 +53,7 @@ class RayTransport:
             return hidden
         return self._ray.put(hidden)
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> tuple[np.ndarray, dict[str, float]]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         try:
@@ -60,7 +61,7 @@ class RayTransport:
         except ValueError as e:  # no actor of that name: retired, dead and not restarted, or not started yet
             raise WorkerCallError(worker, e, retryable=True, dead=True) from e
         try:
-            ref = handle.forward.remote(
+            ref = handle.forward_timed.remote(
                 layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens)
             )
             return await ref
@@ -85,14 +86,14 @@ class LocalTransport:
     def share(self, hidden: np.ndarray) -> Any:
         return hidden
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch) -> tuple[np.ndarray, dict[str, float]]:
         w = self.workers.get(worker)
         if w is None:
             raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                None, w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
+                None, w.forward_timed, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
                 len(batch.unique_tokens),
             )
         except LookupError as e:
