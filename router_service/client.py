@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import torch
 
-from . import codec
+from . import codec, wire
 from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
 
@@ -21,15 +21,27 @@ class FleetError(RuntimeError):
         self.message = message
 
 
-def _request(layer: int, hidden: torch.Tensor, router_logits, return_routing: bool, request_id: str = "") -> pb.ForwardRequest:
-    req = pb.ForwardRequest(layer=layer, hidden=codec.encode(hidden), return_routing=return_routing, request_id=request_id)
+SERVICE = pb.DESCRIPTOR.services_by_name["MoEFleet"].full_name
+FORWARD = f"/{SERVICE}/Forward"
+FORWARD_STREAM = f"/{SERVICE}/ForwardStream"
+
+
+def request_bytes(layer: int, hidden: torch.Tensor, router_logits, return_routing: bool, request_id: str = "") -> bytes:
+    """A serialized ``ForwardRequest``; the hidden states' bytes are copied once (``wire.encode``)."""
+    req = pb.ForwardRequest(layer=layer, return_routing=return_routing, request_id=request_id)
     if router_logits is not None:
         req.router_logits.CopyFrom(codec.encode(router_logits))
-    return req
+    return wire.encode(req, "hidden", codec.describe(req.hidden, hidden))
 
 
-def _result(reply: pb.ForwardResponse, return_routing: bool):
-    out = codec.decode(reply.output, "output")
+def parse_reply(raw: bytes) -> tuple[pb.ForwardResponse, memoryview | None]:
+    """A serialized ``ForwardResponse``, its output's bytes left in place (see ``wire.decode``)."""
+    return wire.decode(raw, pb.ForwardResponse, "output")
+
+
+def result(reply: pb.ForwardResponse, data, return_routing: bool):
+    """The output tensor (writable, one copy), with the routing when asked for."""
+    out = codec.decode(reply.output, "output", data=data)
     if not return_routing:
         return out
     ids = codec.decode(reply.topk_ids, "topk_ids", float_only=False).long()
@@ -56,15 +68,16 @@ class FleetClient:
         self.metadata = tuple(metadata)
         self.channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
         self.stub = pb_grpc.MoEFleetStub(self.channel)
+        self._forward = self.channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None)
 
     def forward(self, layer: int, hidden: torch.Tensor, *, router_logits=None, return_routing: bool = False, timeout=None):
         try:
-            reply = self.stub.Forward(
-                _request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
+            raw = self._forward(
+                request_bytes(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
             )
         except grpc.RpcError as e:
             raise FleetError(e.code(), e.details()) from None
-        return _result(reply, return_routing)
+        return result(*parse_reply(raw), return_routing)
 
     def placement(self) -> pb.GetPlacementResponse:
         try:
@@ -108,15 +121,17 @@ class AsyncFleetClient:
         self.metadata = tuple(metadata)
         self.channel = grpc.aio.insecure_channel(address, options=_options(max_message_bytes))
         self.stub = pb_grpc.MoEFleetStub(self.channel)
+        self._forward = self.channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None)
+        self._stream = self.channel.stream_stream(FORWARD_STREAM, request_serializer=None, response_deserializer=None)
 
     async def forward(self, layer: int, hidden: torch.Tensor, *, router_logits=None, return_routing: bool = False, timeout=None):
         try:
-            reply = await self.stub.Forward(
-                _request(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
+            raw = await self._forward(
+                request_bytes(layer, hidden, router_logits, return_routing), timeout=timeout or self.timeout, metadata=self.metadata
             )
         except grpc.aio.AioRpcError as e:
             raise FleetError(e.code(), e.details()) from None
-        return _result(reply, return_routing)
+        return result(*parse_reply(raw), return_routing)
 
     async def forward_stream(self, calls, *, return_routing: bool = False):
         """Pipelined calls over one stream: ``calls`` is an iterable of (layer, hidden).
@@ -128,14 +143,15 @@ class AsyncFleetClient:
 
         async def requests():
             for i, (layer, hidden) in enumerate(calls):
-                yield _request(layer, hidden, None, return_routing, request_id=str(i))
+                yield request_bytes(layer, hidden, None, return_routing, request_id=str(i))
 
-        async for reply in self.stub.ForwardStream(requests(), timeout=self.timeout, metadata=self.metadata):
+        async for raw in self._stream(requests(), timeout=self.timeout, metadata=self.metadata):
+            reply, data = parse_reply(raw)
             i = int(reply.request_id)
             if reply.error_code:
                 yield i, FleetError(_code(reply.error_code), reply.error_message)
             else:
-                yield i, _result(reply, return_routing)
+                yield i, result(reply, data, return_routing)
 
     async def placement(self) -> pb.GetPlacementResponse:
         return await self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout, metadata=self.metadata)

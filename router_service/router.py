@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from moefleet.core.config import RouterConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
 from moefleet.core.stages import WORKER_STAGES, StageHistograms
-from moefleet.core.tensors import DTYPES, to_numpy
+from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
 from moefleet.kernels.experts import shared_from_tensors
 from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
@@ -98,6 +99,16 @@ class RouterStats:
     telemetry_s: float = 0.0  # time spent counting tokens per expert and flushing the counts
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A sum first (one pass, no temporary): finite for every finite
+    tensor short of overflow; only when it is not are the elements checked one by one."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class RouterCore:
     """Serves layer calls of one model against the workers of the current placement."""
 
@@ -124,6 +135,8 @@ class RouterCore:
         self._pending: dict[int, list[_Pending]] = defaultdict(list)
         self._flushers: dict[int, asyncio.Task] = {}
         self._batch_tasks: set[asyncio.Task] = set()
+        self._active: dict[int, int] = defaultdict(int)  # layer -> layer calls being served
+        self._compute: ThreadPoolExecutor | None = None
         self._queued = 0
         self._placement_changed = asyncio.Event()
         self._inflight_by_version: dict[int, int] = defaultdict(int)
@@ -188,7 +201,7 @@ class RouterCore:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"hidden: {hidden.shape[0]} tokens exceed max_request_tokens={self.config.max_request_tokens}",
             )
-        if self.config.nonfinite == "reject" and not bool(torch.isfinite(hidden).all()):
+        if self.config.nonfinite == "reject" and not all_finite(hidden):
             bad = int((~torch.isfinite(hidden)).any(dim=-1).sum())
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden: {bad} token(s) hold NaN or Inf (policy: reject)")
         if router_logits is not None:
@@ -197,7 +210,7 @@ class RouterCore:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"router_logits.shape: expected [{hidden.shape[0]}, {ls.num_experts}], got {list(router_logits.shape)}",
                 )
-            if self.config.nonfinite == "reject" and not bool(torch.isfinite(router_logits).all()):
+            if self.config.nonfinite == "reject" and not all_finite(router_logits):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "router_logits: NaN or Inf (policy: reject)")
 
     # -- serving ---------------------------------------------------------
@@ -225,7 +238,8 @@ class RouterCore:
                 and self.config.batch_window_ms > 0
                 and self.spec.layer_spec(layer).capacity is None  # capacity is counted per call
             )
-            if not batchable:
+            if not batchable or self._layer_idle(layer):
+                # Nothing of this layer waits or runs: a window would only delay this request.
                 self._check_deadline(deadline)
                 return await self.forward(layer, hidden, router_logits)
             fut = asyncio.get_running_loop().create_future()
@@ -235,6 +249,9 @@ class RouterCore:
             return await fut
         finally:
             self._queued -= 1
+
+    def _layer_idle(self, layer: int) -> bool:
+        return self.config.dispatch_when_idle and not self._pending[layer] and not self._active[layer]
 
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
@@ -309,34 +326,49 @@ class RouterCore:
     async def forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None) -> ForwardResult:
         """One layer call (already validated): gate, dispatch, combine."""
         t_start = time.perf_counter()
+        self._active[layer] += 1
         try:
             return await self._forward(layer, hidden, router_logits)
         finally:
+            self._active[layer] -= 1
             self.stats.forward_s += time.perf_counter() - t_start
 
+    OFFLOAD_BYTES = 1 << 20
+    """Hidden states of at least this many bytes have a call's tensor work (gate, transport put, combine;
+    the server's decode and reply) done on the router's compute threads, so the event loop keeps serving
+    other calls meanwhile; smaller ones cost less inline than the hop to a thread (about 0.1 ms)."""
+
+    async def offload(self, nbytes: int, fn, *args):
+        """``fn(*args)``: on a compute thread when ``nbytes >= OFFLOAD_BYTES``, else inline."""
+        if nbytes < self.OFFLOAD_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool(), fn, *args)
+
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """Threads for the router's tensor work (large calls, shared experts); torch ops release the GIL."""
+        if self._compute is None:
+            self._compute = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moefleet-router-compute")
+        return self._compute
+
     async def _forward(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None) -> ForwardResult:
-        st = self.stages
-        t0 = time.perf_counter()
         ls = self.spec.layer_spec(layer)
-        gate = self.gates[layer]
-        logits = gate.logits(hidden) if router_logits is None else router_logits.float()
-        routing = fused_route(logits, ls, gate, "torch")
+        nbytes = hidden.numel() * hidden.element_size()
+        routing, hidden_c, shared_ref = await self.offload(nbytes, self._route_and_share, layer, hidden, router_logits)
         ids = routing.topk_ids.numpy()
-        t1 = time.perf_counter()
-        st.observe("gate", t1 - t0)
-        self._count_load(layer, ids, ls.num_experts)
-        hidden_c = hidden.to(self.dtype)
-        shared_ref = self.transport.share(to_numpy(hidden_c))
-        st.observe("object_store_put", time.perf_counter() - t1)
-        loop = asyncio.get_running_loop()
-        shared_mod = self.shared[layer]
-        shared_task = loop.run_in_executor(None, self._timed_shared, shared_mod, hidden_c) if shared_mod is not None else None
-        out = torch.zeros(hidden.shape[0], ls.hidden_size, dtype=torch.float32)
         weights = routing.topk_weights.numpy()
+        self._count_load(layer, ids, ls.num_experts)
+        shared_mod = self.shared[layer]
+        shared_task = (
+            asyncio.get_running_loop().run_in_executor(self.compute_pool(), self._timed_shared, shared_mod, hidden_c)
+            if shared_mod is not None
+            else None
+        )  # the shared experts run beside the workers
+        partials: list[tuple[WorkerBatch, np.ndarray]] = []
         exclude: set[str] = set()
         attempt = 0
         todo = np.ones(ids.shape, dtype=bool)  # assignments still to serve
         version = self.placement.version
+        st = self.stages
         while True:
             t2 = time.perf_counter()
             sub_ids = np.where(todo, ids, -1)
@@ -363,16 +395,14 @@ class RouterCore:
                 self._inflight_by_version[version] -= 1
                 if not self._inflight_by_version[version]:
                     del self._inflight_by_version[version]
-            t4 = time.perf_counter()
-            st.observe("workers", t4 - t3)
+            st.observe("workers", time.perf_counter() - t3)
             failed = []
             for b, r in zip(batches, results):
                 if isinstance(r, BaseException):
                     failed.append((b, r))
                     continue
-                out.index_add_(0, torch.from_numpy(b.unique_tokens), torch.from_numpy(np.asarray(r)))
+                partials.append((b, r))
                 todo.reshape(-1)[self._slots_of(b, ids)] = False
-            st.observe("combine", time.perf_counter() - t4)
             if not failed:
                 break
             attempt += 1
@@ -394,9 +424,49 @@ class RouterCore:
         self.stats.batches += 1
         self.stats.tokens_computed += hidden.shape[0]
         shared_out = None if shared_task is None else await shared_task
+        out = await self.offload(nbytes, self._combine, hidden.shape[0], ls.hidden_size, partials, shared_out, hidden.dtype)
+        return ForwardResult(out, routing, version)
+
+    def _route_and_share(
+        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None
+    ) -> tuple[Routing, torch.Tensor, Any]:
+        """Gate and route ``hidden [T, H]``; hand it to the transport in the compute dtype (stages: gate, object_store_put)."""
+        t0 = time.perf_counter()
+        gate = self.gates[layer]
+        logits = gate.logits(hidden) if router_logits is None else router_logits.float()
+        routing = fused_route(logits, self.spec.layer_spec(layer), gate, "torch")
+        t1 = time.perf_counter()
+        hidden_c = hidden.to(self.dtype)
+        shared_ref = self.transport.share(to_numpy(hidden_c))
+        self.stages.observe("gate", t1 - t0)
+        self.stages.observe("object_store_put", time.perf_counter() - t1)
+        return routing, hidden_c, shared_ref
+
+    def _combine(
+        self,
+        num_tokens: int,
+        hidden_size: int,
+        partials: list[tuple[WorkerBatch, np.ndarray]],
+        shared_out: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The workers' partial outputs (+ shared experts) as the call's output ``[T, H]`` in ``dtype`` (stage: combine).
+
+        Summed in fp32 in batch order, then the shared experts, then the cast. One
+        worker that served every token returned the routed sum itself: it is used as is.
+        """
+        t0 = time.perf_counter()
+        if len(partials) == 1 and len(partials[0][0].unique_tokens) == num_tokens:
+            out = from_numpy(np.asarray(partials[0][1]), "float32")  # its unique tokens are 0..T-1 in order
+        else:
+            out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32)
+            for b, partial in partials:
+                out.index_add_(0, torch.from_numpy(b.unique_tokens), from_numpy(np.asarray(partial), "float32"))
         if shared_out is not None:
-            out += shared_out.float()
-        return ForwardResult(out.to(hidden.dtype), routing, version)
+            out = out + shared_out.float()
+        out = out.to(dtype)
+        self.stages.observe("combine", time.perf_counter() - t0)
+        return out
 
     def _timed_shared(self, shared_mod, hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from moefleet.core.config import RouterConfig, WorkerConfig
+from moefleet.core.processes import serving_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ServeAppArgs(BaseModel):
         return resolve_redis_url(self.redis_url)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "runtime_env": serving_runtime_env()})
 class FleetIngress:
     """Serve ingress: the router's serving path behind Serve's gRPC proxy."""
 

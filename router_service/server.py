@@ -11,12 +11,13 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moefleet.core.config import RouterConfig
 
-from . import codec
+from . import codec, wire
 from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
 from .router import ForwardResult, RequestError, RouterCore
@@ -27,32 +28,64 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEFleet"].full_name
 
 
 class MoEFleetServicer(pb_grpc.MoEFleetServicer):
-    def __init__(self, core: RouterCore):
-        self.core = core
+    """``moefleet.v1.MoEFleet`` over a RouterCore.
 
-    async def _serve(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardResponse:
-        stages = self.core.stages
+    Requests may arrive parsed (Ray Serve's proxy) or as the bytes received
+    (``RouterServer``, which registers the methods with pass-through
+    serializers): then the hidden states are read in place (``wire``).
+    raw_replies: build replies as serialized bytes, the output copied once
+    (``RouterServer``); otherwise as messages.
+    """
+
+    def __init__(self, core: RouterCore, *, raw_replies: bool = False):
+        self.core = core
+        self.raw_replies = raw_replies
+
+    async def _serve(self, request, deadline: float | None):
+        core = self.core
         t0 = time.perf_counter()
+        size = len(request) if isinstance(request, (bytes, bytearray, memoryview)) else request.ByteSize()
+        request, hidden, logits = await core.offload(size, self._decode, request)
+        core.stages.observe("decode", time.perf_counter() - t0)
+        result: ForwardResult = await core.submit(request.layer, hidden, logits, deadline)
+        t1 = time.perf_counter()
+        reply = await core.offload(size, self._reply, request, result)
+        t2 = time.perf_counter()
+        core.stages.observe("reply", t2 - t1)
+        core.stages.observe("router_total", t2 - t0)
+        return reply
+
+    @staticmethod
+    def _decode(request):
+        """(request, hidden [T, H], router_logits or None); hidden is read-only where it is a view of the bytes received."""
+        data = None
+        if isinstance(request, (bytes, bytearray, memoryview)):
+            try:
+                request, data = wire.decode(request, pb.ForwardRequest, "hidden")
+            except DecodeError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid moefleet.v1.ForwardRequest: {e}") from None
         try:
-            hidden = codec.decode(request.hidden, "hidden", ndim=2)
+            hidden = codec.decode(request.hidden, "hidden", ndim=2, data=data, writable=False)
             logits = (
                 codec.decode(request.router_logits, "router_logits", ndim=2) if request.HasField("router_logits") else None
             )
         except codec.TensorError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        stages.observe("decode", time.perf_counter() - t0)
-        result: ForwardResult = await self.core.submit(request.layer, hidden, logits, deadline)
-        t1 = time.perf_counter()
-        reply = pb.ForwardResponse(
-            output=codec.encode(result.output), request_id=request.request_id, placement_version=result.placement_version
-        )
+        return request, hidden, logits
+
+    def _reply(self, request: pb.ForwardRequest, result: ForwardResult):
+        reply = pb.ForwardResponse(request_id=request.request_id, placement_version=result.placement_version)
         if request.return_routing:
             reply.topk_ids.CopyFrom(codec.encode(result.routing.topk_ids.to(dtype=codec.torch.int32)))
             reply.topk_weights.CopyFrom(codec.encode(result.routing.topk_weights.float()))
-        t2 = time.perf_counter()
-        stages.observe("reply", t2 - t1)
-        stages.observe("router_total", t2 - t0)
-        return reply
+        if not self.raw_replies:
+            reply.output.CopyFrom(codec.encode(result.output))
+            return reply
+        return wire.encode(reply, "output", codec.describe(reply.output, result.output))
+
+    def _error(self, request_id: str, e: RequestError):
+        reply = pb.ForwardResponse(request_id=request_id, error_code=e.code.value[0], error_message=e.message)
+        return reply.SerializeToString() if self.raw_replies else reply
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -78,7 +111,7 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             try:
                 reply = await self._serve(req, deadline)
             except RequestError as e:
-                reply = pb.ForwardResponse(request_id=req.request_id, error_code=e.code.value[0], error_message=e.message)
+                reply = self._error(_request_id(req), e)
             await replies.put(reply)
 
         async def read():
@@ -117,6 +150,39 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         return reply
 
 
+def _request_id(raw) -> str:
+    """The request_id of a request, even an unparseable one when its bytes still hold it (else empty)."""
+    if isinstance(raw, pb.ForwardRequest):
+        return raw.request_id
+    try:
+        msg = pb.ForwardRequest()
+        msg.MergeFromString(bytes(raw))
+        return msg.request_id
+    except Exception:  # noqa: BLE001 - best effort on bytes already known to be bad
+        return ""
+
+
+def _serialize(reply) -> bytes:
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
+def add_moefleet_servicer(servicer: MoEFleetServicer, server) -> None:
+    """Register ``moefleet.v1.MoEFleet`` with requests passed through as bytes (parsed by the servicer)
+    and replies sent as the servicer built them (bytes, or a message serialized here)."""
+    handlers = {
+        "Forward": grpc.unary_unary_rpc_method_handler(servicer.Forward, request_deserializer=None, response_serializer=_serialize),
+        "ForwardStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ForwardStream, request_deserializer=None, response_serializer=_serialize
+        ),
+        "GetPlacement": grpc.unary_unary_rpc_method_handler(
+            servicer.GetPlacement, request_deserializer=pb.GetPlacementRequest.FromString, response_serializer=_serialize
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class RouterServer:
     """A grpc.aio server around a RouterCore, with health and reflection."""
 
@@ -133,7 +199,7 @@ class RouterServer:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self.server = grpc.aio.server(options=opts)
-        pb_grpc.add_MoEFleetServicer_to_server(MoEFleetServicer(self.core), self.server)
+        add_moefleet_servicer(MoEFleetServicer(self.core, raw_replies=True), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server

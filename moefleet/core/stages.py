@@ -19,6 +19,7 @@ stage, cheap enough for every call (a bisect and three additions).
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass, field
 
 STAGES: dict[str, str] = {
@@ -62,26 +63,30 @@ class _Hist:
 
 @dataclass
 class StageHistograms:
-    """Durations per stage: bucket counts, sum and count (Prometheus histogram semantics)."""
+    """Durations per stage: bucket counts, sum and count (Prometheus histogram semantics). Thread-safe."""
 
     buckets: tuple[float, ...] = BUCKETS_S
     _h: dict[str, _Hist] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def observe(self, stage: str, seconds: float) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage: {stage!r} is not one of {list(STAGES)}")
-        h = self._h.get(stage)
-        if h is None:
-            h = self._h[stage] = _Hist([0] * (len(self.buckets) + 1))
         seconds = max(0.0, float(seconds))
-        h.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        h.sum += seconds
-        h.count += 1
+        i = bisect.bisect_left(self.buckets, seconds)
+        with self._lock:
+            h = self._h.get(stage)
+            if h is None:
+                h = self._h[stage] = _Hist([0] * (len(self.buckets) + 1))
+            h.counts[i] += 1
+            h.sum += seconds
+            h.count += 1
 
     def cumulative(self, stage: str) -> list[tuple[str, int]]:
         """[(upper bound as Prometheus writes it, cumulative count)], ending with '+Inf'."""
-        h = self._h.get(stage)
-        counts = h.counts if h else [0] * (len(self.buckets) + 1)
+        with self._lock:
+            h = self._h.get(stage)
+            counts = list(h.counts) if h else [0] * (len(self.buckets) + 1)
         out, total = [], 0
         for bound, c in zip([*map(_fmt, self.buckets), "+Inf"], counts):
             total += c
@@ -94,7 +99,8 @@ class StageHistograms:
 
     def totals(self) -> dict[str, tuple[float, int]]:
         """stage -> (sum of seconds, count), for the stages observed."""
-        return {s: (self._h[s].sum, self._h[s].count) for s in self.stages()}
+        with self._lock:
+            return {s: (self._h[s].sum, self._h[s].count) for s in STAGES if s in self._h}
 
 
 def _fmt(x: float) -> str:
