@@ -68,6 +68,28 @@ class TimedClient:
         self.encode_s, self.total_s, self.decode_s = [], [], []
 
 
+def proc_sample(pid: int) -> dict:
+    """CPU seconds, minor page faults and seconds spent runnable but waiting for a core (all threads) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    wait = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                wait += int(f.read().split()[1])
+        except OSError:  # a thread that ended
+            pass
+    return {"cpu_s": (int(fields[11]) + int(fields[12])) / tick, "minflt": int(fields[7]), "wait_s": wait / 1e9}
+
+
+def system_busy_s() -> float:
+    """CPU seconds every process of the machine has used (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="alternations of in-process and fleet per point")
@@ -76,7 +98,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=4096, help="tokens of the throughput point")
     ap.add_argument("--quick", action="store_true", help="small layer, few calls (a smoke run)")
     ap.add_argument("--batch-window-ms", type=float, default=None, help="router micro-batch window (default: the fleet's default)")
-    ap.add_argument("--profile-dir", help="run py-spy on the router and worker at each point; flame graphs (svg) go here")
+    ap.add_argument("--profile-dir", help="run py-spy on the router and worker at each point; folded stacks go here")
     ap.add_argument("--out")
     args = ap.parse_args()
     shape = dict(hidden=1024, ffn=2816, experts=8, top_k=2)
@@ -109,6 +131,7 @@ def main() -> None:
         client = FleetClient(fleet.address, timeout=120)
         client.wait_ready(60)
         wstats = next(iter(fleet.worker_stats().values()))
+        worker_pid, router_pid = wstats["pid"], fleet.router_stats()[0]["pid"]
         results["worker"] = {"cpus": wstats.get("cpus"), "torch_threads": wstats.get("torch_threads")}
         results["in_process_torch_threads"] = torch.get_num_threads()
         print(f"worker cores {wstats.get('cpus')} ({wstats.get('torch_threads')} torch threads); "
@@ -125,6 +148,9 @@ def main() -> None:
             ip, fl = [], []
             fleet_call.reset()
             before = fleet.router_stats()[0]["stages"]
+            procs = {"worker": worker_pid, "router": router_pid, "client": os.getpid()}
+            p0 = {k: proc_sample(v) for k, v in procs.items()}
+            sys0 = system_busy_s()
             prof = None
             if args.profile_dir:
                 prof = start_profiles(fleet, args.profile_dir, f"T{t}")
@@ -139,15 +165,21 @@ def main() -> None:
             if prof:
                 stop_profiles(prof)
             after = fleet.router_stats()[0]["stages"]
+            sys1 = system_busy_s()
+            p1 = {k: proc_sample(v) for k, v in procs.items()}
             calls = len(fleet_call.total_s)
             stages = per_call_ms(before, after, calls)
             stages["client_encode"] = 1000 * float(np.mean(fleet_call.encode_s))
             stages["client_decode"] = 1000 * float(np.mean(fleet_call.decode_s))
             total = 1000 * float(np.mean(fleet_call.total_s))
             stages["grpc"] = total - stages["client_encode"] - stages["client_decode"] - stages.get("router_total", 0.0)
+            # where the machine's CPU went during this point (in-process calls included: the client's figure)
+            cpu = {k: {m: p1[k][m] - p0[k][m] for m in p0[k]} for k in procs}
+            cpu["others"] = {"cpu_s": (sys1 - sys0) - sum(c["cpu_s"] for c in cpu.values())}
             results[f"T{t}"] = {
                 "in_process": percentiles(ip), "fleet": percentiles(fl), "fleet_mean_ms": total,
                 "stages_ms_per_call": {s: stages[s] for s in STAGES if s in stages},
+                "processes": cpu, "wall_s": sum(ip) + sum(fl),
             }
             r = results[f"T{t}"]
             print(f"T={t:5d}: in-process p50 {r['in_process']['p50_ms']:8.1f} ms, fleet p50 {r['fleet']['p50_ms']:8.1f} ms "
@@ -177,6 +209,15 @@ def main() -> None:
     print(f"{'fleet mean round trip':34s}" + "".join(f"{results[f'T{t}']['fleet_mean_ms']:10.2f}" for t in points))
     print(f"{'in-process p50':34s}" + "".join(f"{p50(t, 'in_process'):10.2f}" for t in points))
     print(f"{'fleet p50':34s}" + "".join(f"{p50(t, 'fleet'):10.2f}" for t in points))
+    print("\nCPU during each point (fleet and in-process calls), cores used on average; worker: page faults per fleet call,"
+          " ms per fleet call runnable but waiting for a core")
+    for name in ("worker", "router", "client", "others"):
+        print(f"{name + ' cores':34s}" + "".join(
+            f"{results[f'T{t}']['processes'][name]['cpu_s'] / results[f'T{t}']['wall_s']:10.2f}" for t in points))
+    nf = {t: results[f"T{t}"]["fleet"]["n"] for t in points}
+    print(f"{'worker minor faults / call':34s}" + "".join(f"{results[f'T{t}']['processes']['worker']['minflt'] / nf[t]:10.0f}" for t in points))
+    print(f"{'worker run-queue wait ms / call':34s}" + "".join(
+        f"{1000 * results[f'T{t}']['processes']['worker']['wait_s'] / nf[t]:10.2f}" for t in points))
     print()
     for k, v in ratios.items():
         goal = GOALS.get(k)
@@ -196,8 +237,8 @@ def start_profiles(fleet, out_dir: str, tag: str) -> list:
     spy = py_spy_binary()
     procs = []
     for name, pid in pids.items():
-        out = Path(out_dir) / f"{name}-{tag}.svg"
-        procs.append(subprocess.Popen([str(spy), "record", "--pid", str(pid), "--output", str(out), "--rate", "250",
+        out = Path(out_dir) / f"{name}-{tag}.txt"  # folded stacks (flamegraph.pl / speedscope read them)
+        procs.append(subprocess.Popen([spy, "record", "--pid", str(pid), "--output", str(out), "--format", "raw", "--rate", "250",
                                        "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)
     return procs

@@ -1,6 +1,16 @@
-"""Python clients of the router service: ``FleetClient`` (blocking) and ``AsyncFleetClient`` (asyncio)."""
+"""Python clients of the router service: ``FleetClient`` (blocking), ``AsyncFleetClient`` (asyncio), and
+``ForwardStream`` (many calls in flight on one stream, from any thread).
+
+Requests and replies are built and read with ``wire``: the tensors' bytes are
+copied once to send and once to hand the caller a tensor of its own.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from concurrent.futures import Future
 
 import grpc
 import torch
@@ -69,6 +79,9 @@ class FleetClient:
         self.channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
         self.stub = pb_grpc.MoEFleetStub(self.channel)
         self._forward = self.channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None)
+        self._max_message_bytes = max_message_bytes
+        self._stream: ForwardStream | None = None
+        self._stream_lock = threading.Lock()
 
     def forward(self, layer: int, hidden: torch.Tensor, *, router_logits=None, return_routing: bool = False, timeout=None):
         try:
@@ -84,6 +97,13 @@ class FleetClient:
             return self.stub.GetPlacement(pb.GetPlacementRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise FleetError(e.code(), e.details()) from None
+
+    def stream(self) -> "ForwardStream":
+        """This client's ``ForwardStream`` (opened on first use, closed with the client)."""
+        with self._stream_lock:
+            if self._stream is None:
+                self._stream = ForwardStream(self.address, max_message_bytes=self._max_message_bytes, metadata=self.metadata)
+            return self._stream
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the channel connects and the health service says SERVING."""
@@ -103,7 +123,129 @@ class FleetClient:
             time.sleep(0.1)
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ForwardStream:
+    """Layer calls pipelined on one ``ForwardStream`` RPC: many in flight, submitted from any threads.
+
+    ``submit(layer, hidden)`` sends the call and returns a ``concurrent.futures.Future``
+    of its output at once; ``forward(layer, hidden)`` waits for it. Calls of
+    several sequences (threads) and layers travel on the one stream, so the
+    router sees them together: it serves them side by side and batches those
+    for the same layer, and its workers find the next call waiting when they
+    finish one. Replies come in any order, matched by request id. A failed
+    call's future raises ``FleetError`` with its status; a broken stream fails
+    every call in flight on it, and the next ``submit`` opens a new one.
+
+    The stream runs on a thread of its own (an asyncio loop and a grpc.aio
+    channel); requests are encoded in the callers' threads, replies decoded on
+    the stream's thread.
+    """
+
+    def __init__(self, address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE, metadata=()):
+        self.address = address
+        self.metadata = tuple(metadata)
+        self._max_message_bytes = max_message_bytes
+        self._ids = itertools.count()
+        self._pending: dict[str, tuple[Future, bool]] = {}  # request id -> (future, return_routing)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="moefleet-forward-stream", daemon=True)
+        self._thread.start()
+        self._channel = None
+        self._queue: asyncio.Queue | None = None  # requests of the open stream; None: no stream open
+        asyncio.run_coroutine_threadsafe(self._open_channel(), self._loop).result()
+
+    async def _open_channel(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address, options=_options(self._max_message_bytes))
+        self._call = self._channel.stream_stream(FORWARD_STREAM, request_serializer=None, response_deserializer=None)
+
+    def submit(self, layer: int, hidden: torch.Tensor, *, return_routing: bool = False) -> Future:
+        """Send one layer call; its future gives the output [T, H] (with ``return_routing``, ``(output, ids, weights)``)."""
+        fut: Future = Future()
+        rid = str(next(self._ids))
+        raw = request_bytes(layer, hidden, None, return_routing, request_id=rid)  # encoded in the caller's thread
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("ForwardStream is closed")
+            self._pending[rid] = (fut, return_routing)
+        self._loop.call_soon_threadsafe(self._send, raw)
+        return fut
+
+    def forward(self, layer: int, hidden: torch.Tensor, *, return_routing: bool = False, timeout: float | None = None):
+        """``submit(...).result()``: the output of one layer call, sent on the stream."""
+        return self.submit(layer, hidden, return_routing=return_routing).result(timeout)
+
+    def _send(self, raw: bytes) -> None:
+        if self._queue is None:  # open a stream; it stays open while the client sends on it
+            self._queue = asyncio.Queue()
+            asyncio.ensure_future(self._run(self._queue))
+        self._queue.put_nowait(raw)
+
+    async def _run(self, queue: asyncio.Queue) -> None:
+        async def requests():
+            while True:
+                raw = await queue.get()
+                if raw is None:
+                    return
+                yield raw
+
+        try:
+            async for raw in self._call(requests(), metadata=self.metadata):
+                self._resolve(raw)
+            error = FleetError(grpc.StatusCode.UNAVAILABLE, "the stream ended before every call was answered")
+        except grpc.aio.AioRpcError as e:
+            error = FleetError(e.code(), e.details())
+        except asyncio.CancelledError:
+            error = FleetError(grpc.StatusCode.CANCELLED, "ForwardStream closed")
+        if self._queue is queue:
+            self._queue = None
+        with self._lock:  # every call of this stream still waiting fails with it
+            pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _resolve(self, raw: bytes) -> None:
+        reply, data = parse_reply(raw)
+        with self._lock:
+            entry = self._pending.pop(reply.request_id, None)
+        if entry is None:
+            return
+        fut, return_routing = entry
+        if reply.error_code:
+            fut.set_exception(FleetError(_code(reply.error_code), reply.error_message))
+            return
+        try:
+            fut.set_result(result(reply, data, return_routing))
+        except codec.TensorError as e:
+            fut.set_exception(FleetError(grpc.StatusCode.INTERNAL, f"reply: {e}"))
+
+    def close(self) -> None:
+        """End the stream (calls in flight fail with CANCELLED) and its thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+
+        async def shut():
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+            await self._channel.close()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
     def __enter__(self):
         return self

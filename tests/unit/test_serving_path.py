@@ -19,7 +19,13 @@ from moefleet.core.config import RouterConfig
 from moefleet.core.placement import spread_placement
 from moefleet.core.stages import ROUTER_STAGES, STAGES, StageHistograms, per_call_ms
 from moefleet.expert_workers.group import ExpertGroupCore
-from moefleet.router_service.client import AsyncFleetClient, FleetClient
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from moefleet.router_service.attach import RemoteMoEBlock, attach
+from moefleet.router_service.client import AsyncFleetClient, FleetClient, FleetError, ForwardStream
 from moefleet.router_service.metrics import RouterCollector
 from moefleet.router_service.router import RouterCore
 from moefleet.router_service.server import RouterServer
@@ -59,6 +65,7 @@ def served(tmp_path_factory):
     model, _ = hf_models.build("qwen2_moe")
     model.save_pretrained(path)
     s = _Served(path)
+    s.hf_model = model
     yield s
     s.close()
 
@@ -170,3 +177,57 @@ def test_stage_histograms_count_into_prometheus_buckets():
     with pytest.raises(ValueError, match="stage"):
         h.observe("nonsense", 1.0)
     assert set(ROUTER_STAGES) < set(STAGES)
+
+
+def test_forward_stream_carries_calls_of_many_threads_and_layers(served):
+    spec = served.model.spec
+    g = torch.Generator().manual_seed(3)
+    calls = [(layer, torch.randn(n, spec.layer_spec(layer).hidden_size, generator=g))
+             for n in (1, 5, 17) for layer in spec.moe_layers for _ in range(3)]
+    with FleetClient(served.address) as c:
+        stream = c.stream()
+        assert c.stream() is stream  # one per client
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda lh: stream.forward(*lh), calls))
+        futures = [stream.submit(layer, h, return_routing=True) for layer, h in calls]  # all in flight at once
+        routed = [f.result(timeout=60) for f in futures]
+    for (layer, h), out, (out2, ids, _) in zip(calls, outs, routed):
+        want, routing = served.model.layer(layer)(h, return_routing=True)
+        assert (out - want).abs().max().item() <= 1e-5  # (batched with other calls: the same up to rounding)
+        assert (out2 - want).abs().max().item() <= 1e-5 and torch.equal(ids, routing.topk_ids)
+
+
+def test_a_failed_call_on_the_stream_fails_alone(served):
+    spec = served.model.spec
+    layer = spec.moe_layers[0]
+    h = torch.randn(3, spec.layer.hidden_size)
+    with ForwardStream(served.address) as stream:
+        bad = stream.submit(layer, torch.randn(3, spec.layer.hidden_size + 1))
+        good = stream.submit(layer, h)
+        with pytest.raises(FleetError) as e:
+            bad.result(timeout=60)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "hidden size" in e.value.message
+        assert (good.result(timeout=60) - served.model.layer(layer)(h)).abs().max().item() <= 1e-5
+
+
+def test_calls_on_a_stream_that_cannot_open_fail_with_unavailable():
+    with ForwardStream("127.0.0.1:1") as stream:  # nothing listens there
+        with pytest.raises(FleetError) as e:
+            stream.submit(0, torch.randn(2, 4)).result(timeout=60)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_attached_model_run_by_several_threads_equals_the_local_model(served):
+    local = served.hf_model
+    remote = copy.deepcopy(local)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, local.config.vocab_size, (1, n), generator=g) for n in (4, 9, 6, 12)]
+    with FleetClient(served.address) as c:
+        layers = attach(remote, c)
+        blocks = [m for m in remote.modules() if isinstance(m, RemoteMoEBlock)]
+        assert len(blocks) == len(layers) and all(b.stream is c.stream() for b in blocks)
+        with torch.no_grad(), ThreadPoolExecutor(len(seqs)) as pool:
+            got = list(pool.map(lambda ids: remote(ids).logits, seqs))
+    with torch.no_grad():
+        for ids, logits in zip(seqs, got):
+            assert (logits - local(ids).logits).abs().max().item() <= 1e-4
