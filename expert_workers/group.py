@@ -27,7 +27,8 @@ import torch
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.tensors import DTYPES, from_numpy
-from moefleet.kernels.experts import grouped_ffn, packed_kind, resolve_backend
+from moefleet.kernels.experts import fusable, grouped_ffn, moe_experts, packed_kind, resolve_backend
+from moefleet.kernels.permute import rows_to_topk
 
 from .slots import LayerSlots, LayerView
 
@@ -249,28 +250,11 @@ class ExpertGroupCore:
             missing = [e for e in experts if view is None or e not in view.slot_of]
             if missing:
                 raise ExpertNotLoadedError(f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
-            # rows come grouped by expert (ascending); the kernel wants them grouped by slot
-            slots = [view.slot_of[e] for e in experts]
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            order = np.argsort(slots, kind="stable")
-            perm = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else np.zeros(0, np.int64)
-            offsets = np.zeros(view.stack.num_experts + 1, dtype=np.int64)
-            for sl, c in zip(slots, counts):
-                offsets[sl + 1] = c
-            offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
             x = from_numpy(hidden, self.dtype_name).to(self.device)
-            idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
-            w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
-            x_rows = x.index_select(0, idx)
-            if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
-                x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
-                w = torch.ones_like(w)
-            t1 = time.perf_counter()
-            y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
-            t2 = time.perf_counter()
-            out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
-            inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
-            out.index_add_(0, inv, y.float() * w[:, None])
+            if self.fused(layer, view):
+                t1, t2, out = self._experts_fused(view, x, rows, weights, experts, counts, inverse, num_unique)
+            else:
+                t1, t2, out = self._experts_stepwise(layer, view, x, rows, weights, experts, counts, inverse, num_unique)
             with self._stats_lock:
                 for e, c in zip(experts, counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
@@ -286,6 +270,62 @@ class ExpertGroupCore:
                     del self._running[key]
                 self._calls += 1
                 self._busy_s += time.perf_counter() - t0
+
+    def fused(self, layer: int, view: LayerView) -> bool:
+        """Whether this layer's calls take the fused routed-expert kernel (the CUDA path, ``fused_moe``).
+
+        On the Triton backend, float experts with a standard activation whose
+        routed weight scales the output: one call gathers the rows inside its
+        first GEMM and sums each token's experts in a fixed order (no atomics:
+        the same bits on every run). Everything else takes the stepwise path.
+        """
+        return self.backend == "triton" and fusable(view.stack) and self.ckpt.layer_spec(layer).routed_weight_on != "input"
+
+    def _sync(self) -> float:
+        """``time.perf_counter()`` once the device has finished what was queued (CUDA work is asynchronous)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copy to the host that follows would wait anyway
+        return time.perf_counter()
+
+    def _experts_fused(self, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
+        """(inputs ready, experts done, partial [U, H] fp32) by ``moe_experts`` on the Triton backend.
+
+        The rows (grouped by expert) become the top-k form the kernel takes: for
+        each unique token, the slots of its experts here and their weights.
+        """
+        slot = np.repeat(np.asarray([view.slot_of[e] for e in experts], dtype=np.int64), counts)
+        ids, w = rows_to_topk(slot, weights, inverse, num_unique)  # [U, Kmax], -1 padding
+        tok = np.empty(num_unique, dtype=np.int64)
+        tok[inverse] = rows  # the row of x each unique token reads
+        ids_d, w_d, tok_d = (torch.from_numpy(a).to(self.device) for a in (ids, w, tok))
+        t1 = self._sync()
+        out = moe_experts(x, ids_d, w_d, view.stack, "triton", token_index=tok_d, out_dtype=torch.float32)
+        return t1, self._sync(), out
+
+    def _experts_stepwise(self, layer, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
+        """(rows gathered, FFN done, partial [U, H] fp32): gather, grouped FFN, weighted ``index_add_``."""
+        # rows come grouped by expert (ascending); the kernel wants them grouped by slot
+        slots = [view.slot_of[e] for e in experts]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        order = np.argsort(slots, kind="stable")
+        perm = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else np.zeros(0, np.int64)
+        offsets = np.zeros(view.stack.num_experts + 1, dtype=np.int64)
+        for sl, c in zip(slots, counts):
+            offsets[sl + 1] = c
+        offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
+        idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
+        w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
+        x_rows = x.index_select(0, idx)
+        if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
+            x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
+            w = torch.ones_like(w)
+        t1 = self._sync()
+        y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
+        t2 = self._sync()
+        out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
+        inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
+        out.index_add_(0, inv, y.float() * w[:, None])
+        return t1, t2, out
 
     # -- reporting -------------------------------------------------------
     def stats(self) -> dict:
