@@ -227,6 +227,18 @@ class Reconciler:
         except ValueError:
             pass  # already gone
 
+    def _store_time(self) -> float:
+        try:
+            return self.store.time()
+        except Exception:  # reporting only: fall back to this host's clock
+            return time.time()
+
+    def _bytes(self, diff: PlacementDiff) -> int:
+        """Weight bytes a step copies (0 when the reconciler does not know replica sizes)."""
+        if self.expert_bytes is None:
+            return 0
+        return int(sum(self.expert_bytes(k) for keys in diff.adds.values() for k in keys))
+
     def _token(self) -> int | None:
         return None if self.fence is None else self.fence[1]
 
@@ -285,6 +297,7 @@ class Reconciler:
         import ray  # noqa: F401  (the steps below drive workers through Ray)
 
         t0 = self.clock()
+        started_at = self._store_time()
         token = self._token()
         self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason)
         # 1. load what each device gains (new devices start with their experts)
@@ -318,6 +331,14 @@ class Reconciler:
                 self.retire(d)
         self._record(None, version=published.version)
         elapsed = self.clock() - t0
+        try:
+            self.store.emit_event("rebalance", {
+                "version": published.version, "started_at": started_at, "ended_at": self._store_time(), "loads": diff.num_loads,
+                "unloads": sum(len(v) for d, v in diff.removes.items() if d not in skip), "bytes_moved": self._bytes(diff),
+                "drained": drained, "reason": reason,
+            })
+        except Exception as e:  # reporting only
+            log.warning("could not record the rebalance: %s", e)
         self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
         log.info(
             "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs (%s)",
