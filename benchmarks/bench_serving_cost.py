@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentiles, write_json, write_mixtral_checkpoint  # noqa: E402
+from common import goal, percentiles, single, spread, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 GOALS = {"p50_32": 1.3, "p50_256": 1.25, "throughput_4096": 0.95}
 
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--profile-dir", help="run py-spy on the router and worker at each point; folded stacks go here")
     ap.add_argument("--out")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     shape = dict(hidden=1024, ffn=2816, experts=8, top_k=2)
     if args.quick:
         shape = dict(hidden=256, ffn=512, experts=8, top_k=2)
@@ -154,14 +155,19 @@ def main() -> None:
             prof = None
             if args.profile_dir:
                 prof = start_profiles(fleet, args.profile_dir, f"T{t}")
+            round_ratios = []
             for _ in range(args.rounds):
+                ip_round = []
                 for _ in range(n):
                     t0 = time.perf_counter()
                     layer(x)
-                    ip.append(time.perf_counter() - t0)
+                    ip_round.append(time.perf_counter() - t0)
                 for _ in range(n):
                     fleet_call(x)
-                fl.extend(fleet_call.total_s[len(fl):])
+                fl_round = fleet_call.total_s[len(fl):]
+                ip.extend(ip_round)
+                fl.extend(fl_round)
+                round_ratios.append(float(np.median(fl_round) / np.median(ip_round)))
             if prof:
                 stop_profiles(prof)
             after = fleet.router_stats()[0]["stages"]
@@ -179,7 +185,7 @@ def main() -> None:
             results[f"T{t}"] = {
                 "in_process": percentiles(ip), "fleet": percentiles(fl), "fleet_mean_ms": total,
                 "stages_ms_per_call": {s: stages[s] for s in STAGES if s in stages},
-                "processes": cpu, "wall_s": sum(ip) + sum(fl),
+                "processes": cpu, "wall_s": sum(ip) + sum(fl), "round_ratios": round_ratios,
             }
             r = results[f"T{t}"]
             print(f"T={t:5d}: in-process p50 {r['in_process']['p50_ms']:8.1f} ms, fleet p50 {r['fleet']['p50_ms']:8.1f} ms "
@@ -215,17 +221,41 @@ def main() -> None:
         print(f"{name + ' cores':34s}" + "".join(
             f"{results[f'T{t}']['processes'][name]['cpu_s'] / results[f'T{t}']['wall_s']:10.2f}" for t in points))
     nf = {t: results[f"T{t}"]["fleet"]["n"] for t in points}
+    print(f"{'worker CPU ms / call':34s}" + "".join(f"{1000 * results[f'T{t}']['processes']['worker']['cpu_s'] / nf[t]:10.1f}" for t in points))
     print(f"{'worker minor faults / call':34s}" + "".join(f"{results[f'T{t}']['processes']['worker']['minflt'] / nf[t]:10.0f}" for t in points))
     print(f"{'worker run-queue wait ms / call':34s}" + "".join(
         f"{1000 * results[f'T{t}']['processes']['worker']['wait_s'] / nf[t]:10.2f}" for t in points))
     print()
     for k, v in ratios.items():
-        goal = GOALS.get(k)
-        met = "" if goal is None else ("  goal <= %.2f: %s" % (goal, "met" if v <= goal else "NOT met") if k.startswith("p50")
-                                       else "  goal >= %.2f: %s" % (goal, "met" if v >= goal else "NOT met"))
+        target = GOALS.get(k)
+        met = "" if target is None else ("  goal <= %.2f: %s" % (target, "met" if v <= target else "NOT met") if k.startswith("p50")
+                                         else "  goal >= %.2f: %s" % (target, "met" if v >= target else "NOT met"))
         print(f"fleet/in-process {k:18s} {v:6.2f}{met}")
     print(f"fleet max abs error vs in-process: {results['fleet_max_abs_error']:.2e}")
     write_json("serving_cost", results, args.out)
+
+    figures = {}
+    for t in points:
+        r = results[f"T{t}"]
+        figures[f"in-process p50@{t}"] = single(r["in_process"]["p50_ms"], "ms")
+        figures[f"fleet p50@{t}"] = single(r["fleet"]["p50_ms"], "ms")
+        figures[f"fleet / in-process p50@{t}, per round"] = spread(r["round_ratios"], "x", "rounds alternate in-process and fleet calls")
+        for stage, ms in r["stages_ms_per_call"].items():
+            figures[f"T={t} {stage}"] = single(ms, "ms", STAGES[stage])
+    goals = [
+        goal("fleet p50@32 <= 1.3x in-process", ratios["p50_32"], "<=", GOALS["p50_32"], unit="x"),
+        goal("fleet p50@256 <= 1.25x in-process", ratios["p50_256"], "<=", GOALS["p50_256"], unit="x"),
+        goal(f"fleet throughput@{args.large} >= 0.95x in-process", ratios[f"throughput_{args.large}"], ">=",
+             GOALS["throughput_4096"], unit="x", note="throughput = tokens / median call time"),
+        goal("fleet output = in-process output (max abs error)", results["fleet_max_abs_error"], "<=", 1e-5),
+    ]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                     if v is not None and k not in ("out", "quick", "profile_dir"))
+    write_result("serving_cost", title="Serving cost: one worker owning both cores vs the in-process layer",
+                 question="What does a layer call cost through the fleet over the same layer in process on the same cores, "
+                          "and where does the difference go?",
+                 command=f"python benchmarks/bench_serving_cost.py {flags}" + (" --quick" if args.quick else ""),
+                 figures=figures, goals=goals, details=results, elapsed_s=time.perf_counter() - t_start)
 
 
 def start_profiles(fleet, out_dir: str, tag: str) -> list:
