@@ -333,10 +333,12 @@ class RouterCore:
             self._active[layer] -= 1
             self.stats.forward_s += time.perf_counter() - t_start
 
-    OFFLOAD_BYTES = 1 << 20
-    """Hidden states of at least this many bytes have a call's tensor work (gate, transport put, combine;
-    the server's decode and reply) done on the router's compute threads, so the event loop keeps serving
-    other calls meanwhile; smaller ones cost less inline than the hop to a thread (about 0.1 ms)."""
+    OFFLOAD_BYTES = 4 << 20
+    """Hidden states of at least this many bytes (1024 tokens at H=1024, fp32) have a call's tensor work
+    (gate, transport put, combine; the server's decode and reply) done on the router's compute threads, so
+    the event loop keeps serving other calls meanwhile. Below, the work takes a millisecond or two in all and
+    runs inline: each hop to a thread and back cost about half a millisecond on a loaded 2-core machine
+    (benchmarks/RESULTS.md, serving cost)."""
 
     async def offload(self, nbytes: int, fn, *args):
         """``fn(*args)``: on a compute thread when ``nbytes >= OFFLOAD_BYTES``, else inline."""

@@ -2,7 +2,8 @@
 
 ``RayTransport``: the call's hidden states go into Ray's object store once
 (``ray.put``), and each worker gets the ``ObjectRef`` plus its small row index
-arrays; Ray hands the worker a zero-copy view. Each worker returns its partial
+arrays (arrays up to Ray's inline limit ride inside the call instead); Ray
+hands the worker a zero-copy view. Each worker returns its partial
 output (one row per token it served, a numpy array: no torch tensor is
 pickled) and its stage times (``ExpertGroupCore.forward_timed``). See ``benchmarks/RESULTS.md`` for the
 transport measurements behind this choice.
@@ -18,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
+from moefleet.core.processes import inline_limit
+
 from .dispatch import WorkerBatch
 from .router import WorkerCallError
-
-from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
-
-INLINE_BYTES = 64 << 10  # under Ray's 100 KiB inline-argument limit
 
 
 class RayTransport:
@@ -35,6 +35,7 @@ class RayTransport:
         self._ray = ray
         self.namespace = namespace
         self._handles: dict[str, Any] = {}
+        self.inline_bytes = inline_limit()  # what Ray inlines here (raised in serving processes: core/processes.py)
 
     def handle(self, worker: str):
         h = self._handles.get(worker)
@@ -49,7 +50,7 @@ class RayTransport:
     def share(self, hidden: np.ndarray) -> Any:
         # Small arrays ride inline in each call (no object-store round trip);
         # large ones go into the store once and every worker reads the same copy.
-        if hidden.nbytes <= INLINE_BYTES:
+        if hidden.nbytes <= self.inline_bytes:
             return hidden
         return self._ray.put(hidden)
 
