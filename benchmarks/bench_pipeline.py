@@ -2,8 +2,8 @@
 
     python benchmarks/bench_pipeline.py [--sequences 8] [--tokens 32] [--rounds 3] [--layers 4] [--out FILE]
 
-A ``transformers`` Mixtral (random weights, H=1024, F=2816, E=8, top-2,
-``--layers`` layers) is saved as the fleet's checkpoint and ``attach()``-ed to
+A ``transformers`` Mixtral (random weights, H=1024, F=2816, E=8, top-2 by
+default, ``--layers`` layers) is saved as the fleet's checkpoint and ``attach()``-ed to
 a ``FleetClient``: attention runs here, every MoE block in the fleet, each
 call on the client's ``ForwardStream``. Two workers, each owning one core, a
 static placement (the experts of every layer spread over both).
@@ -44,11 +44,11 @@ from common import goal, single, write_json, write_result  # noqa: E402
 GOAL = 1.6
 
 
-def build_model(layers: int, seed: int = 0):
+def build_model(layers: int, hidden: int, ffn: int, seed: int = 0):
     import transformers as T
 
     torch.manual_seed(seed)
-    cfg = T.MixtralConfig(vocab_size=256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+    cfg = T.MixtralConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                           num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                           max_position_embeddings=512)
     model = T.MixtralForCausalLM(cfg).eval()
@@ -105,8 +105,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens per sequence (one forward pass each round)")
     ap.add_argument("--rounds", type=int, default=3, help="forward passes per sequence")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--ffn", type=int, default=2816)
+    ap.add_argument("--quick", action="store_true", help="a small model and one round (a smoke run)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.ffn, args.rounds = 2, 256, 512, 1
     t_start = time.perf_counter()
     torch.set_num_threads(1)  # the client's attention: one core's worth, as a model runner beside the fleet would
 
@@ -125,7 +130,7 @@ def main() -> None:
     results: dict = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         print("building the model ...", flush=True)
-        local = build_model(args.layers)
+        local = build_model(args.layers, args.hidden, args.ffn)
         local.save_pretrained(tmp, safe_serialization=True)
         g = torch.Generator().manual_seed(1)
         seqs = [torch.randint(0, 256, (1, args.tokens), generator=g) for _ in range(args.sequences)]
