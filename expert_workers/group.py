@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.tensors import DTYPES, from_numpy
-from moefleet.kernels.experts import grouped_ffn, packed_kind, resolve_backend
+from moefleet.kernels.experts import fusable, grouped_ffn, moe_experts, packed_kind, resolve_backend
+from moefleet.kernels.permute import rows_to_topk
 
 from .slots import LayerSlots, LayerView
 
@@ -224,7 +226,28 @@ class ExpertGroupCore:
         weights: [N] combine weight per row. counts: rows per expert.
         inverse: [N] index of each row's token among the unique tokens.
         """
-        if deadline is not None and time.time() >= deadline:
+        return self.forward_timed(layer, hidden, rows, weights, experts, counts, inverse, num_unique, deadline)[0]
+
+    def forward_timed(
+        self,
+        layer: int,
+        hidden: np.ndarray,
+        rows: np.ndarray,
+        weights: np.ndarray,
+        experts: list[int],
+        counts: list[int],
+        inverse: np.ndarray,
+        num_unique: int,
+        deadline: float | None = None,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """``forward``, and the worker's stage times: ``(partial [U, H] fp32, times)``.
+
+        times: seconds of ``worker_gather``, ``expert_ffn``, ``worker_combine``
+        (``moefleet.core.stages.WORKER_STAGES``), and ``start`` / ``end``, the
+        wall clock (``time.time()``) when the call began and ended here.
+        """
+        start = time.time()
+        if deadline is not None and start >= deadline:
             with self._stats_lock:
                 self._expired += 1
             raise DeadlineExpiredError(f"worker {self.worker_id}: layer {layer} call arrived after its deadline; not computed")
@@ -241,30 +264,18 @@ class ExpertGroupCore:
             missing = [e for e in experts if view is None or e not in view.slot_of]
             if missing:
                 raise ExpertNotLoadedError(f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
-            # rows come grouped by expert (ascending); the kernel wants them grouped by slot
-            slots = [view.slot_of[e] for e in experts]
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            order = np.argsort(slots, kind="stable")
-            perm = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else np.zeros(0, np.int64)
-            offsets = np.zeros(view.stack.num_experts + 1, dtype=np.int64)
-            for sl, c in zip(slots, counts):
-                offsets[sl + 1] = c
-            offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
             x = from_numpy(hidden, self.dtype_name).to(self.device)
-            idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
-            w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
-            x_rows = x.index_select(0, idx)
-            if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
-                x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
-                w = torch.ones_like(w)
-            y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
-            out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
-            inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
-            out.index_add_(0, inv, y.float() * w[:, None])
+            if self.fused(layer, view):
+                t1, t2, out = self._experts_fused(view, x, rows, weights, experts, counts, inverse, num_unique)
+            else:
+                t1, t2, out = self._experts_stepwise(layer, view, x, rows, weights, experts, counts, inverse, num_unique)
             with self._stats_lock:
                 for e, c in zip(experts, counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
-            return out.cpu().numpy()
+            result = out.cpu().numpy()
+            t3 = time.perf_counter()
+            times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
+            return result, times
         finally:
             with self._stats_lock:
                 self._in_flight -= 1
@@ -273,6 +284,62 @@ class ExpertGroupCore:
                     del self._running[key]
                 self._calls += 1
                 self._busy_s += time.perf_counter() - t0
+
+    def fused(self, layer: int, view: LayerView) -> bool:
+        """Whether this layer's calls take the fused routed-expert kernel (the CUDA path, ``fused_moe``).
+
+        On the Triton backend, float experts with a standard activation whose
+        routed weight scales the output: one call gathers the rows inside its
+        first GEMM and sums each token's experts in a fixed order (no atomics:
+        the same bits on every run). Everything else takes the stepwise path.
+        """
+        return self.backend == "triton" and fusable(view.stack) and self.ckpt.layer_spec(layer).routed_weight_on != "input"
+
+    def _sync(self) -> float:
+        """``time.perf_counter()`` once the device has finished what was queued (CUDA work is asynchronous)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copy to the host that follows would wait anyway
+        return time.perf_counter()
+
+    def _experts_fused(self, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
+        """(inputs ready, experts done, partial [U, H] fp32) by ``moe_experts`` on the Triton backend.
+
+        The rows (grouped by expert) become the top-k form the kernel takes: for
+        each unique token, the slots of its experts here and their weights.
+        """
+        slot = np.repeat(np.asarray([view.slot_of[e] for e in experts], dtype=np.int64), counts)
+        ids, w = rows_to_topk(slot, weights, inverse, num_unique)  # [U, Kmax], -1 padding
+        tok = np.empty(num_unique, dtype=np.int64)
+        tok[inverse] = rows  # the row of x each unique token reads
+        ids_d, w_d, tok_d = (torch.from_numpy(a).to(self.device) for a in (ids, w, tok))
+        t1 = self._sync()
+        out = moe_experts(x, ids_d, w_d, view.stack, "triton", token_index=tok_d, out_dtype=torch.float32)
+        return t1, self._sync(), out
+
+    def _experts_stepwise(self, layer, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
+        """(rows gathered, FFN done, partial [U, H] fp32): gather, grouped FFN, weighted ``index_add_``."""
+        # rows come grouped by expert (ascending); the kernel wants them grouped by slot
+        slots = [view.slot_of[e] for e in experts]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        order = np.argsort(slots, kind="stable")
+        perm = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order]) if len(order) else np.zeros(0, np.int64)
+        offsets = np.zeros(view.stack.num_experts + 1, dtype=np.int64)
+        for sl, c in zip(slots, counts):
+            offsets[sl + 1] = c
+        offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
+        idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
+        w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
+        x_rows = x.index_select(0, idx)
+        if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
+            x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
+            w = torch.ones_like(w)
+        t1 = self._sync()
+        y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
+        t2 = self._sync()
+        out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
+        inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
+        out.index_add_(0, inv, y.float() * w[:, None])
+        return t1, t2, out
 
     # -- reporting -------------------------------------------------------
     def stats(self) -> dict:
@@ -314,6 +381,14 @@ class ExpertGroupActor(ExpertGroupCore):
     follow the CPUs Ray reserved. With ``redis_url`` it heartbeats its stats
     into the fleet's store (``worker:<id>``), which is how the controller
     notices it is alive.
+
+    Forwards run on one compute thread, in the order they arrive: Ray runs
+    the actor's calls on a pool of threads (``max_concurrency``), and torch
+    gives every thread that computes its own OpenMP team, whose threads
+    spin-wait after each call; calls moving from pool thread to pool thread
+    left several teams competing for the worker's cores (measured: a quarter
+    more CPU for the same expert math). The pool threads still receive
+    arguments and send results while the compute thread works.
     """
 
     def __init__(self, *args, cpus: list[int] | None = None, redis_url: str | None = None, namespace: str = "moefleet", **kwargs):
@@ -325,6 +400,9 @@ class ExpertGroupActor(ExpertGroupCore):
         else:
             reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, int(round(reserved))))
+        self._compute = ThreadPoolExecutor(
+            1, thread_name_prefix="moefleet-expert-compute", initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+        )
         super().__init__(*args, **kwargs)
         self._beat_stop = threading.Event()
         self._store = None
@@ -334,6 +412,10 @@ class ExpertGroupActor(ExpertGroupCore):
             self._store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
             self._beat()  # registered before ready() returns
             threading.Thread(target=self._beat_loop, name="moefleet-worker-heartbeat", daemon=True).start()
+
+    def forward_timed(self, *args, **kwargs):
+        """``ExpertGroupCore.forward_timed`` on the worker's compute thread (its wait there counts in ``to_worker``)."""
+        return self._compute.submit(super().forward_timed, *args, **kwargs).result()
 
     def stats(self) -> dict:
         return {**super().stats(), "pid": os.getpid(), "cpus": self.cpus, "torch_threads": torch.get_num_threads()}

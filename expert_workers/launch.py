@@ -13,6 +13,7 @@ from typing import Any
 
 from moefleet.core.config import WorkerConfig
 from moefleet.core.placement import ExpertKey, worker_actor_name
+from moefleet.core.processes import serving_runtime_env
 
 
 def worker_options(
@@ -37,6 +38,7 @@ def worker_options(
         name=worker_actor_name(device_id), namespace=namespace, get_if_exists=True, max_restarts=0,
         num_cpus=worker.num_cpus, num_gpus=worker.num_gpus if num_gpus is None else num_gpus,
         max_concurrency=worker.max_concurrency, resources={**worker.resources, **(resources or {})},
+        runtime_env=serving_runtime_env(),  # normal CPU priority: Ray starts workers at nice 15
     )
     if detached:
         opts["lifetime"] = "detached"

@@ -28,6 +28,7 @@ from moefleet.core.config import FleetConfig
 from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Placement, assign_cores, spread_placement, worker_actor_name
+from moefleet.core.processes import serving_runtime_env
 from moefleet.core.redis_server import RedisServer
 from moefleet.core.state import StateStore
 from moefleet.router_service.actor import router_actor_class
@@ -174,7 +175,9 @@ class LocalFleet:
             if rc.port and i:
                 router_cfg["port"] = rc.port + i
             self.routers.append(
-                cls.options(name=f"{ROUTER_PREFIX}{i}", namespace=self.config.namespace, num_cpus=0).remote(
+                cls.options(
+                    name=f"{ROUTER_PREFIX}{i}", namespace=self.config.namespace, num_cpus=0, runtime_env=serving_runtime_env()
+                ).remote(
                     self.checkpoint, router_cfg, self.redis_url, self.config.namespace, f"router-{i}", self.config.worker.dtype
                 )
             )

@@ -75,6 +75,7 @@ class RouterActor:
             "inflight_tokens": self.core.inflight_tokens,
             "inflight_bytes": self.core.inflight_bytes,
             "dead_workers": sorted(self.core.dead),
+            "stages": self.core.stages.totals(),  # stage -> (seconds, count) since start
             **s.__dict__,
         }
 

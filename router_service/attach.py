@@ -3,6 +3,13 @@
 Every MoE block is replaced by ``RemoteMoEBlock``, a ``torch.nn.Module`` that
 sends the block's input to the router and returns the fleet's output, so
 ``model(...)`` and ``model.generate(...)`` work unchanged.
+
+With a ``FleetClient`` the blocks send their calls on the client's
+``ForwardStream``: when the model runs several sequences — several threads
+each running the model on its own sequence, or a family whose calls go one
+sequence at a time (Switch) — their calls are all in flight at once, across
+layers and sequences, and the router serves them side by side instead of one
+after another.
 """
 
 from __future__ import annotations
@@ -19,23 +26,32 @@ class RemoteMoEBlock(torch.nn.Module):
     counted per sequence, as Switch Transformers does).
     returns_tuple: return ``(output, None)`` where the replaced block returns a
     pair (Llama 4, gpt-oss return their router's output beside the hidden states).
+
+    stream: a ``ForwardStream`` to send the calls on (then the sequences of a
+    per-sequence batch are all in flight at once), or None for ``client.forward``.
     """
 
-    def __init__(self, client, layer: int, per_sequence: bool = False, returns_tuple: bool = False):
+    def __init__(self, client, layer: int, per_sequence: bool = False, returns_tuple: bool = False, stream=None):
         super().__init__()
         self.client = client
         self.layer = layer
         self.per_sequence = per_sequence
         self.returns_tuple = returns_tuple
+        self.stream = stream
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape
         if self.per_sequence and hidden_states.dim() == 3:
-            outs = [self.client.forward(self.layer, row) for row in hidden_states]
+            if self.stream is not None:
+                futures = [self.stream.submit(self.layer, row) for row in hidden_states]
+                outs = [f.result() for f in futures]
+            else:
+                outs = [self.client.forward(self.layer, row) for row in hidden_states]
             out = torch.stack(outs).to(hidden_states.dtype)
         else:
             flat = hidden_states.reshape(-1, shape[-1])
-            out = self.client.forward(self.layer, flat).reshape(shape).to(hidden_states.dtype)
+            call = self.stream.forward if self.stream is not None else self.client.forward
+            out = call(self.layer, flat).reshape(shape).to(hidden_states.dtype)
         return (out, None) if self.returns_tuple else out
 
 
@@ -53,13 +69,20 @@ def _resolve(model: torch.nn.Module, path: str):
     raise ValueError(f"model has no module at {path!r}: is it the checkpoint the fleet serves?")
 
 
-def attach(hf_model: torch.nn.Module, client) -> list[int]:
-    """Replace every MoE block of ``hf_model`` with a ``RemoteMoEBlock``; returns the layers replaced."""
+def attach(hf_model: torch.nn.Module, client, *, stream: bool | None = None) -> list[int]:
+    """Replace every MoE block of ``hf_model`` with a ``RemoteMoEBlock``; returns the layers replaced.
+
+    stream: send the blocks' calls on ``client.stream()`` (a ``ForwardStream``);
+    default: when the client has one (``FleetClient``). False: ``client.forward``.
+    """
     cfg = hf_model.config.to_dict()
     family = family_for(cfg)
     spec = family.spec(cfg)
     per_sequence = family.name == "switch_transformers"
+    if stream is None:
+        stream = hasattr(client, "stream")
+    fs = client.stream() if stream else None
     for layer in spec.moe_layers:
         parent, name = _resolve(hf_model, family.block_path(layer, spec))
-        setattr(parent, name, RemoteMoEBlock(client, layer, per_sequence, family.block_returns_tuple))
+        setattr(parent, name, RemoteMoEBlock(client, layer, per_sequence, family.block_returns_tuple, stream=fs))
     return list(spec.moe_layers)

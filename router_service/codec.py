@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -30,8 +31,28 @@ def encode(t: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(data=data, shape=list(t.shape), dtype=PB_DTYPES[t.dtype])
 
 
-def decode(msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: bool = True) -> torch.Tensor:
-    """Decode ``msg``; raise TensorError naming ``field`` for a bad dtype, shape or byte length."""
+def describe(meta: pb.Tensor, t: torch.Tensor) -> memoryview:
+    """Write ``t``'s shape and dtype into ``meta``; return its bytes (a view, no copy) for ``wire.encode``."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype not in PB_DTYPES:
+        raise TensorError(f"cannot encode dtype {t.dtype}")
+    meta.shape[:] = list(t.shape)
+    meta.dtype = PB_DTYPES[t.dtype]
+    if not t.numel():
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def decode(
+    msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: bool = True, data=None, writable: bool = True
+) -> torch.Tensor:
+    """Decode ``msg``; raise TensorError naming ``field`` for a bad dtype, shape or byte length.
+
+    data: the tensor's bytes when they were received apart from the message
+    (``wire.decode``: a view of the received buffer); default ``msg.data``.
+    writable: False returns a tensor over those bytes, without a copy where
+    they are aligned for the dtype; the caller must not write to it.
+    """
     allowed = FLOAT_DTYPES if float_only else tuple(TORCH_DTYPES)
     if msg.dtype not in allowed:
         names = ", ".join(pb.DType.Name(d) for d in allowed)
@@ -46,13 +67,21 @@ def decode(msg: pb.Tensor, field: str, *, ndim: int | None = None, float_only: b
     dtype = TORCH_DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     want = math.prod(shape) * itemsize
-    if len(msg.data) != want:
+    if data is None:
+        data = msg.data
+    got = memoryview(data).nbytes
+    if got != want:
         raise TensorError(
-            f"{field}.data: {len(msg.data)} bytes disagree with shape {shape} and dtype {pb.DType.Name(msg.dtype)} ({want} bytes)"
+            f"{field}.data: {got} bytes disagree with shape {shape} and dtype {pb.DType.Name(msg.dtype)} ({want} bytes)"
         )
     if want == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        t = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    if writable or t.data_ptr() % itemsize:  # a copy: writable, or aligned for the dtype
+        t = t.clone()
+    return t
 
 
 MAX_DIM = 1 << 31

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
 class RouterCollector:
-    """Exports ``RouterStats`` counters and the router's gauges with a ``router`` label."""
+    """Exports ``RouterStats`` counters, the router's gauges and its stage timers, with a ``router`` label.
+
+    ``moefleet_stage_seconds{router, stage}``: a histogram per stage of the
+    serving path (``moefleet.core.stages.STAGES``; worker stages once per worker call).
+    """
 
     COUNTERS = {
         "requests": "Requests accepted for serving",
@@ -43,6 +47,13 @@ class RouterCollector:
         g = GaugeMetricFamily("moefleet_router_placement_version", "Placement version in use", labels=["router"])
         g.add_metric([self.router_id], float(self.core.placement.version))
         yield g
+        h = HistogramMetricFamily(
+            "moefleet_stage_seconds", "Seconds per stage of the serving path (see moefleet.core.stages)", labels=["router", "stage"]
+        )
+        stages = self.core.stages
+        for stage, (total, _) in stages.totals().items():
+            h.add_metric([self.router_id, stage], stages.cumulative(stage), sum_value=total)
+        yield h
         g = GaugeMetricFamily("moefleet_worker_outstanding_rows", "Rows in flight per worker", labels=["router", "worker"])
         for worker, rows in sorted(self.core.outstanding.items()):
             g.add_metric([self.router_id, worker], float(rows))

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +22,8 @@ import torch
 from moefleet.core.config import RouterConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
-from moefleet.core.tensors import DTYPES, to_numpy
+from moefleet.core.stages import WORKER_STAGES, StageHistograms
+from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
 from moefleet.kernels.experts import shared_from_tensors
 from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
@@ -66,8 +68,10 @@ class WorkerTransport(Protocol):
 
     def share(self, hidden: np.ndarray) -> Any: ...
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
-        """deadline: ``time.time()`` after which the worker must not start the batch (RequestError DEADLINE_EXCEEDED)."""
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """The worker's partial output [U, H] fp32 and its stage times (``ExpertGroupCore.forward_timed``).
+
+        deadline: ``time.time()`` after which the worker must not start the batch (RequestError DEADLINE_EXCEEDED)."""
         ...
 
 
@@ -101,6 +105,16 @@ class RouterStats:
     telemetry_s: float = 0.0  # time spent counting tokens per expert and flushing the counts
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A sum first (one pass, no temporary): finite for every finite
+    tensor short of overflow; only when it is not are the elements checked one by one."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class RouterCore:
     """Serves layer calls of one model against the workers of the current placement."""
 
@@ -122,10 +136,13 @@ class RouterCore:
         self._replicas: dict[int, dict[int, list[str]]] = {}
         self.outstanding: dict[str, float] = defaultdict(float)
         self.stats = RouterStats()
+        self.stages = StageHistograms()  # per-stage durations (moefleet.core.stages), exported by metrics.py
         self.load_counts: dict[tuple[int, int], int] = defaultdict(int)
         self._pending: dict[int, list[_Pending]] = defaultdict(list)
         self._flushers: dict[int, asyncio.Task] = {}
         self._batch_tasks: set[asyncio.Task] = set()
+        self._active: dict[int, int] = defaultdict(int)  # layer -> layer calls being served
+        self._compute: ThreadPoolExecutor | None = None
         self._queued = 0
         self.inflight_tokens = 0  # admitted, unanswered (admission: max_inflight_tokens)
         self.inflight_bytes = 0  # request message bytes of those (max_inflight_bytes)
@@ -193,7 +210,7 @@ class RouterCore:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"hidden: {hidden.shape[0]} tokens exceed max_request_tokens={self.config.max_request_tokens}",
             )
-        if self.config.nonfinite == "reject" and not bool(torch.isfinite(hidden).all()):
+        if self.config.nonfinite == "reject" and not all_finite(hidden):
             bad = int((~torch.isfinite(hidden)).any(dim=-1).sum())
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden: {bad} token(s) hold NaN or Inf (policy: reject)")
         if router_logits is not None:
@@ -202,7 +219,7 @@ class RouterCore:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"router_logits.shape: expected [{hidden.shape[0]}, {ls.num_experts}], got {list(router_logits.shape)}",
                 )
-            if self.config.nonfinite == "reject" and not bool(torch.isfinite(router_logits).all()):
+            if self.config.nonfinite == "reject" and not all_finite(router_logits):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "router_logits: NaN or Inf (policy: reject)")
 
     # -- serving ---------------------------------------------------------
@@ -220,7 +237,9 @@ class RouterCore:
         deadline: ``time.monotonic()`` after which the request is failed, not computed.
         request_bytes: size of the request message (default: the tensors' bytes), counted against max_inflight_bytes.
         """
+        t0 = time.perf_counter()
         self.validate(layer, hidden, router_logits)
+        self.stages.observe("validate", time.perf_counter() - t0)
         tokens = int(hidden.shape[0])
         if request_bytes is None:
             request_bytes = hidden.nbytes + (0 if router_logits is None else router_logits.nbytes)
@@ -232,7 +251,8 @@ class RouterCore:
                 and self.config.batch_window_ms > 0
                 and self.spec.layer_spec(layer).capacity is None  # capacity is counted per call
             )
-            if not batchable:
+            if not batchable or self._layer_idle(layer):
+                # Nothing of this layer waits or runs: a window would only delay this request.
                 self._check_deadline(deadline)
                 result = await self.forward(layer, hidden, router_logits, deadline=deadline)
             else:
@@ -282,6 +302,9 @@ class RouterCore:
         """When a refused request should come back: a request's recent average time in the router (10 ms .. 10 s)."""
         return int(min(10_000, max(10, round(self._service_s * 1000))))
 
+    def _layer_idle(self, layer: int) -> bool:
+        return self.config.dispatch_when_idle and not self._pending[layer] and not self._active[layer]
+
     def _check_deadline(self, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             self.stats.expired += 1
@@ -327,6 +350,9 @@ class RouterCore:
         return batch
 
     async def _run_batch(self, layer: int, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        for p in batch:
+            self.stages.observe("queue", now - p.enqueued)
         hidden = torch.cat([p.hidden for p in batch]) if len(batch) > 1 else batch[0].hidden
         deadline = None if any(p.deadline is None for p in batch) else max(p.deadline for p in batch)
         try:
@@ -358,32 +384,55 @@ class RouterCore:
         deadline: ``time.monotonic()``; workers skip the call's batches they would start after it (DEADLINE_EXCEEDED).
         """
         t_start = time.perf_counter()
+        self._active[layer] += 1
         try:
             return await self._forward(layer, hidden, router_logits, deadline)
         finally:
+            self._active[layer] -= 1
             self.stats.forward_s += time.perf_counter() - t_start
+
+    OFFLOAD_BYTES = 4 << 20
+    """Hidden states of at least this many bytes (1024 tokens at H=1024, fp32) have a call's tensor work
+    (gate, transport put, combine; the server's decode and reply) done on the router's compute threads, so
+    the event loop keeps serving other calls meanwhile. Below, the work takes a millisecond or two in all and
+    runs inline: each hop to a thread and back cost about half a millisecond on a loaded 2-core machine
+    (benchmarks/RESULTS.md, serving cost)."""
+
+    async def offload(self, nbytes: int, fn, *args):
+        """``fn(*args)``: on a compute thread when ``nbytes >= OFFLOAD_BYTES``, else inline."""
+        if nbytes < self.OFFLOAD_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool(), fn, *args)
+
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """Threads for the router's tensor work (large calls, shared experts); torch ops release the GIL."""
+        if self._compute is None:
+            self._compute = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moefleet-router-compute")
+        return self._compute
 
     async def _forward(
         self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None, deadline: float | None = None
     ) -> ForwardResult:
         ls = self.spec.layer_spec(layer)
-        gate = self.gates[layer]
-        logits = gate.logits(hidden) if router_logits is None else router_logits.float()
-        routing = fused_route(logits, ls, gate, "torch")
+        nbytes = hidden.numel() * hidden.element_size()
+        routing, hidden_c, shared_ref = await self.offload(nbytes, self._route_and_share, layer, hidden, router_logits)
         ids = routing.topk_ids.numpy()
-        self._count_load(layer, ids, ls.num_experts)
-        hidden_c = hidden.to(self.dtype)
-        shared_ref = self.transport.share(to_numpy(hidden_c))
-        loop = asyncio.get_running_loop()
-        shared_mod = self.shared[layer]
-        shared_task = loop.run_in_executor(None, shared_mod, hidden_c) if shared_mod is not None else None
-        out = torch.zeros(hidden.shape[0], ls.hidden_size, dtype=torch.float32)
         weights = routing.topk_weights.numpy()
+        self._count_load(layer, ids, ls.num_experts)
+        shared_mod = self.shared[layer]
+        shared_task = (
+            asyncio.get_running_loop().run_in_executor(self.compute_pool(), self._timed_shared, shared_mod, hidden_c)
+            if shared_mod is not None
+            else None
+        )  # the shared experts run beside the workers
+        partials: list[tuple[WorkerBatch, np.ndarray]] = []
         exclude: set[str] = set()
         attempt = 0
         todo = np.ones(ids.shape, dtype=bool)  # assignments still to serve
         version = self.placement.version
+        st = self.stages
         while True:
+            t2 = time.perf_counter()
             sub_ids = np.where(todo, ids, -1)
             replicas = self._replicas_for(layer, exclude)
             try:
@@ -398,6 +447,8 @@ class RouterCore:
                         "the controller is re-placing them, retry shortly",
                     ) from e
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: {e}") from e
+            t3 = time.perf_counter()
+            st.observe("dispatch_plan", t3 - t2)
             version = self.placement.version
             self._inflight_by_version[version] += 1
             try:
@@ -406,12 +457,13 @@ class RouterCore:
                 self._inflight_by_version[version] -= 1
                 if not self._inflight_by_version[version]:
                     del self._inflight_by_version[version]
+            st.observe("workers", time.perf_counter() - t3)
             failed = []
             for b, r in zip(batches, results):
                 if isinstance(r, BaseException):
                     failed.append((b, r))
                     continue
-                out.index_add_(0, torch.from_numpy(b.unique_tokens), torch.from_numpy(np.asarray(r)))
+                partials.append((b, r))
                 todo.reshape(-1)[self._slots_of(b, ids)] = False
             if not failed:
                 break
@@ -438,9 +490,56 @@ class RouterCore:
         self.stats.batches += 1
         self.stats.tokens_computed += hidden.shape[0]
         shared_out = None if shared_task is None else await shared_task
+        out = await self.offload(nbytes, self._combine, hidden.shape[0], ls.hidden_size, partials, shared_out, hidden.dtype)
+        return ForwardResult(out, routing, version)
+
+    def _route_and_share(
+        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None
+    ) -> tuple[Routing, torch.Tensor, Any]:
+        """Gate and route ``hidden [T, H]``; hand it to the transport in the compute dtype (stages: gate, object_store_put)."""
+        t0 = time.perf_counter()
+        gate = self.gates[layer]
+        logits = gate.logits(hidden) if router_logits is None else router_logits.float()
+        routing = fused_route(logits, self.spec.layer_spec(layer), gate, "torch")
+        t1 = time.perf_counter()
+        hidden_c = hidden.to(self.dtype)
+        shared_ref = self.transport.share(to_numpy(hidden_c))
+        self.stages.observe("gate", t1 - t0)
+        self.stages.observe("object_store_put", time.perf_counter() - t1)
+        return routing, hidden_c, shared_ref
+
+    def _combine(
+        self,
+        num_tokens: int,
+        hidden_size: int,
+        partials: list[tuple[WorkerBatch, np.ndarray]],
+        shared_out: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The workers' partial outputs (+ shared experts) as the call's output ``[T, H]`` in ``dtype`` (stage: combine).
+
+        Summed in fp32 in batch order, then the shared experts, then the cast. One
+        worker that served every token returned the routed sum itself: it is used as is.
+        """
+        t0 = time.perf_counter()
+        if len(partials) == 1 and len(partials[0][0].unique_tokens) == num_tokens:
+            out = from_numpy(np.asarray(partials[0][1]), "float32")  # its unique tokens are 0..T-1 in order
+        else:
+            out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32)
+            for b, partial in partials:
+                out.index_add_(0, torch.from_numpy(b.unique_tokens), from_numpy(np.asarray(partial), "float32"))
         if shared_out is not None:
-            out += shared_out.float()
-        return ForwardResult(out.to(hidden.dtype), routing, version)
+            out = out + shared_out.float()
+        out = out.to(dtype)
+        self.stages.observe("combine", time.perf_counter() - t0)
+        return out
+
+    def _timed_shared(self, shared_mod, hidden: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return shared_mod(hidden)
+        finally:
+            self.stages.observe("shared_experts", time.perf_counter() - t0)
 
     @staticmethod
     def _slots_of(batch: WorkerBatch, ids: np.ndarray) -> np.ndarray:
@@ -483,10 +582,18 @@ class RouterCore:
         self.outstanding[batch.worker] += batch.num_rows
         # the worker's clock: wall time (monotonic clocks are per machine)
         wall_deadline = None if deadline is None else time.time() + (deadline - time.monotonic())
+        sent = time.time()
         try:
-            return await self.transport.forward(batch.worker, layer, shared_ref, batch, deadline=wall_deadline)
+            partial, times = await self.transport.forward(batch.worker, layer, shared_ref, batch, deadline=wall_deadline)
         finally:
             self.outstanding[batch.worker] -= batch.num_rows
+        got = time.time()
+        st = self.stages
+        st.observe("to_worker", times["start"] - sent)
+        for name in WORKER_STAGES:
+            st.observe(name, times[name])
+        st.observe("return", got - times["end"])
+        return partial
 
     def _count_load(self, layer: int, ids: np.ndarray, num_experts: int) -> None:
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from moefleet.core.config import RouterConfig, WorkerConfig
+from moefleet.core.processes import serving_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 fleet's gRPC port, lives on the head, where the cluster's Service and the guide send clients."""
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5, "resources": {HEAD_NODE_RESOURCE: 0.001}})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "resources": {HEAD_NODE_RESOURCE: 0.001},
+                                     "runtime_env": serving_runtime_env()})
 class FleetIngress:
     """Serve ingress: the router's serving path, on its own gRPC server (``serve_grpc``) or behind Serve's gRPC proxy."""
 

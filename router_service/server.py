@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moefleet.core.config import RouterConfig
 
-from . import codec, security
+from . import codec, security, wire
 from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
 from .router import ForwardResult, RequestError, RouterCore
@@ -50,29 +50,68 @@ def error_reply(request_id: str, e: RequestError) -> pb.ForwardResponse:
 
 
 class MoEFleetServicer(pb_grpc.MoEFleetServicer):
-    """``moefleet.v1.MoEFleet`` over a RouterCore. Requests arrive as raw bytes and are parsed here."""
+    """``moefleet.v1.MoEFleet`` over a RouterCore.
 
-    def __init__(self, core: RouterCore):
+    Requests may arrive parsed (Ray Serve's proxy) or as the bytes received
+    (``RouterServer``, which registers the methods with pass-through
+    serializers): then they are parsed here (INVALID_ARGUMENT, never gRPC's
+    own UNKNOWN, for bytes that are no request) and the hidden states are
+    read in place (``wire``).
+    raw_replies: build replies as serialized bytes, the output copied once
+    (``RouterServer``); otherwise as messages.
+    """
+
+    def __init__(self, core: RouterCore, *, raw_replies: bool = False):
         self.core = core
+        self.raw_replies = raw_replies
 
-    async def _serve(self, raw, deadline: float | None) -> pb.ForwardResponse:
-        request = parse(raw, pb.ForwardRequest, "request")
-        nbytes = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else request.ByteSize()
+    async def _serve(self, request, deadline: float | None):
+        core = self.core
+        t0 = time.perf_counter()
+        size = len(request) if isinstance(request, (bytes, bytearray, memoryview)) else request.ByteSize()
+        request, hidden, logits = await core.offload(size, self._decode, request)
+        core.stages.observe("decode", time.perf_counter() - t0)
+        result: ForwardResult = await core.submit(request.layer, hidden, logits, deadline, request_bytes=size)
+        t1 = time.perf_counter()
+        reply = await core.offload(size, self._reply, request, result)
+        t2 = time.perf_counter()
+        core.stages.observe("reply", t2 - t1)
+        core.stages.observe("router_total", t2 - t0)
+        return reply
+
+    @staticmethod
+    def _decode(request):
+        """(request, hidden [T, H], router_logits or None); hidden is read-only where it is a view of the bytes received."""
+        data = None
+        if isinstance(request, (bytes, bytearray, memoryview)):
+            try:
+                request, data = wire.decode(request, pb.ForwardRequest, "hidden")
+            except (DecodeError, TypeError, ValueError, IndexError) as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid moefleet.v1.ForwardRequest: {e}") from None
+        elif not isinstance(request, pb.ForwardRequest):
+            request = parse(request, pb.ForwardRequest, "request")
         try:
-            hidden = codec.decode(request.hidden, "hidden", ndim=2)
+            hidden = codec.decode(request.hidden, "hidden", ndim=2, data=data, writable=False)
             logits = (
                 codec.decode(request.router_logits, "router_logits", ndim=2) if request.HasField("router_logits") else None
             )
         except codec.TensorError as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        result: ForwardResult = await self.core.submit(request.layer, hidden, logits, deadline, request_bytes=nbytes)
-        reply = pb.ForwardResponse(
-            output=codec.encode(result.output), request_id=request.request_id, placement_version=result.placement_version
-        )
+        return request, hidden, logits
+
+    def _reply(self, request: pb.ForwardRequest, result: ForwardResult):
+        reply = pb.ForwardResponse(request_id=request.request_id, placement_version=result.placement_version)
         if request.return_routing:
             reply.topk_ids.CopyFrom(codec.encode(result.routing.topk_ids.to(dtype=codec.torch.int32)))
             reply.topk_weights.CopyFrom(codec.encode(result.routing.topk_weights.float()))
-        return reply
+        if not self.raw_replies:
+            reply.output.CopyFrom(codec.encode(result.output))
+            return reply
+        return wire.encode(reply, "output", codec.describe(reply.output, result.output))
+
+    def _error(self, request_id: str, e: RequestError):
+        reply = error_reply(request_id, e)
+        return reply.SerializeToString() if self.raw_replies else reply
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -112,10 +151,10 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             try:
                 reply = await self._serve(raw, deadline)
             except RequestError as e:
-                reply = error_reply(_request_id(raw), e)
+                reply = self._error(_request_id(raw), e)
             except Exception as e:  # a bug: answer the item (INTERNAL) rather than leave the stream waiting
                 log.exception("router: stream item failed")
-                reply = error_reply(_request_id(raw), RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
+                reply = self._error(_request_id(raw), RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"))
             await replies.put(reply)
 
         async def read():
@@ -220,8 +259,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def _serialize(reply) -> bytes:
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
 def add_moefleet_servicer(servicer: MoEFleetServicer, server) -> None:
-    """Register ``moefleet.v1.MoEFleet`` with requests passed through as bytes (parsed by the servicer).
+    """Register ``moefleet.v1.MoEFleet`` with requests passed through as bytes (parsed by the servicer),
+    and replies sent as the servicer built them (bytes, or a message serialized here).
 
     The generated ``add_MoEFleetServicer_to_server`` lets gRPC parse requests,
     and gRPC answers a message it cannot parse with ``UNKNOWN``; here every
@@ -229,13 +273,13 @@ def add_moefleet_servicer(servicer: MoEFleetServicer, server) -> None:
     """
     handlers = {
         "Forward": grpc.unary_unary_rpc_method_handler(
-            servicer.Forward, request_deserializer=None, response_serializer=pb.ForwardResponse.SerializeToString
+            servicer.Forward, request_deserializer=None, response_serializer=_serialize
         ),
         "ForwardStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ForwardStream, request_deserializer=None, response_serializer=pb.ForwardResponse.SerializeToString
+            servicer.ForwardStream, request_deserializer=None, response_serializer=_serialize
         ),
         "GetPlacement": grpc.unary_unary_rpc_method_handler(
-            servicer.GetPlacement, request_deserializer=None, response_serializer=pb.GetPlacementResponse.SerializeToString
+            servicer.GetPlacement, request_deserializer=None, response_serializer=_serialize
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -266,7 +310,7 @@ class RouterServer:
         self.server = grpc.aio.server(
             options=opts, interceptors=interceptors, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
         )
-        add_moefleet_servicer(MoEFleetServicer(self.core), self.server)
+        add_moefleet_servicer(MoEFleetServicer(self.core, raw_replies=True), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server

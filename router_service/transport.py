@@ -2,8 +2,10 @@
 
 ``RayTransport``: the call's hidden states go into Ray's object store once
 (``ray.put``), and each worker gets the ``ObjectRef`` plus its small row index
-arrays; Ray hands the worker a zero-copy view. Each worker returns its partial
-output (one row per token it served). See ``benchmarks/RESULTS.md`` for the
+arrays (arrays up to Ray's inline limit ride inside the call instead); Ray
+hands the worker a zero-copy view. Each worker returns its partial
+output (one row per token it served, a numpy array: no torch tensor is
+pickled) and its stage times (``ExpertGroupCore.forward_timed``). See ``benchmarks/RESULTS.md`` for the
 transport measurements behind this choice.
 
 ``LocalTransport``: workers in this process (``ExpertGroupCore``), for the
@@ -19,12 +21,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
+from moefleet.core.processes import inline_limit
+
 from .dispatch import WorkerBatch
 from .router import RequestError, WorkerCallError
-
-from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
-
-INLINE_BYTES = 64 << 10  # under Ray's 100 KiB inline-argument limit
 
 
 class RayTransport:
@@ -36,6 +37,7 @@ class RayTransport:
         self._ray = ray
         self.namespace = namespace
         self._handles: dict[str, Any] = {}
+        self.inline_bytes = inline_limit()  # what Ray inlines here (raised in serving processes: core/processes.py)
 
     def handle(self, worker: str):
         h = self._handles.get(worker)
@@ -50,11 +52,11 @@ class RayTransport:
     def share(self, hidden: np.ndarray) -> Any:
         # Small arrays ride inline in each call (no object-store round trip);
         # large ones go into the store once and every worker reads the same copy.
-        if hidden.nbytes <= INLINE_BYTES:
+        if hidden.nbytes <= self.inline_bytes:
             return hidden
         return self._ray.put(hidden)
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         try:
@@ -62,7 +64,7 @@ class RayTransport:
         except ValueError as e:  # no actor of that name: retired, dead and not restarted, or not started yet
             raise WorkerCallError(worker, e, retryable=True, dead=True) from e
         try:
-            ref = handle.forward.remote(
+            ref = handle.forward_timed.remote(
                 layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens),
                 deadline=deadline,
             )
@@ -90,7 +92,7 @@ class LocalTransport:
     def share(self, hidden: np.ndarray) -> Any:
         return hidden
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
+    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
         w = self.workers.get(worker)
         if w is None:
             raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
@@ -99,7 +101,7 @@ class LocalTransport:
             return await loop.run_in_executor(
                 None,
                 functools.partial(
-                    w.forward, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
+                    w.forward_timed, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
                     len(batch.unique_tokens), deadline=deadline,
                 ),
             )

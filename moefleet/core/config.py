@@ -257,6 +257,10 @@ class RouterConfig(BaseModel):
     batch_window_ms: float = Field(
         default=2.0, ge=0, description="Concurrent requests for one layer arriving within this window are served as one batch (0: off)."
     )
+    dispatch_when_idle: bool = Field(
+        default=True,
+        description="A request for a layer with nothing waiting or running is dispatched at once; the window batches only what arrives while the layer is busy.",
+    )
     max_batch_tokens: int = Field(default=8192, gt=0, description="Most tokens in one micro-batch.")
     max_request_tokens: int = Field(default=65536, gt=0, description="Most tokens in one request (more is RESOURCE_EXHAUSTED).")
     max_message_bytes: int = Field(default=256 << 20, gt=0, description="Largest gRPC message accepted or sent.")

@@ -216,7 +216,7 @@ def test_half_precision_requests_are_answered_in_their_dtype(fleet, dtype):
 @pytest.fixture(scope="module")
 def strict_router(fleet):
     """A second router on the same workers: small limits and a long batch window."""
-    cfg = RouterConfig(batch_window_ms=600, max_queued_requests=1, max_message_bytes=64 << 10)
+    cfg = RouterConfig(batch_window_ms=600, dispatch_when_idle=False, max_queued_requests=1, max_message_bytes=64 << 10)
     actor = router_actor_class().options(namespace=fleet.config.namespace, num_cpus=0).remote(
         fleet.checkpoint, cfg.model_dump(), fleet.redis_url, fleet.config.namespace, "strict"
     )

@@ -78,7 +78,7 @@ def test_bytes_in_flight_are_admitted_up_to_the_limit(checkpoint):
 
 
 def test_cancelled_requests_release_what_they_held(checkpoint):
-    model, _, core = _core(checkpoint, batch_window_ms=200)
+    model, _, core = _core(checkpoint, batch_window_ms=200, dispatch_when_idle=False)  # all five wait in the window
     layer, h = model.moe_layers[0], model.spec.layer.hidden_size
 
     async def run():
@@ -95,7 +95,7 @@ def test_cancelled_requests_release_what_they_held(checkpoint):
 
 
 def test_retry_hint_follows_the_time_requests_spend_in_the_router(checkpoint):
-    model, _, core = _core(checkpoint, batch_window_ms=150)
+    model, _, core = _core(checkpoint, batch_window_ms=150, dispatch_when_idle=False)
     layer, h = model.moe_layers[0], model.spec.layer.hidden_size
     before = core.retry_after_ms()
 

@@ -159,3 +159,53 @@ def test_a_load_past_the_memory_budget_is_refused_and_changes_nothing(checkpoint
     roomy = ExpertGroupCore("r", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=10 * slot)
     roomy.load([(0, 4)])  # grows to 6 slots, not 8: 4 + 6 fit in 10 while the copy runs
     assert roomy.stats()["reserved_bytes"] == 6 * slot
+
+
+def _rows_of(model, layer, hidden):
+    """A worker batch holding every assignment of ``hidden``: rows grouped by expert, as the router sends them."""
+    _, routing = model.layer(layer)(hidden, return_routing=True)
+    perm = permute(routing.topk_ids, model.spec.layer.num_experts)
+    rows = perm.token_index.numpy()
+    counts = perm.counts().numpy()
+    experts = [int(e) for e in np.flatnonzero(counts)]
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    weights = routing.topk_weights.reshape(-1)[perm.slot_index].numpy().astype(np.float32)
+    return (layer, hidden.numpy(), rows, weights, experts, [int(counts[e]) for e in experts], inverse, len(uniq))
+
+
+def test_triton_worker_runs_the_fused_kernel_with_slots_out_of_expert_order(checkpoint, monkeypatch):
+    """The CUDA branch (Triton backend; here under Triton's interpreter): rows in the top-k form, gathered in the
+    kernel, combined in a fixed order. Its numbers match the torch worker's, bit for bit from run to run."""
+    from moefleet.kernels import fused_moe
+
+    calls = []
+    real = fused_moe.fused_experts
+    monkeypatch.setattr(fused_moe, "fused_experts", lambda *a, **k: calls.append(k["token_index"]) or real(*a, **k))
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    keys = [(0, e) for e in (6, 2, 7, 0, 4, 1, 5, 3)]  # slot i holds expert keys[i]: slots != expert ids
+    fused = ExpertGroupCore("wf", str(checkpoint), keys, backend="triton")
+    torch_worker = ExpertGroupCore("wt", str(checkpoint), keys, backend="torch")
+    assert fused.fused(0, fused._views[0]) and not torch_worker.fused(0, torch_worker._views[0])
+    hidden = torch.randn(9, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(4))
+    args = _rows_of(model, 0, hidden)
+    got, times = fused.forward_timed(*args)
+    assert len(calls) == 1 and calls[0].tolist() == sorted(set(args[2].tolist()))  # each unique token read once
+    want = torch_worker.forward(*args)
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.array_equal(fused.forward(*args), got)  # deterministic: no atomics in the combine
+    assert set(times) == {"worker_gather", "expert_ffn", "worker_combine", "start", "end"}
+
+
+def test_input_weighted_layers_keep_the_stepwise_path_on_triton(tmp_path):
+    model, _ = hf_models.build("llama4")
+    model.save_pretrained(tmp_path)
+    m = MoEModel.from_pretrained(tmp_path, backend="torch")
+    layer = m.moe_layers[0]
+    spec = m.spec.layer_spec(layer)
+    assert spec.routed_weight_on == "input"
+    keys = [(layer, e) for e in range(spec.num_experts)]
+    w = ExpertGroupCore("w", str(tmp_path), keys, backend="triton")
+    assert not w.fused(layer, w._views[layer])
+    args = _rows_of(m, layer, torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(1)))
+    want = ExpertGroupCore("t", str(tmp_path), keys, backend="torch").forward(*args)
+    assert np.abs(w.forward(*args) - want).max() <= 1e-4

@@ -1,0 +1,49 @@
+"""How the fleet's serving processes run under Ray.
+
+Ray starts every worker process at a lower CPU priority (its ``worker_niceness``
+setting, nice 15 by default), meant for background tasks. Expert workers and
+routers are the fleet's serving path: at nice 15, anything else on the node
+at normal priority (a model runner beside them, other jobs, Ray's own
+daemons) takes their CPU first, and a call's latency follows whatever else
+runs. Measured on a 2-core machine shared with other work, the same expert
+FFN ran 10-30% slower inside a nice-15 worker than in a normal process
+(``benchmarks/RESULTS.md``, serving cost). So workers and routers are started
+with ``SERVING_RUNTIME_ENV``: Ray's own per-process setting, no privileges
+needed. (Weight loading inside a worker still drops its own thread's priority:
+``expert_workers.group.background_priority``.)
+
+The same environment raises Ray's inline limit in those processes
+(``max_direct_call_object_size``, 100 KiB by default): arguments and results up
+to ``INLINE_BYTES`` travel inside the call rather than through the object
+store, which costs a put, a seal and a fetch each way. A 128 KiB argument and
+result (32 tokens at H=1024, fp32) round-trip in 1.9 ms inline against 3.7 ms
+through the store here; at 1 MiB the two are even, so larger arrays keep the
+store (one put shared by every worker of a call).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INLINE_BYTES = 512 << 10
+"""Arguments and results up to this size ride inside a serving process's Ray calls."""
+
+SERVING_ENV_VARS = {"RAY_worker_niceness": "0", "RAY_max_direct_call_object_size": str(INLINE_BYTES)}
+"""Environment of a serving process: normal CPU priority, Ray's inline limit at ``INLINE_BYTES``."""
+
+
+def inline_limit() -> int:
+    """Ray's inline limit in this process: its ``RAY_max_direct_call_object_size``, else Ray's default (100 KiB)."""
+    import os
+
+    try:
+        return int(os.environ.get("RAY_max_direct_call_object_size", 100 << 10))
+    except ValueError:
+        return 100 << 10
+
+
+def serving_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``runtime_env`` (Ray actor option) with the serving environment variables added (the caller's win)."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**SERVING_ENV_VARS, **(env.get("env_vars") or {})}
+    return env
