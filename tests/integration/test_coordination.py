@@ -253,7 +253,7 @@ def test_a_worker_side_value_error_is_a_failed_call_not_a_dead_worker(ray_cluste
 
     @ray.remote
     class Failing:
-        def forward_timed(self, *args):
+        def forward_timed(self, *args, **kwargs):
             raise ValueError("bad rows")
 
     ns = f"tr-{uuid.uuid4().hex[:8]}"

@@ -188,7 +188,7 @@ def test_healthcheck_probe_speaks_tls(checkpoint, pki):
 
 # -- overload and flow control ------------------------------------------------------------------
 def test_overload_is_resource_exhausted_at_once_with_a_retry_hint(checkpoint, model):
-    cfg = RouterConfig(batch_window_ms=300, max_inflight_tokens=16, max_request_tokens=16)
+    cfg = RouterConfig(batch_window_ms=300, max_inflight_tokens=16, max_request_tokens=16, dispatch_when_idle=False)
     with InProcessRouter(checkpoint, cfg) as router:
         h = model.spec.layer.hidden_size
 
@@ -212,7 +212,7 @@ def test_overload_is_resource_exhausted_at_once_with_a_retry_hint(checkpoint, mo
 
 def test_a_full_router_refuses_before_reading_the_message(checkpoint, model):
     """While full, Forward is refused on its headers: even bytes that are no message get RESOURCE_EXHAUSTED."""
-    cfg = RouterConfig(batch_window_ms=1500, max_queued_requests=2)
+    cfg = RouterConfig(batch_window_ms=1500, max_queued_requests=2, dispatch_when_idle=False)  # both wait in the window
     with InProcessRouter(checkpoint, cfg) as router:
         h = model.spec.layer.hidden_size
 
