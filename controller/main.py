@@ -49,6 +49,7 @@ from moefleet.core.state import StateStore, resolve_redis_url
 from .autoscale import AutoscalingConfig, autoscale_step
 from .planner import Plan, PlannerKnobs, plan
 from .reconciler import Reconciler
+from .telemetry import TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ class ControllerConfig(BaseModel):
     local: bool = Field(
         default=False, description="Local mode: the static devices are CPU workers on this node (no GPU request, no node affinity)."
     )
+    http_host: str = Field(default="127.0.0.1", description="Address the telemetry endpoint binds (0.0.0.0 in a pod).")
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /metrics, the dashboard and /api/state on this port beside the controller (None: not served; "
+        "local mode serves them from the fleet instead).",
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="What the telemetry endpoint exports.")
 
 
 def load_matrix(load: dict, layers: list[int], num_experts: int) -> np.ndarray:
@@ -121,6 +129,7 @@ class Controller:
             drain_timeout_s=config.drain_timeout_s, local=config.local, redis_url=self.store.url, clock=clock,
         )
         self.reconciler.keepalive = self._keepalive
+        self.reconciler.expert_bytes = self.expert_bytes
         self.last_report: dict = {}
         self.down: set[str] = set()  # devices of the placement whose worker is dead
         self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
@@ -430,20 +439,34 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="MoE Fleet controller")
     ap.add_argument("--config", required=True, help="YAML file with a ControllerConfig")
+    ap.add_argument("--http-port", type=int, default=None,
+                    help="serve /metrics, the dashboard and /api/state on this port (overrides http_port; 0: any free port)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ControllerConfig(**(yaml.safe_load(Path(args.config).read_text()) or {}))
+    if args.http_port is not None:
+        config = config.model_copy(update={"http_port": args.http_port})
     if config.ray_address:
         import ray
 
         ray.init(address=config.ray_address, namespace=config.namespace, log_to_driver=False)
     controller = Controller(config)
+    http = None
+    if config.http_port is not None:
+        from .http import TelemetryServer
+
+        http = TelemetryServer(controller.store, config.telemetry, config.http_host, config.http_port)
+        log.info("telemetry endpoint on http://%s (/metrics, /, /api/state)", http.start())
     stop = threading.Event()
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    controller.run(stop)
+    try:
+        controller.run(stop)
+    finally:
+        if http is not None:
+            http.stop()
     return 0
 
 

@@ -143,6 +143,7 @@ class Reconciler:
         self.fence: tuple[str, int] | None = None
         self.keepalive = None
         self.last_apply: dict = {}
+        self.expert_bytes = 0  # bytes of one expert's weights as workers hold them (the controller sets it)
 
     # -- Ray -------------------------------------------------------------
     def handle(self, device: DeviceId, experts: list[ExpertKey] = ()):
@@ -170,6 +171,17 @@ class Reconciler:
             ray.kill(ray.get_actor(worker_actor_name(device), namespace=self.namespace))
         except ValueError:
             pass  # already gone
+
+    def _count(self, seconds: float | None, loads: int) -> None:
+        """Add a rebalance (``seconds``; None: copies made converging) to the fleet's counters (best effort)."""
+        from .telemetry import REBALANCE_COUNTERS, rebalance_increments
+
+        if seconds is None and not loads:
+            return
+        try:
+            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, loads * self.expert_bytes))
+        except Exception as e:  # telemetry must not stop a rebalance
+            log.warning("could not count the rebalance: %s", e)
 
     def _token(self) -> int | None:
         return None if self.fence is None else self.fence[1]
@@ -227,7 +239,8 @@ class Reconciler:
         published = self.store.publish_placement(target, expected_version=current.version, fence=self.fence)
         self._record("published", version=published.version, generation=published.generation)
         self.store.emit_event(
-            "placement", {"version": published.version, "loads": diff.num_loads, "reason": reason}
+            "placement",
+            {"version": published.version, "loads": diff.num_loads, "bytes": diff.num_loads * self.expert_bytes, "reason": reason},
         )
         # 3. drain what was dispatched under older versions (nothing to wait for when nothing is unloaded)
         removing = any(d not in skip for d in diff.removes)
@@ -245,6 +258,7 @@ class Reconciler:
                 self.retire(d)
         self._record(None, version=published.version)
         elapsed = self.clock() - t0
+        self._count(elapsed, diff.num_loads)
         self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
         log.info(
             "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs (%s)",
@@ -275,6 +289,7 @@ class Reconciler:
             else:
                 self._check_lease("unload")
                 ray.get([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()])
+        self._count(None, diff.num_loads)
         if diff.adds or diff.removes:
             log.info("converged workers to placement v%d: loaded %s, unloaded %s", placement.version, diff.adds, diff.removes)
             self.store.emit_event("converge", {"version": placement.version, "loaded": diff.num_loads,

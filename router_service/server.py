@@ -19,6 +19,7 @@ from moefleet.core.config import RouterConfig
 from . import codec
 from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
+from moefleet.core.request_stats import observe_request
 from .router import ForwardResult, RequestError, RouterCore
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,24 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         self.core = core
 
     async def _serve(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardResponse:
+        """Answer one request, counted in the router's stats: its status, and when answered its layer's latency."""
+        t0 = time.perf_counter()
+        code, layer = "UNKNOWN", None
+        try:
+            reply = await self._answer(request, deadline)
+            code, layer = "OK", request.layer
+            return reply
+        except RequestError as e:
+            code = e.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            stats = self.core.stats
+            observe_request(stats.codes, stats.layer_latency, code, layer, time.perf_counter() - t0)
+
+    async def _answer(self, request: pb.ForwardRequest, deadline: float | None) -> pb.ForwardResponse:
         try:
             hidden = codec.decode(request.hidden, "hidden", ndim=2)
             logits = (

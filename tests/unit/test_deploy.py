@@ -456,6 +456,24 @@ def test_controller_runs_its_module_with_its_config_and_the_redis_secret():
     assert config.devices == [] and not config.local  # the inventory comes from the Ray cluster's nodes
 
 
+def test_telemetry_endpoint_beside_the_controller_is_exposed_by_a_service():
+    from moefleet.controller.main import ControllerConfig
+
+    config = ControllerConfig.model_validate(yaml.safe_load(_doc("ConfigMap", "moefleet-controller")["data"]["controller.yaml"]))
+    assert config.http_port == 8470 and config.http_host == "0.0.0.0"  # reachable from the Service, not only loopback
+    deployment = _doc("Deployment", "moefleet-controller")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == config.http_port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    svc = _doc("Service", "moefleet-telemetry")
+    (port,) = svc["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http", config.http_port, "http")
+    assert svc["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    annotations = svc["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(config.http_port) and annotations["prometheus.io/path"] == "/metrics"
+
+
 def test_every_pod_runs_as_non_root_with_a_pinned_image():
     images = set()
     for name, pod in _pod_specs():
