@@ -1,20 +1,31 @@
-"""How fast is the Triton grouped expert FFN against the torch per-expert loop?
+"""How fast is the fused routed-expert path against the torch per-expert loop and the GPU's ceilings?
 
-On CUDA: times ``grouped_ffn`` (Triton: one fused gate/up kernel with the
-activation in its epilogue, then one grouped down-projection kernel) against
-``grouped_ffn_reference`` (a torch loop over experts) on a Mixtral-like layer
-(H=4096, F=14336, E=8, top-2, gated SiLU, bf16) for each token count, with
-``torch.cuda.Event`` timing, and reports TFLOP/s and the fraction of the peak
-passed by ``--peak-tflops`` (default: H100 SXM bf16 dense, 989).
+On CUDA, for Mixtral-like (H=4096, F=14336, E=8, top-2) and DeepSeek-V3-like
+(H=7168, F=2048, E=256, top-8, routed experts only) layers in bf16, and each
+token count T, it times the whole routed path ``hidden, topk -> [T, H]``:
 
-On CPU: the Triton path needs CUDA (the interpreter is for tests, not
-timing), so only the torch reference is timed, on a small fp32 shape.
+- ``triton``: ``fused_experts`` (device-side alignment, gate/up GEMM with the
+  gather in its loads, down GEMM with the weighted scatter, fixed-order
+  combine), eager, and ``triton_graph``: the same captured in a CUDA graph
+  and replayed (what a decode loop of fixed T runs);
+- ``torch_loop``: ``fused_experts_reference`` (permute, gather, a loop over
+  experts of cuBLAS GEMMs, ``index_add_``), the torch path.
 
-Routing (random logits -> top-k -> rows sorted by expert) is done once per
-token count, outside the timed region; so is the check of the offsets
-(``validate_offsets=False`` inside the loop, as a serving hot path would).
+and reports TFLOP/s (6 N H F for N kept rows) against the bf16 dense peak, and
+the bytes the call must move (the weights of every expert it touches, read
+once, plus hidden in and out) per second against the HBM bandwidth. Both
+ceilings are given twice: the datasheet's (``--peak-tflops``,
+``--peak-gbps``, defaults for the H100 SXM) and measured in the same run (a
+8192^3 bf16 ``torch.mm`` and a 4 GiB device-to-device copy, bytes read +
+written). Times are medians over CUDA-event-timed repeats after warm-up;
+routing is drawn once per T (random logits -> softmax top-K), outside the
+timed region.
 
-    python benchmarks/bench_kernels.py [--tokens 256 4096] [--out benchmarks/out/kernels.json]
+On CPU only the torch path can run (the interpreter is for tests, not timing):
+it is timed on a small fp32 shape so the script still answers something.
+
+    python benchmarks/bench_kernels.py [--shapes mixtral deepseek] [--tokens 1 8 64 256 1024 4096]
+        [--label default] [--out benchmarks/results/kernels.json]
 """
 
 from __future__ import annotations
@@ -28,56 +39,35 @@ from pathlib import Path
 
 import torch
 
-from moefleet.kernels.triton_moe import fused_topk, grouped_ffn, grouped_ffn_reference
+from moefleet.kernels import launch_config
+from moefleet.kernels.fused_moe import fused_experts, fused_experts_reference
+from moefleet.kernels.triton_moe import _device_name, fused_topk
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SHAPES = {
+    "mixtral": {"hidden": 4096, "inter": 14336, "experts": 8, "top_k": 2},
+    "deepseek": {"hidden": 7168, "inter": 2048, "experts": 256, "top_k": 8},
+}
+# Datasheet bf16 dense TFLOP/s and HBM GB/s (SXM parts).
+DATASHEET = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=4096, help="H")
-    p.add_argument("--inter", type=int, default=14336, help="F, expert intermediate size")
-    p.add_argument("--experts", type=int, default=8, help="E")
-    p.add_argument("--top-k", type=int, default=2, help="K")
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 4096], help="T values to time")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--activation", default="silu")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the GPU for --dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["mixtral", "deepseek"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096])
+    p.add_argument("--extra-tokens", type=int, nargs="*", default=[], help="more T for the DeepSeek-like shape only")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--loop-iters", type=int, default=5, help="repeats of the (slow) torch loop")
+    p.add_argument("--peak-tflops", type=float, default=None, help="datasheet bf16 dense peak (default by GPU name)")
+    p.add_argument("--peak-gbps", type=float, default=None, help="datasheet HBM bandwidth (default by GPU name)")
+    p.add_argument("--label", default="", help="a name for this run (e.g. default or tuned configs)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/kernels.json"))
-    return p.parse_args()
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
 
 
-def make_layer(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device):
-    """Gated expert weights: w13 [E, 2F, H], w2 [E, H, F], scaled to keep activations O(1)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g, device=device, dtype=dtype) * hidden**-0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=g, device=device, dtype=dtype) * inter**-0.5
-    return w13, w2
-
-
-def route(num_tokens: int, hidden: int, num_experts: int, top_k: int, dtype: torch.dtype, device: torch.device):
-    """Random tokens and router logits -> (x_sorted [T*K, H], expert_offsets [E + 1], per-expert counts)."""
-    g = torch.Generator(device=device).manual_seed(num_tokens)
-    hidden_states = torch.randn(num_tokens, hidden, generator=g, device=device, dtype=dtype)  # [T, H]
-    logits = torch.randn(num_tokens, num_experts, generator=g, device=device)  # [T, E]
-    if device.type == "cuda":
-        topk_ids, _ = fused_topk(logits, top_k, "softmax", renormalize=True)
-    else:
-        topk_ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1).indices
-    flat = topk_ids.reshape(-1)  # [T*K]
-    order = torch.argsort(flat, stable=True)
-    x_sorted = hidden_states[order // top_k]  # [T*K, H]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return x_sorted, offsets, counts.tolist()
-
-
-def time_cuda(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs, by CUDA events."""
+def time_cuda(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() by CUDA events."""
     for _ in range(warmup):
         fn()
     times = []
@@ -91,104 +81,145 @@ def time_cuda(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def time_cpu(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs, by the wall clock."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
+def measured_ceilings() -> dict:
+    """bf16 dense TFLOP/s of torch.mm 8192^3 and device-to-device copy GB/s (read + written), this GPU now."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randn(8192, 8192, generator=g, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, generator=g, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: torch.mm(a, b), 10, warmup=5)
+    tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    del a, b
+    src = torch.randn(1 << 30, generator=g, device="cuda")  # 4 GiB fp32
+    dst = torch.empty_like(src)
+    ms_copy = time_cuda(lambda: dst.copy_(src), 10, warmup=3)
+    gbps = 2 * src.numel() * 4 / (ms_copy * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_mm_tflops": tflops, "copy_gbps": gbps}
+
+
+def bench_shape(name: str, shape: dict, tokens: list[int], args, ceilings: dict, peaks: tuple[float, float]) -> list[dict]:
+    h, f, e, k = shape["hidden"], shape["inter"], shape["experts"], shape["top_k"]
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(args.seed)
+    w13 = (torch.randn(e, 2 * f, h, generator=g, device="cuda") * h**-0.5).to(dtype)
+    w2 = (torch.randn(e, h, f, generator=g, device="cuda") * f**-0.5).to(dtype)
+    kw = {"gated": True, "activation": "silu"}
+    expert_bytes = 3 * h * f * dtype.itemsize
+    _, source = launch_config.moe_config_table(e, f, _device_name(w13), dtype)
+    rows_out = []
+    for t in tokens:
+        x = torch.randn(t, h, generator=g, device="cuda").to(dtype)  # [T, H]
+        logits = torch.randn(t, e, generator=g, device="cuda")
+        ids, weights = fused_topk(logits, k, "softmax", renormalize=True)  # [T, K]
+        touched = int(torch.unique(ids).numel())
+        flops = 6.0 * t * k * h * f
+        min_bytes = touched * expert_bytes + 2 * t * h * dtype.itemsize
+
+        got = fused_experts(x, ids, weights, w13, w2, **kw)
+        want = fused_experts_reference(x, ids, weights, w13, w2, **kw)
+        err = float((got.float() - want.float()).norm() / want.float().norm())
+        row = {"shape": name, "tokens": t, "rows": t * k, "experts_touched": touched, "relative_error_vs_torch": err}
+
+        triton_ms = time_cuda(lambda: fused_experts(x, ids, weights, w13, w2, **kw), args.iters)
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for _ in range(args.iters):  # host time to issue one call (the GPU queue absorbs the launches)
+            fused_experts(x, ids, weights, w13, w2, **kw)
+        row["triton_host_launch_ms"] = (time.perf_counter() - t0) * 1e3 / args.iters
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fused_experts(x, ids, weights, w13, w2, **kw)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fused_experts(x, ids, weights, w13, w2, **kw)
+        graph_ms = time_cuda(graph.replay, args.iters)
+        del graph
+        loop_ms = time_cuda(lambda: fused_experts_reference(x, ids, weights, w13, w2, **kw), args.loop_iters, warmup=1)
 
-
-def ffn_flops(rows: int, hidden: int, inter: int) -> float:
-    """Gated FFN: x @ [gate; up].T is 2*N*H*2F, h @ w2.T is 2*N*F*H."""
-    return 6.0 * rows * hidden * inter
-
-
-def bench_cuda(args: argparse.Namespace) -> list[dict]:
-    device = torch.device("cuda")
-    dtype = DTYPES[args.dtype]
-    w13, w2 = make_layer(args.experts, args.hidden, args.inter, dtype, device)
-    results = []
-    for num_tokens in args.tokens:
-        x, offsets, counts = route(num_tokens, args.hidden, args.experts, args.top_k, dtype, device)
-        kw = {"gated": True, "activation": args.activation}
-        triton_out = grouped_ffn(x, offsets, w13, w2, **kw)  # validates offsets once, compiles
-        torch_out = grouped_ffn_reference(x, offsets, w13, w2, **kw)
-        err = ((triton_out.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
-        flops = ffn_flops(x.shape[0], args.hidden, args.inter)
-        row = {"tokens": num_tokens, "rows": x.shape[0], "rows_per_expert": counts, "relative_error": err}
-        for name, fn in (
-            ("triton", lambda: grouped_ffn(x, offsets, w13, w2, validate_offsets=False, **kw)),
-            ("torch_loop", lambda: grouped_ffn_reference(x, offsets, w13, w2, **kw)),
-        ):
-            ms = time_cuda(fn, args.warmup, args.iters)
+        for key, ms in (("triton", triton_ms), ("triton_graph", graph_ms), ("torch_loop", loop_ms)):
             tflops = flops / (ms * 1e-3) / 1e12
-            row[name] = {"ms": ms, "tflops": tflops, "fraction_of_peak": tflops / args.peak_tflops}
-        row["speedup"] = row["torch_loop"]["ms"] / row["triton"]["ms"]
-        results.append(row)
+            gbps = min_bytes / (ms * 1e-3) / 1e9
+            row[key] = {
+                "ms": ms,
+                "tflops": tflops,
+                "fraction_of_datasheet_peak": tflops / peaks[0],
+                "fraction_of_measured_mm": tflops / ceilings["bf16_mm_tflops"],
+                "gbps": gbps,
+                "fraction_of_datasheet_hbm": gbps / peaks[1],
+                "fraction_of_measured_copy": gbps / ceilings["copy_gbps"],
+            }
+        row["speedup_vs_torch_loop"] = loop_ms / triton_ms
+        row["speedup_graph_vs_torch_loop"] = loop_ms / graph_ms
+        rows_out.append(row)
+        tg = row["triton_graph"]
         print(
-            f"T={num_tokens:5d} rows={x.shape[0]:5d}  "
-            f"triton {row['triton']['ms']:8.3f} ms {row['triton']['tflops']:7.1f} TFLOP/s "
-            f"({100 * row['triton']['fraction_of_peak']:4.1f}% of peak)  "
-            f"torch loop {row['torch_loop']['ms']:8.3f} ms {row['torch_loop']['tflops']:7.1f} TFLOP/s  "
-            f"speedup {row['speedup']:.2f}x  rel err {err:.1e}"
+            f"{name:8s} T={t:5d} N={t * k:6d} touched={touched:3d}  triton {triton_ms:8.3f} ms  graph {graph_ms:8.3f} ms  "
+            f"loop {loop_ms:8.3f} ms  x{row['speedup_vs_torch_loop']:5.2f}  host {row['triton_host_launch_ms']:6.3f} ms  "
+            f"{tg['tflops']:6.1f} TFLOP/s ({100 * tg['fraction_of_datasheet_peak']:4.1f}% sheet)  "
+            f"{tg['gbps']:7.0f} GB/s ({100 * tg['fraction_of_datasheet_hbm']:4.1f}% sheet, "
+            f"{100 * tg['fraction_of_measured_copy']:4.1f}% copy)  err {err:.1e}",
+            flush=True,
         )
-    return results
+        del x, logits, ids, weights, got, want
+    del w13, w2
+    torch.cuda.empty_cache()
+    return [{"config_source": Path(source).name, **r} for r in rows_out]
 
 
-def bench_cpu(args: argparse.Namespace) -> list[dict]:
-    device = torch.device("cpu")
-    hidden, inter, num_experts, top_k, num_tokens = 256, 512, 8, 2, 64
-    print(
-        "grouped_ffn's Triton path needs CUDA; timing only the torch reference on a small "
-        f"fp32 shape (H={hidden}, F={inter}, E={num_experts}, top-{top_k}, T={num_tokens})."
-    )
-    w13, w2 = make_layer(num_experts, hidden, inter, torch.float32, device)
-    x, offsets, counts = route(num_tokens, hidden, num_experts, top_k, torch.float32, device)
-    kw = {"gated": True, "activation": args.activation}
-    ms = time_cpu(lambda: grouped_ffn_reference(x, offsets, w13, w2, **kw), args.warmup, args.iters)
-    gflops = ffn_flops(x.shape[0], hidden, inter) / (ms * 1e-3) / 1e9
-    print(f"T={num_tokens} rows={x.shape[0]}  torch loop {ms:.3f} ms  {gflops:.1f} GFLOP/s")
-    return [
-        {
-            "tokens": num_tokens,
-            "rows": x.shape[0],
-            "rows_per_expert": counts,
-            "shape": {"hidden": hidden, "inter": inter, "experts": num_experts, "top_k": top_k, "dtype": "float32"},
-            "torch_loop": {"ms": ms, "gflops": gflops},
-        }
-    ]
+def bench_cpu(args) -> list[dict]:
+    hidden, inter, experts, top_k, tokens = 256, 512, 8, 2, 64
+    print(f"no CUDA: timing only the torch path, fp32, H={hidden} F={inter} E={experts} top-{top_k} T={tokens}")
+    g = torch.Generator().manual_seed(args.seed)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) * hidden**-0.5
+    w2 = torch.randn(experts, hidden, inter, generator=g) * inter**-0.5
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.topk(torch.randn(tokens, experts, generator=g), top_k, dim=-1).indices
+    weights = torch.full((tokens, top_k), 1.0 / top_k)
+    kw = {"gated": True, "activation": "silu"}
+    fused_experts_reference(x, ids, weights, w13, w2, **kw)
+    samples = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        fused_experts_reference(x, ids, weights, w13, w2, **kw)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(samples)
+    gflops = 6.0 * tokens * top_k * hidden * inter / (ms * 1e-3) / 1e9
+    print(f"torch loop {ms:.3f} ms  {gflops:.1f} GFLOP/s")
+    return [{"shape": "small-cpu", "tokens": tokens, "torch_loop": {"ms": ms, "gflops": gflops}}]
 
 
-def main() -> None:
-    args = parse_args()
-    on_cuda = torch.cuda.is_available()
-    results = bench_cuda(args) if on_cuda else bench_cpu(args)
-    report = {
-        "question": "grouped_ffn Triton vs torch per-expert loop",
-        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "shape": {
-            "hidden": args.hidden,
-            "inter": args.inter,
-            "experts": args.experts,
-            "top_k": args.top_k,
-            "dtype": args.dtype,
-            "activation": args.activation,
-            "gated": True,
-        }
-        if on_cuda
-        else None,
-        "peak_tflops": args.peak_tflops if on_cuda else None,
-        "results": results,
-    }
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report = {"question": "fused routed experts (Triton) vs the torch per-expert loop vs the GPU's ceilings", "label": args.label}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        sheet = next((v for key, v in DATASHEET.items() if key in name), (float("nan"), float("nan")))
+        peaks = (args.peak_tflops or sheet[0], args.peak_gbps or sheet[1])
+        ceilings = measured_ceilings()
+        print(
+            f"{name}: measured bf16 mm {ceilings['bf16_mm_tflops']:.0f} TFLOP/s (sheet {peaks[0]:.0f}), "
+            f"copy {ceilings['copy_gbps']:.0f} GB/s (sheet {peaks[1]:.0f})",
+            flush=True,
+        )
+        results = []
+        for shape in args.shapes:
+            tokens = args.tokens + (args.extra_tokens if shape == "deepseek" else [])
+            results += bench_shape(shape, SHAPES[shape], tokens, args, ceilings, peaks)
+        report.update(
+            device=name, datasheet={"bf16_tflops": peaks[0], "hbm_gbps": peaks[1]}, measured=ceilings,
+            shapes={s: SHAPES[s] for s in args.shapes}, dtype="bfloat16", results=results,
+        )  # fmt: skip
+    else:
+        report.update(device=platform.processor() or "cpu", results=bench_cpu(args))
+    import triton
+
+    report.update(torch=torch.__version__, triton=triton.__version__)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -45,6 +45,7 @@ from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_actor_name
 from moefleet.core.state import StateStore, resolve_redis_url
+from moefleet.kernels.experts import packed_kind
 
 from .autoscale import AutoscalingConfig, autoscale_step
 from .planner import Plan, PlannerKnobs, plan
@@ -95,6 +96,21 @@ class ControllerConfig(BaseModel):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="What the telemetry endpoint exports.")
 
 
+def held_expert_bytes(ckpt: MoECheckpoint, layers: list[int], worker: WorkerConfig, local: bool = False):
+    """Bytes one replica of each expert occupies on a worker: one number, or ``[L, E]`` where layers differ.
+
+    What the workers hold: experts of a quantized checkpoint stay packed on CUDA
+    workers where a kernel takes their form (fp8 values + block scales, MXFP4
+    bytes + exponents), and are dequantized to the compute dtype elsewhere.
+    """
+    cuda = worker.num_gpus > 0 and not local and worker.backend != "torch"
+    dtype = worker.dtype or ckpt.spec.dtype
+    sizes = [ckpt.expert_bytes(layer, dtype, packed=packed_kind(ckpt, layer, "triton" if cuda else "torch") is not None) for layer in layers]
+    if len(set(sizes)) <= 1:
+        return sizes[0] if sizes else ckpt.expert_bytes(ckpt.spec.moe_layers[0], dtype)
+    return np.array([[size] * ckpt.layer_spec(layer).num_experts for layer, size in zip(layers, sizes)], dtype=float)
+
+
 def load_matrix(load: dict, layers: list[int], num_experts: int) -> np.ndarray:
     """[L, E] from ``{(layer, expert): tokens}``."""
     row = {layer: i for i, layer in enumerate(layers)}
@@ -115,10 +131,10 @@ class Controller:
         self.holder = holder or f"controller-{uuid.uuid4().hex[:8]}"
         self.store = store or StateStore(resolve_redis_url(config.redis_url), namespace=config.namespace, socket_timeout_s=2.0)
         self.checkpoint = str(config.checkpoint or default_model_dir())
-        self.spec = MoECheckpoint(self.checkpoint).spec
+        ckpt = MoECheckpoint(self.checkpoint)
+        self.spec = ckpt.spec
         self.layers = list(self.spec.moe_layers)
-        ls = self.spec.layer
-        self.expert_bytes = ls.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[config.worker.dtype or self.spec.dtype]
+        self.expert_bytes = held_expert_bytes(ckpt, self.layers, config.worker, local=config.local)
         self.clock = clock
         self.leader = False
         self.token = 0
@@ -129,7 +145,7 @@ class Controller:
             drain_timeout_s=config.drain_timeout_s, local=config.local, redis_url=self.store.url, clock=clock,
         )
         self.reconciler.keepalive = self._keepalive
-        self.reconciler.expert_bytes = self.expert_bytes
+        self.reconciler.expert_bytes = self._replica_bytes
         self.last_report: dict = {}
         self.down: set[str] = set()  # devices of the placement whose worker is dead
         self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
@@ -138,6 +154,13 @@ class Controller:
         self._store_ok_since: float | None = -float("inf")
         self._seen_generation = ""
         self._last_step = -float("inf")
+
+    def _replica_bytes(self, key) -> int:
+        """Bytes one replica of ``key`` holds on a worker (what the reconciler stages moves with)."""
+        eb = self.expert_bytes
+        if np.ndim(eb) == 0:
+            return int(eb)
+        return int(eb[self.layers.index(int(key[0])), int(key[1])])
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
@@ -229,17 +252,29 @@ class Controller:
         return down
 
     def _restart(self, devices: set[str]) -> None:
+        """Start a fresh, empty worker for each device whose worker died, once Ray has released its name."""
         if not self.config.restart_workers:
             return
+        import ray
+
         for d in sorted(devices):
             if d in self._restarting:
                 continue
+            try:
+                old = ray.get_actor(worker_actor_name(d), namespace=self.config.namespace)
+            except ValueError:
+                old = None
+            if old is not None:
+                if self._ray_alive(d):
+                    continue  # it answers after all
+                ray.kill(old, no_restart=True)  # a dead actor can keep its name until killed: free it
+                time.sleep(0.05)
             try:
                 h = self.reconciler.handle(d, [])
                 self._restarting[d] = (h, h.ready.remote(), time.monotonic())
                 log.info("started a fresh worker for device %s", d)
                 self.store.emit_event("worker_restart", {"device": d})
-            except Exception as e:  # Ray refused (no resources): tried again next step
+            except Exception as e:  # Ray refused (no resources, name taken): tried again next step
                 log.warning("could not restart the worker of %s: %s", d, e)
 
     def _poll_restarts(self, records: dict[str, dict]) -> None:
@@ -310,6 +345,13 @@ class Controller:
         self.down = down
         report["down"] = sorted(down)
         unusable = down | set(self._restarting)
+        if self.config.local:
+            # local devices are this machine's workers: one without a live worker is restarted, not planned on
+            idle_dead = {d.device_id for d in inventory.devices if d.device_id not in records and d.device_id not in current.assignments}
+            unusable |= idle_dead
+            down_or_idle = down | idle_dead
+        else:
+            down_or_idle = down
         devices = [d for d in inventory.devices if d.device_id not in unusable]
         # finish or roll back what a previous leader left half-done
         pending = self.store.get_record("rebalance") or {}
@@ -355,7 +397,7 @@ class Controller:
                 published = self.reconciler.apply(result.target, reason=reason, skip=down)
                 report["applied_version"] = published.version
                 report["apply_seconds"] = time.monotonic() - t0
-        self._restart(down)
+        self._restart(down_or_idle)
         record["last_report"] = report
         self.store.put_record(RECORD, record)
         self.store.emit_event("plan", report)
@@ -408,7 +450,10 @@ def controller_actor_class():
         """``autorun``: step every interval in a thread; otherwise step only when ``step()`` is called."""
 
         def __init__(self, config: dict, holder: str, autorun: bool = True):
-            self.controller = Controller(ControllerConfig(**config), holder=holder)
+            # Each incarnation is its own lease holder: one Ray restarted after a crash waits for the
+            # old lease to lapse and leads under a new fencing token, never under the dead one's.
+            incarnation = ray.get_runtime_context().was_current_actor_reconstructed
+            self.controller = Controller(ControllerConfig(**config), holder=f"{holder}-{uuid.uuid4().hex[:6]}" if incarnation else holder)
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self.controller.run, args=(self.stop,), daemon=True)
             if autorun:
@@ -425,6 +470,11 @@ def controller_actor_class():
 
         def last_report(self) -> dict:
             return self.controller.last_report
+
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
 
         def shutdown(self) -> None:
             self.stop.set()

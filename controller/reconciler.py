@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moefleet.core.config import WorkerConfig
@@ -96,6 +97,58 @@ def routers_drained(routers: dict[str, dict], version: int, generation: str | No
     )
 
 
+def stage_transition(
+    current: Placement,
+    target: Placement,
+    expert_bytes: Callable[[ExpertKey], int],
+    capacity: dict[DeviceId, int],
+    max_stages: int = 16,
+) -> list[Placement]:
+    """The placements to publish in turn, ending with ``target``, so that no device outgrows its memory.
+
+    A step loads what a device gains before it unloads what it loses (make
+    before break), so a device momentarily holds both. When that does not fit
+    in ``capacity`` (bytes per device; absent: unbounded), the move is staged:
+    each stage adds what fits beside what the device holds now and drops what
+    still has a replica elsewhere in the stage, freeing room for the next.
+    Every stage is a complete placement (every expert keeps a replica).
+    Returns ``[target]`` when one step fits; raises ``ValueError`` naming the
+    device when no staging can make room (the plan then waits).
+    """
+    cur = {d: {tuple(k) for k in keys} for d, keys in current.assignments.items()}
+    tgt = {d: {tuple(k) for k in keys} for d, keys in target.assignments.items()}
+    devices = sorted(set(cur) | set(tgt))
+
+    def used(keys) -> int:
+        return sum(expert_bytes(k) for k in keys)
+
+    def fits(a: dict, b: dict) -> bool:
+        return all(used(a.get(d, set()) | b.get(d, set())) <= capacity.get(d, float("inf")) for d in devices)
+
+    stages: list[Placement] = []
+    for _ in range(max_stages):
+        if fits(cur, tgt):
+            return stages + [target]
+        nxt = {d: set(keys) for d, keys in cur.items()}
+        for d in devices:  # add what fits beside what the device holds
+            room = capacity.get(d, float("inf")) - used(cur.get(d, set()))
+            for k in sorted(tgt.get(d, set()) - cur.get(d, set())):
+                b = expert_bytes(k)
+                if b <= room:
+                    nxt.setdefault(d, set()).add(k)
+                    room -= b
+        for d in devices:  # drop what the target drops and still has a replica elsewhere in this stage
+            for k in sorted(cur.get(d, set()) - tgt.get(d, set())):
+                if any(k in nxt.get(o, set()) for o in devices if o != d):
+                    nxt[d].discard(k)
+        if nxt == cur:
+            over = [d for d in devices if used(cur.get(d, set()) | tgt.get(d, set())) > capacity.get(d, float("inf"))]
+            raise ValueError(f"capacity: cannot stage the move within device memory (devices {over} stay over)")
+        stages.append(Placement(assignments={d: sorted(k) for d, k in nxt.items() if k}, speeds=target.speeds))
+        cur = nxt
+    raise ValueError(f"capacity: the move needs more than {max_stages} stages")
+
+
 def worker_diff(placement: Placement, held: dict[DeviceId, list[ExpertKey]]) -> PlacementDiff:
     """What each live worker must load and unload to hold exactly what ``placement`` assigns it.
 
@@ -129,9 +182,11 @@ class Reconciler:
         drain_timeout_s: float = 30.0,
         local: bool = False,
         redis_url: str | None = None,
+        expert_bytes: Callable[[ExpertKey], int] | None = None,
         clock=time.time,
     ):
         self.store = store
+        self.expert_bytes = expert_bytes  # bytes one replica holds (staging moves within device memory); None: unstaged
         self.checkpoint = checkpoint
         self.namespace = namespace
         self.worker = worker or WorkerConfig()
@@ -143,7 +198,6 @@ class Reconciler:
         self.fence: tuple[str, int] | None = None
         self.keepalive = None
         self.last_apply: dict = {}
-        self.expert_bytes = 0  # bytes of one expert's weights as workers hold them (the controller sets it)
 
     # -- Ray -------------------------------------------------------------
     def handle(self, device: DeviceId, experts: list[ExpertKey] = ()):
@@ -161,7 +215,8 @@ class Reconciler:
             need = worker_resources(spec)
             options = dict(num_gpus=need.get("num_gpus"), resources=need.get("resources"), node_id=spec.node_id or None)
         return start_worker(
-            device, self.checkpoint, list(experts), self.namespace, self.worker, cpus=cpus, redis_url=self.redis_url, **options
+            device, self.checkpoint, list(experts), self.namespace, self.worker, cpus=cpus, redis_url=self.redis_url,
+            memory_bytes=None if spec is None else spec.memory_bytes, **options,
         )
 
     def retire(self, device: DeviceId) -> None:
@@ -172,16 +227,28 @@ class Reconciler:
         except ValueError:
             pass  # already gone
 
-    def _count(self, seconds: float | None, loads: int) -> None:
+    def _count(self, seconds: float | None, loads: int, bytes_moved: int) -> None:
         """Add a rebalance (``seconds``; None: copies made converging) to the fleet's counters (best effort)."""
         from .telemetry import REBALANCE_COUNTERS, rebalance_increments
 
         if seconds is None and not loads:
             return
         try:
-            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, loads * self.expert_bytes))
+            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, bytes_moved))
         except Exception as e:  # telemetry must not stop a rebalance
             log.warning("could not count the rebalance: %s", e)
+
+    def _store_time(self) -> float:
+        try:
+            return self.store.time()
+        except Exception:  # reporting only: fall back to this host's clock
+            return time.time()
+
+    def _bytes(self, diff: PlacementDiff) -> int:
+        """Weight bytes a step copies (0 when the reconciler does not know replica sizes)."""
+        if self.expert_bytes is None:
+            return 0
+        return int(sum(self.expert_bytes(k) for keys in diff.adds.values() for k in keys))
 
     def _token(self) -> int | None:
         return None if self.fence is None else self.fence[1]
@@ -212,18 +279,36 @@ class Reconciler:
 
     # -- one step --------------------------------------------------------
     def apply(self, target: Placement, *, reason: str = "", skip: set[DeviceId] | frozenset = frozenset()) -> Placement:
-        """Converge to ``target``; returns the placement as published (its version is the next one).
+        """Converge to ``target``; returns the placement as published last (the target).
+
+        When a device cannot hold what it gains beside what it loses, the move
+        is made in stages (``stage_transition``), each published and drained
+        before the next, so no worker outgrows its memory mid-rebalance.
 
         skip: devices whose workers are dead: nothing is loaded on, unloaded
         from or retired on them (a restarted worker may already hold the name).
         """
-        import ray
+        current = self.store.get_placement() or Placement()
+        stages = [target]
+        if self.expert_bytes is not None:
+            capacity = {d: spec.memory_bytes for d, spec in self.devices.items()}
+            live = Placement(assignments={d: k for d, k in current.assignments.items() if d not in skip})
+            stages = stage_transition(live, target, self.expert_bytes, capacity)
+        published = current
+        for i, stage in enumerate(stages):
+            why = reason if i == len(stages) - 1 else f"{reason} (stage {i + 1} of {len(stages)}: room first)"
+            published = self._apply_step(stage, reason=why, skip=skip)
+        return published
 
+    def _apply_step(self, target: Placement, *, reason: str, skip) -> Placement:
         current = self.store.get_placement() or Placement()
         diff = placement_diff(current, target)
         if diff.empty:
             return current
+        import ray  # noqa: F401  (the steps below drive workers through Ray)
+
         t0 = self.clock()
+        started_at = self._store_time()
         token = self._token()
         self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason)
         # 1. load what each device gains (new devices start with their experts)
@@ -240,7 +325,7 @@ class Reconciler:
         self._record("published", version=published.version, generation=published.generation)
         self.store.emit_event(
             "placement",
-            {"version": published.version, "loads": diff.num_loads, "bytes": diff.num_loads * self.expert_bytes, "reason": reason},
+            {"version": published.version, "loads": diff.num_loads, "bytes": self._bytes(diff), "reason": reason},
         )
         # 3. drain what was dispatched under older versions (nothing to wait for when nothing is unloaded)
         removing = any(d not in skip for d in diff.removes)
@@ -258,11 +343,20 @@ class Reconciler:
                 self.retire(d)
         self._record(None, version=published.version)
         elapsed = self.clock() - t0
-        self._count(elapsed, diff.num_loads)
+        self._count(elapsed, diff.num_loads, self._bytes(diff))
+        try:
+            self.store.emit_event("rebalance", {
+                "version": published.version, "started_at": started_at, "ended_at": self._store_time(), "loads": diff.num_loads,
+                "unloads": sum(len(v) for d, v in diff.removes.items() if d not in skip), "bytes_moved": self._bytes(diff),
+                "drained": drained, "reason": reason,
+            })
+        except Exception as e:  # reporting only
+            log.warning("could not record the rebalance: %s", e)
         self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
         log.info(
             "placement v%d applied: %d loads, %d devices started, %d retired, drained=%s, %.2fs (%s)",
-            published.version, diff.num_loads, len(diff.new_devices), len(diff.retired_devices), drained, elapsed, reason,
+            published.version, diff.num_loads, len(diff.new_devices), len([d for d in diff.retired_devices if d not in skip]),
+            drained, elapsed, reason,
         )
         return published
 
@@ -289,7 +383,7 @@ class Reconciler:
             else:
                 self._check_lease("unload")
                 ray.get([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()])
-        self._count(None, diff.num_loads)
+        self._count(None, diff.num_loads, self._bytes(diff))
         if diff.adds or diff.removes:
             log.info("converged workers to placement v%d: loaded %s, unloaded %s", placement.version, diff.adds, diff.removes)
             self.store.emit_event("converge", {"version": placement.version, "loaded": diff.num_loads,

@@ -334,13 +334,16 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
     # rebalance log: each published placement with the controller's report of the step that made it
     reports = {e["data"].get("applied_version"): e["data"] for e in inputs.events
                if e["kind"] == "plan" and e["data"].get("applied_version")}
+    done = {e["data"].get("version"): e["data"] for e in inputs.events if e["kind"] == "rebalance"}  # its start and end
     log = []
     for e in inputs.events:
         if e["kind"] != "placement":
             continue
         d, rep = e["data"], reports.get(e["data"].get("version"), {})
+        end = done.get(d.get("version"), {})
+        seconds = end["ended_at"] - end["started_at"] if "ended_at" in end and "started_at" in end else rep.get("apply_seconds")
         log.append({"at": e["at"], "version": d.get("version"), "reason": d.get("reason", ""), "loads": d.get("loads", 0),
-                    "bytes": d.get("bytes"), "seconds": rep.get("apply_seconds"),
+                    "bytes": d.get("bytes", end.get("bytes_moved")), "seconds": seconds,
                     "balancedness_before": rep.get("balancedness_before"), "balancedness_after": rep.get("balancedness_after"),
                     "gain": rep.get("gain")})
     events = [e for e in inputs.events if e["kind"] in EVENT_KINDS][-20:]

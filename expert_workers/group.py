@@ -28,7 +28,7 @@ from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.recent import RecentCounts
 from moefleet.core.tensors import DTYPES, from_numpy
-from moefleet.kernels.experts import grouped_ffn, resolve_backend
+from moefleet.kernels.experts import grouped_ffn, packed_kind, resolve_backend
 
 from .slots import LayerSlots, LayerView
 
@@ -99,6 +99,8 @@ class ExpertGroupCore:
     checkpoint: checkpoint directory the weights load from (lazily, per expert).
     device: 'auto' (CUDA when visible, else CPU), 'cpu' or 'cuda'.
     dtype: compute dtype name; default the checkpoint's.
+    memory_budget_bytes: the most this worker's slot stacks may reserve (its device's
+        memory for experts); a load past it raises ``MemoryBudgetError``.
     """
 
     def __init__(
@@ -110,8 +112,10 @@ class ExpertGroupCore:
         device: str = "auto",
         dtype: str | None = None,
         backend: str = "auto",
+        memory_budget_bytes: int | None = None,
     ):
         self.worker_id = worker_id
+        self.memory_budget_bytes = memory_budget_bytes  # expert weights' cap on this device (slot stacks included)
         self.ckpt = MoECheckpoint(checkpoint)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,7 +148,11 @@ class ExpertGroupCore:
         slots = self._slots.get(layer)
         if slots is None:
             spec = self.ckpt.layer_spec(layer)
-            slots = LayerSlots(spec.expert_kind == "gated", spec.activation, self.device, self.dtype)
+            kind = packed_kind(self.ckpt, layer, self.backend)
+            kwargs = {"quant": kind, "swiglu_alpha": spec.swiglu_alpha, "swiglu_limit": spec.swiglu_limit}
+            if kind == "fp8":
+                kwargs["block"] = self.ckpt.quant.weight_block_size
+            slots = LayerSlots(spec.expert_kind == "gated", spec.activation, self.device, self.dtype, kwargs)
             self._slots[layer] = slots
         return slots
 
@@ -170,7 +178,11 @@ class ExpertGroupCore:
                 if expert in slots.slot_of:
                     continue
                 slots.release(self._oldest_running(layer))
-                slots.put(expert, self.ckpt.expert(layer, expert))
+                packed = slots.stack_kwargs.get("quant") is not None
+                room = None
+                if self.memory_budget_bytes is not None:
+                    room = self.memory_budget_bytes - sum(sl.nbytes()[1] for sl in self._slots.values())
+                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room)
                 self._views = {**self._views, layer: slots.view()}
             return self.experts()
 
@@ -233,8 +245,12 @@ class ExpertGroupCore:
             offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
             x = from_numpy(hidden, self.dtype_name).to(self.device)
             idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
-            y = grouped_ffn(x.index_select(0, idx), offsets, view.stack, self.backend)
             w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
+            x_rows = x.index_select(0, idx)
+            if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
+                x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
+                w = torch.ones_like(w)
+            y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
             out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
             inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
             out.index_add_(0, inv, y.float() * w[:, None])
@@ -266,6 +282,7 @@ class ExpertGroupCore:
                 "tokens_served": {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())},
                 "memory_bytes": held,
                 "reserved_bytes": reserved,
+                "expert_form": {str(layer): slots.stack_kwargs.get("quant") or "float" for layer, slots in list(self._slots.items())},
                 "experts": [list(k) for k in self.experts()],
                 "device": str(self.device),
                 "backend": self.backend,

@@ -15,10 +15,15 @@ every forward that started on an older generation has finished.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from moefleet.kernels.experts import ExpertStack
+from moefleet.kernels.experts import ExpertStack, expert_rows, stack_experts
+
+
+class MemoryBudgetError(MemoryError):
+    """A load would take the worker past its memory budget (slot growth counted with the old stack alive)."""
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,18 @@ class LayerView:
 
 @dataclass
 class LayerSlots:
-    """Mutable slot state of one layer; callers serialise ``put``/``drop``/``release`` (one loader at a time)."""
+    """Mutable slot state of one layer; callers serialise ``put``/``drop``/``release`` (one loader at a time).
+
+    stack_kwargs: how the stack computes beyond ``gated``/``activation`` (``stack_experts``'s keywords:
+    ``quant`` and ``block`` for packed experts, ``swiglu_alpha``/``swiglu_limit``). Float tensors
+    are held in ``dtype``; packed values and their scales as stored.
+    """
 
     gated: bool
     activation: str
     device: torch.device
     dtype: torch.dtype
+    stack_kwargs: dict[str, Any] = field(default_factory=dict)
     stack: ExpertStack | None = None
     slot_of: dict[int, int] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
@@ -49,18 +60,15 @@ class LayerSlots:
         return 0 if self.stack is None else self.stack.num_experts
 
     def _allocate(self, like: dict[str, torch.Tensor], capacity: int) -> None:
-        def buf(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.zeros((capacity, *t.shape), dtype=self.dtype, device=self.device)
-
-        w13 = torch.cat([like["w1"], like["w3"]]) if self.gated else like["w1"]
-        new = ExpertStack(buf(w13), buf(like["w2"]), self.gated, self.activation, buf(like.get("b1")), buf(like.get("b2")))
+        proto = stack_experts([like], self.gated, self.activation, **self.stack_kwargs).to(dtype=self.dtype)
+        new = proto.replace(
+            **{n: torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=self.device) for n, t in proto.tensors().items()}
+        )
         old = self.stack
         if old is not None:  # growth: the one time every held expert is copied
             n = old.num_experts
-            for name in ("w13", "w2", "b13", "b2"):
-                src, dst = getattr(old, name), getattr(new, name)
-                if src is not None:
-                    dst[:n].copy_(src)
+            for name, src in old.tensors().items():
+                getattr(new, name)[:n].copy_(src)
         self.free.extend(range(self.capacity, capacity))
         self.stack = new
 
@@ -74,26 +82,38 @@ class LayerSlots:
                 keep.append((slot, gen))
         self.quarantine = keep
 
-    def put(self, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy one expert (roles w1, w3, w2, b1, b2) into a free slot."""
+    def slot_bytes(self, like: dict[str, torch.Tensor]) -> int:
+        """Bytes one slot of this layer takes (from the stack, or from one expert's tensors)."""
+        if self.stack is not None and self.capacity:
+            return self.stack.nbytes() // self.capacity
+        return stack_experts([like], self.gated, self.activation, **self.stack_kwargs).to(dtype=self.dtype).nbytes()
+
+    def put(self, expert: int, tensors: dict[str, torch.Tensor], room_bytes: int | None = None) -> None:
+        """Copy one expert (roles w1, w3, w2, b1, b3, b2; w*_scale when packed) into a free slot.
+
+        room_bytes: memory the worker may still take (its budget less everything
+        it reserves, this layer's stack included). Growing the stack doubles it,
+        but never past what fits beside the old stack while the copy runs; when
+        not even one more slot fits, ``MemoryBudgetError`` (nothing changes).
+        """
         if expert in self.slot_of:
             return
         if not self.free:
-            self._allocate(tensors, max(4, 2 * self.capacity))
+            want = max(4, 2 * self.capacity)
+            if room_bytes is not None:
+                fit = max(0, room_bytes) // max(1, self.slot_bytes(tensors))
+                want = min(want, fit)
+                if want <= self.capacity:
+                    raise MemoryBudgetError(
+                        f"no room for another slot: {room_bytes} bytes left, a slot stack of {self.capacity + 1} "
+                        f"takes {(self.capacity + 1) * self.slot_bytes(tensors)} beside the current one "
+                        f"({len(self.quarantine)} freed slots still quarantined)"
+                    )
+            self._allocate(tensors, want)
         self.free.sort(reverse=True)
         slot = self.free.pop()
-        s = self.stack
-        if self.gated:
-            f = tensors["w1"].shape[0]
-            s.w13[slot, :f].copy_(tensors["w1"])
-            s.w13[slot, f:].copy_(tensors["w3"])
-        else:
-            s.w13[slot].copy_(tensors["w1"])
-        s.w2[slot].copy_(tensors["w2"])
-        if s.b13 is not None:
-            s.b13[slot].copy_(tensors["b1"])
-        if s.b2 is not None:
-            s.b2[slot].copy_(tensors["b2"])
+        for name, t in expert_rows(tensors, self.gated).items():
+            getattr(self.stack, name)[slot].copy_(t)  # copy_ casts float roles to the slot dtype
         self.slot_of[expert] = slot
 
     def drop(self, expert: int) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import ExpertStack, SharedExperts, grouped_ffn, resolve_backend
-from .permute import gather_rows, permute, unpermute
+from .experts import ExpertStack, SharedExperts, grouped_ffn, moe_experts, resolve_backend
+from .permute import gather_rows, permute, row_weights, scale_rows, unpermute
 from .routing import Routing, RoutingSpec, gate_logits, route
 
 log = logging.getLogger(__name__)
@@ -19,21 +19,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GateWeights:
-    """Router weights. weight: [E, H]; bias: [E] or None; correction_bias: [E] or None (choice only)."""
+    """Router weights. weight: [E, H]; bias: [E] or None; correction_bias: [E] or None (choice only).
+
+    dtype: the dtype the logits are computed in (fp32, or the compute dtype for
+    families whose gate runs in the model dtype: see ``gate_dtype``).
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     correction_bias: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32."""
-        return gate_logits(hidden, self.weight, self.bias)
+        return gate_logits(hidden, self.weight, self.bias, self.dtype)
 
     def to(self, device=None) -> "GateWeights":
         def mv(t):
             return None if t is None else t.to(device=device)
 
-        return GateWeights(mv(self.weight), mv(self.bias), mv(self.correction_bias))
+        return GateWeights(mv(self.weight), mv(self.bias), mv(self.correction_bias), self.dtype)
+
+
+def gate_dtype(spec, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer's router logits are computed in: fp32, or ``compute_dtype`` when the spec's
+    ``gate_precision`` is 'input' (the family's reference runs its gate in the model dtype)."""
+    return compute_dtype if getattr(spec, "gate_precision", "float32") == "input" else torch.float32
 
 
 def fused_route(logits: torch.Tensor, spec: RoutingSpec, gate: GateWeights, backend: str) -> Routing:
@@ -75,6 +86,14 @@ class MoELayer:
 
     spec: an object with the attributes of ``MoELayerSpec``.
     backend: 'auto' (Triton on CUDA, torch on CPU), 'torch' or 'triton'.
+
+    On the Triton backend a call with fused routing (softmax/sigmoid top-k,
+    no groups or capacity) and fusable experts (float weights, a standard
+    activation, routed weights on the output) makes no host synchronisation,
+    so a decode step of fixed T can be captured in a CUDA graph. Group-limited
+    and capacity routing run the torch router; packed (fp8, MXFP4) or
+    clamped-SwiGLU experts and input-weighted layers (Llama 4) run the
+    stepwise path (permute, grouped FFN, ``index_add_``).
     """
 
     def __init__(
@@ -92,7 +111,9 @@ class MoELayer:
         self.experts = experts
         self.shared = shared
         self.backend = resolve_backend(backend, experts.w13.device)
-        log.info("MoE layer runs the %s path on %s", self.backend, experts.w13.device)
+        log.info(
+            "MoE layer runs the %s path on %s (%s experts)", self.backend, experts.w13.device, experts.quant or "float"
+        )
 
     def route(self, hidden: torch.Tensor, router_logits: torch.Tensor | None = None) -> Routing:
         logits = self.gate.logits(hidden) if router_logits is None else router_logits
@@ -109,7 +130,14 @@ class MoELayer:
         if hidden.dim() != 2 or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"hidden: expected [T, {self.spec.hidden_size}], got {list(hidden.shape)}")
         routing = self.route(hidden, router_logits)
-        perm = permute(routing.topk_ids, self.spec.num_experts)
-        y = grouped_ffn(gather_rows(hidden, perm), perm.expert_offsets, self.experts, self.backend)
-        out = combine_shared(unpermute(y, perm, routing.topk_weights, hidden.shape[0]), hidden, self.shared)
+        if getattr(self.spec, "routed_weight_on", "output") == "input":  # Llama 4: the weight scales the input
+            perm = permute(routing.topk_ids, self.spec.num_experts)
+            x = scale_rows(gather_rows(hidden, perm), row_weights(routing.topk_weights, perm))
+            y = grouped_ffn(x, perm.expert_offsets, self.experts, self.backend)
+            out = combine_shared(unpermute(y, perm, None, hidden.shape[0]), hidden, self.shared)
+        else:
+            # Shared experts join the routed sum in fp32 before the cast to hidden's dtype
+            # (inside the combine kernel on the fused Triton path).
+            shared = self.shared(hidden) if self.shared is not None else None
+            out = moe_experts(hidden, routing.topk_ids, routing.topk_weights, self.experts, self.backend, extra=shared)
         return (out, routing) if return_routing else out

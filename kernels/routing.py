@@ -43,11 +43,19 @@ class Routing:
     topk_weights: torch.Tensor
 
 
-def gate_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Router logits [T, E] in fp32 from hidden [T, H] and the gate's weight [E, H] (bias [E])."""
+def gate_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Router logits [T, E] from hidden [T, H] and the gate's weight [E, H] (bias [E]), returned in fp32.
+
+    dtype: the dtype the product is computed in. fp32 (the default) upcasts
+    hidden and weight first (DeepSeek, GLM); families whose reference runs the
+    gate in the model dtype (Mixtral, Qwen, OLMoE, Llama 4, gpt-oss) pass the
+    compute dtype, so that bf16 serving rounds the logits as they do.
+    """
     return torch.nn.functional.linear(
-        hidden.float(), weight.float(), None if bias is None else bias.float()
-    )
+        hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    ).float()
 
 
 def score(logits: torch.Tensor, scoring: str) -> torch.Tensor:

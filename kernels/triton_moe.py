@@ -7,47 +7,48 @@ reference sits beside each op (``*_reference``); the tests compare the two.
 
 Dims are named the same everywhere: T tokens, E experts, K top-k, N rows of a
 permuted token batch (T * K when every choice is kept), H hidden, F expert
-intermediate, M output features of a grouped GEMM, Kd its reduction dim.
+intermediate, M output features of a grouped GEMM, Kd its reduction dim,
+S the parts a reduction is split into.
 
-Tile scheduling of the grouped GEMMs (``grouped_gemm``, ``grouped_ffn``)
--------------------------------------------------------------------------
+The routed expert path built on these kernels (alignment, gather, weighted
+scatter, fixed-order combine) is :mod:`~moefleet.kernels.fused_moe`.
+
+Tile scheduling of the grouped GEMMs
+------------------------------------
 Rows of the permuted batch are sorted by expert: expert ``e`` owns rows
-``expert_offsets[e]:expert_offsets[e + 1]``. The host builds, with torch ops
-and no device-to-host copy, a *tile -> expert map* in the spirit of vLLM's
-``moe_align_block_size`` and MegaBlocks' ``topology``: each expert's rows are
-cut into row tiles of ``BLOCK_M`` rows (a tile never crosses an expert
-boundary), giving ``tile_expert[i]`` and ``tile_row_start[i]``. The number of
-real tiles depends on the routing, so the grid is sized by its upper bound
-``min(N, cdiv(N, BLOCK_M) + E)``; tiles past the real count are marked expert
-``-1`` and their programs return at once. The grid is one dimension over
-(row tile, column tile) pairs, swizzled in groups of ``GROUP_M`` row tiles so
-that programs running together share weight tiles in L2. Empty experts own no
-tile; ``N == 0`` launches nothing.
-
-``grouped_ffn`` runs two kernels over the same map: the first computes the
-gate tile and the up tile of a row tile in one program (two accumulators),
-applies the activation and the gated product in its epilogue and writes the
-intermediate ``h: [N, F]`` in the input dtype; the second is the plain
-grouped GEMM ``h @ w2[e].T (+ b2[e])``.
+``expert_offsets[e]:expert_offsets[e + 1]``. A *tile -> expert map* in the
+spirit of vLLM's ``moe_align_block_size`` and MegaBlocks' ``topology`` is
+built with device ops: each expert's rows are cut into row tiles of
+``BLOCK_M`` rows (a tile never crosses an expert boundary), giving
+``tile_expert[i]`` and ``tile_row_start[i]``. The number of real tiles depends
+on the routing, so the grid is sized by its upper bound
+``min(N, cdiv(N, BLOCK_M) + E)``, a function of the shapes only; tiles past the
+real count are marked expert ``-1`` and their programs return at once. The
+grid is one dimension over (row tile, column tile) pairs, swizzled in groups
+of ``GROUP_M`` row tiles so that programs running together share weight tiles
+in L2 (and a second dimension over the S parts of a split reduction). Empty
+experts own no tile; ``N == 0`` launches nothing. Every row index is masked by
+the row ranges, so wrong offsets give wrong rows, never an access outside a
+tensor.
 
 Numerics: fp32 accumulation; fp32 inputs use exact fp32 dot products
 (``input_precision="ieee"``, no TF32), so fp32 results match the references;
-outputs (and the FFN intermediate) are in the input dtype.
+the FFN intermediate is stored in the input dtype.
 
-Launch parameters are data: ``configs/default.json`` and optional per-device
-files, read by :func:`get_launch_config`.
+Launch parameters are data (``configs/``, read by
+:mod:`~moefleet.kernels.launch_config`): a table of row buckets per
+(E, F, GPU, dtype), decode-sized tiles for small batches.
 
-The module imports nothing of ours (``kernels`` is the bottom floor).
+Values of index inputs are checked on CPU and, on CUDA, only in debug mode
+(:mod:`~moefleet.kernels.checks`): a check there is a host synchronisation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -55,12 +56,14 @@ import torch.nn.functional as F_torch
 import triton
 import triton.language as tl
 
+from .checks import check_values
+from .launch_config import get_launch_config, moe_config
+
 __all__ = [
     "ACTIVATIONS",
     "SCORINGS",
     "fused_topk",
     "fused_topk_reference",
-    "get_launch_config",
     "grouped_ffn",
     "grouped_ffn_reference",
     "grouped_gemm",
@@ -82,95 +85,16 @@ _RENORM_EPS = 1e-20
 _DOT_PRECISION = "ieee"
 
 
-# ---------------------------------------------------------------------------
-# Launch parameters (data, not code)
-# ---------------------------------------------------------------------------
-
-_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "fused_topk": ("BLOCK_ELEMENTS", "num_warps", "num_stages"),
-    "grouped_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"),
-    "grouped_ffn": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"),
-}
-# tl.dot needs every tile dim >= 16 on GPUs.
-_MIN_DOT_BLOCK = 16
-
-
-def config_file_name(op: str, device_name: str, dtype: torch.dtype | str) -> str:
-    """File name of a tuned config: ``op=<op>,device_name=<name>,dtype=<dtype>.json``.
-
-    ``device_name`` is as ``torch.cuda.get_device_name`` reports it; spaces
-    become ``_`` (vLLM's convention), e.g. ``NVIDIA_H100_80GB_HBM3``.
-    """
-    return f"op={op},device_name={device_name.replace(' ', '_')},dtype={_dtype_name(dtype)}.json"
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_config(op: str, cfg: dict[str, Any], source: str) -> None:
-    missing = [k for k in _CONFIG_KEYS[op] if k not in cfg]
-    if missing:
-        raise ValueError(f"launch config for {op!r} from {source} lacks {missing}")
-    for key in _CONFIG_KEYS[op]:
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"launch config for {op!r} from {source}: {key} must be a positive int, got {value!r}")
-    blocks = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_ELEMENTS", "num_warps") if k in cfg]
-    for key in blocks:
-        if cfg[key] & (cfg[key] - 1):
-            raise ValueError(f"launch config for {op!r} from {source}: {key} must be a power of 2, got {cfg[key]}")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        if key in cfg and cfg[key] < _MIN_DOT_BLOCK:
-            raise ValueError(
-                f"launch config for {op!r} from {source}: {key} must be >= {_MIN_DOT_BLOCK}, got {cfg[key]}"
-            )
-
-
 @functools.lru_cache(maxsize=None)
-def _read_config_file(path: Path) -> dict[str, Any]:
-    with path.open() as f:
-        return json.load(f)
-
-
-@functools.lru_cache(maxsize=None)
-def _launch_config_cached(op: str, device_name: str | None, dtype_name: str) -> tuple[tuple[str, Any], ...]:
-    default_path = _CONFIG_DIR / "default.json"
-    defaults = _read_config_file(default_path)
-    if op not in defaults:
-        raise ValueError(f"{default_path} has no entry for op {op!r}")
-    cfg = dict(defaults[op])
-    source = str(default_path)
-    if device_name:
-        tuned = _CONFIG_DIR / config_file_name(op, device_name, dtype_name)
-        if tuned.is_file():
-            cfg.update(_read_config_file(tuned))
-            source = str(tuned)
-    _check_config(op, cfg, source)
-    return tuple(sorted(cfg.items()))
-
-
-def get_launch_config(op: str, device_name: str | None, dtype: torch.dtype | str) -> dict[str, Any]:
-    """Launch parameters for ``op`` on a device and dtype (cached).
-
-    Args:
-        op: ``"fused_topk"``, ``"grouped_gemm"`` or ``"grouped_ffn"`` (the
-            latter names grouped_ffn's fused gate/up kernel).
-        device_name: ``torch.cuda.get_device_name()``, or ``None`` off CUDA.
-        dtype: the input dtype (``torch.bfloat16`` or ``"bfloat16"``).
-
-    Returns a fresh dict: the op's entry of ``configs/default.json``, updated
-    by ``configs/op=<op>,device_name=<name>,dtype=<dtype>.json`` when that
-    file exists. Raises ``ValueError`` for an unknown op or a malformed config.
-    """
-    if op not in _CONFIG_KEYS:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_CONFIG_KEYS)}")
-    return dict(_launch_config_cached(op, device_name, _dtype_name(dtype)))
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _device_name(t: torch.Tensor) -> str | None:
-    return torch.cuda.get_device_name(t.device) if t.is_cuda else None
+    """The GPU's name for launch-config lookup (cached: no driver query per call), None off CUDA."""
+    if not t.is_cuda:
+        return None
+    return _cuda_device_name(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def _on_device(t: torch.Tensor):
@@ -258,6 +182,8 @@ def _fused_topk_kernel(
     tl.store(weights_ptr + rows[:, None] * stride_wt + kcols[None, :], weights, mask=out_ok)
 
 
+
+
 @triton.jit
 def _tile_coords(num_row_tiles, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of this program, swizzled by groups of GROUP_M row tiles."""
@@ -273,32 +199,42 @@ def _tile_coords(num_row_tiles, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 @triton.jit
 def _grouped_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-    num_row_tiles, M, KD,
-    stride_xn, stride_xk, stride_we, stride_wm, stride_wk, stride_be, stride_bm, stride_yn, stride_ym,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, row_dst_ptr, weight_ptr,
+    num_row_tiles, num_rows, M, KD, k_split,
+    stride_xn, stride_xk, stride_we, stride_wm, stride_wk, stride_be, stride_bm,
+    stride_ys, stride_yn, stride_ym,
+    HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """y[rows of tile] = x[rows] @ w[e].T (+ bias[e]) for one (row tile, column tile)."""
+    """One (row tile, column tile) of ``x[rows] @ w[e].T (+ bias[e])`` over one part of Kd.
+
+    Part ``s = program_id(1)`` covers Kd columns ``[s * k_split, (s + 1) * k_split)``
+    and writes ``y[s]``; the bias is added by part 0 only. With SCATTER, row r is
+    multiplied by ``weight[dst(r)]`` and stored at row ``dst(r) = row_dst[r]``
+    (its slot); else at row r.
+    """
     pid_m, pid_n = _tile_coords(num_row_tiles, M, BLOCK_N, GROUP_M)
+    part = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert < 0:  # past the real tiles of this routing
         return
     expert = expert.to(tl.int64)
     row_start = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + expert + 1)
+    row_end = tl.minimum(tl.load(offsets_ptr + expert + 1), num_rows)
 
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < row_end
+    row_ok = (rows >= 0) & (rows < row_end)
     col_ok = cols < M
+    k_lo = part * k_split
+    k_hi = tl.minimum(KD, k_lo + k_split)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm
+    x_ptrs = x_ptr + rows[:, None] * stride_xn + (k_lo + ks)[None, :] * stride_xk
+    w_ptrs = w_ptr + expert * stride_we + (k_lo + ks)[:, None] * stride_wk + cols[None, :] * stride_wm
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        k_ok = ks < KD - k0
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = ks < k_hi - k0
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST_DOT:
@@ -308,24 +244,34 @@ def _grouped_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bm, mask=col_ok, other=0.0)
+        first_part = (tl.zeros((BLOCK_N,), dtype=tl.int32) + part) == 0  # [BLOCK_N]: the bias is added once
+        bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bm, mask=col_ok & first_part, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_ym
+    if SCATTER:
+        dst = tl.load(row_dst_ptr + rows, mask=row_ok, other=0)
+        acc = acc * tl.load(weight_ptr + dst, mask=row_ok, other=0.0)[:, None]
+    else:
+        dst = rows
+    y_ptrs = y_ptr + part * stride_ys + dst[:, None] * stride_yn + cols[None, :] * stride_ym
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _grouped_gate_up_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-    num_row_tiles, FI, KD,
+    x_ptr, w_ptr, bias_ptr, h_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, row_src_ptr, token_map_ptr,
+    num_row_tiles, num_rows, num_src, FI, KD,
     stride_xn, stride_xk, stride_we, stride_wm, stride_wk, stride_be, stride_bm, stride_hn, stride_hm,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, ROW_DIV: tl.constexpr, TOKEN_MAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """h = act(x @ gate.T + bg) * (x @ up.T + bu) (gated) or act(x @ w.T + b) for one tile.
 
     FI is the intermediate size F; gate rows of w[e] are 0..F-1, up rows F..2F-1.
+    With GATHER, permuted row r reads source row ``row_src[r] // ROW_DIV`` of x
+    (mapped once more through ``token_map`` with TOKEN_MAP): the gather is part
+    of the A loads; else it reads row r.
     """
     pid_m, pid_n = _tile_coords(num_row_tiles, FI, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
@@ -333,14 +279,22 @@ def _grouped_gate_up_kernel(
         return
     expert = expert.to(tl.int64)
     row_start = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + expert + 1)
+    row_end = tl.minimum(tl.load(offsets_ptr + expert + 1), num_rows)
 
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < row_end
+    row_ok = (rows >= 0) & (rows < row_end)
     col_ok = cols < FI
+    if GATHER:
+        src = tl.load(row_src_ptr + rows, mask=row_ok, other=0).to(tl.int64) // ROW_DIV
+        if TOKEN_MAP:
+            src = tl.load(token_map_ptr + src, mask=row_ok, other=0).to(tl.int64)
+        src_ok = row_ok & (src >= 0) & (src < num_src)
+    else:
+        src = rows
+        src_ok = row_ok
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+    x_ptrs = x_ptr + src[:, None] * stride_xn + ks[None, :] * stride_xk
     g_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm
     u_ptrs = g_ptrs + FI * stride_wm
 
@@ -348,7 +302,7 @@ def _grouped_gate_up_kernel(
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KD, BLOCK_K):
         k_ok = ks < KD - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST_DOT:
             a = a.to(tl.float32)
@@ -390,9 +344,13 @@ def _check_same_device(ref: torch.Tensor, ref_name: str, **others: torch.Tensor 
 
 
 def _check_offsets(
-    expert_offsets: torch.Tensor, num_experts: int, num_rows: int, validate_values: bool
+    expert_offsets: torch.Tensor, num_experts: int, num_rows: int, validate_values: bool | None
 ) -> torch.Tensor:
-    """expert_offsets: [E + 1] int, 0 = o[0] <= o[1] <= ... <= o[E] = N. Returns it as contiguous int64."""
+    """expert_offsets: [E + 1] int, 0 = o[0] <= o[1] <= ... <= o[E] = N. Returns it as contiguous int64.
+
+    The values are checked as :func:`~moefleet.kernels.checks.check_values`
+    says (always on CPU; on CUDA in debug mode or when asked for).
+    """
     if not isinstance(expert_offsets, torch.Tensor):
         _fail(f"expert_offsets must be a torch.Tensor, got {type(expert_offsets).__name__}")
     if expert_offsets.dtype not in (torch.int64, torch.int32):
@@ -400,7 +358,7 @@ def _check_offsets(
     if expert_offsets.shape != (num_experts + 1,):
         _fail(f"expert_offsets must have shape [E + 1] = [{num_experts + 1}], got {list(expert_offsets.shape)}")
     offsets = expert_offsets.to(torch.int64).contiguous()
-    if validate_values:
+    if check_values(offsets, validate_values):
         first, last = offsets[0], offsets[-1]
         bad = (first != 0) | (last != num_rows) | (offsets[1:] < offsets[:-1]).any()
         if bool(bad):
@@ -409,6 +367,21 @@ def _check_offsets(
                 f"got {offsets.tolist() if offsets.numel() <= 17 else offsets}"
             )
     return offsets
+
+
+def _check_index(name: str, t: torch.Tensor, length: int, bound: int, validate_values: bool | None) -> torch.Tensor:
+    """An index vector [length] of int64/int32 with values in [0, bound) (values checked as offsets are)."""
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        _fail(f"{name} must be int64 (or int32), got {t.dtype}")
+    if t.shape != (length,):
+        _fail(f"{name} must have shape [{length}], got {list(t.shape)}")
+    t = t.contiguous()
+    if length and check_values(t, validate_values):
+        if bool(((t < 0) | (t >= bound)).any()):
+            _fail(f"{name} values must lie in [0, {bound}), got min {int(t.min())} max {int(t.max())}")
+    return t
 
 
 def _check_gemm_operand(name: str, t: torch.Tensor, ndim: int, dims: str) -> None:
@@ -432,20 +405,46 @@ def _check_bias(name: str, b: torch.Tensor | None, shape: tuple[int, ...], dims:
     return b.contiguous()
 
 
+def _check_ffn_weights(
+    hidden: int, w13: torch.Tensor, w2: torch.Tensor, gated: bool, activation: str, dtype: torch.dtype
+) -> tuple[int, int]:
+    """Check w13 [E, 2F or F, H] and w2 [E, H, F] against H and dtype; returns (E, F)."""
+    _check_gemm_operand("w13", w13, 3, "[E, F * (2 if gated else 1), H]")
+    _check_gemm_operand("w2", w2, 3, "[E, H, F]")
+    if activation not in ACTIVATIONS:
+        _fail(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    num_experts, w13_rows, w13_h = w13.shape
+    if num_experts < 1:
+        _fail("w13 must hold at least one expert (E >= 1)")
+    if w13_h != hidden:
+        _fail(f"w13 must be [E, {'2F' if gated else 'F'}, H] with H = {hidden} (x_sorted's), got {list(w13.shape)}")
+    if gated and w13_rows % 2:
+        _fail(f"gated w13 must be [E, 2F, H] (gate rows then up rows), got an odd row count {w13_rows}")
+    f_inter = w13_rows // 2 if gated else w13_rows
+    if tuple(w2.shape) != (num_experts, hidden, f_inter):
+        _fail(
+            f"w2 must be [E, H, F] = {[num_experts, hidden, f_inter]} to match w13 {list(w13.shape)}, "
+            f"got {list(w2.shape)}"
+        )
+    if w13.dtype != dtype or w2.dtype != dtype:
+        _fail(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have x_sorted's dtype {dtype}")
+    return num_experts, f_inter
+
+
 def _expert_tile_map(offsets: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row tiles of BLOCK_M rows, none crossing an expert boundary (see module docstring).
 
     Args:
-        offsets: [E + 1] int64, validated.
+        offsets: [E + 1] int64; ``offsets[E]`` may be below N (rows past it are in no tile).
         num_rows: N.
     Returns:
         tile_expert: [R] int32, expert of each row tile, -1 past the real tiles.
         tile_row_start: [R] int64, first row of each row tile.
-    where R = min(N, cdiv(N, BLOCK_M) + E) bounds the real tile count without a
-    device-to-host copy.
+    where R = min(N, cdiv(N, BLOCK_M) + E) bounds the real tile count from the
+    shapes alone: device ops only, no device-to-host copy.
     """
     num_experts = offsets.numel() - 1
-    counts = offsets[1:] - offsets[:-1]  # [E]
+    counts = (offsets[1:] - offsets[:-1]).clamp_min(0)  # [E]
     tiles = (counts + block_m - 1) // block_m  # [E]
     tiles_end = torch.cumsum(tiles, 0)  # [E], inclusive
     num_row_tiles = min(num_rows, triton.cdiv(num_rows, block_m) + num_experts)
@@ -471,6 +470,11 @@ def _upcast_dot(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreting
 
 
+def _split_size(kd: int, block_k: int, split_k: int) -> int:
+    """Kd columns per part: whole BLOCK_K steps, ``split_k`` parts covering Kd."""
+    return max(1, triton.cdiv(triton.cdiv(kd, block_k), split_k)) * block_k
+
+
 def _launch_grouped_gemm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -479,19 +483,28 @@ def _launch_grouped_gemm(
     out: torch.Tensor,
     cfg: dict[str, Any],
     tile_map: tuple[torch.Tensor, torch.Tensor],
+    *,
+    split_k: int = 1,
+    row_dst: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> None:
+    """out [S, rows, M] (or [rows, M] with S = 1) = per-expert x @ w[e].T (+ bias), scattered when row_dst is given."""
     tile_expert, tile_row_start = tile_map
     num_row_tiles = tile_expert.numel()
     m, kd = w.shape[1], w.shape[2]
-    grid = (num_row_tiles * triton.cdiv(m, cfg["BLOCK_N"]),)
+    grid = (num_row_tiles * triton.cdiv(m, cfg["BLOCK_N"]), split_k)
     b = bias if bias is not None else out  # dummy pointer, never read
+    scatter = row_dst is not None
+    dst = row_dst if scatter else tile_row_start  # dummy pointer, never read
+    wt = row_weight if scatter else out
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
     with _on_device(x):
         _grouped_gemm_kernel[grid](
-            x, w, b, out, offsets, tile_expert, tile_row_start,
-            num_row_tiles, m, kd,
+            x, w, b, out3, offsets, tile_expert, tile_row_start, dst, wt,
+            num_row_tiles, x.shape[0], m, kd, _split_size(kd, cfg["BLOCK_K"], split_k),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-            b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION, UPCAST_DOT=_upcast_dot(x),
+            b.stride(0), b.stride(-1), out3.stride(0), out3.stride(1), out3.stride(2),
+            HAS_BIAS=bias is not None, SCATTER=scatter, DOT_PRECISION=_DOT_PRECISION, UPCAST_DOT=_upcast_dot(x),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
@@ -507,19 +520,29 @@ def _launch_gate_up(
     act: int,
     cfg: dict[str, Any],
     tile_map: tuple[torch.Tensor, torch.Tensor],
+    *,
+    row_src: torch.Tensor | None = None,
+    row_div: int = 1,
+    token_map: torch.Tensor | None = None,
 ) -> None:
+    """h [N, F] from x [N, H], or from the source rows x [T, H] picked by row_src (// row_div, then token_map)."""
     tile_expert, tile_row_start = tile_map
     num_row_tiles = tile_expert.numel()
     fi, kd = h.shape[1], x.shape[1]
     grid = (num_row_tiles * triton.cdiv(fi, cfg["BLOCK_N"]),)
     b = b13 if b13 is not None else h  # dummy pointer, never read
+    gather = row_src is not None
+    src = row_src if gather else tile_row_start  # dummy pointers, never read
+    tmap = token_map if token_map is not None else src
     with _on_device(x):
         _grouped_gate_up_kernel[grid](
-            x, w13, b, h, offsets, tile_expert, tile_row_start,
-            num_row_tiles, fi, kd,
+            x, w13, b, h, offsets, tile_expert, tile_row_start, src, tmap,
+            num_row_tiles, h.shape[0], x.shape[0], fi, kd,
             x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-            b.stride(0), b.stride(1), h.stride(0), h.stride(1),
-            GATED=gated, ACT=act, HAS_BIAS=b13 is not None, DOT_PRECISION=_DOT_PRECISION, UPCAST_DOT=_upcast_dot(x),
+            b.stride(0), b.stride(-1), h.stride(0), h.stride(1),
+            GATED=gated, ACT=act, HAS_BIAS=b13 is not None,
+            GATHER=gather, ROW_DIV=row_div, TOKEN_MAP=token_map is not None,
+            DOT_PRECISION=_DOT_PRECISION, UPCAST_DOT=_upcast_dot(x),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
@@ -586,7 +609,7 @@ def fused_topk(
     if num_tokens == 0:
         return ids, weights
     logits = logits.contiguous()
-    cfg = get_launch_config("fused_topk", _device_name(logits), logits.dtype)
+    cfg = get_launch_config("fused_topk")
     block_e = triton.next_power_of_2(num_experts)
     block_t = max(1, min(cfg["BLOCK_ELEMENTS"] // block_e, triton.next_power_of_2(num_tokens)))
     grid = (triton.cdiv(num_tokens, block_t),)
@@ -633,7 +656,7 @@ def grouped_gemm(
     expert_offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    validate_offsets: bool = True,
+    validate_offsets: bool | None = None,
 ) -> torch.Tensor:
     """Ragged per-expert GEMM: ``y[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ w[e].T (+ bias[e])``.
 
@@ -643,11 +666,13 @@ def grouped_gemm(
         expert_offsets: [E + 1] int64 (int32 accepted), 0 = o[0] <= ... <= o[E] = N.
             Empty experts (o[e] == o[e+1]) are fine.
         bias: [E, M] or None.
-        validate_offsets: check the offsets' values (one device-to-host copy
-            on CUDA); pass False on a hot path whose offsets are known good.
+        validate_offsets: check the offsets' values; None (default) checks on
+            CPU and, on CUDA, only with ``MOEFLEET_KERNEL_DEBUG=1`` (a check
+            there is a device-to-host copy).
 
     Returns:
-        y: [N, M] in x's dtype (fp32 accumulation).
+        y: [N, M] in x's dtype (fp32 accumulation). Launch parameters: the
+        ``down`` entry of the row bucket nearest N (never split over Kd here).
     """
     _check_gemm_operand("x", x, 2, "[N, Kd]")
     _check_gemm_operand("w", w, 3, "[E, M, Kd]")
@@ -667,7 +692,7 @@ def grouped_gemm(
     if num_rows == 0 or m == 0:
         return out
     x, w = x.contiguous(), w.contiguous()
-    cfg = get_launch_config("grouped_gemm", _device_name(x), x.dtype)
+    cfg = moe_config(num_experts, kd, num_rows, _device_name(x), x.dtype)["down"]
     tile_map = _expert_tile_map(offsets, num_rows, cfg["BLOCK_M"])
     _launch_grouped_gemm(x, w, offsets, bias, out, cfg, tile_map)
     return out
@@ -701,12 +726,14 @@ def grouped_ffn(
     activation: str,
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
-    validate_offsets: bool = True,
+    row_index: torch.Tensor | None = None,
+    validate_offsets: bool | None = None,
 ) -> torch.Tensor:
     """Grouped expert FFN over a batch whose rows are sorted by expert.
 
     Args:
-        x_sorted: [N, H], expert e owns rows expert_offsets[e]:expert_offsets[e+1].
+        x_sorted: [N, H], expert e owns rows expert_offsets[e]:expert_offsets[e+1];
+            or, with ``row_index``, the source rows [T, H] (any T).
         expert_offsets: [E + 1] int64 (int32 accepted), 0 = o[0] <= ... <= o[E] = N.
         w13: [E, 2F, H] when gated (rows 0..F-1 the gate projection, F..2F-1
             the up projection), [E, F, H] otherwise. Same dtype as x.
@@ -717,54 +744,45 @@ def grouped_ffn(
             erf), "gelu_tanh" (tanh approximation).
         b13: [E, 2F] (gated; gate bias first) or [E, F], or None.
         b2: [E, H] or None.
-        validate_offsets: as in :func:`grouped_gemm`.
+        row_index: [N] int64/int32 or None. Permuted row r is
+            ``x_sorted[row_index[r]]``: the gather happens in the first GEMM's
+            loads, with no gathered copy.
+        validate_offsets: as in :func:`grouped_gemm` (also checks row_index).
 
     Returns:
         [N, H] in x's dtype: ``h @ w2[e].T (+ b2[e])`` per expert. The
         activation and gated product are fused into the first GEMM's
         epilogue; ``h`` is stored once, in x's dtype.
     """
-    _check_gemm_operand("x_sorted", x_sorted, 2, "[N, H]")
-    _check_gemm_operand("w13", w13, 3, "[E, F * (2 if gated else 1), H]")
-    _check_gemm_operand("w2", w2, 3, "[E, H, F]")
-    if activation not in ACTIVATIONS:
-        _fail(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    num_rows, hidden = x_sorted.shape
-    num_experts, w13_rows, w13_h = w13.shape
-    if num_experts < 1:
-        _fail("w13 must hold at least one expert (E >= 1)")
-    if w13_h != hidden:
-        _fail(f"w13 must be [E, {'2F' if gated else 'F'}, H] with H = {hidden} (x_sorted's), got {list(w13.shape)}")
-    if gated and w13_rows % 2:
-        _fail(f"gated w13 must be [E, 2F, H] (gate rows then up rows), got an odd row count {w13_rows}")
-    f_inter = w13_rows // 2 if gated else w13_rows
-    if tuple(w2.shape) != (num_experts, hidden, f_inter):
-        _fail(
-            f"w2 must be [E, H, F] = {[num_experts, hidden, f_inter]} to match w13 {list(w13.shape)}, "
-            f"got {list(w2.shape)}"
-        )
-    if w13.dtype != x_sorted.dtype or w2.dtype != x_sorted.dtype:
-        _fail(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have x_sorted's dtype {x_sorted.dtype}")
-    _check_same_device(x_sorted, "x_sorted", expert_offsets=expert_offsets, w13=w13, w2=w2, b13=b13, b2=b2)
-    b13 = _check_bias("b13", b13, (num_experts, w13_rows), "[E, 2F]" if gated else "[E, F]")
+    _check_gemm_operand("x_sorted", x_sorted, 2, "[N, H]" if row_index is None else "[T, H]")
+    hidden = x_sorted.shape[1]
+    num_experts, f_inter = _check_ffn_weights(hidden, w13, w2, gated, activation, x_sorted.dtype)
+    _check_same_device(
+        x_sorted, "x_sorted", expert_offsets=expert_offsets, w13=w13, w2=w2, b13=b13, b2=b2, row_index=row_index
+    )
+    b13 = _check_bias("b13", b13, (num_experts, w13.shape[1]), "[E, 2F]" if gated else "[E, F]")
     b2 = _check_bias("b2", b2, (num_experts, hidden), "[E, H]")
+    if row_index is not None:
+        if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1:
+            _fail(f"row_index must be a 1-D [N] tensor, got {getattr(row_index, 'shape', type(row_index).__name__)}")
+        num_rows = row_index.shape[0]
+        row_index = _check_index("row_index", row_index, num_rows, x_sorted.shape[0], validate_offsets)
+    else:
+        num_rows = x_sorted.shape[0]
     offsets = _check_offsets(expert_offsets, num_experts, num_rows, validate_offsets)
 
     out = torch.empty((num_rows, hidden), dtype=x_sorted.dtype, device=x_sorted.device)
     if num_rows == 0 or hidden == 0:
         return out
     x, w13, w2 = x_sorted.contiguous(), w13.contiguous(), w2.contiguous()
-    device_name = _device_name(x)
-    cfg_up = get_launch_config("grouped_ffn", device_name, x.dtype)
-    cfg_down = get_launch_config("grouped_gemm", device_name, x.dtype)
+    cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
+    cfg_up, cfg_down = cfg["gate_up"], cfg["down"]
     map_up = _expert_tile_map(offsets, num_rows, cfg_up["BLOCK_M"])
-    map_down = map_up
-    if cfg_down["BLOCK_M"] != cfg_up["BLOCK_M"]:
-        map_down = _expert_tile_map(offsets, num_rows, cfg_down["BLOCK_M"])
+    map_down = map_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else _expert_tile_map(offsets, num_rows, cfg_down["BLOCK_M"])
 
     h = torch.empty((num_rows, f_inter), dtype=x.dtype, device=x.device)  # [N, F]
     if f_inter > 0:
-        _launch_gate_up(x, w13, offsets, b13, h, gated, ACTIVATIONS[activation], cfg_up, map_up)
+        _launch_gate_up(x, w13, offsets, b13, h, gated, ACTIVATIONS[activation], cfg_up, map_up, row_src=row_index)
     _launch_grouped_gemm(h, w2, offsets, b2, out, cfg_down, map_down)
     return out
 

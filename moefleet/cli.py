@@ -17,6 +17,56 @@ def _load(checkpoint: str | None):
     return MoEModel.from_pretrained(checkpoint) if checkpoint else MoEModel.default()
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:,.2f} TiB"
+
+
+def memory_rows(ckpt, dtype: str | None = None) -> list[dict]:
+    """What a full copy of the model's MoE weights occupies, per way of holding it.
+
+    One row per form a worker holds the experts in: packed on CUDA workers
+    (Triton) when the checkpoint is quantized in a form a kernel takes, and
+    float in ``dtype`` (default: the checkpoint's) elsewhere. Each row: where,
+    the form, bytes per routed expert (of the first MoE layer), the routed
+    experts of all MoE layers, the routers' part (gates and shared experts,
+    float) and their sum, the full copy.
+    """
+    import torch
+
+    from moefleet.kernels.experts import packed_kind
+
+    spec = ckpt.spec
+    dtype = dtype or spec.dtype
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    router = 0
+    for layer in spec.moe_layers:
+        s = spec.layer_spec(layer)
+        gate = s.num_experts * s.hidden_size + (s.num_experts if s.gate_bias else 0)
+        shared = 3 * s.hidden_size * s.shared_intermediate_size + (s.hidden_size if s.shared_expert_gate else 0)
+        router += (gate + shared) * size
+    forms = [("CPU workers (torch)", "torch")]
+    if ckpt.quant is not None:
+        forms.insert(0, ("CUDA workers (Triton)", "triton"))
+    rows = []
+    for where, backend in forms:
+        kinds = {packed_kind(ckpt, layer, backend) for layer in spec.moe_layers}
+        per_layer = [
+            ckpt.expert_bytes(layer, dtype, packed=packed_kind(ckpt, layer, backend) is not None) for layer in spec.moe_layers
+        ]
+        experts = sum(b * spec.layer_spec(layer).num_experts for b, layer in zip(per_layer, spec.moe_layers))
+        kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        form = f"{kind} packed" if kind not in (None, "mixed") else (f"{dtype} (dequantized)" if ckpt.quant else dtype)
+        rows.append({
+            "where": where, "form": form, "bytes_per_expert": per_layer[0], "experts_bytes": experts,
+            "router_bytes": router, "full_copy_bytes": experts + router,
+        })
+    return rows
+
+
 def cmd_inspect(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -26,10 +76,19 @@ def cmd_inspect(args) -> int:
     console = Console()
     console.print(f"[bold]{spec.family}[/bold] at {model.checkpoint.path}")
     console.print(f"layers: {spec.num_layers}, MoE layers: {list(spec.moe_layers)}, dtype: {spec.dtype}")
+    quant = spec.quantization
+    console.print(f"quantization: {quant.label if quant else 'none'}")
     table = Table("field", "value", title="MoE layer spec")
     for name, value in spec.layer.model_dump().items():
         table.add_row(name, str(value))
     console.print(table)
+    n_experts = sum(spec.layer_spec(layer).num_experts for layer in spec.moe_layers)
+    mem = Table("held by", "form", "bytes per expert", f"routed experts ({n_experts})", "gates + shared", "full copy",
+                title="memory of a full copy")
+    for row in memory_rows(model.checkpoint, args.dtype):
+        mem.add_row(row["where"], row["form"], f"{row['bytes_per_expert']:,}", _bytes(row["experts_bytes"]),
+                    _bytes(row["router_bytes"]), _bytes(row["full_copy_bytes"]))
+    console.print(mem)
     return 0
 
 
@@ -496,8 +555,11 @@ def cmd_deploy(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-fleet", description="Elastic expert serving for MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="show the MoE spec read from a checkpoint (or the built-in default model)")
+    p = sub.add_parser(
+        "inspect", help="show the family, quantization, MoE spec and memory of a checkpoint (or the built-in default model)"
+    )
     p.add_argument("--checkpoint", help="Hugging Face-format checkpoint directory (default: built-in model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype of float experts (default: the checkpoint's)")
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("demo-local", help="run the model's MoE layers in process on skewed traffic")
     p.add_argument("--checkpoint", help="Hugging Face-format checkpoint directory (default: built-in model)")

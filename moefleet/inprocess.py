@@ -9,8 +9,8 @@ import torch
 from moefleet.core.config import ModelSpec
 from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
-from moefleet.kernels.experts import shared_from_tensors, stack_experts
-from moefleet.kernels.layer import GateWeights, MoELayer
+from moefleet.kernels.experts import packed_kind, resolve_backend, shared_from_tensors, stack_experts
+from moefleet.kernels.layer import GateWeights, MoELayer, gate_dtype
 
 
 class MoEModel:
@@ -52,11 +52,22 @@ class MoEModel:
 
 
 def build_layer(ckpt: MoECheckpoint, i: int, *, device=None, dtype=None, backend: str = "auto") -> MoELayer:
-    """A ``MoELayer`` with every expert of layer ``i`` loaded."""
+    """A ``MoELayer`` with every expert of layer ``i`` loaded.
+
+    Quantized experts are dequantized to ``dtype`` (default: the checkpoint's
+    ``torch_dtype``), or kept packed where the Triton path has a kernel for them.
+    """
     spec = ckpt.layer_spec(i)
-    gate = GateWeights(**ckpt.gate(i)).to(device)
-    experts = stack_experts(ckpt.experts(i, range(spec.num_experts)), spec.expert_kind == "gated", spec.activation)
-    shared = shared_from_tensors(ckpt.shared(i), spec.activation)
+    compute = dtype or getattr(torch, ckpt.spec.dtype)
+    kind = packed_kind(ckpt, i, resolve_backend(backend, torch.device(device or "cpu")))
+    gate = GateWeights(**ckpt.gate(i), dtype=gate_dtype(spec, compute)).to(device)
+    experts = stack_experts(
+        ckpt.experts(i, range(spec.num_experts), dtype=dtype, packed=kind is not None),
+        spec.expert_kind == "gated", spec.activation, quant=kind,
+        block=ckpt.quant.weight_block_size if kind == "fp8" else None,
+        swiglu_alpha=spec.swiglu_alpha, swiglu_limit=spec.swiglu_limit,
+    )
+    shared = shared_from_tensors(ckpt.shared(i, dtype=dtype), spec.activation)
     experts = experts.to(device=device, dtype=dtype)
     shared = None if shared is None else shared.to(device=device, dtype=dtype)
     return MoELayer(spec, gate, experts, shared, backend=backend)

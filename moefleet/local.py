@@ -135,7 +135,7 @@ class LocalFleet:
             devices = [d.model_copy(update={"memory_bytes": device_memory_bytes}) for d in devices]
         cfg = dict(
             LOCAL_CONTROLLER_DEFAULTS, checkpoint=self.checkpoint, redis_url=self.redis_url, namespace=self.config.namespace,
-            ray_address=None, devices=devices, worker=self.config.worker, local=True,
+            ray_address=None, devices=devices, worker=self.worker_config(devices[0].cpus if devices else None), local=True,
             planner=PlannerKnobs(min_replicas=self.config.min_replicas, min_gain=0.05),
         )
         cfg.update(self.config.controller)
@@ -194,14 +194,28 @@ class LocalFleet:
             if device_id in self.workers:
                 continue
             dev = by_id.get(device_id)
+            cpus = None if gpu or dev is None else dev.cpus
             new[device_id] = start_worker(
-                device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.config.worker,
-                cpus=None if gpu or dev is None else dev.cpus, redis_url=self.redis_url,
-                num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
+                device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.worker_config(cpus),
+                cpus=cpus, redis_url=self.redis_url, num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
+                memory_bytes=None if dev is None else dev.memory_bytes,
                 resources=(resources or {}).get(device_id), detached=False,
             )
-        ray.get([w.ready.remote() for w in new.values()])
+        refs = {d: w.ready.remote() for d, w in new.items()}
+        ready, waiting = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.start_timeout_s)
+        if waiting:
+            stuck = sorted(d for d, r in refs.items() if r in waiting)
+            raise RuntimeError(
+                f"workers {stuck} did not start within {self.config.start_timeout_s:.0f}s; Ray has "
+                f"{ray.cluster_resources().get('CPU', 0):.0f} CPUs and {ray.available_resources().get('CPU', 0):.0f} free "
+                f"(each worker reserves worker.num_cpus={self.config.worker.num_cpus}, worker.num_gpus={self.config.worker.num_gpus})"
+            )
+        ray.get(ready)
         self.workers.update(new)
+
+    def worker_config(self, cpus=None):
+        """A worker that owns pinned cores reserves none of Ray's CPUs (its cores are its own by affinity)."""
+        return self.config.worker.model_copy(update={"num_cpus": 0}) if cpus else self.config.worker
 
     def start_controller(self, **overrides):
         """Start the controller as a Ray actor (Ray restarts it if its process dies); returns its handle."""

@@ -63,8 +63,11 @@ class RouterActor:
 
     async def stats(self) -> dict:
         s = self.core.stats
+        import os
+
         return {
             "router_id": self.router_id,
+            "pid": os.getpid(),
             "metrics_port": self.metrics_port,
             "placement_version": self.core.placement.version,
             "placement_generation": self.core.placement.generation,

@@ -17,21 +17,26 @@ class RemoteMoEBlock(torch.nn.Module):
 
     per_sequence: send each sequence of a batch as its own call (capacity routing
     counted per sequence, as Switch Transformers does).
+    returns_tuple: return ``(output, None)`` where the replaced block returns a
+    pair (Llama 4, gpt-oss return their router's output beside the hidden states).
     """
 
-    def __init__(self, client, layer: int, per_sequence: bool = False):
+    def __init__(self, client, layer: int, per_sequence: bool = False, returns_tuple: bool = False):
         super().__init__()
         self.client = client
         self.layer = layer
         self.per_sequence = per_sequence
+        self.returns_tuple = returns_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape
         if self.per_sequence and hidden_states.dim() == 3:
             outs = [self.client.forward(self.layer, row) for row in hidden_states]
-            return torch.stack(outs).to(hidden_states.dtype)
-        flat = hidden_states.reshape(-1, shape[-1])
-        return self.client.forward(self.layer, flat).reshape(shape).to(hidden_states.dtype)
+            out = torch.stack(outs).to(hidden_states.dtype)
+        else:
+            flat = hidden_states.reshape(-1, shape[-1])
+            out = self.client.forward(self.layer, flat).reshape(shape).to(hidden_states.dtype)
+        return (out, None) if self.returns_tuple else out
 
 
 def _resolve(model: torch.nn.Module, path: str):
@@ -56,5 +61,5 @@ def attach(hf_model: torch.nn.Module, client) -> list[int]:
     per_sequence = family.name == "switch_transformers"
     for layer in spec.moe_layers:
         parent, name = _resolve(hf_model, family.block_path(layer, spec))
-        setattr(parent, name, RemoteMoEBlock(client, layer, per_sequence))
+        setattr(parent, name, RemoteMoEBlock(client, layer, per_sequence, family.block_returns_tuple))
     return list(spec.moe_layers)

@@ -23,7 +23,7 @@ from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
 from moefleet.core.tensors import DTYPES, to_numpy
 from moefleet.kernels.experts import shared_from_tensors
-from moefleet.kernels.layer import GateWeights, combine_shared, fused_route
+from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
 
 from .dispatch import NoReplicaError, WorkerBatch, plan_dispatch
@@ -111,8 +111,8 @@ class RouterCore:
         self.shared = {}
         for layer in self.spec.moe_layers:
             ls = self.spec.layer_spec(layer)
-            self.gates[layer] = GateWeights(**self.ckpt.gate(layer))
-            sh = shared_from_tensors(self.ckpt.shared(layer), ls.activation)
+            self.gates[layer] = GateWeights(**self.ckpt.gate(layer), dtype=gate_dtype(ls, self.dtype))
+            sh = shared_from_tensors(self.ckpt.shared(layer, dtype=self.dtype), ls.activation)
             self.shared[layer] = None if sh is None else sh.to(dtype=self.dtype)
         self.placement = Placement()
         self._replicas: dict[int, dict[int, list[str]]] = {}
@@ -121,6 +121,7 @@ class RouterCore:
         self.load_counts: dict[tuple[int, int], int] = defaultdict(int)
         self._pending: dict[int, list[_Pending]] = defaultdict(list)
         self._flushers: dict[int, asyncio.Task] = {}
+        self._batch_tasks: set[asyncio.Task] = set()
         self._queued = 0
         self._placement_changed = asyncio.Event()
         self._inflight_by_version: dict[int, int] = defaultdict(int)
@@ -237,11 +238,20 @@ class RouterCore:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the request was computed")
 
     async def _flush_after_window(self, layer: int) -> None:
+        """After the window, dispatch what is waiting as batches, without waiting for earlier batches to finish.
+
+        Batches overlap: while the workers compute one, the router gates and
+        dispatches the next, so workers do not idle between calls.
+        """
         await asyncio.sleep(self.config.batch_window_ms / 1000.0)
         while self._pending[layer]:
-            await self._flush(layer)
+            batch = self._take_batch(layer)
+            if batch:
+                task = asyncio.create_task(self._run_batch(layer, batch))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
 
-    async def _flush(self, layer: int) -> None:
+    def _take_batch(self, layer: int) -> list[_Pending]:
         pending = self._pending[layer]
         batch: list[_Pending] = []
         tokens = 0
@@ -264,8 +274,9 @@ class RouterCore:
             batch.append(pending.pop(0))
             tokens += n
             dtype = p.hidden.dtype
-        if not batch:
-            return
+        return batch
+
+    async def _run_batch(self, layer: int, batch: list[_Pending]) -> None:
         hidden = torch.cat([p.hidden for p in batch]) if len(batch) > 1 else batch[0].hidden
         try:
             result = await self.forward(layer, hidden)

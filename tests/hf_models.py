@@ -176,6 +176,151 @@ def nllb_reference(ffn, hidden: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, s, h)
 
 
+def _randomize(model, names: tuple[str, ...], std: float) -> None:
+    """Give parameters whose name ends with one of ``names`` random values (biases and correction biases init to zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(names):
+                p.normal_(0, std)
+        for name, b in model.named_buffers():
+            if name.endswith(names):
+                b.normal_(0, std)
+
+
+# The families below are built with initializer_range 0.2, so that their MoE
+# outputs are of order 1 and an absolute error bound of 1e-5 means what it says.
+_INIT = 0.2
+
+
+def qwen3_moe(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=3,
+               norm_topk_prob=False, mlp_only_layers=[0], initializer_range=_INIT)
+    cfg.update(over)
+    model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**cfg))
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+        return mlp, _topk_router(mlp.gate)
+
+    return model, block
+
+
+def qwen3_next(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+               shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=8, num_experts=8, num_experts_per_tok=2, initializer_range=_INIT)
+    cfg.update(over)
+    cfg.setdefault("layer_types", ["full_attention"] * cfg["num_hidden_layers"])
+    model = T.Qwen3NextForCausalLM(T.Qwen3NextConfig(**cfg))
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+        return mlp, _topk_router(mlp.gate)
+
+    return model, block
+
+
+def olmoe(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, initializer_range=_INIT)
+    cfg.update(over)
+    model = T.OlmoeForCausalLM(T.OlmoeConfig(**cfg))
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+        return mlp, _topk_router(mlp.gate)
+
+    return model, block
+
+
+def glm4_moe(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=16, num_experts_per_tok=4,
+               n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+               initializer_range=_INIT)
+    cfg.update(over)
+    model = T.Glm4MoeForCausalLM(T.Glm4MoeConfig(**cfg))
+    _randomize(model, ("e_score_correction_bias",), 0.05)
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+        return mlp, _topk_router(mlp.gate)
+
+    return model, block
+
+
+def _llama4_block(layers):
+    def block(i):
+        ff = layers[i].feed_forward
+
+        def forward(hidden):
+            return ff(hidden)[0].reshape(hidden.shape)
+
+        def routing(h):
+            return _sets(torch.topk(ff.router(h)[1], ff.top_k, dim=-1).indices)
+
+        return forward, routing
+
+    return block
+
+
+def _llama4_text_cfg(over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=16, intermediate_size_mlp=40, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+               initializer_range=_INIT)
+    cfg.update(over)
+    return cfg
+
+
+def llama4_text(**over):
+    model = T.Llama4ForCausalLM(T.Llama4TextConfig(**_llama4_text_cfg(over)))
+    return model, _llama4_block(model.model.layers)
+
+
+def llama4(**over):
+    """Llama 4 as Meta publishes it: ``Llama4ForConditionalGeneration`` (text under ``language_model``)."""
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=16, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    model = T.Llama4ForConditionalGeneration(T.Llama4Config(text_config=_llama4_text_cfg(over), vision_config=vision))
+    return model, _llama4_block(model.language_model.model.layers)
+
+
+def gpt_oss(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, initializer_range=_INIT)
+    cfg.update(over)
+    model = T.GptOssForCausalLM(T.GptOssConfig(**cfg))
+    _randomize(model, ("router.bias", "gate_up_proj_bias", "down_proj_bias"), _INIT)
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+
+        def forward(hidden):
+            return mlp(hidden)[0]
+
+        return forward, _topk_router(mlp.router)
+
+    return model, block
+
+
+def deepseek_v32(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+               n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+               kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+               index_n_heads=2, index_head_dim=16, index_topk=8, initializer_range=_INIT)
+    cfg.update(over)
+    model = T.DeepseekV32ForCausalLM(T.DeepseekV32Config(**cfg))
+    _randomize(model, ("e_score_correction_bias",), 0.05)
+
+    def block(i):
+        mlp = model.model.layers[i].mlp
+        return mlp, _topk_router(mlp.gate)
+
+    return model, block
+
+
 BUILDERS = {
     "mixtral": mixtral,
     "qwen2_moe": qwen2_moe,
@@ -184,6 +329,14 @@ BUILDERS = {
     "dbrx": dbrx,
     "switch_transformers": switch,
     "nllb_moe": nllb_moe,
+    "qwen3_moe": qwen3_moe,
+    "qwen3_next": qwen3_next,
+    "olmoe": olmoe,
+    "glm4_moe": glm4_moe,
+    "llama4_text": llama4_text,
+    "llama4": llama4,
+    "gpt_oss": gpt_oss,
+    "deepseek_v32": deepseek_v32,
 }
 
 

@@ -100,12 +100,21 @@ class Checkpoint:
         with self._lock:
             return tuple(self._open(self._file(name)).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name of ``name`` ("BF16", "F8_E4M3", "U8", ...)."""
+        with self._lock:
+            return self._open(self._file(name)).get_slice(name).get_dtype()
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``name``, or only its rows ``[start, stop)`` of dim 0, copied out of the map."""
         with self._lock:
-            sl = self._open(self._file(name)).get_slice(name)
+            handle = self._open(self._file(name))
+            sl = handle.get_slice(name)
             try:
-                t = sl[rows[0] : rows[1]] if rows is not None else sl[:]
+                if rows is None and not sl.get_shape():  # a 0-d tensor (a per-tensor scale) takes no slice
+                    t = handle.get_tensor(name)
+                else:
+                    t = sl[rows[0] : rows[1]] if rows is not None else sl[:]
             except (SafetensorError, RuntimeError, ValueError) as e:
                 raise CorruptCheckpointError(f"{self.path.name}: cannot read tensor {name!r} ({e})") from e
             self.reads.append(name)

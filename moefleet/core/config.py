@@ -13,10 +13,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Scoring = Literal["softmax", "sigmoid"]
-Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"]
 ExpertKind = Literal["gated", "mlp"]
 GroupScore = Literal["max", "top2_sum"]
 Priority = Literal["sequence", "probability"]
+GatePrecision = Literal["float32", "input"]
+WeightOn = Literal["output", "input"]
+QuantMethod = Literal["fp8", "mxfp4"]
 
 
 class CapacitySpec(BaseModel):
@@ -79,6 +82,11 @@ class MoELayerSpec(BaseModel):
 
     # Router.
     scoring: Scoring = Field(default="softmax", description="Router score function over the E logits.")
+    gate_precision: GatePrecision = Field(
+        default="float32",
+        description="Dtype of the router logits: 'float32' (hidden and gate weight upcast, DeepSeek, GLM) or 'input' (the "
+        "compute dtype, then upcast for scoring: Mixtral, Qwen, OLMoE, Llama 4, gpt-oss).",
+    )
     gate_bias: bool = Field(default=False, description="The router's linear layer has a bias (Switch/NLLB router_bias).")
     score_correction_bias: bool = Field(
         default=False,
@@ -93,14 +101,27 @@ class MoELayerSpec(BaseModel):
         default="max", description="How a group is scored: its best expert ('max', DeepSeek-V2) or sum of its best two ('top2_sum', DeepSeek-V3)."
     )
     routed_scaling_factor: float = Field(default=1.0, gt=0, description="Multiplies the routed weights after normalisation.")
+    routed_weight_on: WeightOn = Field(
+        default="output",
+        description="Where a routed weight applies: to the expert's output ('output') or to its input, outputs summed "
+        "unweighted ('input', Llama 4).",
+    )
     capacity: CapacitySpec | None = Field(default=None, description="Capacity routing (Switch top-1, GShard top-2); None for dropless.")
 
     # Experts.
     expert_kind: ExpertKind = Field(
         default="gated", description="'gated': down(act(gate(x)) * up(x)); 'mlp': fc2(act(fc1(x)+b1))+b2."
     )
-    activation: Activation = Field(default="silu", description="Expert activation function.")
-    expert_bias: bool = Field(default=False, description="Experts' linear layers have biases (NLLB-MoE fc1/fc2).")
+    activation: Activation = Field(
+        default="silu",
+        description="Expert activation function; 'clamped_swiglu' (gated only, gpt-oss) is "
+        "(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).",
+    )
+    swiglu_alpha: float = Field(default=1.702, gt=0, description="alpha of 'clamped_swiglu' (gpt-oss swiglu_alpha).")
+    swiglu_limit: float = Field(default=7.0, gt=0, description="limit of 'clamped_swiglu' (gpt-oss swiglu_limit).")
+    expert_bias: bool = Field(
+        default=False, description="Experts' linear layers have biases (NLLB-MoE fc1/fc2; gpt-oss gate_up/down)."
+    )
 
     # Shared experts.
     num_shared_experts: int = Field(default=0, ge=0, description="Shared experts applied to every token.")
@@ -127,6 +148,10 @@ class MoELayerSpec(BaseModel):
             raise ValueError("shared_intermediate_size: must be > 0 when num_shared_experts > 0")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate: set without shared experts")
+        if self.activation == "clamped_swiglu" and self.expert_kind != "gated":
+            raise ValueError("activation: 'clamped_swiglu' needs expert_kind='gated'")
+        if self.routed_weight_on == "input" and self.capacity is not None:
+            raise ValueError("routed_weight_on: 'input' is not served with capacity routing")
         if self.capacity is not None and self.top_k > 2:
             raise ValueError(f"capacity: capacity routing supports top_k 1 or 2, got {self.top_k}")
         return self
@@ -134,9 +159,49 @@ class MoELayerSpec(BaseModel):
     @property
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
-        mats = 3 if self.expert_kind == "gated" else 2
-        bias = (self.intermediate_size + self.hidden_size) if self.expert_bias else 0
-        return mats * self.hidden_size * self.intermediate_size + bias
+        return self.expert_matrix_params + self.expert_bias_params
+
+    @property
+    def expert_matrix_params(self) -> int:
+        """Parameters of one routed expert's weight matrices (what a quantized checkpoint packs)."""
+        return (3 if self.expert_kind == "gated" else 2) * self.hidden_size * self.intermediate_size
+
+    @property
+    def expert_bias_params(self) -> int:
+        """Parameters of one routed expert's biases (kept unquantized)."""
+        if not self.expert_bias:
+            return 0
+        return (2 if self.expert_kind == "gated" else 1) * self.intermediate_size + self.hidden_size
+
+
+class QuantSpec(BaseModel):
+    """How a checkpoint's expert weights are quantized (its ``config.json`` ``quantization_config``).
+
+    - ``fp8``: float8 e4m3 weights with fp32 block scales ``*.weight_scale_inv`` of shape
+      ``[ceil(out / block_out), ceil(in / block_in)]`` (DeepSeek-V3/R1, Kimi-K2, Qwen3 FP8 releases);
+      ``w = w_fp8 * scale_inv`` per block. Tensors without a ``*_scale_inv`` beside them (the router)
+      are stored unquantized.
+    - ``mxfp4``: OCP MX fp4 (e2m1) values, two per byte (low nibble first), in blocks of 32 along the
+      input dim with one e8m0 exponent byte each (gpt-oss ``*_blocks [.., out, in / 32, 16]`` and
+      ``*_scales [.., out, in / 32]``); ``w = fp4 * 2 ** (scale - 127)``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: QuantMethod = Field(description="quantization_config.quant_method.")
+    weight_block_size: tuple[int, int] | None = Field(
+        default=None, description="fp8: (block_out, block_in) of one weight scale; None for one scale per tensor."
+    )
+    activation_scheme: Literal["dynamic"] = Field(
+        default="dynamic", description="fp8: activations are scaled per token group at run time ('dynamic')."
+    )
+
+    @property
+    def label(self) -> str:
+        if self.method == "fp8":
+            block = "per-tensor" if self.weight_block_size is None else "x".join(map(str, self.weight_block_size)) + " blocks"
+            return f"fp8 e4m3, {block}"
+        return "mxfp4 (e2m1, 32-wide e8m0 blocks)"
 
 
 class ModelSpec(BaseModel):
@@ -156,6 +221,9 @@ class ModelSpec(BaseModel):
         default=0, ge=0, description="Encoder layers of an encoder-decoder model (numbered first); 0 for decoder-only."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Checkpoint weight dtype.")
+    quantization: QuantSpec | None = Field(
+        default=None, description="How the experts are stored quantized; None for plain float weights."
+    )
 
     @model_validator(mode="after")
     def _layers(self) -> "ModelSpec":
@@ -243,6 +311,7 @@ class FleetConfig(BaseModel):
     controller: dict = Field(
         default_factory=dict, description="Overrides of the local controller's settings (ControllerConfig fields)."
     )
+    start_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the workers to start.")
     http_port: int | None = Field(
         default_factory=lambda: default_http_port(),
         ge=0, le=65535,
@@ -270,3 +339,4 @@ def default_http_port() -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"MOEFLEET_HTTP_PORT: {port} is not in 0..65535")
     return port
+

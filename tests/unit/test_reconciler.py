@@ -1,5 +1,7 @@
 """Pure parts of the reconciler: placement diffs and the drain condition."""
 
+import pytest
+
 from moefleet.controller.reconciler import placement_diff, routers_drained, worker_diff
 from moefleet.core.placement import Placement
 
@@ -47,3 +49,33 @@ def test_worker_diff_unloads_what_no_placement_names_and_loads_what_is_missing()
     assert d.removes == {"a": [(0, 5)], "spare": [(0, 6)]}
     assert d.new_devices == [] and d.retired_devices == []
     assert worker_diff(placement, {"a": [(0, 1), (0, 0)], "b": [(0, 2)]}).empty
+
+
+def test_a_swap_on_a_full_device_is_staged_room_first():
+    """gpu1 is full: the hot expert 6 can come in only after 5 has moved out to the CPU tier."""
+    from moefleet.controller.reconciler import stage_transition
+
+    cur = Placement(assignments={"gpu0": [(0, 0), (0, 1), (0, 2)], "gpu1": [(0, 3), (0, 4), (0, 5)], "cpu0": [(0, 6)]})
+    tgt = Placement(assignments={"gpu0": [(0, 0), (0, 1), (0, 2)], "gpu1": [(0, 3), (0, 4), (0, 6)], "cpu0": [(0, 5)]})
+    cap = {"gpu0": 3, "gpu1": 3, "cpu0": 10}
+    stages = stage_transition(cur, tgt, lambda k: 1, cap)
+    assert len(stages) == 2 and stages[-1] is tgt
+    first = {d: set(k) for d, k in stages[0].assignments.items()}
+    assert first["gpu1"] == {(0, 3), (0, 4)} and first["cpu0"] == {(0, 5), (0, 6)}
+    prev = {d: set(map(tuple, k)) for d, k in cur.assignments.items()}
+    for stage in stages:  # every step fits while a device holds old and new, and loses no expert
+        nxt = {d: set(map(tuple, k)) for d, k in stage.assignments.items()}
+        assert all(len(prev.get(d, set()) | nxt.get(d, set())) <= cap[d] for d in cap)
+        assert set().union(*nxt.values()) == {(0, e) for e in range(7)}
+        prev = nxt
+
+
+def test_a_move_that_fits_is_one_step_and_an_impossible_one_is_named():
+    from moefleet.controller.reconciler import stage_transition
+
+    cur = Placement(assignments={"a": [(0, 0)], "b": [(0, 1)]})
+    tgt = Placement(assignments={"a": [(0, 0), (0, 1)], "b": [(0, 1)]})
+    assert stage_transition(cur, tgt, lambda k: 1, {"a": 2, "b": 2}) == [tgt]
+    swap = Placement(assignments={"a": [(0, 1)], "b": [(0, 0)]})
+    with pytest.raises(ValueError, match="cannot stage"):
+        stage_transition(cur, swap, lambda k: 1, {"a": 1, "b": 1})  # each full, each expert only there

@@ -94,3 +94,68 @@ def test_freed_slot_is_quarantined_while_an_older_forward_may_read_it():
     assert float(old_view.stack.w13[old_view.slot_of[1], 0, 0]) == 1.0
     slots.release(None)  # that forward finished
     assert old_view.slot_of[1] in slots.free
+
+
+def test_a_forward_taking_its_view_during_an_unload_and_load_keeps_its_weights(checkpoint):
+    """The scheduler interleaves an unload of expert e and a load of another expert between a forward
+    reading its view and registering as running: the freed slot must not be reused under it."""
+    import threading
+
+    model = MoEModel.from_pretrained(checkpoint)
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch")
+    hidden = torch.randn(12, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(3))
+    slot_before = worker._slots[0].slot_of[1]
+    done = threading.Event()
+
+    def unload_then_load():
+        worker.unload([(0, 1)])
+        worker.load([(0, 6)])  # wants a free slot: the one expert 1 left, unless a forward may still read it
+        done.set()
+
+    class Interleaved(dict):
+        fired = False
+
+        def get(self, key, default=None):
+            view = super().get(key, default)
+            if not Interleaved.fired:
+                Interleaved.fired = True
+                threading.Thread(target=unload_then_load, daemon=True).start()
+                done.wait(0.5)  # with the race open the load completes here; closed, it waits for this forward
+            return view
+
+    worker._views = Interleaved(worker._views)
+    got, want = _call(worker, model, 0, hidden, [0, 1, 2, 3])
+    assert done.wait(10)
+    assert (got - want).abs().max().item() <= 1e-5, "the forward read weights another load wrote into its slot"
+    assert worker._slots[0].slot_of[6] != slot_before
+    assert sorted(worker.experts()) == [(0, 0), (0, 2), (0, 3), (0, 6)]
+
+
+def test_commands_from_an_older_leader_are_refused(checkpoint):
+    from moefleet.expert_workers.group import StaleCommandError
+
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, 0)], backend="torch")
+    worker.load([(0, 1)], token=200)
+    with pytest.raises(StaleCommandError, match="token 100"):
+        worker.unload([(0, 0)], token=100)
+    with pytest.raises(StaleCommandError):
+        worker.load([(0, 2)], token=199)
+    assert worker.experts() == [(0, 0), (0, 1)]
+    worker.unload([(0, 0)], token=201)  # a newer leader is obeyed
+    assert worker.experts() == [(0, 1)]
+
+
+def test_a_load_past_the_memory_budget_is_refused_and_changes_nothing(checkpoint):
+    from moefleet.expert_workers.slots import MemoryBudgetError
+
+    probe = ExpertGroupCore("p", str(checkpoint), [(0, 0)], backend="torch")
+    slot = probe._slots[0].slot_bytes({})  # bytes of one slot
+    # room for a stack of 4 slots (the first allocation) but not for growing it beside the old one
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=6 * slot)
+    assert worker.stats()["reserved_bytes"] == 4 * slot
+    with pytest.raises(MemoryBudgetError, match="no room"):
+        worker.load([(0, 4)])
+    assert worker.experts() == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    roomy = ExpertGroupCore("r", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=10 * slot)
+    roomy.load([(0, 4)])  # grows to 6 slots, not 8: 4 + 6 fit in 10 while the copy runs
+    assert roomy.stats()["reserved_bytes"] == 6 * slot
