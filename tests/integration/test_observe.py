@@ -204,7 +204,12 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
             return p if p.version > v0 and sum(len(reps[(0, e)]) for e in hot) > sum(before.values()) else None
 
         placement = _until("the controller gives a hot expert another replica", replicated, timeout=45)
-        _until("the endpoint has sampled the new placement", lambda: _state(fleet)["placement"]["version"] >= placement.version)
+        def sampled():  # the snapshot holds the new placement, and the routed load of the last seconds is this traffic's
+            s = _state(fleet)
+            top = sorted(h["expert"] for h in s["layer_stats"][0]["hot"][:2])
+            return s["placement"]["version"] >= placement.version and top == hot
+
+        _until("the endpoint has sampled the new placement and load", sampled)
         dom = _chromium("--virtual-time-budget=5000", "--dump-dom", fleet.url + "/", profile=tmp_path / "profile")
         _chromium("--virtual-time-budget=5000", "--window-size=1400,1500", "--hide-scrollbars",
                   f"--screenshot={tmp_path / 'dashboard.png'}", fleet.url + "/", profile=tmp_path / "profile")
