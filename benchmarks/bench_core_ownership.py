@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_mixtral_checkpoint  # noqa: E402
+from common import goal, single, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 HOT = (0, 1)
 
@@ -178,6 +178,17 @@ def main() -> None:
     print(f"elastic / static = {ratio:.2f} (goal >= 1.5; ceiling 2)")
     print(f"max |fleet - in-process| = {max(static['max_abs_diff_vs_in_process'], elastic['max_abs_diff_vs_in_process']):.2e}")
     write_json("core_ownership", result, args.out)
+    figures = {f"{r['mode']} tokens/s": single(r["tokens_per_s"], "tokens/s") for r in (static, elastic)}
+    figures["elastic / static"] = single(ratio, "x", "ceiling 2 (two workers, one core each)")
+    figures["hot expert on worker-1 after"] = single(elastic["hot_expert_on_worker_1_after_s"], "s")
+    goals = [
+        goal("elastic >= 1.5x static tokens/s (workers owning their cores)", ratio, ">=", 1.5, unit="x"),
+        goal("no failed request", static["failed"] + elastic["failed"], "==", 0, unit="requests"),
+    ]
+    flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+    write_result("core_ownership", title="Elastic vs static with workers owning their cores",
+                 question="Does the controller's re-placement pay when each worker owns its core?",
+                 command=f"python benchmarks/bench_core_ownership.py {flags}", figures=figures, goals=goals, details=result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, write_json, write_mixtral_checkpoint  # noqa: E402
+from common import RESULTS_DIR, goal, single, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 
 def zipf_probs(n: int, s: float, shift: int) -> np.ndarray:
@@ -228,9 +228,23 @@ def main() -> None:
     print(f"elastic: {elastic['mean_tokens_per_s']:9,.0f} tokens/s, p99 {elastic['p99_overall_ms']:.0f} ms, failed {elastic['failed_requests']}/{elastic['requests']}")
     print(f"throughput elastic/static: {result['throughput_ratio_elastic_over_static']:.2f}")
     print(f"elastic p99 back within 1.5x steady state after each shift (s): {result['elastic_recovery_s_after_shifts']}")
-    out = write_json("elastic", result, args.out)
-    plot(static, elastic, args.shift, (Path(args.out).with_suffix(".png") if args.out else OUT_DIR / "elastic.png"))
-    del out
+    write_json("elastic", result, args.out)
+    png = Path(args.out).with_suffix(".png") if args.out else RESULTS_DIR / "elastic.png"
+    plot(static, elastic, args.shift, png)
+    figures = {f"{m} tokens/s": single(r["mean_tokens_per_s"], "tokens/s") for m, r in (("static", static), ("elastic", elastic))}
+    figures.update({f"{m} p99 ms": single(r["p99_overall_ms"], "ms") for m, r in (("static", static), ("elastic", elastic))})
+    figures["elastic / static tokens/s"] = single(result["throughput_ratio_elastic_over_static"], "x")
+    goals = [
+        goal("elastic >= 2x static tokens/s", result["throughput_ratio_elastic_over_static"], ">=", 2.0, unit="x"),
+        goal("no failed request in either mode", static["failed_requests"] + elastic["failed_requests"], "==", 0,
+             unit="requests"),
+    ]
+    argv = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+    write_result("elastic", title="Elastic vs static placement (local fleet)",
+                 question="Does the controller's re-placement raise throughput when the hot experts move?",
+                 command=f"python benchmarks/bench_elastic.py {argv}", figures=figures, goals=goals,
+                 plots=[str(png.relative_to(RESULTS_DIR.parent))] if png.is_relative_to(RESULTS_DIR.parent) else [],
+                 details=result)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_mixtral_checkpoint  # noqa: E402
+from common import goal, single, write_result, write_json, write_mixtral_checkpoint  # noqa: E402
 from traffic import Traffic  # noqa: E402
 
 EXPERTS = 8
@@ -215,6 +215,34 @@ def main() -> None:
         finally:
             ray.shutdown()
     write_json("faults", {"args": vars(args), **results}, args.out)
+    _write_schema(results, args)
+
+
+def _write_schema(results: dict, args) -> None:
+    """benchmarks/results/faults.json in the common schema: the reliability table, one goal per scenario's promise."""
+    figures, goals = {}, []
+    for name, r in results.items():
+        for key in ("requests", "failed", "failed_latency_ms_max", "full_service_back_after_s", "new_leader_after_s",
+                    "placement_republished_after_kill_s", "telemetry_resumed_after_kill_s", "repaired_after_s"):
+            if r.get(key) is not None:
+                figures[f"{name}: {key}"] = single(r[key], "s" if key.endswith("_s") else ("ms" if key.endswith("_ms_max") else ""))
+        goals.append(goal(f"{name}: answers equal the in-process layer", r.get("wrong_outputs"), "==", 0, unit="wrong"))
+    if "worker_kill" in results:
+        r = results["worker_kill"]
+        goals.append(goal("worker_kill: full service back within 10 s", r["full_service_back_after_s"], "<=", 10, unit="s"))
+        goals.append(goal("worker_kill: each failed request fails fast", r["failed_latency_ms_max"], "<", 1000, unit="ms",
+                          note="no request failed" if not r["failed"] else ""))
+    for name in ("worker_kill_min2", "redis_outage", "controller_kill"):
+        if name in results:
+            goals.append(goal(f"{name}: no failed request", results[name]["failed"], "==", 0, unit="requests"))
+    if "controller_kill" in results:
+        r = results["controller_kill"]
+        goals.append(goal("controller_kill: no placement leaves an expert without a replica",
+                          r["placements_missing_an_expert"], "==", 0))
+    flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "only"))
+    write_result("faults", title="Reliability under failures",
+                 question="What does a client see when a worker, Redis or the controller fails under load?",
+                 command=f"python benchmarks/bench_faults.py {flags}", figures=figures, goals=goals, details=results)
 
 
 if __name__ == "__main__":

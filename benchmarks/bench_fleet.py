@@ -198,6 +198,38 @@ def main() -> None:
     print(f"fleet max abs error vs in-process: {results['fleet_max_abs_error']:.2e}")
     print(f"router time spent on telemetry (count + flush to Redis): {100 * results['router_telemetry_share']:.2f}%")
     write_json("fleet", results, args.out)
+    _write_schema(results, ratios, thr_tokens, args)
+
+
+def _write_schema(results: dict, ratios: dict, thr_tokens: int, args) -> None:
+    """benchmarks/results/fleet.json in the common schema."""
+    from common import goal, single, write_result
+
+    figures = {}
+    for name in ("in_process_no_ray", "in_process", "fleet", "fleet_serve_ingress", "naive_serve"):
+        if name in results:
+            r = results[name]
+            for t in (1, 32, 256):
+                figures[f"{name} p50@{t}"] = single(r[f"latency_{t}"]["p50_ms"], "ms")
+                figures[f"{name} p99@{t}"] = single(r[f"latency_{t}"]["p99_ms"], "ms")
+            figures[f"{name} tokens/s@{thr_tokens}"] = single(r[f"throughput_{thr_tokens}"]["tokens_per_s"], "tokens/s")
+    naive = "naive_serve" in results
+    goals = [
+        goal("fleet p50@32 <= 1/3 of naive", ratios.get("fleet_p50_32_over_naive"), "<=", 1 / 3, unit="x",
+             note="" if naive else "not run: --skip-naive"),
+        goal(f"fleet throughput@{thr_tokens} >= 1.2x naive", ratios.get(f"fleet_throughput_{thr_tokens}_over_naive"),
+             ">=", 1.2, unit="x", note="" if naive else "not run: --skip-naive"),
+        goal(f"fleet throughput@{thr_tokens} >= 0.9x in-process", ratios[f"fleet_throughput_{thr_tokens}_over_in_process"],
+             ">=", 0.9, unit="x"),
+        goal("fleet p50@256 <= 1.25x in-process", ratios["fleet_p50_256_over_in_process"], "<=", 1.25, unit="x"),
+        goal("router time spent on telemetry < 2%", results["router_telemetry_share"], "<", 0.02),
+        goal("fleet output = in-process output (max abs error)", results["fleet_max_abs_error"], "<=", 1e-5),
+    ]
+    flags = [f for f, on in (("--quick", args.quick), ("--serve-ingress", args.serve_ingress), ("--skip-naive", args.skip_naive)) if on]
+    write_result("fleet", title="Fleet vs in-process vs naive Ray Serve",
+                 question="What does serving a layer through the fleet cost against the in-process layer and a naive Serve fan-out?",
+                 command=" ".join(["python benchmarks/bench_fleet.py", *flags]), figures=figures, goals=goals,
+                 details={"results": results, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu_transport.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu_transport needs a CUDA GPU")
+        print("bench_gpu_transport needs a CUDA GPU: not run")
+        _write_schema(None)
+        return
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(child,), daemon=True)
@@ -115,6 +117,24 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
+    _write_schema(report)
+
+
+def _write_schema(report: dict | None) -> None:
+    """benchmarks/results/gpu_transport.json in the common schema ('not run: no GPU' without one)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import single, write_result
+
+    figures = {}
+    for r in (report or {}).get("results", []):
+        for name in ("cuda_ipc", "host_copy", "pipe_only"):
+            figures[f"T={r['tokens']} {name} p50"] = single(r[name]["p50_ms"], "ms", f"{r['mbytes']:.1f} MB round trip")
+    write_result("gpu_transport", title="CUDA IPC hand-off on one GPU",
+                 question="router-worker hand-off on one GPU node: CUDA IPC vs host copies",
+                 command="python benchmarks/bench_gpu_transport.py", status="ok" if report else "not run: no GPU",
+                 figures=figures, details=report or {})
 
 
 if __name__ == "__main__":

@@ -221,7 +221,46 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
+    _write_schema(report, torch.cuda.is_available())
 
+
+def _write_schema(report: dict, on_cuda: bool) -> None:
+    """benchmarks/results/kernels.json in the common schema; the question needs CUDA."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import goal, single, write_result
+
+    figures = {}
+    for r in report["results"]:
+        for key, value in r.items():
+            if isinstance(value, dict) and "ms" in value:
+                name = f"{r.get('shape', '')} T={r['tokens']} {key}"
+                figures[f"{name} ms"] = single(value["ms"], "ms")
+                if "tflops" in value:
+                    figures[f"{name} TFLOP/s"] = single(value["tflops"], "TFLOP/s")
+                if "gflops" in value:
+                    figures[f"{name} GFLOP/s"] = single(value["gflops"], "GFLOP/s")
+    rows = [r for r in report["results"] if "triton_graph" in r] if on_cuda else []
+    decode = [r["triton_graph"]["fraction_of_datasheet_hbm"] for r in rows if r["tokens"] <= 8]
+    largest = {}
+    for r in rows:
+        if r["tokens"] >= largest.get(r["shape"], {"tokens": -1})["tokens"]:
+            largest[r["shape"]] = r
+    at_4096 = [r["speedup_vs_torch_loop"] for r in rows if r["tokens"] == 4096]
+    note = "" if on_cuda else "not run: no GPU"
+    goals = [
+        goal(">= 70% of HBM bandwidth at decode sizes (T <= 8, CUDA graph, worst shape)", min(decode) if decode else None,
+             ">=", 0.7, note=note),
+        goal(">= 60% of the bf16 datasheet peak at the largest batch (worst shape)",
+             min(r["triton_graph"]["fraction_of_datasheet_peak"] for r in largest.values()) if largest else None, ">=", 0.6,
+             note=note),
+        goal("Triton >= 3x the torch loop at 4096 tokens (eager, worst shape)", min(at_4096) if at_4096 else None, ">=", 3.0,
+             unit="x", note=note),
+    ]
+    write_result("kernels", title="Fused routed-expert kernels", question=report["question"],
+                 command="python benchmarks/bench_kernels.py", status="ok" if on_cuda else "not run: no GPU",
+                 figures=figures, goals=goals, details=report)
 
 if __name__ == "__main__":
     main()

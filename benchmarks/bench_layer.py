@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, write_json, write_mixtral_checkpoint  # noqa: E402
+from common import has_gpu, spread, timed, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 from moefleet import MoEModel  # noqa: E402
 
@@ -42,7 +42,7 @@ def bench(model: MoEModel, layer: int, tokens: int, repeats: int) -> dict:
     med = sorted(times)[len(times) // 2]
     return {
         "backend": lay.backend, "tokens": tokens, "median_s": med, "tokens_per_s": tokens / med,
-        "gflops_per_s": flops_per_token(spec) * tokens / med / 1e9, "best_s": best,
+        "gflops_per_s": flops_per_token(spec) * tokens / med / 1e9, "best_s": best, "times_s": times,
     }
 
 
@@ -80,6 +80,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: the Triton path runs only under TRITON_INTERPRET=1 here (tests), so it is not timed")
     write_json("layer", {"tokens": args.tokens, "results": results}, args.out)
+    figures = {}
+    for r in results:
+        where = "cpu fp32 torch" if "device" not in r else f"{r['device']} bf16 {r['backend']}"
+        figures[f"{r['shape'].split()[0]} {where} tokens/s"] = spread(
+            [args.tokens / t for t in r["times_s"]], "tokens/s", f"{r['shape']}, {args.tokens} tokens a call")
+    write_result("layer", title="In-process MoE layer", question="How fast is one MoE layer in process (torch on CPU; "
+                 "Triton vs torch on CUDA)?", command="python benchmarks/bench_layer.py" + (" --quick" if args.quick else ""),
+                 figures=figures, status="ok" if results else "failed: no results",
+                 details={"tokens": args.tokens, "results": results, "gpu_part": "ran" if has_gpu() else "not run: no GPU"})
 
 
 if __name__ == "__main__":

@@ -240,7 +240,42 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(), "static": static, "drift": drift, "summary": summary,
     }, indent=2) + "\n")
     print(f"wrote {out}")
+    _write_schema(static, drift, summary, args)
     return 0
+
+
+def _write_schema(static: list[dict], drift: list[dict], summary: dict, args) -> None:
+    """benchmarks/results/planner.json in the common schema, and the balance-vs-moves plot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import plots
+    from common import RESULTS_DIR, goal, single, spread, write_result
+
+    flat = [r for r in static if r["mode"] == "flat"]
+    figures = {
+        "ours / baseline max-over-mean, flat": spread([r["ours_over_baseline"] for r in flat], "x",
+                                                      "greedy replicate-then-pack (DeepSeek EPLB, global policy)"),
+        "ours / baseline max-over-mean, hierarchical": spread(
+            [r["ours_over_baseline"] for r in static if r["mode"] == "hier"], "x", "baseline constrained to groups per node"),
+        "incremental / from-scratch copies": spread([r["moves_ratio"] for r in drift], "x"),
+        "incremental / from-scratch balancedness": spread([r["balance_ratio_mean"] for r in drift], "x"),
+        "incremental plan time per step": spread([r["incremental_plan_s_per_step"] for r in drift], "s"),
+        "elapsed": single(summary["elapsed_s"], "s"),
+    }
+    goals = [
+        goal("balance from scratch within 1% of the baseline, every case", summary["static_worst_ours_over_baseline"],
+             "<=", 1.01, unit="x", description=f"{summary['static_goal_met']} of {summary['static_cases']} cases met"),
+        goal("drift: incremental copies <= 1/4 of from scratch, every case", summary["drift_worst_moves_ratio"], "<=", 0.25,
+             unit="x"),
+        goal("drift: balancedness within 5% of from scratch, every case", summary["drift_worst_balance_ratio_mean"],
+             ">=", 0.95, unit="x"),
+    ]
+    png = plots.planner_balance_vs_moves(RESULTS_DIR / "planner_moves.png", drift,
+                                         "planner under drift: balance vs weight copies")
+    write_result("planner", title="Planner vs greedy and DeepSeek EPLB",
+                 question="Does the planner balance as well as greedy replicate-then-pack, with far fewer moves under drift?",
+                 command="python benchmarks/bench_planner.py" + (" --quick" if args.quick else ""), figures=figures,
+                 goals=goals, plots=[str(png.relative_to(RESULTS_DIR.parent))],
+                 details={"static": static, "drift": drift, "summary": summary}, elapsed_s=summary["elapsed_s"])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentiles, write_json  # noqa: E402
+from common import percentiles, single, write_json, write_result  # noqa: E402
 
 
 @ray.remote(num_cpus=0.5)
@@ -124,6 +124,14 @@ def main() -> None:
     if rdt_error:
         print(f"rdt_gloo not measured: {rdt_error}")
     write_json("transport", {"results": results, "rdt_error": rdt_error}, args.out)
+    figures = {}
+    for k, v in results.items():
+        figures[f"{k} p50"] = single(v["p50_ms"], "ms", f"median of {v['n']} round trips")
+        figures[f"{k} p99"] = single(v["p99_ms"], "ms")
+    write_result("transport", title="Tensor transport between router and workers",
+                 question="How fast does an array travel from a router actor to a worker actor and back?",
+                 command="python benchmarks/bench_transport.py", figures=figures,
+                 details={"results": results, "rdt_error": rdt_error})
     ray.shutdown()
 
 

@@ -77,3 +77,117 @@ def write_json(name: str, data: dict, out: str | None = None) -> Path:
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+# --------------------------------------------------------------------------- the common result schema
+#
+# Every benchmark writes benchmarks/results/<name>.json (what `make bench` runs and benchmarks/report.py reads):
+#
+#   {
+#     "schema": "moefleet-bench/1",
+#     "name": "planner",                       # the file's stem
+#     "title": "Planner vs greedy and DeepSeek EPLB",
+#     "question": "...",                       # the one question the script answers
+#     "command": "python benchmarks/bench_planner.py",
+#     "status": "ok" | "not run: no GPU" | "not run: <reason>" | "failed: <reason>",
+#     "machine": {"description": "2 vCPUs (Intel Xeon), 23 GiB, no GPU", "cpus": 2, ...},
+#     "finished_at": "2026-11-25T17:00:00+00:00", "elapsed_s": 21.7,
+#     "figures": {NAME: {"value": x, "unit": "tokens/s", "description": "..."}          # one measurement
+#                 NAME: {"min": a, "median": b, "max": c, "n": 3, "unit": ..., ...}},  # repeats
+#     "goals": [{"name": ..., "description": ..., "measured": x, "op": ">=", "target": y, "unit": ...,
+#                "met": true | false | null}],          # null: not measured (status says why)
+#     "plots": ["results/sim_balancedness.png"],        # relative to benchmarks/
+#     "details": {...}                                  # the script's own data (tables, timelines)
+#   }
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCHEMA = "moefleet-bench/1"
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+        "==": lambda a, b: a == b}
+
+
+def machine_description() -> dict:
+    """The machine a result was measured on, with a one-line description."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20)
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpus = os.cpu_count()
+    desc = f"{cpus} vCPUs ({cpu})" + (f", {mem_gib} GiB" if mem_gib else "") + (f", {gpu}" if gpu else ", no GPU")
+    return {"description": desc, "cpu": cpu, "cpus": cpus, "memory_gib": mem_gib, "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def spread(samples, unit: str = "", description: str = "") -> dict:
+    """A figure measured several times: min / median / max (and the samples)."""
+    xs = [float(x) for x in samples]
+    if not xs:
+        raise ValueError("spread: no samples")
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs), "samples": xs,
+            "unit": unit, "description": description}
+
+
+def single(value, unit: str = "", description: str = "") -> dict:
+    """A figure measured once."""
+    return {"value": None if value is None else float(value), "unit": unit, "description": description}
+
+
+def figure_value(fig: dict) -> float | None:
+    """The representative value of a figure: its median when repeated."""
+    return fig.get("median", fig.get("value"))
+
+
+def goal(name: str, measured, op: str, target: float, *, unit: str = "", description: str = "", note: str = "") -> dict:
+    """A goal with its measured value and whether it is met (None when not measured)."""
+    if op not in _OPS:
+        raise ValueError(f"op: expected one of {sorted(_OPS)}, got {op!r}")
+    value = figure_value(measured) if isinstance(measured, dict) else measured
+    met = None if value is None else bool(_OPS[op](float(value), float(target)))
+    return {"name": name, "description": description, "measured": None if value is None else float(value), "op": op,
+            "target": float(target), "unit": unit, "met": met, "note": note}
+
+
+def write_result(name: str, *, title: str, question: str, command: str, figures: dict | None = None,
+                 goals: list | None = None, status: str = "ok", plots: list | None = None, details: dict | None = None,
+                 elapsed_s: float | None = None, results_dir: Path | None = None) -> Path:
+    """Write benchmarks/results/<name>.json in the common schema (see above); returns the path."""
+    import datetime
+
+    out_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "schema": SCHEMA, "name": name, "title": title, "question": question, "command": command, "status": status,
+        "machine": machine_description(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": elapsed_s, "figures": figures or {}, "goals": goals or [], "plots": plots or [],
+        "details": details or {},
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "model_dump"):
+        return x.model_dump()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -24,9 +24,17 @@ Two policies:
   num_groups`` consecutive experts each, as in group-limited routing) are first
   packed onto nodes so every node gets the same number of groups; each node
   then replicates its own experts and packs the replicas onto its GPUs. All
-  replicas of a group stay on one node.
+  replicas of a group stay on one node. Needs ``E % num_groups == 0`` and
+  ``num_gpus % num_nodes == 0``.
 * global (otherwise): one node, one group: replicate over all experts, pack
-  onto all GPUs.
+  onto all GPUs. Groups and nodes play no part, so neither needs to divide
+  anything (4 experts in 3 groups on 2 nodes is planned globally).
+
+Inputs accepted are exactly DeepSeek's: positive counts with ``num_replicas``
+a multiple of ``num_gpus`` and at least ``E``, plus the hierarchical
+divisibility above when ``num_groups % num_nodes == 0``. Loads must be finite
+and ``>= 0`` (token counts); anything else is refused with an error naming the
+argument.
 
 Both assume every replica of an expert takes an equal share of its load
 (``weight / logcnt``), and may put two replicas of one expert on one GPU.
@@ -180,9 +188,9 @@ def rebalance_experts(
     Args:
         weight: ``[L, E]`` load of each logical expert (e.g. decayed token counts).
         num_replicas: ``R``, physical experts per layer; a multiple of ``num_gpus``, ``>= E``.
-        num_groups: expert groups (``E % num_groups == 0``); hierarchical when
-            ``num_groups % num_nodes == 0``.
-        num_nodes: nodes; must divide ``num_gpus``.
+        num_groups: expert groups; hierarchical when ``num_groups % num_nodes
+            == 0`` (then ``E % num_groups == 0`` is required), else global.
+        num_nodes: nodes; must divide ``num_gpus`` under the hierarchical policy.
         num_gpus: GPUs; slot ``r`` lives on GPU ``r // (R // num_gpus)``.
 
     Returns:
@@ -198,16 +206,22 @@ def rebalance_experts(
                         ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
         if int(value) != value or value <= 0:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes {num_nodes}")
+    num_replicas, num_groups, num_nodes, num_gpus = (int(v) for v in (num_replicas, num_groups, num_nodes, num_gpus))
+    hierarchical = num_groups % num_nodes == 0
+    if hierarchical:  # groups and nodes matter only when the groups divide among the nodes
+        if num_log % num_groups:
+            raise ValueError(
+                f"num_groups: {num_groups} does not divide the {num_log} experts "
+                f"(needed because {num_groups} groups divide among {num_nodes} nodes: hierarchical policy)"
+            )
+        if num_gpus % num_nodes:
+            raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes {num_nodes}")
     if num_replicas % num_gpus:
         raise ValueError(f"num_replicas: {num_replicas} is not a multiple of num_gpus {num_gpus}")
     if num_replicas < num_log:
         raise ValueError(f"num_replicas: {num_replicas} is fewer than the {num_log} logical experts")
-    if num_log % num_groups:
-        raise ValueError(f"num_groups: {num_groups} does not divide the {num_log} experts")
 
-    if num_groups % num_nodes == 0:
+    if hierarchical:
         phy2log, phyrank, logcnt = _rebalance_hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, phyrank, logcnt = _rebalance_hierarchical(w, num_replicas, 1, 1, num_gpus)

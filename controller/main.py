@@ -18,6 +18,9 @@ Each step of the leader (every ``interval_s``; liveness every ``health_interval_
 5. if the plan says so, the reconciler applies it without pausing requests,
    fenced by the lease.
 
+Steps 3 and 4 are ``decide.decide``, a pure function the fleet simulator calls
+too, so a simulated controller decides exactly as this one does.
+
 Leadership: a lease in Redis with a fencing token. A follower polls for it;
 when the leader dies its lease lapses and the follower takes over within the
 lease time, continuing from the placement and records in Redis. While Redis
@@ -47,8 +50,9 @@ from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_act
 from moefleet.core.state import StateStore, resolve_redis_url
 from moefleet.kernels.experts import packed_kind
 
-from .autoscale import AutoscalingConfig, autoscale_step
-from .planner import Plan, PlannerKnobs, plan
+from .autoscale import AutoscalingConfig
+from .decide import decide
+from .planner import Plan, PlannerKnobs
 from .reconciler import Reconciler
 from .telemetry import TelemetryConfig
 
@@ -334,7 +338,11 @@ class Controller:
             self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
             self._seen_generation = ""
         if current is None:
-            current = (self.recover_placement(records) if self._store_settled() else None) or Placement()
+            if not self._store_settled():  # workers have not had time to heartbeat into the store yet
+                report["skipped"] = "waiting for workers to report what they hold"
+                self.last_report = report
+                return report
+            current = self.recover_placement(records) or Placement()  # empty: a fleet with nothing placed yet
         self._seen_generation = current.generation or self._seen_generation
         report["placement_version"] = current.version
         # liveness and repair
@@ -365,38 +373,20 @@ class Controller:
             diff = self.reconciler.converge(current, live_held)
             if pending.get("phase") and pending.get("holder") != self.holder and not diff.removes and not diff.adds:
                 self.store.put_record("rebalance", {"phase": None, "at": now, "holder": self.holder})
-        if self.config.autoscaling is not None:
-            active = int(record.get("active_devices") or len(current.assignments) or len(devices))
-            desired, policy_state = autoscale_step(
-                self.config.autoscaling, self.queue_depths(records), active, record.get("autoscale_state"), now
-            )
-            desired = max(1, min(desired, len(devices)))
-            record["active_devices"], record["autoscale_state"] = desired, policy_state
-            report["active_devices"] = desired
-            devices = devices[:desired]
-        load = self.load(now)
-        report["tokens"] = float(load.sum())
-        if not devices:
-            report["skipped"] = "no live device"
-        elif load.sum() < self.config.min_tokens and current.version > 0 and not down:
-            report["skipped"] = "too little load to plan from"
-        else:
-            if load.sum() == 0:
-                load = np.ones_like(load)  # nothing measured yet (a repair after a fresh start): treat experts alike
-            result: Plan = plan(
-                load, Inventory(devices=devices), current, self.config.planner, expert_bytes=self.expert_bytes, layers=self.layers
-            )
-            report.update(
-                balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
-                gain=result.gain, copies=result.copies, apply=result.apply, repaired=result.repaired,
-            )
-            if result.apply:
-                reason = f"repair: {sorted(down)} down" if down else (
-                    "repair" if result.repaired else f"gain {result.gain:.3f}")
-                t0 = time.monotonic()
-                published = self.reconciler.apply(result.target, reason=reason, skip=down)
-                report["applied_version"] = published.version
-                report["apply_seconds"] = time.monotonic() - t0
+        depths = self.queue_depths(records) if self.config.autoscaling is not None else None
+        decision = decide(
+            self.config, record, devices, current, self.load(now), depths, now,
+            expert_bytes=self.expert_bytes, layers=self.layers, down=down,
+        )
+        report.update(decision.report)
+        record = decision.record
+        result: Plan | None = decision.plan
+        if result is not None and result.apply:
+            reason = f"repair: {sorted(down)} down" if down else ("repair" if result.repaired else f"gain {result.gain:.3f}")
+            t0 = time.monotonic()
+            published = self.reconciler.apply(result.target, reason=reason, skip=down)
+            report["applied_version"] = published.version
+            report["apply_seconds"] = time.monotonic() - t0
         self._restart(down_or_idle)
         record["last_report"] = report
         self.store.put_record(RECORD, record)

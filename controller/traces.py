@@ -19,13 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moefleet.core.placement import Inventory, Placement, spread_placement
 from moefleet.core.trace import Trace, TraceLine
 
-from .planner import PlannerKnobs, plan
+from .decide import decide
+
+if TYPE_CHECKING:
+    from .main import ControllerConfig
 
 __all__ = ["ReplayStep", "record_windows", "replay", "trace_windows"]
 
@@ -128,36 +132,41 @@ def replay(
     inventory: Inventory,
     *,
     expert_bytes: float,
-    knobs: PlannerKnobs | None = None,
+    config: ControllerConfig | None = None,
     window_s: float | None = None,
-    load_windows: int = 6,
-    half_life_s: float = 2.0,
-    min_tokens: float = 50.0,
     start: Placement | None = None,
 ) -> list[ReplayStep]:
     """Replay ``trace`` through the controller's decision, one step per window (see the module docstring).
 
+    config: the controller's settings (``load_windows``, ``load_half_life_s``,
+    ``min_tokens``, ``planner``, ``autoscaling``; default ``ControllerConfig()``),
+    read as if each trace window were one of the routers' load windows.
     inventory: the devices to place on; start: the placement in force before
     the first window (default: each layer's experts spread over the devices,
-    as a fresh fleet starts). ``load_windows``, ``half_life_s`` and
-    ``min_tokens`` are the controller's (``ControllerConfig``) for the same
-    windows.
+    as a fresh fleet starts).
     """
-    knobs = knobs or PlannerKnobs()
+    from .main import ControllerConfig
+
+    config = config or ControllerConfig()
     layers = trace.layers
     window_s, windows = trace_windows(trace, window_s)
     devices = [d.device_id for d in inventory.devices]
     current = start or spread_placement(layers, trace.num_experts, devices)
+    record: dict = {}
     steps = []
     for k, (t0, load) in enumerate(windows):
-        recent = windows[max(0, k - load_windows + 1): k + 1]
-        est = sum(0.5 ** ((k - j) * window_s / half_life_s) * w for j, (_, w) in zip(range(k - len(recent) + 1, k + 1), recent))
+        recent = windows[max(0, k - config.load_windows + 1): k + 1]
+        ages = range(len(recent) - 1, -1, -1)
+        est = sum(0.5 ** (age * window_s / config.load_half_life_s) * w for age, (_, w) in zip(ages, recent))
+        queue = {d: 0.0 for d in devices} if config.autoscaling is not None else None
+        decision = decide(config, record, inventory.devices, current, est, queue, t0, expert_bytes=expert_bytes, layers=layers)
+        record = decision.record
         step = ReplayStep(t=round(t0, 6), tokens=int(load.sum()), load=load.astype(int).tolist(),
                           estimate_tokens=float(est.sum()), decision="", version=current.version)
-        if est.sum() < min_tokens:
-            step.decision = "skipped: too little load to plan from"
+        result = decision.plan
+        if result is None:
+            step.decision = f"skipped: {decision.report.get('skipped', '')}"
         else:
-            result = plan(est, inventory, current, knobs, expert_bytes=expert_bytes, layers=layers)
             step.balancedness_before, step.balancedness_after = result.balancedness_before, result.balancedness_after
             step.gain = result.gain
             if result.apply:

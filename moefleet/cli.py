@@ -458,6 +458,7 @@ def cmd_trace_import(args) -> int:
 def cmd_trace_replay(args) -> int:
     """Run the controller's planner over a trace; print what it would have done in each window."""
     import json
+    from pathlib import Path
 
     from rich.table import Table
 
@@ -484,10 +485,18 @@ def cmd_trace_replay(args) -> int:
         2 * expert_bytes * trace.num_experts * len(trace.layers) / max(args.devices - 1, 1) / 0.9 + expert_bytes)
     inventory = Inventory(devices=[DeviceSpec(device_id=f"device-{i}", node_id="replay", kind="gpu", memory_bytes=per_device)
                                    for i in range(args.devices)])
-    d = LOCAL_CONTROLLER_DEFAULTS
-    steps = replay(trace, inventory, expert_bytes=expert_bytes, knobs=PlannerKnobs(min_gain=args.min_gain),
-                   window_s=args.window, load_windows=d["load_windows"], half_life_s=d["load_half_life_s"],
-                   min_tokens=d["min_tokens"])
+    if args.config:
+        import yaml
+
+        from moefleet.controller.main import ControllerConfig
+
+        config = ControllerConfig(**(yaml.safe_load(Path(args.config).read_text()) or {}))
+    else:  # local mode's controller: reacts within seconds
+        from moefleet.controller.main import ControllerConfig
+
+        knobs = {k: v for k, v in LOCAL_CONTROLLER_DEFAULTS.items() if k in ("load_windows", "load_half_life_s", "min_tokens")}
+        config = ControllerConfig(**knobs, ray_address=None, planner=PlannerKnobs(min_gain=args.min_gain))
+    steps = replay(trace, inventory, expert_bytes=expert_bytes, config=config, window_s=args.window)
     if args.json:
         print(json.dumps({"devices": args.devices, "expert_bytes": expert_bytes, "layers": trace.layers,
                           "num_experts": trace.num_experts, "windows": [s.to_dict() for s in steps]}))
@@ -552,6 +561,152 @@ def cmd_deploy(args) -> int:
     return subprocess.call([serve_bin, "deploy", f.name, "--address", args.address])
 
 
+class _PlanArgError(ValueError):
+    """A ``moe-fleet plan`` flag with a bad value; the message names it."""
+
+
+def _plan_inputs(args):
+    """(trace, devices builder, fleet entries, expert shape, SimConfig) from ``moe-fleet plan``'s flags."""
+    from pathlib import Path
+
+    import yaml
+
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.controller.sim_devices import MODEL_SHAPES, ExpertShape, fleet_devices, parse_fleet
+    from moefleet.controller.sim_traffic import parse_traffic
+    from moefleet.controller.simulator import SimConfig, balanced_capacity
+    from moefleet.core.expert_stats import counts_to_trace, load_expert_counts
+    from moefleet.core.trace import read_trace
+
+    entries = parse_fleet(args.fleet)
+    if args.model not in MODEL_SHAPES:
+        raise _PlanArgError(f"model: unknown {args.model!r} (known: {', '.join(MODEL_SHAPES)})")
+    shape, _, model_top_k = MODEL_SHAPES[args.model]
+    if args.hidden or args.intermediate:
+        if not (args.hidden and args.intermediate) or args.hidden <= 0 or args.intermediate <= 0:
+            raise _PlanArgError("hidden, intermediate: give both, each > 0")
+        shape = ExpertShape(args.hidden, args.intermediate, moe_layers=args.moe_layers or shape.moe_layers)
+    elif args.moe_layers:
+        shape = ExpertShape(shape.hidden, shape.intermediate, shape.gated, shape.dtype_bytes, args.moe_layers)
+    if not 0 < args.efficiency <= 1:
+        raise _PlanArgError(f"efficiency: must be in (0, 1], got {args.efficiency}")
+    if args.target_p99 is not None and not args.target_p99 > 0:
+        raise _PlanArgError(f"target-p99: must be > 0 ms, got {args.target_p99}")
+    if args.top_k is not None and args.top_k < 1:
+        raise _PlanArgError(f"top-k: must be >= 1, got {args.top_k}")
+    controller = ControllerConfig(ray_address=None)
+    if args.config:
+        try:
+            raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        except OSError as e:
+            raise _PlanArgError(f"config: cannot read {args.config}: {e.strerror or e}") from None
+        controller = ControllerConfig(**{"ray_address": None, **raw})
+
+    def build(fleet_entries, layers):
+        return fleet_devices(fleet_entries, shape, simulated_layers=layers, efficiency=args.efficiency,
+                             remote_activations=not args.local_activations, planner_speed=args.planner_speed)
+
+    synthetic = None
+    if args.trace.startswith("zipf"):
+        synthetic = parse_traffic(args.trace)
+        top_k = synthetic.top_k
+        if synthetic.load is not None:
+            if args.target_p99 is not None:
+                raise _PlanArgError("trace: with --target-p99 the traffic must not depend on the fleet: give zipf rate=TOKENS_PER_S, not load=")
+            capacity = balanced_capacity(build(entries, synthetic.layers), top_k, synthetic.layers)
+            synthetic = synthetic.with_rate(synthetic.load * capacity)
+        trace = synthetic.trace()
+    else:
+        path = Path(args.trace)
+        if path.suffix in (".pt", ".pth", ".json"):
+            trace = counts_to_trace(load_expert_counts(path), period_s=args.period)
+        else:
+            trace = read_trace(path)
+        top_k = args.top_k or model_top_k
+    if args.top_k is not None:
+        top_k = args.top_k
+    config = SimConfig(controller=controller, mode=args.mode, concurrency=args.concurrency, top_k=top_k,
+                       load_scale=args.load_scale, static_from=args.static_from)
+    return trace, (lambda fleet_entries: build(fleet_entries, len(trace.layers))), entries, shape, config
+
+
+def cmd_plan(args) -> int:
+    """Simulate elastic vs static placement of a routing trace on a fleet (``moefleet.controller.simulator``)."""
+    import json
+
+    from moefleet.controller.planner import PlanningError
+    from moefleet.controller.sim_devices import FleetError, format_fleet
+    from moefleet.controller.sim_search import search_fleet
+    from moefleet.controller.simulator import compare
+    from moefleet.core.trace import TraceError
+
+    try:
+        trace, build, entries, shape, config = _plan_inputs(args)
+        if args.target_p99 is not None:
+            found = search_fleet(trace, entries, build, args.target_p99, expert_bytes=shape.weight_bytes, config=config)
+            results = None
+            if found.met:
+                results = compare(trace, build(found.best), expert_bytes=shape.weight_bytes, config=config)
+        else:
+            found = None
+            results = compare(trace, build(entries), expert_bytes=shape.weight_bytes, config=config)
+    except (FleetError, TraceError, _PlanArgError) as e:
+        print(f"moe-fleet: {e}", file=sys.stderr)
+        return 2
+    except PlanningError as e:
+        print(f"moe-fleet: fleet: {e} (the fleet cannot hold every expert once)", file=sys.stderr)
+        return 2
+    if args.json:
+        out: dict = {}
+        if found is not None:
+            out = {"target_p99_ms": args.target_p99, "met": found.met,
+                   "fleet": format_fleet(found.best) if found.met else None,
+                   "candidates": [c.__dict__ for c in found.candidates]}
+        if results is not None:
+            out.update({k: r.summary() for k, r in results.items()})
+        print(json.dumps(out, indent=2))
+        return 0 if found is None or found.met else 1
+    _print_plan(args, trace, config, results, found)
+    return 0 if found is None or found.met else 1
+
+
+def _print_plan(args, trace, config, results, found) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moefleet.controller.sim_devices import format_fleet
+
+    console = Console()
+    console.print(f"trace: {len(trace):,} calls over {trace.duration_s:.1f} s, layers {trace.layers}, "
+                  f"{trace.num_experts} experts, top-{config.top_k}; mode {config.mode}; model {args.model}")
+    if found is not None:
+        table = Table("fleet", "devices", "elastic p99 queueing (ms)", "meets", title=f"search: p99 <= {args.target_p99:g} ms")
+        for c in found.candidates:
+            table.add_row(c.fleet, str(c.devices), "-" if c.p99_ms is None else f"{c.p99_ms:,.1f}",
+                          "yes" if c.met else "no", )
+        console.print(table)
+        if not found.met:
+            console.print(f"[bold]not met[/bold]: even {args.fleet} misses p99 <= {args.target_p99:g} ms")
+            return
+        console.print(f"[bold]smallest fleet meeting it: {format_fleet(found.best)}[/bold]")
+    e, s = results["elastic"], results["static"]
+    table = Table("", "elastic", "static", "elastic / static", title=f"fleet {args.fleet if found is None else format_fleet(found.best)}")
+    rows = [
+        ("tokens/s", e.tokens_per_s, s.tokens_per_s, "{:,.0f}"),
+        ("max/mean device busy time", e.max_over_mean, s.max_over_mean, "{:.2f}"),
+        ("p99 queueing delay (ms)", e.p99_ms, s.p99_ms, "{:,.1f}"),
+        ("p99 latency (ms)", e.p99_latency_ms, s.p99_latency_ms, "{:,.1f}"),
+        ("weight bytes moved", e.bytes_moved, s.bytes_moved, "{:,.0f}"),
+        ("plans applied / copies", f"{e.plans_applied} / {e.copies}", f"{s.plans_applied} / {s.copies}", None),
+    ]
+    for name, a, b, fmt in rows:
+        if fmt is None:
+            table.add_row(name, a, b, "")
+        else:
+            table.add_row(name, fmt.format(a), fmt.format(b), f"{a / b:.2f}" if b else "-")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-fleet", description="Elastic expert serving for MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -612,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert's weights (instead of --checkpoint)")
     t.add_argument("--window", type=float, default=None, help="window width in seconds (default: read from the trace)")
     t.add_argument("--min-gain", type=float, default=0.05, help="the planner's min_gain (local mode's default)")
+    t.add_argument("--config", help="a controller.yaml (ControllerConfig) to decide with instead of local mode's settings")
     t.add_argument("--json", action="store_true", help="print every window's decision and load as JSON")
     t.set_defaults(fn=cmd_trace_replay)
     t = tsub.add_parser("import", help="convert an SGLang/vLLM expert-distribution dump into a JSONL trace")
@@ -638,6 +794,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", help="Redis URL (default: MOEFLEET_REDIS_URL on the cluster)")
     p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
     p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser(
+        "plan", help="simulate elastic vs static placement of a routing trace on a fleet of GPUs (no Ray needed)",
+        description="Replay a routing trace on a simulated fleet, re-planned by the real planner and autoscaling policy "
+                    "(elastic) or kept on the first plan (static). See controller/simulator.py for the model.",
+    )
+    p.add_argument("--trace", required=True,
+                   help="JSONL routing trace ({t, layer, counts} a line); an SGLang/vLLM expert-count dump (.pt, .pth, "
+                        ".json); or synthetic 'zipf:s=1.2,experts=64,layers=4,top_k=2,duration=120,shift=15,tokens=4096,load=1.25'")
+    p.add_argument("--fleet", required=True, help="device types and counts, e.g. h100:16,l4:16 (TYPE:COUNT[:field=value])")
+    p.add_argument("--json", action="store_true", help="print {elastic: {...}, static: {...}} as JSON")
+    p.add_argument("--target-p99", type=float, metavar="MS",
+                   help="search the smallest fleet mix (at most --fleet's counts) whose elastic p99 queueing delay is <= MS")
+    p.add_argument("--model", default="deepseek-v3", help="expert shape: deepseek-v3, mixtral-8x7b, qwen2-57b-a14b")
+    p.add_argument("--hidden", type=int, help="expert hidden size H (with --intermediate: overrides --model's shape)")
+    p.add_argument("--intermediate", type=int, help="expert intermediate size F")
+    p.add_argument("--moe-layers", type=int, help="MoE layers of the whole model (device memory is shared by all of them)")
+    p.add_argument("--top-k", type=int, help="experts per token (default: zipf's top_k, else the model's)")
+    p.add_argument("--period", type=float, default=1.0, help="seconds between snapshots of an expert-count dump")
+    p.add_argument("--mode", choices=["open", "closed"], default="open",
+                   help="open: calls arrive at the trace's times; closed: --concurrency clients back to back")
+    p.add_argument("--concurrency", type=int, default=8, help="clients in closed mode")
+    p.add_argument("--load-scale", type=float, default=1.0, help="multiply every count of the trace")
+    p.add_argument("--efficiency", type=float, default=0.5, help="fraction of the tensor-core peak an expert GEMM reaches")
+    p.add_argument("--planner-speed", choices=["measured", "spec"], default="measured",
+                   help="device speed the planner sees: as measured under the model (default) or the spec-sheet ratio")
+    p.add_argument("--local-activations", action="store_true", help="do not charge activation transfer over the network")
+    p.add_argument("--static-from", choices=["first", "mean"], default="first",
+                   help="the first plan from the trace's first interval (default) or its whole load")
+    p.add_argument("--config", help="YAML ControllerConfig with the controller's knobs (interval_s, planner, autoscaling, ...)")
+    p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     if getattr(args, "http_port", 0) is None:
         from moefleet.core.config import default_http_port

@@ -77,13 +77,11 @@ def split_rows(
     # replicas sorted by the level at which they start taking rows (their current finish time)
     start = out / sp
     order = np.argsort(start, kind="stable")
-    level = 0.0
-    for i in range(n):
-        active = order[: i + 1]
-        # the level at which the first i+1 replicas absorb all rows
-        level = (num_rows + out[active].sum()) / sp[active].sum()
-        if i + 1 == n or level <= start[order[i + 1]]:
-            break
+    # levels[i]: the level at which the first i+1 replicas absorb all rows; the first that does not reach the
+    # next replica's start is the answer (O(n log n): a hot expert may have a replica on every device)
+    levels = (num_rows + np.cumsum(out[order])) / np.cumsum(sp[order])
+    fits = np.append(levels[:-1] <= start[order][1:], True)
+    level = float(levels[int(np.argmax(fits))])
     share = np.maximum(level * sp - out, 0.0)
     share *= num_rows / share.sum()
     # systematic rounding: exact total, unbiased per replica

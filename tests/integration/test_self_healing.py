@@ -202,6 +202,7 @@ def test_redis_outages_lose_no_request_and_a_restarted_redis_is_followed(checkpo
         assert wait_for(lambda: fleet.redis.pid != pid and fleet.redis.is_running(), 20), "redis-server not restarted"
         reborn = wait_for(lambda: (store.get_placement() or None), 30)
         assert reborn and reborn.generation != generation
+        assert _events(store, "placement_recovered"), "the placement was re-planned, not recovered from the workers"
         assert set(reborn.experts()) == {(layer, e) for layer in model.moe_layers for e in range(8)}
         routers = lambda: [r["placement_generation"] for r in fleet.router_stats()]  # noqa: E731
         assert wait_for(lambda: routers() == [reborn.generation], 20), routers()

@@ -74,3 +74,17 @@ def test_achieved_device_load_matches_the_planners_prediction():
             achieved[b.worker] += b.num_rows / target.speed(b.worker)
     for d in achieved:
         assert achieved[d] == pytest.approx(predicted[d], rel=0.10), (d, achieved, predicted)
+
+
+def test_many_replicas_with_uneven_queues_finish_together():
+    # a hot expert on a large fleet: 200 replicas of mixed speeds and queues; those that get rows all end at one level
+    rng = np.random.default_rng(7)
+    workers = [f"w{i}" for i in range(200)]
+    speeds = {w: float(rng.choice([1.0, 0.25, 0.025])) for w in workers}
+    outstanding = {w: float(rng.integers(0, 400)) for w in workers}
+    parts = split_rows(50_000, workers, speeds, outstanding, np.random.default_rng(0))
+    assert sum(parts) == 50_000 and min(parts) >= 0
+    finish = [(outstanding[w] + n) / speeds[w] for w, n in zip(workers, parts) if n > 0]
+    idle = [outstanding[w] / speeds[w] for w, n in zip(workers, parts) if n == 0]
+    assert max(finish) - min(finish) <= 2 / min(speeds.values())  # equal up to rounding a row or two
+    assert not idle or min(idle) >= min(finish) - 2 / min(speeds.values())  # no idle replica would finish sooner

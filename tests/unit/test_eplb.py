@@ -97,7 +97,7 @@ def test_balanced_packing_fills_each_pack_exactly():
         ((16, 4, 2, 7), "num_gpus"),
         ((15, 4, 2, 8), "num_replicas"),
         ((8, 4, 2, 8), "num_replicas"),
-        ((16, 5, 2, 8), "num_groups"),
+        ((20, 5, 5, 5), "num_groups"),  # 5 groups divide among 5 nodes (hierarchical) but not the 12 experts
         ((16, 4, 0, 8), "num_nodes"),
     ],
 )
@@ -123,3 +123,120 @@ def test_rebalance_is_consistent_for_any_shape(layers, groups, nodes, gpus_per_n
     weight = torch.from_numpy(np.random.default_rng(seed).pareto(1.5, (layers, num_experts)))
     phy2log, log2phy, logcnt = rebalance_experts(weight, num_replicas, groups, nodes, num_gpus)
     _check_consistent(weight, phy2log, log2phy, logcnt, num_replicas, num_gpus)
+
+
+# --- The cases of vLLM's tests/distributed/test_eplb_algo.py (DeepSeek's README example and edge cases) ----------
+# Facts carried over: each case's inputs and what vLLM asserts of DeepSeek's algorithm on them.
+
+
+def _counts_add_up(weight, num_replicas, groups_nodes_gpus):
+    """rebalance_experts(weight, num_replicas, *groups_nodes_gpus), checked for consistency."""
+    phy2log, log2phy, logcnt = rebalance_experts(weight, num_replicas, *groups_nodes_gpus)
+    _check_consistent(weight, phy2log, log2phy, logcnt, num_replicas, groups_nodes_gpus[-1])
+    return phy2log, log2phy, logcnt
+
+
+def test_vllm_case_readme_example_matches_deepseek_exactly():
+    phy2log, _, logcnt = _counts_add_up(README_WEIGHT, 16, (4, 2, 8))
+    assert phy2log.tolist() == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+
+
+def test_vllm_case_single_gpu_holds_every_expert_once():
+    phy2log, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40]]), 4, (1, 1, 1))
+    assert sorted(phy2log[0].tolist()) == [0, 1, 2, 3]
+    assert logcnt.tolist() == [[1, 1, 1, 1]]
+
+
+def test_vllm_case_equal_weights_without_redundancy_give_one_replica_each():
+    _, _, logcnt = _counts_add_up(torch.full((1, 8), 50), 8, (2, 2, 4))
+    assert (logcnt == 1).all()
+
+
+def test_vllm_case_extreme_imbalance_replicates_the_hot_expert():
+    _, _, logcnt = _counts_add_up(torch.tensor([[1000, 1, 1, 1, 1, 1, 1, 1]]), 12, (2, 2, 4))
+    assert logcnt[0, 0] > logcnt[0, 1]
+
+
+def test_vllm_case_multiple_layers_each_get_all_replicas():
+    weight = torch.tensor([[10, 20, 30, 40, 50, 60], [60, 50, 40, 30, 20, 10], [25] * 6])
+    phy2log, _, logcnt = _counts_add_up(weight, 8, (2, 2, 4))
+    assert phy2log.shape == (3, 8) and logcnt.shape == (3, 6)
+    assert ((phy2log >= 0) & (phy2log < 6)).all()
+    assert logcnt.sum(dim=1).tolist() == [8, 8, 8]
+
+
+def test_vllm_case_groups_that_do_not_divide_among_nodes_fall_back_to_global():
+    # 4 experts in 3 groups on 2 nodes: 3 groups cannot be split over 2 nodes, so DeepSeek balances globally
+    # and never asks whether 3 divides 4.
+    weight = torch.tensor([[10, 20, 30, 40]])
+    phy2log, _, logcnt = _counts_add_up(weight, 8, (3, 2, 4))
+    assert phy2log.shape == (1, 8) and logcnt.shape == (1, 4)
+    # the global policy is the one-group, one-node hierarchy
+    flat, _, flat_cnt = rebalance_experts(weight, 8, 1, 1, 4)
+    assert torch.equal(phy2log, flat) and torch.equal(logcnt, flat_cnt)
+
+
+def test_vllm_case_replicas_not_a_multiple_of_gpus_is_refused():
+    with pytest.raises(ValueError, match="num_replicas"):
+        rebalance_experts(torch.tensor([[10, 20, 30, 40]]), 7, 2, 2, 4)
+
+
+def test_vllm_case_small_hierarchical_gives_the_hottest_two_replicas():
+    weight = torch.tensor([[100, 50, 200, 75, 150, 25, 300, 80]])
+    _, _, logcnt = _counts_add_up(weight, 12, (4, 2, 4))
+    assert int(logcnt.sum()) == 12 and (logcnt >= 1).all()
+    assert logcnt[0, int(weight[0].argmax())] >= 2
+
+
+def test_vllm_case_global_fallback_with_six_experts():
+    _, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40, 50, 60]]), 8, (3, 2, 4))
+    assert logcnt.shape == (1, 6) and int(logcnt.sum()) == 8
+
+
+def test_vllm_case_integer_cpu_tensor_input():
+    # vLLM runs this case on CPU and (when present) CUDA; here: an int64 CPU tensor, converted internally
+    phy2log, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40]], dtype=torch.int64), 6, (2, 1, 2))
+    assert phy2log.shape == (1, 6) and logcnt.shape == (1, 4)
+
+
+def test_vllm_case_additional_shapes():
+    weight1 = torch.tensor([[50, 100, 75, 120, 90, 60, 80, 110, 40, 70, 95, 85, 65, 55, 45, 35]])
+    phy2log1, _, logcnt1 = _counts_add_up(weight1, 24, (8, 4, 8))
+    assert phy2log1.shape == (1, 24) and int(logcnt1.sum()) == 24
+    weight2 = torch.tensor([[200, 150, 100, 50, 25, 12], [12, 25, 50, 100, 150, 200]])
+    phy2log2, _, logcnt2 = _counts_add_up(weight2, 10, (3, 1, 2))
+    assert phy2log2.shape == (2, 10) and logcnt2.shape == (2, 6)
+    for layer in range(2):
+        assert logcnt2[layer, int(weight2[layer].argmax())] >= 2
+
+
+def _deepseek_accepts(num_experts, num_replicas, num_groups, num_nodes, num_gpus) -> bool:
+    """When DeepSeek's rebalance_experts runs without an assertion (positive counts): its asserts, as facts."""
+    if num_replicas % num_gpus or num_replicas < num_experts:
+        return False
+    if num_groups % num_nodes == 0:  # hierarchical
+        return num_experts % num_groups == 0 and num_gpus % num_nodes == 0
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_experts=st.integers(1, 12),
+    num_replicas=st.integers(1, 24),
+    num_groups=st.integers(1, 6),
+    num_nodes=st.integers(1, 4),
+    num_gpus=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_accepts_exactly_what_deepseek_accepts(num_experts, num_replicas, num_groups, num_nodes, num_gpus, seed):
+    weight = torch.from_numpy(np.random.default_rng(seed).integers(0, 100, (2, num_experts)))
+    if _deepseek_accepts(num_experts, num_replicas, num_groups, num_nodes, num_gpus):
+        phy2log, log2phy, logcnt = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+        _check_consistent(weight, phy2log, log2phy, logcnt, num_replicas, num_gpus)
+    else:
+        with pytest.raises(ValueError):
+            rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)

@@ -133,3 +133,21 @@ def test_a_malformed_trace_is_named_by_line_and_field(tmp_path, capsys):
     eight = write_trace(tmp_path / "e8.jsonl", [TraceLine(0.0, 1, (5,) * 8)])  # the built-in model has 16 experts
     with pytest.raises(SystemExit, match="the trace has 8 experts per layer, the model .* 16: pass the trace's --checkpoint"):
         main(["trace", "replay", str(eight)])
+
+
+def test_replay_decides_as_the_controller_from_the_decayed_load_of_the_last_windows():
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.controller.traces import replay
+    from moefleet.core.placement import DeviceSpec, Inventory
+    from moefleet.core.trace import Trace
+
+    lines = [TraceLine(float(k), 1, (400, 0, 0, 0) if k >= 2 else (5, 5, 5, 5)) for k in range(6)]
+    inventory = Inventory(devices=[DeviceSpec(device_id=f"d{i}", node_id="n", kind="gpu", memory_bytes=1 << 30) for i in range(2)])
+    cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50)
+    steps = replay(Trace.from_lines(lines), inventory, expert_bytes=1 << 20, config=cfg)
+    assert [s.tokens for s in steps] == [20, 20, 400, 400, 400, 400]
+    assert steps[1].estimate_tokens == pytest.approx(20 + 0.5 * 20)  # this window, the one before at half weight
+    assert steps[4].estimate_tokens == pytest.approx(400 + 200 + 100)  # only the last load_windows = 3 windows
+    assert steps[0].decision == "skipped: too little load to plan from" and steps[0].version == 1
+    assert steps[2].decision == "applied" and steps[2].copies >= 1 and steps[2].bytes == steps[2].copies << 20
+    assert steps[2].balancedness_after > steps[2].balancedness_before and steps[2].version == 2

@@ -1,0 +1,483 @@
+"""Fleet simulator: a discrete-event model of 8 to 512 devices serving a routing trace, re-planned by the real planner.
+
+Pure Python (numpy), no Ray, no Redis. ``compare(trace, devices, ...)`` runs
+the same trace twice on the same devices -- **static**: the planner's first
+plan kept; **elastic**: re-planned as the controller does -- and reports for
+each tokens/s, max/mean device busy time, p99 queueing delay and weight bytes
+moved (``SimResult``).
+
+What is modelled
+----------------
+* **Traffic.** Each trace line (``moefleet.core.trace``) is one MoE layer
+  call: ``counts[e]`` token-expert assignments (rows) for expert ``e``.
+  ``mode="open"``: a call arrives at its line's ``t`` (the trace's own
+  timing; if the fleet is too slow, queues grow). ``mode="closed"``:
+  ``concurrency`` clients each send the next line as soon as their previous
+  call returns (lines in trace order; measures what the fleet can sustain).
+* **Dispatch** is the router's own rule, ``router_service.dispatch.
+  split_rows``: per call, each expert's rows are split among its replicas so
+  that all finish together, given each device's speed as the placement states
+  it (the planner's) and the rows it still has in flight. One router sees
+  every call (a single global view of in-flight rows).
+* **Devices** are FIFO servers (``sim_devices.SimDevice``): a call's rows on
+  a device take ``overhead + max(sum over its experts of max(rows x row time,
+  weight floor), rows x activation transfer time)``. A call completes when
+  its slowest device is done.
+* **Telemetry** counts each call's rows, at dispatch, into windows of
+  ``load_window_s``; the controller reads them decayed exactly as
+  ``StateStore.read_load`` does (``load_windows`` windows, ``load_half_life_s``).
+* **The controller** steps every ``interval_s``: ``decide.decide`` -- the
+  function ``Controller.step`` calls -- with the simulated load, the workers'
+  queue depths (calls in flight, read only with autoscaling), the devices and
+  the placement in force; the real ``planner.plan`` and ``autoscale_step``
+  with the ``ControllerConfig``'s knobs. An applied plan loads its new
+  replicas first (make before break): each device receives its added
+  replicas' weights over its network link, all devices in parallel, plus
+  ``reconcile_overhead_s``; then the new placement takes effect for the calls
+  that arrive after. The next step starts ``interval_s`` after the previous
+  one began, or when the reconcile ends if later (the controller's loop).
+* **The first plan** (both runs start from it) is made from scratch from the
+  trace's first ``interval_s`` of load (``static_from="first"``) or from the
+  whole trace's load (``"mean"``: the best fixed placement in hindsight).
+
+What is not modelled
+--------------------
+Attention and everything outside the MoE layers; the dependency between a
+token's layers (calls are independent); several routers with partial views;
+telemetry flush delay; the planner's own run time (a step's decision takes
+effect at once; each report records ``decide_wall_s``, what it took here); weight copies slowing the
+receiving device or sharing a node's link; memory during a transition (old
+and new replicas both held); failures; expert capacity limits (no token is
+dropped). Devices of one type are identical and steady (no thermal or
+co-tenant noise).
+
+Figures
+-------
+* ``tokens_per_s``: model tokens (a token passes every simulated layer and
+  counts ``top_k`` rows in each) per second, from the first arrival to the
+  last completion;
+* ``max_over_mean``: max over mean of the devices' busy time over the run
+  (devices that held a replica at some point);
+* ``p99_ms``: 99th percentile over calls of the queueing delay -- the
+  longest wait of the call's rows on any device before service began;
+* ``bytes_moved``: weight bytes copied by applied plans (the first
+  placement's loading is not counted).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from moefleet.core.placement import DeviceSpec, Inventory, Placement
+from moefleet.core.trace import Trace
+from moefleet.router_service.dispatch import NoReplicaError, split_rows
+
+from .decide import decide
+from .main import ControllerConfig
+from .planner import PlanningError, plan
+from .sim_devices import SimDevice
+
+__all__ = ["SimConfig", "SimResult", "balanced_capacity", "compare", "initial_placement", "simulate"]
+
+
+class SimConfig(BaseModel):
+    """How a trace is replayed; the controller's own knobs are ``controller`` (a ``ControllerConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    controller: ControllerConfig = Field(
+        default_factory=lambda: ControllerConfig(ray_address=None),
+        description="The controller's settings: interval_s, load windows, min_tokens, planner knobs, autoscaling.",
+    )
+    mode: Literal["open", "closed"] = Field(
+        default="open", description="'open': calls arrive at the trace's times; 'closed': concurrency clients back to back."
+    )
+    concurrency: int = Field(default=8, ge=1, description="Clients in closed mode.")
+    top_k: int = Field(default=1, ge=1, description="Experts per token: a model token is top_k rows of a layer.")
+    load_scale: float = Field(default=1.0, gt=0, description="Multiply every count (more traffic at the same times).")
+    reconcile_overhead_s: float = Field(default=0.2, ge=0, description="Fixed time of an applied plan besides copies.")
+    static_from: Literal["first", "mean"] = Field(
+        default="first", description="The first plan from the trace's first interval ('first') or its whole load ('mean')."
+    )
+    bin_s: float | None = Field(default=None, gt=0, description="Timeline bin width; default the controller's interval_s.")
+    seed: int = Field(default=0, description="Seed of the dispatcher's rounding (the router's random offset).")
+
+
+@dataclass
+class SimResult:
+    """One run's figures (see the module docstring) and its timeline."""
+
+    placement: Literal["elastic", "static"]
+    tokens_per_s: float
+    max_over_mean: float
+    p99_ms: float
+    bytes_moved: int
+    tokens: float
+    calls: int
+    makespan_s: float
+    p50_latency_ms: float
+    p99_latency_ms: float
+    copies: int
+    plans_applied: int
+    steps: int
+    failed_steps: int
+    busy_s_by_type: dict[str, float]
+    latency_percentiles_ms: dict[str, float] = field(default_factory=dict)
+    timeline: dict[str, list] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The four headline figures (``moe-fleet plan --json``)."""
+        return {
+            "tokens_per_s": self.tokens_per_s, "max_over_mean": self.max_over_mean,
+            "p99_ms": self.p99_ms, "bytes_moved": self.bytes_moved,
+        }
+
+    def to_dict(self, timeline: bool = True) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("timeline", "reports")}
+        if timeline:
+            out["timeline"] = self.timeline
+            out["reports"] = self.reports
+        return out
+
+
+def balanced_capacity(devices: Sequence[SimDevice], top_k: int, num_layers: int) -> float:
+    """Model tokens/s the devices serve when perfectly balanced at large batches (no floors, no overheads)."""
+    rows_per_s = sum(1.0 / d.effective_row_s for d in devices)
+    return rows_per_s / (top_k * num_layers)
+
+
+def initial_placement(trace: Trace, devices: Sequence[SimDevice], expert_bytes: float, config: SimConfig) -> Placement:
+    """The first plan: from scratch, from the trace's first ``interval_s`` (or whole) load. Raises ``PlanningError``."""
+    t0 = float(trace.t[0])
+    if config.static_from == "first":
+        load = trace.load(t0, t0 + config.controller.interval_s)
+    else:
+        load = trace.load()
+    specs = [d.spec for d in devices]
+    result = plan(load * config.load_scale, Inventory(devices=specs), Placement(), config.controller.planner,
+                  expert_bytes=expert_bytes, layers=trace.layers)
+    return result.target
+
+
+class _Routing:
+    """A placement as the dispatcher reads it: per load row, expert -> device ids holding it (sorted); speeds."""
+
+    def __init__(self, placement: Placement, row_of: dict[int, int], num_rows: int, index: dict[str, int]):
+        self.replicas: list[dict[int, list[str]]] = [{} for _ in range(num_rows)]
+        self.devices: set[int] = set()
+        self.speeds = dict(placement.speeds)
+        for (layer, expert), holders in placement.replicas().items():
+            row = row_of.get(int(layer))
+            kept = [h for h in holders if h in index]
+            if row is not None and kept:
+                self.replicas[row][int(expert)] = kept
+                self.devices.update(index[h] for h in kept)
+
+
+class _Run:
+    """One simulated run. Times are seconds on the trace's clock."""
+
+    def __init__(self, trace: Trace, devices: Sequence[SimDevice], expert_bytes: float, config: SimConfig,
+                 initial: Placement, elastic: bool):
+        self.trace = trace
+        self.devices = list(devices)
+        self.specs: list[DeviceSpec] = [d.spec for d in self.devices]
+        self.index = {d.device_id: i for i, d in enumerate(self.devices)}
+        self.expert_bytes = float(expert_bytes)
+        self.config = config
+        self.ctl = config.controller
+        self.elastic = elastic
+        self.layers = trace.layers
+        self.row_of = {layer: i for i, layer in enumerate(self.layers)}
+        self.rows = np.searchsorted(self.layers, trace.layer)
+        counts = trace.counts if config.load_scale == 1.0 else np.rint(trace.counts * config.load_scale).astype(np.int64)
+        self.counts = counts
+        num_dev = len(self.devices)
+        self.free_at = [0.0] * num_dev
+        self.inflight: list[deque] = [deque() for _ in range(num_dev)]
+        self.inflight_rows = [0.0] * num_dev
+        self.published = initial
+        self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
+        self.ever_active = set(self.routing.devices)
+        self.windows: dict[int, np.ndarray] = {}
+        self.rng = np.random.default_rng(config.seed)
+        self.record: dict = {}
+        self.reports: list[dict] = []
+        self.switch: tuple[float, _Routing] | None = None
+        self.next_step = float(trace.t[0]) + self.ctl.interval_s if elastic else math.inf
+        self.bytes_moved = 0.0
+        self.copies = 0
+        self.applied = 0
+        self.failed = 0
+        # per job (one device's share of one call) and per call
+        self.job_dev: list[int] = []
+        self.job_start: list[float] = []
+        self.job_end: list[float] = []
+        self.call_arrival: list[float] = []
+        self.call_done: list[float] = []
+        self.call_wait: list[float] = []
+        self.call_rows: list[int] = []
+
+    # -- device state ---------------------------------------------------------
+    def _drain(self, d: int, now: float) -> None:
+        q = self.inflight[d]
+        while q and q[0][0] <= now:
+            self.inflight_rows[d] -= q.popleft()[1]
+
+    # -- events ---------------------------------------------------------------
+    def _advance(self, now: float) -> None:
+        """Apply every placement switch and controller step due by ``now``, in time order."""
+        while True:
+            if self.switch is not None and self.switch[0] <= now:
+                self.routing = self.switch[1]
+                self.ever_active |= self.routing.devices
+                self.switch = None
+            elif self.next_step <= now:
+                self._step(self.next_step)
+            else:
+                return
+
+    def _load(self, now: float) -> np.ndarray:
+        """Decayed ``[L, E]`` load, as ``StateStore.read_load``: window ``k`` ages ``(current - k) * window_s``."""
+        c = self.ctl
+        current = int(now // c.load_window_s)
+        out = np.zeros((len(self.layers), self.trace.num_experts))
+        for age in range(c.load_windows):
+            w = self.windows.get(current - age)
+            if w is not None:
+                out += 0.5 ** (age * c.load_window_s / c.load_half_life_s) * w
+        return out
+
+    def _step(self, now: float) -> None:
+        depths = None
+        if self.ctl.autoscaling is not None:
+            depths = {}
+            for device_id in self.published.assignments:
+                d = self.index.get(device_id)
+                if d is not None:
+                    self._drain(d, now)
+                    depths[device_id] = float(len(self.inflight[d]))
+        wall = time.perf_counter()
+        try:
+            decision = decide(self.ctl, self.record, self.specs, self.published, self._load(now), depths, now,
+                              expert_bytes=self.expert_bytes, layers=self.layers)
+        except PlanningError as e:  # the controller logs a failed step and tries again next interval
+            self.failed += 1
+            self.reports.append({"at": now, "failed": str(e)})
+            self.next_step = now + self.ctl.interval_s
+            return
+        self.record = decision.record
+        report = dict(decision.report, decide_wall_s=time.perf_counter() - wall)  # this machine's planning time
+        duration = 0.0
+        result = decision.plan
+        if result is not None and result.apply:
+            added: dict[str, float] = {}
+            for move in result.moves:
+                if move.kind == "add":
+                    added[move.device_id] = added.get(move.device_id, 0.0) + self.expert_bytes
+            copy_s = max((b / self.devices[self.index[d]].copy_bytes_per_s for d, b in added.items()), default=0.0)
+            duration = self.config.reconcile_overhead_s + copy_s
+            self.published = result.target
+            self.switch = (now + duration, _Routing(result.target, self.row_of, len(self.layers), self.index))
+            self.bytes_moved += sum(added.values())
+            self.copies += result.copies
+            self.applied += 1
+            report.update(applied_at=now + duration, reconcile_s=duration)
+        self.reports.append(report)
+        self.next_step = now + max(self.ctl.interval_s, duration)
+
+    # -- calls ----------------------------------------------------------------
+    def _dispatch(self, i: int, now: float) -> float:
+        """Route line ``i`` at ``now``; returns when the call completes."""
+        row = int(self.rows[i])
+        counts = self.counts[i]
+        nz = np.flatnonzero(counts)
+        self.call_arrival.append(now)
+        total = int(counts.sum())
+        self.call_rows.append(total)
+        key = int(now // self.ctl.load_window_s)
+        w = self.windows.get(key)
+        if w is None:
+            w = self.windows[key] = np.zeros((len(self.layers), self.trace.num_experts))
+        w[row] += counts
+        if len(nz) == 0:
+            self.call_done.append(now)
+            self.call_wait.append(0.0)
+            return now
+        replicas = self.routing.replicas[row]
+        speeds = self.routing.speeds
+        per_device: dict[str, list[int]] = {}
+        for e in nz:
+            holders = replicas.get(int(e))
+            if not holders:
+                raise NoReplicaError(f"expert {int(e)} of layer {self.layers[row]} has no replica in the placement")
+            rows = int(counts[e])
+            if len(holders) == 1:
+                per_device.setdefault(holders[0], []).append(rows)
+                continue
+            outstanding = {}  # rows in flight before this call, as the router counts them
+            for holder in holders:
+                d = self.index[holder]
+                self._drain(d, now)
+                outstanding[holder] = self.inflight_rows[d]
+            for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
+                if n:
+                    per_device.setdefault(holder, []).append(n)
+        done, wait = now, 0.0
+        for holder, rows in per_device.items():
+            d = self.index[holder]
+            start = max(now, self.free_at[d])
+            end = start + self.devices[d].service_s(rows)
+            self.free_at[d] = end
+            n = sum(rows)
+            self.inflight[d].append((end, n))
+            self.inflight_rows[d] += n
+            self.job_dev.append(d)
+            self.job_start.append(start)
+            self.job_end.append(end)
+            done, wait = max(done, end), max(wait, start - now)
+        self.call_done.append(done)
+        self.call_wait.append(wait)
+        return done
+
+    def run(self) -> SimResult:
+        trace = self.trace
+        if self.config.mode == "open":
+            for i, t in enumerate(trace.t):
+                t = float(t)
+                self._advance(t)
+                self._dispatch(i, t)
+        else:
+            start = float(trace.t[0])
+            clients = [(start, c) for c in range(min(self.config.concurrency, len(trace)))]
+            heapq.heapify(clients)
+            for i in range(len(trace)):
+                now, c = heapq.heappop(clients)
+                self._advance(now)
+                heapq.heappush(clients, (self._dispatch(i, now), c))
+        return self._result()
+
+    # -- figures --------------------------------------------------------------
+    def _result(self) -> SimResult:
+        cfg = self.config
+        arrival = np.asarray(self.call_arrival)
+        done = np.asarray(self.call_done)
+        wait = np.asarray(self.call_wait)
+        latency = done - arrival
+        t0 = float(arrival.min())
+        makespan = max(float(done.max()) - t0, 1e-12)
+        rows = float(np.sum(self.call_rows))
+        tokens = rows / (cfg.top_k * len(self.layers))
+        job_dev = np.asarray(self.job_dev, dtype=np.int64)
+        job_start = np.asarray(self.job_start)
+        job_end = np.asarray(self.job_end)
+        busy = np.bincount(job_dev, weights=job_end - job_start, minlength=len(self.devices))
+        active = np.array(sorted(self.ever_active), dtype=np.int64)
+        act_busy = busy[active]
+        max_over_mean = float(act_busy.max() / act_busy.mean()) if act_busy.mean() > 0 else 1.0
+        by_type: dict[str, float] = {}
+        for d, dev in enumerate(self.devices):
+            by_type[dev.type_name] = by_type.get(dev.type_name, 0.0) + float(busy[d])
+        timeline = self._timeline(t0, makespan, job_dev, job_start, job_end, arrival, done, latency, active)
+        return SimResult(
+            placement="elastic" if self.elastic else "static",
+            tokens_per_s=tokens / makespan,
+            max_over_mean=max_over_mean,
+            p99_ms=float(np.percentile(wait, 99) * 1000),
+            bytes_moved=int(round(self.bytes_moved)),
+            tokens=tokens,
+            calls=len(arrival),
+            makespan_s=makespan,
+            p50_latency_ms=float(np.percentile(latency, 50) * 1000),
+            p99_latency_ms=float(np.percentile(latency, 99) * 1000),
+            copies=self.copies,
+            plans_applied=self.applied,
+            steps=len(self.reports),
+            failed_steps=self.failed,
+            busy_s_by_type=by_type,
+            latency_percentiles_ms={f"p{q:g}": float(np.percentile(latency, q) * 1000) for q in (50, 90, 99, 99.9)},
+            timeline=timeline,
+            reports=self.reports,
+        )
+
+    def _timeline(self, t0, makespan, job_dev, job_start, job_end, arrival, done, latency, active) -> dict[str, list]:
+        """Per bin: balancedness (mean/max busy time of the active devices), tokens/s completed, p99 latency."""
+        cfg = self.config
+        width = cfg.bin_s or self.ctl.interval_s
+        nbins = max(1, int(math.ceil(makespan / width)))
+        busy = np.zeros((len(self.devices), nbins))
+        b0 = np.clip(((job_start - t0) // width).astype(np.int64), 0, nbins - 1)
+        b1 = np.clip(((job_end - t0) // width).astype(np.int64), 0, nbins - 1)
+        same = b0 == b1
+        np.add.at(busy, (job_dev[same], b0[same]), (job_end - job_start)[same])
+        for j in np.flatnonzero(~same):
+            d, s, e = job_dev[j], job_start[j], job_end[j]
+            for b in range(b0[j], b1[j] + 1):
+                lo, hi = max(s, t0 + b * width), min(e, t0 + (b + 1) * width)
+                if hi > lo:
+                    busy[d, b] += hi - lo
+        act = busy[active]
+        peak = act.max(axis=0)
+        balancedness = np.where(peak > 0, act.mean(axis=0) / np.where(peak > 0, peak, 1), np.nan)
+        rows = np.asarray(self.call_rows, dtype=np.float64)
+        done_bin = np.clip(((done - t0) // width).astype(np.int64), 0, nbins - 1)
+        tokens = np.bincount(done_bin, weights=rows, minlength=nbins) / (cfg.top_k * len(self.layers)) / width
+        arr_bin = np.clip(((arrival - t0) // width).astype(np.int64), 0, nbins - 1)
+        p99 = []
+        for b in range(nbins):
+            sel = latency[arr_bin == b]
+            p99.append(float(np.percentile(sel, 99) * 1000) if len(sel) else None)
+        return {
+            "bin_s": width,
+            "t": [float(t0 + (b + 0.5) * width) for b in range(nbins)],
+            "balancedness": [None if math.isnan(x) else float(x) for x in balancedness],
+            "tokens_per_s": [float(x) for x in tokens],
+            "p99_latency_ms": p99,
+        }
+
+
+def simulate(
+    trace: Trace,
+    devices: Sequence[SimDevice],
+    *,
+    expert_bytes: float,
+    config: SimConfig | None = None,
+    elastic: bool,
+    initial: Placement | None = None,
+) -> SimResult:
+    """One run of ``trace`` on ``devices``: elastic (the controller re-plans) or static (``initial`` kept).
+
+    ``expert_bytes``: weight bytes of one replica. ``initial``: the starting
+    placement (default ``initial_placement``). Raises ``PlanningError`` when
+    the devices cannot hold every expert once.
+    """
+    config = config or SimConfig()
+    if not devices:
+        raise ValueError("devices: at least one device is needed")
+    if len({d.device_id for d in devices}) != len(devices):
+        raise ValueError("devices: device ids must be unique")
+    if initial is None:
+        initial = initial_placement(trace, devices, expert_bytes, config)
+    return _Run(trace, devices, expert_bytes, config, initial, elastic).run()
+
+
+def compare(
+    trace: Trace, devices: Sequence[SimDevice], *, expert_bytes: float, config: SimConfig | None = None
+) -> dict[str, SimResult]:
+    """``{"elastic": ..., "static": ...}``: both runs from the same first plan."""
+    config = config or SimConfig()
+    initial = initial_placement(trace, devices, expert_bytes, config)
+    return {
+        "elastic": simulate(trace, devices, expert_bytes=expert_bytes, config=config, elastic=True, initial=initial),
+        "static": simulate(trace, devices, expert_bytes=expert_bytes, config=config, elastic=False, initial=initial),
+    }
