@@ -251,6 +251,7 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
 
 def test_a_recorded_trace_replays_the_loads_the_fleet_routed(fleet, tmp_path):
     store = fleet.store
+    time.sleep(2.0)  # what earlier tests sent has reached the store: the recorded windows hold only this test's traffic
     sent: Counter = Counter()
     windows: list = []
     recorder = threading.Thread(
