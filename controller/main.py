@@ -54,6 +54,7 @@ from .autoscale import AutoscalingConfig
 from .decide import decide
 from .planner import Plan, PlannerKnobs
 from .reconciler import LoadFailedError, Reconciler
+from .telemetry import TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ class ControllerConfig(BaseModel):
     local: bool = Field(
         default=False, description="Local mode: the static devices are CPU workers on this node (no GPU request, no node affinity)."
     )
+    http_host: str = Field(default="127.0.0.1", description="Address the telemetry endpoint binds (0.0.0.0 in a pod).")
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /metrics, the dashboard and /api/state on this port beside the controller (None: not served; "
+        "local mode serves them from the fleet instead).",
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="What the telemetry endpoint exports.")
 
 
 def held_expert_bytes(ckpt: MoECheckpoint, layers: list[int], worker: WorkerConfig, local: bool = False):
@@ -490,20 +498,34 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="MoE Fleet controller")
     ap.add_argument("--config", required=True, help="YAML file with a ControllerConfig")
+    ap.add_argument("--http-port", type=int, default=None,
+                    help="serve /metrics, the dashboard and /api/state on this port (overrides http_port; 0: any free port)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ControllerConfig(**(yaml.safe_load(Path(args.config).read_text()) or {}))
+    if args.http_port is not None:
+        config = config.model_copy(update={"http_port": args.http_port})
     if config.ray_address:
         import ray
 
         ray.init(address=config.ray_address, namespace=config.namespace, log_to_driver=False)
     controller = Controller(config)
+    http = None
+    if config.http_port is not None:
+        from .http import TelemetryServer
+
+        http = TelemetryServer(controller.store, config.telemetry, config.http_host, config.http_port)
+        log.info("telemetry endpoint on http://%s (/metrics, /, /api/state)", http.start())
     stop = threading.Event()
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    controller.run(stop)
+    try:
+        controller.run(stop)
+    finally:
+        if http is not None:
+            http.stop()
     return 0
 
 

@@ -236,6 +236,17 @@ class Reconciler:
         except ValueError:
             pass  # already gone
 
+    def _count(self, seconds: float | None, loads: int, bytes_moved: int) -> None:
+        """Add a rebalance (``seconds``; None: copies made converging) to the fleet's counters (best effort)."""
+        from .telemetry import REBALANCE_COUNTERS, rebalance_increments
+
+        if seconds is None and not loads:
+            return
+        try:
+            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, bytes_moved))
+        except Exception as e:  # telemetry must not stop a rebalance
+            log.warning("could not count the rebalance: %s", e)
+
     def _store_time(self) -> float:
         try:
             return self.store.time()
@@ -355,7 +366,8 @@ class Reconciler:
         published = self.store.publish_placement(target, expected_version=current.version, fence=self.fence)
         self._record("published", version=published.version, generation=published.generation)
         self.store.emit_event(
-            "placement", {"version": published.version, "loads": diff.num_loads, "reason": reason}
+            "placement",
+            {"version": published.version, "loads": diff.num_loads, "bytes": self._bytes(diff), "reason": reason},
         )
         # 3. drain what was dispatched under older versions (nothing to wait for when nothing is unloaded)
         removing = any(d not in skip for d in diff.removes)
@@ -373,6 +385,7 @@ class Reconciler:
                 self.retire(d)
         self._record(None, version=published.version)
         elapsed = self.clock() - t0
+        self._count(elapsed, diff.num_loads, self._bytes(diff))
         try:
             self.store.emit_event("rebalance", {
                 "version": published.version, "started_at": started_at, "ended_at": self._store_time(), "loads": diff.num_loads,
@@ -412,6 +425,7 @@ class Reconciler:
             else:
                 self._check_lease("unload")
                 ray.get([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()])
+        self._count(None, diff.num_loads, self._bytes(diff))
         if diff.adds or diff.removes:
             log.info("converged workers to placement v%d: loaded %s, unloaded %s", placement.version, diff.adds, diff.removes)
             self.store.emit_event("converge", {"version": placement.version, "loaded": diff.num_loads,

@@ -27,6 +27,7 @@ import torch
 
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
+from moefleet.core.recent import RecentCounts
 from moefleet.core.tensors import DTYPES, from_numpy
 from moefleet.kernels.experts import fusable, grouped_ffn, moe_experts, packed_kind, resolve_backend
 from moefleet.kernels.permute import rows_to_topk
@@ -34,6 +35,9 @@ from moefleet.kernels.permute import rows_to_topk
 from .slots import LayerSlots, LayerView
 
 log = logging.getLogger(__name__)
+
+RECENT_WINDOW_S = 5.0
+"""Workers report the rows they served per layer over this many seconds (measured device load)."""
 
 
 @contextlib.contextmanager
@@ -133,6 +137,7 @@ class ExpertGroupCore:
         self._in_flight = 0
         self._fence = 0  # highest fencing token a load/unload carried
         self._tokens: dict[ExpertKey, int] = {}
+        self._recent = RecentCounts(RECENT_WINDOW_S)  # rows served per layer over the last seconds (monotonic clock)
         self._calls = 0
         self._expired = 0  # calls refused because they arrived after their deadline
         self._busy_s = 0.0
@@ -272,6 +277,7 @@ class ExpertGroupCore:
             with self._stats_lock:
                 for e, c in zip(experts, counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
+                self._recent.add(layer, int(sum(counts)), time.monotonic())
             result = out.cpu().numpy()
             t3 = time.perf_counter()
             times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
@@ -360,7 +366,19 @@ class ExpertGroupCore:
                 "experts": [list(k) for k in self.experts()],
                 "device": str(self.device),
                 "backend": self.backend,
+                "accelerator": self._accelerator(),
+                "recent_tokens": {
+                    "window_s": self._recent.window_s,
+                    "layers": {str(l): n for l, n in sorted(self._recent.totals(time.monotonic()).items())},
+                },
             }
+
+    def _accelerator(self) -> dict:
+        """What the device is: its name and, on a GPU, its total memory (None where there is no fixed budget)."""
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            return {"name": props.name, "memory_bytes": int(props.total_memory)}
+        return {"name": "cpu", "memory_bytes": None}
 
     def ready(self) -> bool:
         return True

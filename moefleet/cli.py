@@ -155,7 +155,7 @@ def _fleet_config(args):
     return FleetConfig(
         checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
         router=RouterConfig(port=args.port, **_security_settings(args)), worker=WorkerConfig(num_cpus=args.worker_cpus),
-        static=args.static, min_replicas=args.min_replicas,
+        static=args.static, min_replicas=args.min_replicas, http_port=None if args.http_port < 0 else args.http_port,
     )
 
 
@@ -193,6 +193,7 @@ def cmd_up(args) -> int:
     if state:
         print(f"fleet already up: {state['address']} (pid {state['pid']}); 'moe-fleet down' stops it")
         return 0
+    _check_http_port(args.http_port)
     if args.foreground:
         return _up_foreground(cfg, args)
     log_path = state_file().with_suffix(".log")
@@ -207,7 +208,7 @@ def cmd_up(args) -> int:
         argv += ["--redis-url", args.redis_url]
     if args.static:
         argv += ["--static"]
-    argv += ["--min-replicas", str(args.min_replicas)]
+    argv += ["--min-replicas", str(args.min_replicas), "--http-port", str(args.http_port)]
     with open(log_path, "wb") as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -216,6 +217,8 @@ def cmd_up(args) -> int:
         state = _read_state()
         if state and state.get("pid") == child.pid:
             print(state["address"])
+            if state.get("http_address"):
+                print(f"http://{state['http_address']}/  (dashboard; /metrics, /api/state)")
             return 0
         if child.poll() is not None:
             print(f"moe-fleet: the fleet did not start; its log ({log_path}):", file=sys.stderr)
@@ -244,7 +247,8 @@ def _up_foreground(cfg, args) -> int:
         address = fleet.start()
         from moefleet.core.secrets import redact_url, write_private_file
 
-        state = {"pid": os.getpid(), "address": address, "redis_url": fleet.redis_url, "namespace": cfg.namespace,
+        state = {"pid": os.getpid(), "address": address, "http_address": fleet.http_address,
+                 "redis_url": fleet.redis_url, "namespace": cfg.namespace,
                  "checkpoint": fleet.checkpoint, "workers": list(fleet.workers), "static": cfg.static,
                  "devices": [d.model_dump(mode="json") for d in fleet.devices],
                  "auth_token_file": cfg.router.auth_token_file, "tls": cfg.router.tls_cert is not None}
@@ -252,7 +256,8 @@ def _up_foreground(cfg, args) -> int:
         write_private_file(f, json.dumps(state, indent=2))  # the Redis URL holds its password: this user only
         owned = ", ".join(f"{d.device_id} cores {list(d.cpus)}" for d in fleet.devices if d.cpus)
         print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers{' (' + owned + ')' if owned else ''}, "
-              f"controller {'off (--static)' if cfg.static else 'on'}, Redis {redact_url(fleet.redis_url)}", flush=True)
+              f"controller {'off (--static)' if cfg.static else 'on'}, Redis {redact_url(fleet.redis_url)}, "
+              f"telemetry {'http://' + fleet.http_address if fleet.http_address else 'off'}", flush=True)
         stop.wait()
     finally:
         fleet.stop()
@@ -290,40 +295,266 @@ def _address(args) -> tuple[str, dict | None]:
     return state["address"], state
 
 
+def _check_http_port(port: int) -> None:
+    """Fail before anything starts when the telemetry port is taken, saying what to do."""
+    import errno
+    import socket
+
+    if port <= 0:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            hint = "another fleet's dashboard?" if e.errno == errno.EADDRINUSE else e.strerror
+            raise SystemExit(f"moe-fleet: port {port} on 127.0.0.1 is not free ({hint}): pass --http-port with a free port, "
+                             "0 for any, or -1 to serve no telemetry endpoint")
+
+
+def _snapshot_source(args):
+    """A callable returning the fleet's snapshot (controller/telemetry.py), and where it reads from.
+
+    --url: a fleet's telemetry endpoint (its /api/state); --redis-url: read the
+    store directly; default: the local fleet's endpoint, else its store.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = getattr(args, "url", None)
+    redis_url = getattr(args, "redis_url", None)
+    if not url and not redis_url:
+        state = _read_state()
+        if not state:
+            raise SystemExit("moe-fleet: no local fleet is running: start one with 'moe-fleet up', "
+                             "or pass --url http://HOST:8470 (a fleet's telemetry endpoint) or --redis-url (its store)")
+        if state.get("http_address"):
+            url = f"http://{state['http_address']}"
+        else:
+            redis_url, args.namespace = state["redis_url"], state["namespace"]
+    if url:
+        base = url.rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            base = "http://" + base
+        if base.endswith("/api/state"):
+            base = base[: -len("/api/state")]
+
+        def get() -> dict:
+            try:
+                with urllib.request.urlopen(base + "/api/state", timeout=10) as r:
+                    return json.loads(r.read())
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise SystemExit(f"moe-fleet: cannot read {base}/api/state ({e}): is the fleet up and its telemetry "
+                                 "endpoint at that address? ('moe-fleet up' prints it)") from None
+
+        return get, base
+    from moefleet.controller.telemetry import TelemetryConfig, build_snapshot, read_inputs
+    from moefleet.core.state import StateStore, resolve_redis_url
+
+    store = StateStore(resolve_redis_url(redis_url), namespace=args.namespace, socket_timeout_s=5.0)
+    cfg = TelemetryConfig()
+    return (lambda: build_snapshot(read_inputs(store, cfg), cfg)), store._safe_url
+
+
 def cmd_status(args) -> int:
-    from rich.console import Console
+    """The fleet as it measured itself: layers, hottest experts, devices, rebalances, events (--json: the snapshot)."""
+    import json
+
+    from rich.live import Live
+
+    from moefleet.controller.telemetry import rates
+    from moefleet.demo import terminal
+    from moefleet.views import status_view
+
+    get, where = _snapshot_source(args)
+    console = terminal()
+    if args.interval <= 0:
+        raise SystemExit(f"moe-fleet: --interval must be > 0 seconds, got {args.interval}")
+    if not args.watch:
+        snap = get()
+        if args.json:
+            print(json.dumps(snap))
+        else:
+            console.print(status_view(snap, all_layers=args.all_layers))
+        return 0
+    prev, n = None, 0
+    try:
+        if args.json:  # one snapshot a line
+            while args.count is None or n < args.count:
+                print(json.dumps(get()), flush=True)
+                n += 1
+                if args.count is None or n < args.count:
+                    time.sleep(args.interval)
+            return 0
+        snap = get()
+        with Live(status_view(snap, all_layers=args.all_layers), console=console, refresh_per_second=4) as live:
+            while args.count is None or n < args.count:
+                n += 1
+                if args.count is not None and n >= args.count:
+                    break
+                time.sleep(args.interval)
+                prev, snap = snap, get()
+                r = snap.get("rates") or (rates(prev, snap) if prev.get("t") and snap.get("t") else None)
+                live.update(status_view(snap, r, all_layers=args.all_layers))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_trace_record(args) -> int:
+    """Record the fleet's routing, one JSONL line per (load window, layer), for --duration seconds."""
+    from pathlib import Path
+
+    from moefleet.controller.traces import record_windows
+    from moefleet.core.state import StateStore, resolve_redis_url
+
+    if args.duration <= 0:
+        raise SystemExit(f"moe-fleet: --duration must be > 0 seconds, got {args.duration}")
+    redis_url, namespace = args.redis_url, args.namespace
+    if not redis_url:
+        state = _read_state()
+        if not state:
+            raise SystemExit("moe-fleet: no local fleet is running: start one with 'moe-fleet up', or pass --redis-url "
+                             "(and --namespace) of the fleet to record")
+        redis_url, namespace = state["redis_url"], state["namespace"]
+    store = StateStore(resolve_redis_url(redis_url), namespace=namespace, socket_timeout_s=5.0)
+    layers, num_experts = _model_shape(store)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = windows = tokens = 0
+    with out.open("w", encoding="utf-8") as f:
+        print(f"recording {len(layers)} layers x {num_experts} experts from {store._safe_url} for {args.duration:g}s "
+              f"into {out}", file=sys.stderr)
+        for window in record_windows(store, args.duration, layers, num_experts, window_s=args.window, settle_s=args.settle):
+            for line in window:
+                f.write(line.to_json() + "\n")
+                tokens += sum(line.counts)
+            f.flush()
+            lines += len(window)
+            windows += 1
+    print(f"{out}: {windows} windows of {args.window:g}s, {lines} lines, {tokens:,} routed tokens")
+    return 0
+
+
+def _model_shape(store) -> tuple[list[int], int]:
+    """The fleet's MoE layers and experts per layer, as its routers report them (else from its placement)."""
+    for key, info in store.workers().items():
+        if key.startswith("router:") and info.get("model"):
+            return [int(x) for x in info["model"]["moe_layers"]], int(info["model"]["num_experts"])
+    placement = store.get_placement()
+    if placement is None or not placement.assignments:
+        raise SystemExit("moe-fleet: the fleet has no router heartbeating and no placement: is it up? "
+                         "('moe-fleet status' shows what it reports)")
+    keys = placement.experts()
+    return sorted({k[0] for k in keys}), max(k[1] for k in keys) + 1
+
+
+def _read_any_trace(path: str, period: float):
+    """A JSONL routing trace, or an SGLang / vLLM expert-count dump (.pt / .json with their keys) as one."""
+    from pathlib import Path
+
+    from moefleet.core.expert_stats import counts_to_trace, load_expert_counts
+    from moefleet.core.trace import TraceError, read_trace
+
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"moe-fleet: no trace file {p}: record one with 'moe-fleet trace record --out {p}'")
+    if p.suffix in (".pt", ".pth"):
+        return counts_to_trace(load_expert_counts(p), period)
+    if p.suffix == ".json":
+        try:  # a JSON expert-count dump; a JSONL trace of one line also parses as JSON, so try the dump first
+            return counts_to_trace(load_expert_counts(p), period)
+        except TraceError:
+            pass
+    return read_trace(p)
+
+
+def cmd_trace_import(args) -> int:
+    """Convert an SGLang / vLLM expert-distribution dump ([layers, experts] counts) into a JSONL trace."""
+    from moefleet.core.expert_stats import counts_to_trace, load_expert_counts
+    from moefleet.core.trace import write_trace
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    trace = counts_to_trace(load_expert_counts(args.dump), args.period, layers)
+    write_trace(args.out, trace)
+    print(f"{args.out}: {len(trace)} lines, {len(trace.layers)} layers x {trace.num_experts} experts, "
+          f"{int(trace.counts.sum()):,} tokens")
+    return 0
+
+
+def cmd_trace_replay(args) -> int:
+    """Run the controller's planner over a trace; print what it would have done in each window."""
+    import json
+    from pathlib import Path
+
     from rich.table import Table
 
-    from moefleet.router_service.client import FleetClient
+    from moefleet.controller.planner import PlannerKnobs
+    from moefleet.controller.traces import replay
+    from moefleet.core.placement import DeviceSpec, Inventory
+    from moefleet.demo import terminal
+    from moefleet.local import LOCAL_CONTROLLER_DEFAULTS
+    from moefleet.views import fmt2, fmt_bytes
 
-    address, state = _address(args)
-    console = Console()
-    with FleetClient(address, timeout=10, **_client_kwargs(args, state)) as client:
-        p = client.placement()
-    load = {}
-    if state:
-        from moefleet.core.state import StateStore
+    trace = _read_any_trace(args.file, args.window or 1.0)
+    if args.devices < 1:
+        raise SystemExit(f"moe-fleet: --devices must be >= 1, got {args.devices}")
+    expert_bytes = args.expert_bytes
+    if expert_bytes is None:
+        spec = _load(args.checkpoint).spec
+        if trace.num_experts != spec.layer.num_experts:
+            raise SystemExit(f"moe-fleet: the trace has {trace.num_experts} experts per layer, the model "
+                             f"({spec.family}) {spec.layer.num_experts}: pass the trace's --checkpoint, or --expert-bytes")
+        expert_bytes = spec.layer.expert_params * 4
+    if expert_bytes <= 0:
+        raise SystemExit(f"moe-fleet: --expert-bytes must be > 0, got {expert_bytes}")
+    per_device = int(args.memory_gib * (1 << 30)) if args.memory_gib else int(
+        2 * expert_bytes * trace.num_experts * len(trace.layers) / max(args.devices - 1, 1) / 0.9 + expert_bytes)
+    inventory = Inventory(devices=[DeviceSpec(device_id=f"device-{i}", node_id="replay", kind="gpu", memory_bytes=per_device)
+                                   for i in range(args.devices)])
+    if args.config:
+        import yaml
 
-        store = StateStore(state["redis_url"], namespace=state["namespace"])
-        load = store.read_load(time.time(), 1.0, args.window, float("inf"))
-    console.print(f"[bold]{p.family}[/bold] at {address}: placement v{p.version}, MoE layers {list(p.moe_layers)}, "
-                  f"{p.num_experts} experts, top-{p.top_k}")
-    table = Table("layer", "expert", "replicas", f"tokens (last {args.window}s)")
-    for e in p.experts:
-        table.add_row(str(e.layer), str(e.expert), ", ".join(e.workers), f"{int(load.get((e.layer, e.expert), 0)):,}")
-    console.print(table)
+        from moefleet.controller.main import ControllerConfig
+
+        config = ControllerConfig(**(yaml.safe_load(Path(args.config).read_text()) or {}))
+    else:  # local mode's controller: reacts within seconds
+        from moefleet.controller.main import ControllerConfig
+
+        knobs = {k: v for k, v in LOCAL_CONTROLLER_DEFAULTS.items() if k in ("load_windows", "load_half_life_s", "min_tokens")}
+        config = ControllerConfig(**knobs, ray_address=None, planner=PlannerKnobs(min_gain=args.min_gain))
+    steps = replay(trace, inventory, expert_bytes=expert_bytes, config=config, window_s=args.window)
+    if args.json:
+        print(json.dumps({"devices": args.devices, "expert_bytes": expert_bytes, "layers": trace.layers,
+                          "num_experts": trace.num_experts, "windows": [s.to_dict() for s in steps]}))
+        return 0
+    console = terminal()
+    t = Table(title=f"{args.file}: {len(trace.layers)} layers x {trace.num_experts} experts on {args.devices} devices "
+                    f"({fmt_bytes(per_device)} each): what the controller would have done", title_justify="left")
+    for c in ("t", "tokens", "decision", "balancedness", "copies", "removes", "bytes", "version"):
+        t.add_column(c, justify="right" if c not in ("decision",) else "left")
+    for st in steps:
+        t.add_row(f"{st.t:g}", f"{st.tokens:,}", st.decision, f"{fmt2(st.balancedness_before)} → {fmt2(st.balancedness_after)}",
+                  str(st.copies), str(st.removes), fmt_bytes(st.bytes), str(st.version))
+    console.print(t)
+    applied = [s for s in steps if s.decision == "applied"]
+    console.print(f"{len(steps)} windows, {len(applied)} rebalances, {sum(s.copies for s in applied)} copies, "
+                  f"{fmt_bytes(sum(s.bytes for s in applied))} moved")
     return 0
 
 
 def cmd_demo(args) -> int:
-    """Drive skewed, drifting traffic at a running fleet and show per-expert load live."""
+    """Drive skewed, drifting traffic at a running fleet and show, live, what the fleet measured and did."""
     import asyncio
 
     from moefleet.demo import run_demo
 
     address, state = _address(args)
+    if args.duration <= 0 or args.shift <= 0 or args.concurrency < 1 or args.tokens < 1:
+        raise SystemExit("moe-fleet: --duration and --shift must be > 0 seconds, --concurrency and --tokens >= 1")
     checkpoint = args.checkpoint or (state or {}).get("checkpoint")
-    return asyncio.run(run_demo(address, checkpoint, duration_s=args.duration, concurrency=args.concurrency,
+    snapshot, _ = _snapshot_source(args)
+    return asyncio.run(run_demo(address, checkpoint, snapshot, duration_s=args.duration, concurrency=args.concurrency,
                                 tokens=args.tokens, shift_s=args.shift, client_kwargs=_client_kwargs(args, state)))
 
 
@@ -535,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--static", action="store_true", help="no controller: keep the starting placement, repair nothing")
     p.add_argument("--min-replicas", type=int, default=1,
                    help="replicas every expert keeps when memory allows (2: a worker's death loses no request)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="telemetry endpoint on 127.0.0.1 (dashboard /, /metrics, /api/state); default 8470 "
+                   "or $MOEFLEET_HTTP_PORT, 0: any free port, -1: none")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until interrupted")
     p.add_argument("--auth-token-file", help="require this bearer token on every RPC (default: $MOEFLEET_AUTH_TOKEN if set)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
@@ -545,18 +779,53 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("down", help="stop the local fleet")
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(fn=cmd_down)
-    p = sub.add_parser("status", help="placement and per-expert load as a table")
-    p.add_argument("--address", help="router address (default: the local fleet)")
-    p.add_argument("--window", type=int, default=10, help="seconds of load to show")
-    _client_flags(p)
+    p = sub.add_parser("status", help="what the fleet measured: layers, hottest experts, devices, rebalances, events")
+    p.add_argument("--url", help="a fleet's telemetry endpoint, e.g. http://HOST:8470 (default: the local fleet's)")
+    p.add_argument("--redis-url", help="read the fleet's store directly instead (with --namespace)")
+    p.add_argument("--namespace", default="moefleet", help="the fleet's namespace in that store")
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON (with --watch: one a line)")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many snapshots")
+    p.add_argument("--all-layers", action="store_true", help="one row per layer even past 16 (default: the least balanced)")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("demo", help="drive skewed, drifting traffic at the fleet and show per-expert load live")
+    p = sub.add_parser("trace", help="routing traces: record from a fleet, replay through the planner, import SGLang/vLLM dumps")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    t = tsub.add_parser("record", help="record the fleet's per-expert routing into a JSONL trace")
+    t.add_argument("--out", required=True, help="JSONL file to write: one line per (window, layer)")
+    t.add_argument("--duration", type=float, required=True, help="seconds to record")
+    t.add_argument("--window", type=float, default=1.0, help="load window width the routers use (RouterConfig.load_window_s)")
+    t.add_argument("--settle", type=float, default=2.0, help="seconds after a window ends before it is read (router flushes)")
+    t.add_argument("--redis-url", help="the fleet's store (default: the local fleet's)")
+    t.add_argument("--namespace", default="moefleet", help="the fleet's namespace in that store")
+    t.set_defaults(fn=cmd_trace_record)
+    t = tsub.add_parser("replay", help="run the planner over a trace (or an SGLang/vLLM dump); print moves, bytes, balancedness")
+    t.add_argument("file", help="JSONL trace, or an SGLang/vLLM expert-count dump (.pt or .json)")
+    t.add_argument("--devices", type=int, default=2, help="devices to place on")
+    t.add_argument("--memory-gib", type=float, default=None, help="memory per device (default: room for every expert twice)")
+    t.add_argument("--checkpoint", help="model the trace is of, for expert sizes (default: built-in model)")
+    t.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert's weights (instead of --checkpoint)")
+    t.add_argument("--window", type=float, default=None, help="window width in seconds (default: read from the trace)")
+    t.add_argument("--min-gain", type=float, default=0.05, help="the planner's min_gain (local mode's default)")
+    t.add_argument("--config", help="a controller.yaml (ControllerConfig) to decide with instead of local mode's settings")
+    t.add_argument("--json", action="store_true", help="print every window's decision and load as JSON")
+    t.set_defaults(fn=cmd_trace_replay)
+    t = tsub.add_parser("import", help="convert an SGLang/vLLM expert-distribution dump into a JSONL trace")
+    t.add_argument("dump", help=".pt or .json file with [layers, experts] (or [steps, layers, experts]) counts")
+    t.add_argument("--out", required=True, help="JSONL trace to write")
+    t.add_argument("--period", type=float, default=1.0, help="seconds between the dump's snapshots")
+    t.add_argument("--layers", help="comma-separated model layer numbers of the dump's rows (default 0..L-1)")
+    t.set_defaults(fn=cmd_trace_import)
+    p = sub.add_parser("demo", help="drive skewed traffic whose hot experts shift; watch the fleet measure and rebalance")
     p.add_argument("--address", help="router address (default: the local fleet)")
+    p.add_argument("--url", help="the fleet's telemetry endpoint (default: the local fleet's)")
+    p.add_argument("--redis-url", help="read the fleet's store directly instead (with --namespace)")
+    p.add_argument("--namespace", default="moefleet", help="the fleet's namespace in that store")
     p.add_argument("--checkpoint", help="checkpoint the fleet serves (default: the local fleet's)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--tokens", type=int, default=64, help="tokens per request")
-    p.add_argument("--shift", type=float, default=5.0, help="seconds between shifts of the hot experts")
+    p.add_argument("--shift", type=float, default=10.0, help="seconds between shifts of the hot experts")
     _client_flags(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("deploy", help="start the fleet on an existing Ray cluster (serve deploy of the generated config)")
@@ -601,6 +870,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML ControllerConfig with the controller's knobs (interval_s, planner, autoscaling, ...)")
     p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
+    if getattr(args, "http_port", 0) is None:
+        from moefleet.core.config import default_http_port
+
+        try:
+            args.http_port = default_http_port()
+        except ValueError as e:
+            print(f"moe-fleet: {e}: unset it or pass --http-port", file=sys.stderr)
+            return 2
+    from moefleet.core.state import StateStoreError
+    from moefleet.core.trace import TraceError
+
     try:
         return args.fn(args)
     except CheckpointError as e:
@@ -609,6 +889,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"moe-fleet: invalid setting: {e}", file=sys.stderr)
         return 2
+    except TraceError as e:
+        print(f"moe-fleet: bad trace: {e}", file=sys.stderr)
+        return 2
+    except StateStoreError as e:
+        print(f"moe-fleet: {e}: is the fleet up? ('moe-fleet up' starts one; --redis-url names another store)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

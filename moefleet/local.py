@@ -4,7 +4,9 @@
 Ray instance already initialised in this process (tests, notebooks) or starts
 one bound to 127.0.0.1, starts its own ``redis-server`` on loopback when no
 Redis URL is configured (and starts it again if it dies), and runs the
-controller beside workers and routers unless ``config.static``.
+controller beside workers and routers unless ``config.static``, and serves the
+fleet's telemetry endpoint (``/metrics``, the dashboard, ``/api/state``) on
+127.0.0.1:``config.http_port`` from this process.
 
 A worker owns its device. On a machine with a GPU per worker, each worker asks
 Ray for one GPU. On a CPU machine each worker owns a disjoint set of cores
@@ -98,6 +100,7 @@ class LocalFleet:
         self.router_cores: tuple[int, ...] = ()
         self._supervise_stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self.http = None  # the telemetry endpoint (controller/http.py), once started
 
     @property
     def redis_url(self) -> str:
@@ -184,6 +187,7 @@ class LocalFleet:
         self.addresses = ray.get([r.start.remote() for r in self.routers])
         if not self.config.static:
             self.start_controller()
+        self.start_http()
         if self.redis is not None:
             self._supervisor = threading.Thread(target=self._supervise_redis, name="moefleet-redis-supervisor", daemon=True)
             self._supervisor.start()
@@ -237,6 +241,33 @@ class LocalFleet:
         ).remote(cfg.model_dump(mode="json"), f"local-controller-{os.getpid()}")
         return self.controller
 
+    # -- telemetry endpoint: reads only the store, so it runs here beside the fleet --------------
+    @property
+    def http_address(self) -> str | None:
+        """'127.0.0.1:port' of the telemetry endpoint (None when ``http_port`` is None)."""
+        return None if self.http is None else self.http.address
+
+    def start_http(self) -> str | None:
+        """Serve /metrics, the dashboard and /api/state on 127.0.0.1:``config.http_port`` (skipped when None)."""
+        from moefleet.controller.http import TelemetryServer
+        from moefleet.controller.telemetry import TelemetryConfig
+
+        if self.config.http_port is None or self.http is not None:
+            return self.http_address
+        telemetry = TelemetryConfig(**{"window_s": self.config.router.load_window_s, **self.config.telemetry})
+        try:
+            self.http = TelemetryServer(self.store, telemetry, "127.0.0.1", self.config.http_port)
+            return self.http.start()
+        except OSError as e:
+            self.http = None
+            raise OSError(e.errno, f"{e.strerror}: set http_port (moe-fleet up --http-port) to a free port, "
+                                   "or 0 for any") from e
+
+    def stop_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
     def _supervise_redis(self) -> None:
         """Local mode owns its redis-server: start it again (same port, empty) if it dies."""
         while not self._supervise_stop.wait(0.2):
@@ -274,6 +305,7 @@ class LocalFleet:
         import ray
 
         self._supervise_stop.set()
+        self.stop_http()
         if ray.is_initialized():
             if self.controller is not None:
                 try:

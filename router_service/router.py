@@ -103,6 +103,8 @@ class RouterStats:
     dead_workers_seen: int = 0
     forward_s: float = 0.0  # wall time inside forward()
     telemetry_s: float = 0.0  # time spent counting tokens per expert and flushing the counts
+    codes: dict[str, int] = field(default_factory=dict)  # replies by gRPC status name (core/request_stats.py)
+    layer_latency: dict[str, dict] = field(default_factory=dict)  # per-layer latency histogram (core/request_stats.py)
 
 
 def all_finite(t: torch.Tensor) -> bool:

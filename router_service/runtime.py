@@ -85,7 +85,14 @@ class RouterRuntime:
             "placement_generation": core.placement.generation,
             "oldest_inflight_version": core.oldest_inflight_version(),
             "stats": dict(core.stats.__dict__),
+            "model": self.model_facts(),
         }
+
+    def model_facts(self) -> dict[str, Any]:
+        """What the fleet serves, for tools that read only the store (telemetry, status)."""
+        spec = self.core.spec
+        return {"family": spec.family, "moe_layers": list(spec.moe_layers), "num_experts": spec.layer.num_experts,
+                "top_k": spec.layer.top_k}
 
     async def heartbeat(self) -> None:
         info = self.heartbeat_info()

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moefleet.core.config import RouterConfig
+from moefleet.core.request_stats import observe_request
 
 from . import codec, security, wire
 from .proto import fleet_pb2 as pb
@@ -66,11 +67,31 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
         self.raw_replies = raw_replies
 
     async def _serve(self, request, deadline: float | None):
+        """Answer one request, counted in the router's stats: its status, and when answered its layer's latency."""
+        t0 = time.perf_counter()
+        code, answered = "UNKNOWN", [None]
+        try:
+            reply = await self._answer(request, deadline, answered)
+            code = "OK"
+            return reply
+        except RequestError as e:
+            code = e.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            stats = self.core.stats
+            observe_request(stats.codes, stats.layer_latency, code, answered[0] if code == "OK" else None, time.perf_counter() - t0)
+
+    async def _answer(self, request, deadline: float | None, answered: list):
+        """The reply to one request (``answered[0]``: its layer, once parsed)."""
         core = self.core
         t0 = time.perf_counter()
         size = len(request) if isinstance(request, (bytes, bytearray, memoryview)) else request.ByteSize()
         request, hidden, logits = await core.offload(size, self._decode, request)
         core.stages.observe("decode", time.perf_counter() - t0)
+        answered[0] = request.layer
         result: ForwardResult = await core.submit(request.layer, hidden, logits, deadline, request_bytes=size)
         t1 = time.perf_counter()
         reply = await core.offload(size, self._reply, request, result)
@@ -251,7 +272,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         retry_ms = self.core.retry_after_ms()
 
         def count() -> None:
-            self.core.stats.rejected_full += 1
+            stats = self.core.stats
+            stats.rejected_full += 1
+            observe_request(stats.codes, stats.layer_latency, "RESOURCE_EXHAUSTED", None, 0.0)
 
         return security.refusal(
             handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry after {retry_ms} ms",

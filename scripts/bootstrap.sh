@@ -2,6 +2,7 @@
 # Set up what the README's commands need, skipping what is already there:
 #   - .venv with the package and its test extra (re-installed only when pyproject.toml changes)
 #   - redis-server (apt-get, only when absent)
+#   - chromium, headless, for the dashboard's browser test (apt-get, only when absent)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +28,22 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+apt_updated=""
+apt_update() {
+    if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+}
+
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "bootstrap: installing redis-server"
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
+    apt_update
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
     # the package starts a system-wide server; the project starts its own on loopback
     ($SUDO service redis-server stop || true) >/dev/null 2>&1
+fi
+
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    echo "bootstrap: installing chromium (headless, for the dashboard test)"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi

@@ -8,3 +8,5 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Every Ray the suite starts binds to loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Every fleet the suite starts serves its telemetry endpoint on a free port, never the default 8470.
+os.environ.setdefault("MOEFLEET_HTTP_PORT", "0")

@@ -7,6 +7,7 @@ T tokens, H hidden, F expert intermediate, E routed experts, K top-k.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -359,3 +360,31 @@ class FleetConfig(BaseModel):
         default_factory=dict, description="Overrides of the local controller's settings (ControllerConfig fields)."
     )
     start_timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the workers to start.")
+    http_port: int | None = Field(
+        default_factory=lambda: default_http_port(),
+        ge=0, le=65535,
+        description="Local mode: port of the fleet's telemetry endpoint on 127.0.0.1 (/metrics, the dashboard, /api/state); "
+        "default 8470 or $MOEFLEET_HTTP_PORT; 0 picks a free port; None serves none.",
+    )
+    telemetry: dict = Field(
+        default_factory=dict, description="Overrides of the telemetry endpoint's settings (TelemetryConfig fields)."
+    )
+
+
+DEFAULT_HTTP_PORT = 8470
+"""Port of a local fleet's telemetry endpoint unless configured otherwise."""
+
+
+def default_http_port() -> int:
+    """``$MOEFLEET_HTTP_PORT`` when set (e.g. 0 in test suites, so parallel fleets never collide), else 8470."""
+    raw = os.environ.get("MOEFLEET_HTTP_PORT", "")
+    if not raw:
+        return DEFAULT_HTTP_PORT
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"MOEFLEET_HTTP_PORT: not a port number: {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"MOEFLEET_HTTP_PORT: {port} is not in 0..65535")
+    return port
+

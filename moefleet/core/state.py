@@ -11,6 +11,8 @@ load windows
     Token counts per ``(layer, expert)`` in fixed windows of ``window_s``
     seconds (window index ``int(now // window_s)``). Routers add to them, the
     controller reads a decayed sum. Windows expire after ``load_retention_s``.
+    Beside them, a never-expiring running total per ``(layer, expert)`` (the
+    ``moefleet_expert_tokens_total`` counter).
 leader lease
     One controller at a time holds the lease; it lapses in Redis (PX expiry)
     when its holder stops renewing.
@@ -19,6 +21,10 @@ records and workers
     whose entries count only while their heartbeat is fresh.
 events
     A capped stream of what the controller did, for operators.
+counters
+    Named hashes of fleet-wide running totals that only grow (rebalances,
+    their durations as histogram buckets, weight bytes moved), for the
+    telemetry endpoint.
 
 Time: every decision that depends on time uses the ``now`` passed in
 (seconds, float), so tests drive a fake clock. ``now=None`` means the store's
@@ -48,12 +54,14 @@ Key layout (``ns`` is the namespace)::
     ns:placement:updates              channel pub/sub, message = new version
     ns:load:<window_s>:<index>        hash    "layer:expert" -> tokens, PEXPIRE retention
     ns:load:<window_s>:<index>:sources hash   source -> tokens, PEXPIRE retention
+    ns:load:total                     hash    "layer:expert" -> tokens since the store began (no expiry)
     ns:lease                          string  JSON LeaseRecord, PX ttl
     ns:lease:token                    string  last fencing token handed out
     ns:record:<name>                  string  JSON object
     ns:workers                        hash    worker id -> JSON WorkerRecord
     ns:workers:expiry                 zset    worker id, score = expires_at (for pruning)
     ns:events                         stream  field "event" = JSON (kind, at, data), MAXLEN ~
+    ns:counters:<name>                hash    field -> running total (HINCRBYFLOAT)
 """
 
 from __future__ import annotations
@@ -193,6 +201,13 @@ class StateKeys:
 
     def load_sources(self, window_s: float, index: int) -> str:
         return f"{self.load_window(window_s, index)}:sources"
+
+    @property
+    def load_total(self) -> str:
+        return f"{self.namespace}:load:total"
+
+    def counters(self, name: str) -> str:
+        return f"{self.namespace}:counters:{name}"
 
     @property
     def lease(self) -> str:
@@ -660,7 +675,8 @@ class StateStore:
         One round trip (a MULTI/EXEC pipeline of HINCRBYs and PEXPIREs). Zero
         counts are skipped; a call with nothing to add sends nothing. With
         ``source`` (e.g. a router id) the call's total is also added to the
-        window's per-source tally (``load_sources``).
+        window's per-source tally (``load_sources``). The same counts are added
+        to the never-expiring totals (``load_totals``) in the same pipeline.
         """
         window_s = _check_positive("window_s", window_s)
         fields: dict[str, int] = {}
@@ -680,6 +696,7 @@ class StateStore:
             pipe = r.pipeline(transaction=True)
             for field, n in fields.items():
                 pipe.hincrby(key, field, n)
+                pipe.hincrby(self.keys.load_total, field, n)
             pipe.pexpire(key, ttl_ms)
             if source:
                 skey = self.keys.load_sources(window_s, index)
@@ -729,6 +746,12 @@ class StateStore:
             for key, tokens in counts.items():
                 out[key] = out.get(key, 0.0) + weight * tokens
         return out
+
+    def load_totals(self) -> dict[ExpertKey, int]:
+        """Tokens routed to each ``(layer, expert)`` since the store began (what ``record_load`` ever added)."""
+        with self._redis("load_totals") as r:
+            raw = r.hgetall(self.keys.load_total)
+        return {_parse_expert_field(f): int(v) for f, v in raw.items()}
 
     def load_sources(self, now: float, window_s: float, num_windows: int) -> dict[str, int]:
         """Tokens per ``source`` over the last ``num_windows`` windows (who has been reporting)."""
@@ -816,6 +839,37 @@ class StateStore:
         with self._redis("get_record") as r:
             raw = r.get(self.keys.record(name))
         return None if raw is None else json.loads(raw)
+
+    # ---------------------------------------------------------------- counters
+
+    def add_counters(self, name: str, increments: Mapping[str, float]) -> None:
+        """Add to the running totals of counter hash ``name`` (one round trip; totals only grow).
+
+        A negative or non-finite increment is refused: counters are exported
+        as Prometheus counters, which never go down.
+        """
+        if not name:
+            raise ValueError("name: must be non-empty")
+        values = {}
+        for field, v in increments.items():
+            v = float(v)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"counter {name!r}: increment {v} for {field!r} must be finite and >= 0")
+            if v:
+                values[str(field)] = v
+        if not values:
+            return
+        with self._redis("add_counters") as r:
+            pipe = r.pipeline(transaction=True)
+            for field, v in values.items():
+                pipe.hincrbyfloat(self.keys.counters(name), field, v)
+            pipe.execute()
+
+    def counters(self, name: str) -> dict[str, float]:
+        """The running totals of counter hash ``name`` (empty when nothing was added)."""
+        with self._redis("counters") as r:
+            raw = r.hgetall(self.keys.counters(name))
+        return {f: float(v) for f, v in raw.items()}
 
     # ---------------------------------------------------------------- workers
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,10 +28,12 @@ def test_up_status_demo_down_on_the_default_model(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("cli-test-token-0123456789\n")
     token_file.chmod(0o600)
-    up = _cli("up", "--port", "0", "--workers", "2", "--worker-cpus", "0.5", "--auth-token-file", str(token_file), env=env)
+    up = _cli("up", "--port", "0", "--workers", "2", "--worker-cpus", "0.5", "--http-port", "0",
+              "--auth-token-file", str(token_file), env=env)
     assert up.returncode == 0, up.stderr + up.stdout
-    address = up.stdout.strip().splitlines()[-1]
+    address, http = up.stdout.strip().splitlines()[-2:]  # the gRPC address, then the telemetry endpoint
     assert address.startswith("127.0.0.1:")
+    assert http.startswith("http://127.0.0.1:") and "dashboard" in http
     outputs = [up.stdout + up.stderr]
     try:
         state_path = tmp_path / "local-fleet.json"
@@ -43,10 +47,28 @@ def test_up_status_demo_down_on_the_default_model(tmp_path):
         status = _cli("status", env=env)
         assert status.returncode == 0, status.stderr
         assert "deepseek_v3" in status.stdout and "worker-0" in status.stdout
+        snap = json.loads(_cli("status", "--json", env=env).stdout)
+        assert snap["layers"] == [1, 2, 3] and snap["num_experts"] == 16
+        assert {d["id"] for d in snap["devices"]} == {"worker-0", "worker-1"}
+        watch = _cli("status", "--watch", "--json", "--interval", "0.5", "--count", "2", env=env)
+        assert watch.returncode == 0 and len(watch.stdout.strip().splitlines()) == 2
+        trace = tmp_path / "demo-trace.jsonl"
+        recorder = subprocess.Popen([sys.executable, "-m", "moefleet.cli", "trace", "record", "--out", str(trace),
+                                     "--duration", "5", "--settle", "1.5"], env=env, stdout=subprocess.PIPE, text=True)
         demo = _cli("demo", "--duration", "4", "--concurrency", "2", "--tokens", "16", env=env)
         assert demo.returncode == 0, demo.stderr + demo.stdout[-2000:]
         assert "0 failed" in demo.stdout
-        outputs += [again.stdout + again.stderr, status.stdout + status.stderr, demo.stdout + demo.stderr]
+        counted = re.search(r"the fleet counted (\d+) requests answered, 0 failed", demo.stdout)
+        assert counted and int(counted.group(1)) > 0, demo.stdout[-2000:]
+        assert max(len(line) for line in demo.stdout.splitlines()) <= 100
+        assert recorder.wait(timeout=60) == 0
+        recorded = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert {r["layer"] for r in recorded} == {1, 2, 3} and all(len(r["counts"]) == 16 for r in recorded)
+        replayed = json.loads(_cli("trace", "replay", str(trace), "--json", env=env).stdout)
+        total = sum(sum(r["counts"]) for r in recorded)
+        assert total > 0 and sum(w["tokens"] for w in replayed["windows"]) == total
+        outputs += [again.stdout + again.stderr, status.stdout + status.stderr, demo.stdout + demo.stderr,
+                    watch.stdout + watch.stderr]
         import grpc
         import torch
 

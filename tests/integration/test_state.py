@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 import time
 
 import pytest
@@ -402,8 +403,29 @@ def test_record_load_is_one_round_trip(store):
     finally:
         conn_cls.send_packed_command = original
     assert len(sends) == 1
-    assert hincrby_calls() - before == len(counts) + 1  # one per expert, one for the source tally
+    # one per expert into the window, one into the running total, one for the source tally
+    assert hincrby_calls() - before == 2 * len(counts) + 1
     assert store.read_windows(T0, 1.0, 1)[0][1] == counts
+
+
+def test_load_totals_keep_every_token_after_the_windows_expire(redis_server):
+    with StateStore(redis_server.url, namespace=f"t-{uuid.uuid4().hex[:8]}", load_retention_s=0.1) as s:
+        s.record_load({(0, 1): 5, (1, 3): 2}, now=T0, window_s=0.1)
+        s.record_load({(0, 1): 7}, now=T0 + 5.0, window_s=0.1)
+        time.sleep(0.3)  # both windows expired in Redis
+        assert s.read_windows(T0 + 5.0, 0.1, 1)[0][1] == {}
+        assert s.load_totals() == {(0, 1): 12, (1, 3): 2}
+
+
+def test_counters_only_grow_and_refuse_negative_increments(store):
+    assert store.counters("rebalance") == {}
+    store.add_counters("rebalance", {"count": 1, "seconds": 0.25, "bytes": 1 << 20})
+    store.add_counters("rebalance", {"count": 1, "seconds": 0.5, "idle": 0})
+    assert store.counters("rebalance") == {"count": 2.0, "seconds": 0.75, "bytes": float(1 << 20)}
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            store.add_counters("rebalance", {"count": bad})
+    assert store.counters("rebalance")["count"] == 2.0
 
 
 def test_record_load_with_nothing_to_add_sends_nothing(store):

@@ -496,7 +496,9 @@ def test_network_policies_leave_clients_only_the_grpc_port():
         assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock: this namespace's fleet pods only
         assert _selects(peer["podSelector"], {"moefleet.io/app": "moefleet"}) or _selects(
             peer["podSelector"], {"app.kubernetes.io/name": "moefleet-controller"})
-    assert policies["moefleet-controller"]["ingress"] == []
+    (rule,) = policies["moefleet-controller"]["ingress"]  # telemetry only, only from Prometheus
+    assert [p["port"] for p in rule["ports"]] == [8470]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [{"app.kubernetes.io/name": "prometheus"}]
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -568,6 +570,24 @@ def test_controller_runs_its_module_with_its_config_and_the_redis_secret():
     args = yaml.safe_load(_doc("RayService", "moefleet")["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert (config.namespace, config.checkpoint) == (args["namespace"], args["checkpoint"])
     assert config.devices == [] and not config.local  # the inventory comes from the Ray cluster's nodes
+
+
+def test_telemetry_endpoint_beside_the_controller_is_exposed_by_a_service():
+    from moefleet.controller.main import ControllerConfig
+
+    config = ControllerConfig.model_validate(yaml.safe_load(_doc("ConfigMap", "moefleet-controller")["data"]["controller.yaml"]))
+    assert config.http_port == 8470 and config.http_host == "0.0.0.0"  # reachable from the Service, not only loopback
+    deployment = _doc("Deployment", "moefleet-controller")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == config.http_port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    svc = _doc("Service", "moefleet-telemetry")
+    (port,) = svc["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http", config.http_port, "http")
+    assert svc["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    annotations = svc["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(config.http_port) and annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_every_pod_runs_as_non_root_with_a_pinned_image():

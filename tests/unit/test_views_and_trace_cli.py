@@ -1,0 +1,153 @@
+"""`moe-fleet status` and the demo in 100 columns for a 58-layer x 256-expert model; `moe-fleet trace` without a fleet."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from moefleet.cli import main
+from moefleet.controller.telemetry import FleetInputs, TelemetryConfig, build_snapshot
+from moefleet.core.placement import Placement
+from moefleet.core.trace import TraceLine, read_trace, write_trace
+from moefleet.views import demo_view, status_view
+
+L, E, D = 58, 256, 8
+
+
+def _big_snapshot() -> dict:
+    rng = np.random.default_rng(0)
+    layers = list(range(3, 3 + L))
+    assignments = {f"node-{d // 4}/gpu{d % 4}": [] for d in range(D)}
+    devices = list(assignments)
+    for i, layer in enumerate(layers):
+        for e in range(E):
+            assignments[devices[(e + i) % D]].append((layer, e))
+    load = {(layer, e): int(n) for layer in layers for e, n in enumerate(rng.zipf(1.3, E).clip(max=10_000))}
+    heartbeats = {
+        f"worker:{d}": {"kind": "worker", "memory_bytes": 40 << 30, "reserved_bytes": 60 << 30, "queue_depth": 2,
+                        "tokens_served": {"3:0": 10}, "cpus": [], "backend": "triton", "device": "cuda",
+                        "accelerator": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30},
+                        "recent_tokens": {"window_s": 5.0, "layers": {str(layer): int(rng.integers(1, 1000)) for layer in layers}}}
+        for d in devices
+    }
+    heartbeats["router:r0"] = {"kind": "router", "model": {"family": "deepseek_v3", "moe_layers": layers, "num_experts": E,
+                                                          "top_k": 8}, "stats": {"codes": {"OK": 5}, "tokens_computed": 50}}
+    inputs = FleetInputs(now=100.0, placement=Placement(version=7, assignments=assignments), windows=[(95.0, load), (96.0, {})],
+                         totals=load, heartbeats=heartbeats)
+    return build_snapshot(inputs, TelemetryConfig())
+
+
+def _render(renderable) -> list[str]:
+    console = Console(width=100, record=True, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+def test_status_of_a_big_model_fits_100_columns_and_summarises_instead_of_listing():
+    snap = _big_snapshot()
+    lines = _render(status_view(snap))
+    assert max(len(x) for x in lines) <= 100
+    assert any("the 16 least balanced of 58" in x for x in lines)
+    assert len(lines) < 80, "summarised: per-layer rows for the least balanced, the hottest experts, one row per device"
+    assert sum("node-" in x for x in lines) == D
+    assert any("deepseek_v3, 58 MoE layers × 256 experts, top-8" in x for x in lines)
+    all_rows = _render(status_view(snap, all_layers=True))
+    assert len(all_rows) > len(lines) + 40  # --all-layers lists every layer
+
+
+def test_demo_view_fits_100_columns():
+    snap = _big_snapshot()
+    rows = [{"at_s": 12.0, "version": 7, "planned": "0.55 → 0.97", "measured_before": 0.52, "measured_after": 0.91,
+             "copies": 6, "bytes": 3 << 20, "seconds": 0.4}]
+    view = demo_view(snap, {"tokens_per_s": 12000.0, "p50_s": 0.004, "p99_s": 0.02}, elapsed_s=12.0, duration_s=30.0,
+                     driving=[3, 4, 5], shift_s=10.0, history=[0.5, 0.6, None, 0.9], rebalances=rows)
+    lines = _render(view)
+    assert max(len(x) for x in lines) <= 100
+    assert any("0.55 → 0.97" in x and "0.52 → 0.91" in x for x in lines)
+
+
+def _write(tmp_path, windows: int = 8) -> str:
+    lines = []
+    for k in range(windows):
+        for layer in (1, 2, 3):
+            counts = [10] * 16
+            counts[k % 16] += 2000 if k >= 2 else 0
+            lines.append(TraceLine(float(k), layer, tuple(counts)))
+    return str(write_trace(tmp_path / "t.jsonl", lines))
+
+
+def test_trace_replay_prints_each_windows_decision_as_json(tmp_path, capsys):
+    path = _write(tmp_path)
+    assert main(["trace", "replay", path, "--devices", "2", "--json"]) == 0  # expert sizes from the built-in model
+    out = json.loads(capsys.readouterr().out)
+    assert [w["t"] for w in out["windows"]] == [float(k) for k in range(8)]
+    assert [w["tokens"] for w in out["windows"]] == [3 * 160 + (3 * 2000 if k >= 2 else 0) for k in range(8)]
+    applied = [w for w in out["windows"] if w["decision"] == "applied"]
+    assert applied and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
+    assert all(w["balancedness_after"] >= w["balancedness_before"] for w in applied)
+    assert main(["trace", "replay", path, "--devices", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "applied" in table and "8 windows" in table
+
+
+def test_trace_import_reads_an_sglang_expert_distribution_dump(tmp_path, capsys):
+    counts = torch.zeros(4, 3, 16)  # [steps, layers, experts], SGLang's logical_count in stat mode
+    counts[:, :, 0] = 100
+    torch.save({"logical_count": counts}, tmp_path / "expert_distribution_recorder_1.pt")
+    out = tmp_path / "imported.jsonl"
+    assert main(["trace", "import", str(tmp_path / "expert_distribution_recorder_1.pt"), "--out", str(out),
+                 "--layers", "1,2,3", "--period", "0.5"]) == 0
+    trace = read_trace(out)
+    assert trace.layers == [1, 2, 3] and trace.num_experts == 16 and len(trace) == 12
+    assert trace.load()[:, 0].tolist() == [400, 400, 400]
+    capsys.readouterr()
+    assert main(["trace", "replay", str(tmp_path / "expert_distribution_recorder_1.pt"), "--json"]) == 0  # dumps replay directly
+    assert len(json.loads(capsys.readouterr().out)["windows"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["trace", "replay", "/no/such/trace.jsonl"], "no trace file /no/such/trace.jsonl: record one with"),
+        (["status"], "no local fleet is running: start one with 'moe-fleet up'"),
+        (["trace", "record", "--out", "x.jsonl", "--duration", "5"], "no local fleet is running: start one with 'moe-fleet up'"),
+        (["trace", "record", "--out", "x.jsonl", "--duration", "0"], "--duration must be > 0"),
+    ],
+)
+def test_cli_errors_say_what_is_wrong_and_what_to_do(argv, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOEFLEET_CACHE", str(tmp_path))  # no local fleet here
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert says in str(e.value)
+
+
+def test_a_malformed_trace_is_named_by_line_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"t": 0, "layer": 1, "counts": [1, 2]}\n{"t": 1, "layer": 1, "counts": [1, -2]}\n')
+    assert main(["trace", "replay", str(bad), "--expert-bytes", "1000"]) == 2
+    assert "bad trace: line 2: counts[1] must be an int >= 0" in capsys.readouterr().err
+    eight = write_trace(tmp_path / "e8.jsonl", [TraceLine(0.0, 1, (5,) * 8)])  # the built-in model has 16 experts
+    with pytest.raises(SystemExit, match="the trace has 8 experts per layer, the model .* 16: pass the trace's --checkpoint"):
+        main(["trace", "replay", str(eight)])
+
+
+def test_replay_decides_as_the_controller_from_the_decayed_load_of_the_last_windows():
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.controller.traces import replay
+    from moefleet.core.placement import DeviceSpec, Inventory
+    from moefleet.core.trace import Trace
+
+    lines = [TraceLine(float(k), 1, (400, 0, 0, 0) if k >= 2 else (5, 5, 5, 5)) for k in range(6)]
+    inventory = Inventory(devices=[DeviceSpec(device_id=f"d{i}", node_id="n", kind="gpu", memory_bytes=1 << 30) for i in range(2)])
+    cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50)
+    steps = replay(Trace.from_lines(lines), inventory, expert_bytes=1 << 20, config=cfg)
+    assert [s.tokens for s in steps] == [20, 20, 400, 400, 400, 400]
+    assert steps[1].estimate_tokens == pytest.approx(20 + 0.5 * 20)  # this window, the one before at half weight
+    assert steps[4].estimate_tokens == pytest.approx(400 + 200 + 100)  # only the last load_windows = 3 windows
+    assert steps[0].decision == "skipped: too little load to plan from" and steps[0].version == 1
+    assert steps[2].decision == "applied" and steps[2].copies >= 1 and steps[2].bytes == steps[2].copies << 20
+    assert steps[2].balancedness_after > steps[2].balancedness_before and steps[2].version == 2
