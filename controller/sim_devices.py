@@ -50,6 +50,7 @@ from .inventory import ACCELERATORS, CPU_TIER_SPEED, GIB, NODE_TYPES, REFERENCE_
 
 __all__ = [
     "DEVICE_TYPES",
+    "returned_rows",
     "MODEL_SHAPES",
     "DeviceType",
     "ExpertShape",
@@ -175,7 +176,11 @@ class SimDevice:
     row_s: compute seconds per row (token at one expert); floor_s: least seconds
     per expert per call (its weights read once); act_row_s: network seconds per
     row of activations (0: none); overhead_s: fixed seconds per call;
-    copy_bytes_per_s: bandwidth for weight copies into this device.
+    copy_bytes_per_s: bandwidth for weight copies into this device;
+    out_row_s: seconds per output row the device returns (one per token it
+    served, ``returned_rows``: allocating, summing over its experts and sending
+    the partial outputs -- what a CPU worker pays; 0 for GPUs, where it hides
+    under the compute).
     """
 
     spec: DeviceSpec
@@ -185,6 +190,7 @@ class SimDevice:
     act_row_s: float
     overhead_s: float
     copy_bytes_per_s: float
+    out_row_s: float = 0.0
 
     @property
     def device_id(self) -> str:
@@ -199,10 +205,23 @@ class SimDevice:
         """Seconds for one call that brings ``rows_per_expert`` (iterable of rows, one per expert) to this device."""
         compute = 0.0
         rows = 0
+        top = 0
         for r in rows_per_expert:
             compute += max(r * self.row_s, self.floor_s)
             rows += r
-        return self.overhead_s + max(compute, rows * self.act_row_s)
+            top = max(top, r)  # returned_rows
+        return self.overhead_s + max(compute, rows * self.act_row_s) + top * self.out_row_s
+
+
+def returned_rows(rows_per_expert) -> int:
+    """Output rows a device returns for one call: one per token it served, taken as its largest expert's rows.
+
+    Exact when every token of the call picks the same experts and replicas split
+    each expert's rows in token order (the router's ``plan_dispatch``): the hot-set
+    traces of the local checks. A lower bound otherwise (tokens spread over the
+    device's experts return up to the sum of their rows over top-k).
+    """
+    return max(rows_per_expert, default=0)
 
 
 @dataclass(frozen=True)

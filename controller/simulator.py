@@ -21,8 +21,14 @@ What is modelled
   every call (a single global view of in-flight rows).
 * **Devices** are FIFO servers (``sim_devices.SimDevice``): a call's rows on
   a device take ``overhead + max(sum over its experts of max(rows x row time,
-  weight floor), rows x activation transfer time)``. A call completes when
-  its slowest device is done.
+  weight floor), rows x activation transfer time) + returned rows x output
+  row time`` (the last for CPU workers only). A call completes when its
+  slowest device is done.
+* **Host CPU** (``SimConfig.host_cpu``, local mode only; ``sim_host``): the
+  router's, clients' and Ray's CPU work on the cores the devices own -- a
+  call's host work first, then its rows; background and controller work on
+  the same cores. Each device is then one core (``sim_host.Cores``) whose
+  idle time later work fills, instead of a FIFO server.
 * **Telemetry** counts each call's rows, at dispatch, into windows of
   ``load_window_s``; the controller reads them decayed exactly as
   ``StateStore.read_load`` does (``load_windows`` windows, ``load_half_life_s``).
@@ -69,7 +75,6 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -84,7 +89,8 @@ from moefleet.router_service.dispatch import NoReplicaError, split_rows
 from .decide import decide
 from .main import ControllerConfig
 from .planner import PlanningError, plan
-from .sim_devices import SimDevice
+from .sim_devices import SimDevice, returned_rows
+from .sim_host import Cores, HostCpu
 
 __all__ = ["SimConfig", "SimResult", "balanced_capacity", "compare", "initial_placement", "simulate"]
 
@@ -110,6 +116,9 @@ class SimConfig(BaseModel):
     )
     bin_s: float | None = Field(default=None, gt=0, description="Timeline bin width; default the controller's interval_s.")
     seed: int = Field(default=0, description="Seed of the dispatcher's rounding (the router's random offset).")
+    host_cpu: HostCpu | None = Field(
+        default=None, description="Local mode: host CPU work on the devices' own cores (one core per device); None: none."
+    )
 
 
 @dataclass
@@ -132,6 +141,7 @@ class SimResult:
     failed_steps: int
     busy_s_by_type: dict[str, float]
     latency_percentiles_ms: dict[str, float] = field(default_factory=dict)
+    host_cpu_s: float = 0.0
     timeline: dict[str, list] = field(default_factory=dict)
     reports: list[dict] = field(default_factory=list)
 
@@ -203,8 +213,13 @@ class _Run:
         counts = trace.counts if config.load_scale == 1.0 else np.rint(trace.counts * config.load_scale).astype(np.int64)
         self.counts = counts
         num_dev = len(self.devices)
-        self.free_at = [0.0] * num_dev
-        self.inflight: list[deque] = [deque() for _ in range(num_dev)]
+        self.host = config.host_cpu
+        self.free_at = [0.0] * num_dev  # FIFO devices (without host_cpu)
+        # with host_cpu: core d is device d's, spare cores follow
+        self.cores = Cores(num_dev + self.host.spare_cores, num_dev) if self.host else None
+        self.host_cpu_s = 0.0
+        self.next_tick = float(trace.t[0]) + self.host.tick_s if self.host and self.host.background_cores > 0 else math.inf
+        self.inflight: list[list[tuple[float, float]]] = [[] for _ in range(num_dev)]  # heaps of (end, rows)
         self.inflight_rows = [0.0] * num_dev
         self.published = initial
         self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
@@ -232,20 +247,30 @@ class _Run:
     def _drain(self, d: int, now: float) -> None:
         q = self.inflight[d]
         while q and q[0][0] <= now:
-            self.inflight_rows[d] -= q.popleft()[1]
+            self.inflight_rows[d] -= heapq.heappop(q)[1]
 
     # -- events ---------------------------------------------------------------
     def _advance(self, now: float) -> None:
-        """Apply every placement switch and controller step due by ``now``, in time order."""
+        """Apply every placement switch, controller step and background tick due by ``now``, in time order."""
         while True:
-            if self.switch is not None and self.switch[0] <= now:
+            switch_at = self.switch[0] if self.switch is not None else math.inf
+            first = min(switch_at, self.next_step, self.next_tick)
+            if first > now:
+                return
+            if switch_at == first:
                 self.routing = self.switch[1]
                 self.ever_active |= self.routing.devices
                 self.switch = None
-            elif self.next_step <= now:
+            elif self.next_step == first:
                 self._step(self.next_step)
             else:
-                return
+                self._host_work(self.next_tick, self.host.background_cores * self.host.tick_s)
+                self.next_tick += self.host.tick_s
+
+    def _host_work(self, now: float, seconds: float) -> float:
+        """Queue host CPU work arriving at ``now``; returns when it is done."""
+        self.host_cpu_s += seconds
+        return self.cores.place(self.cores.host_core(now, seconds), now, seconds)[-1][1]
 
     def _load(self, now: float) -> np.ndarray:
         """Decayed ``[L, E]`` load, as ``StateStore.read_load``: window ``k`` ages ``(current - k) * window_s``."""
@@ -259,6 +284,8 @@ class _Run:
         return out
 
     def _step(self, now: float) -> None:
+        if self.host is not None and self.host.controller_step_s > 0:
+            self._host_work(now, self.host.controller_step_s)
         depths = None
         if self.ctl.autoscaling is not None:
             depths = {}
@@ -333,18 +360,29 @@ class _Run:
             for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
                 if n:
                     per_device.setdefault(holder, []).append(n)
+        ready = now  # when the call's rows reach the devices
+        if self.host is not None:
+            self.cores.forget_before(now)  # calls arrive in time order; nothing is placed before now any more
+            returned = sum(returned_rows(rows) for rows in per_device.values())
+            ready = self._host_work(now, self.host.call_cpu_s(len(per_device), returned))
         done, wait = now, 0.0
         for holder, rows in per_device.items():
             d = self.index[holder]
-            start = max(now, self.free_at[d])
-            end = start + self.devices[d].service_s(rows)
-            self.free_at[d] = end
+            seconds = self.devices[d].service_s(rows)
+            if self.cores is not None:
+                slices = self.cores.place(d, ready, seconds)
+            else:
+                start = max(ready, self.free_at[d])
+                self.free_at[d] = start + seconds
+                slices = [(start, start + seconds)]
+            start, end = slices[0][0], slices[-1][1]
             n = sum(rows)
-            self.inflight[d].append((end, n))
+            heapq.heappush(self.inflight[d], (end, n))
             self.inflight_rows[d] += n
-            self.job_dev.append(d)
-            self.job_start.append(start)
-            self.job_end.append(end)
+            for s, e in slices:
+                self.job_dev.append(d)
+                self.job_start.append(s)
+                self.job_end.append(e)
             done, wait = max(done, end), max(wait, start - now)
         self.call_done.append(done)
         self.call_wait.append(wait)
@@ -406,6 +444,7 @@ class _Run:
             failed_steps=self.failed,
             busy_s_by_type=by_type,
             latency_percentiles_ms={f"p{q:g}": float(np.percentile(latency, q) * 1000) for q in (50, 90, 99, 99.9)},
+            host_cpu_s=self.host_cpu_s,
             timeline=timeline,
             reports=self.reports,
         )
