@@ -4,8 +4,6 @@ in headless Chromium, and a routing trace recorded from the fleet and replayed t
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -23,6 +21,7 @@ from moefleet.core.trace import Trace, read_trace, write_trace
 from moefleet.local import LocalFleet
 from moefleet.router_service.client import FleetClient, FleetError
 from tests import hf_models
+from tests.chromium import chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -161,16 +160,6 @@ def test_collapse_warning_fires_on_one_expert_and_not_on_uniform_routing(fleet):
     assert m[("moefleet_routing_collapsed", (("layer", "2"),))] == 0
 
 
-def _chromium(*args: str, profile, timeout: float = 90) -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is not installed: scripts/bootstrap.sh installs it (make test)"
-    cmd = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
-
-
 def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(fleet, tmp_path):
     from html.parser import HTMLParser
 
@@ -210,8 +199,8 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
             return s["placement"]["version"] >= placement.version and top == hot
 
         _until("the endpoint has sampled the new placement and load", sampled)
-        dom = _chromium("--virtual-time-budget=5000", "--dump-dom", fleet.url + "/", profile=tmp_path / "profile")
-        _chromium("--virtual-time-budget=5000", "--window-size=1400,1500", "--hide-scrollbars",
+        dom = chromium("--virtual-time-budget=5000", "--dump-dom", fleet.url + "/", profile=tmp_path / "profile")
+        chromium("--virtual-time-budget=5000", "--window-size=1400,1500", "--hide-scrollbars",
                   f"--screenshot={tmp_path / 'dashboard.png'}", fleet.url + "/", profile=tmp_path / "profile")
         final = store_placement()
     finally:
