@@ -171,11 +171,12 @@ def test_dashboard_is_readable_at_58_layers_by_256_experts_on_32_devices(server,
 
     page = _Page()
     page.feed(dom)
+    # bounded: the page fetched and drew the snapshot within Chromium's 10 s (virtual) time budget, Chromium within 90 s
     assert page.body.get("data-ready") == "1", "the page rendered the snapshot within Chromium's time budget"
     assert "data-error" not in page.body, page.body.get("data-error")
     assert not [line for line in console if "Uncaught" in line or "Error" in line], console
     layout = json.loads(page.body["data-layout"])
-    print(f"\ndashboard 58x256: render {page.body['data-render-ms']} ms, layout {layout}")
+    print(f"\ndashboard 58x256: layout {layout}")
 
     # the heatmap: one row per layer, a column per expert, cells large enough to see, the page wide enough for it
     heat = layout["heat"]
