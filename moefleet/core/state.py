@@ -77,7 +77,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,6 +85,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from moefleet.core.placement import ExpertKey, Placement
+from moefleet.core.secrets import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -344,18 +345,6 @@ return #old
 # --------------------------------------------------------------------------- helpers
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced by '***'."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _check_positive(name: str, value: float) -> float:
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
@@ -406,7 +395,7 @@ def resolve_redis_url(url: str | None, environ=None) -> str:
         raise ValueError("redis_url: not set and MOEFLEET_REDIS_URL is empty")
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"redis_url: {_redact(url)!r} is not a redis://, rediss:// or unix:// URL")
+        raise ValueError(f"redis_url: {redact_url(url)!r} is not a redis://, rediss:// or unix:// URL")
     password = environ.get("REDIS_PASSWORD")
     if not password and environ.get("MOEFLEET_REDIS_PASSWORD_FILE"):
         password = read_secret_file(environ["MOEFLEET_REDIS_PASSWORD_FILE"], "MOEFLEET_REDIS_PASSWORD_FILE")
@@ -460,7 +449,7 @@ class StateStore:
         self.load_retention_s = _check_positive("load_retention_s", load_retention_s)
         self.events_maxlen = int(events_maxlen)
         self.worker_forget_after_s = _check_positive("worker_forget_after_s", worker_forget_after_s)
-        self._safe_url = _redact(url)
+        self._safe_url = redact_url(url)
         self._closed = False
         self._watches: list[PlacementWatch] = []
         self._lock = threading.Lock()
