@@ -14,6 +14,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def balancedness_over_time(path: Path, timelines: dict[str, dict], title: str, shift_s: float | None = None) -> Path:
     """Balancedness (mean/max device busy time per bin) and tokens/s over time, one line per placement."""
     plt = _plt()
@@ -33,11 +41,7 @@ def balancedness_over_time(path: Path, timelines: dict[str, dict], title: str, s
                 a.axvline(k * shift_s, color="grey", linestyle=":", linewidth=0.8)
     ax[0].legend()
     ax[0].set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def latency_percentiles(path: Path, series: dict[str, dict[str, float]], title: str) -> Path:
@@ -55,11 +59,7 @@ def latency_percentiles(path: Path, series: dict[str, dict[str, float]], title: 
     ax.set_ylabel("latency (ms)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def planner_balance_vs_moves(path: Path, drift: list[dict], title: str) -> Path:
@@ -81,8 +81,4 @@ def planner_balance_vs_moves(path: Path, drift: list[dict], title: str) -> Path:
     ax.set_ylabel("mean balancedness (mean/max)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
