@@ -156,7 +156,8 @@ class ExpertGroupCore:
         if slots is None:
             spec = self.ckpt.layer_spec(layer)
             kind = packed_kind(self.ckpt, layer, self.backend)
-            kwargs = {"quant": kind, "swiglu_alpha": spec.swiglu_alpha, "swiglu_limit": spec.swiglu_limit}
+            kwargs = {"quant": kind, "swiglu_alpha": spec.swiglu_alpha, "swiglu_limit": spec.swiglu_limit,
+                      "config_experts": spec.num_experts}  # launch configs of the layer, not of the slot stack
             if kind == "fp8":
                 kwargs["block"] = self.ckpt.quant.weight_block_size
             slots = LayerSlots(spec.expert_kind == "gated", spec.activation, self.device, self.dtype, kwargs)

@@ -73,6 +73,9 @@ class ExpertStack:
     block: tuple[int, int] | None = None
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    config_experts: int | None = None
+    """E of the model's layer, the key of its tuned launch configs; None: the stack's own E. A worker's
+    stack holds its slots (4, 8, 16, ... of a layer's E experts): its launch configs are still the layer's."""
 
     TENSORS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")
 
@@ -119,6 +122,7 @@ def grouped_ffn(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, stack: Exp
     use_triton = resolve_backend(backend, x_sorted.device) == "triton"
     if stack.quant is None and stack.activation in triton_moe.ACTIVATIONS:
         fn = triton_moe.grouped_ffn if use_triton else triton_moe.grouped_ffn_reference
+        kw = {"config_experts": stack.config_experts} if use_triton else {}
         return fn(
             x_sorted,
             expert_offsets,
@@ -128,6 +132,7 @@ def grouped_ffn(x_sorted: torch.Tensor, expert_offsets: torch.Tensor, stack: Exp
             activation=stack.activation,
             b13=stack.b13,
             b2=stack.b2,
+            **kw,
         )
     h = _project(x_sorted, expert_offsets, stack, "13", use_triton)
     act = glu_ops.glu if use_triton else glu_ops.glu_reference
@@ -140,7 +145,7 @@ def _project(x: torch.Tensor, offsets: torch.Tensor, stack: ExpertStack, which: 
     w, scale, bias = getattr(stack, f"w{which}"), getattr(stack, f"w{which}_scale"), getattr(stack, f"b{which}")
     if stack.quant is None:
         if use_triton:
-            return triton_moe.grouped_gemm(x, w, offsets, bias)
+            return triton_moe.grouped_gemm(x, w, offsets, bias, config_experts=stack.config_experts)
         return triton_moe.grouped_gemm_reference(x, w, offsets, bias)
     if stack.quant == "fp8":
         fn = quant_ops.fp8_grouped_linear if use_triton else quant_ops.fp8_grouped_linear_reference
@@ -202,6 +207,7 @@ def moe_experts(
         return fused_moe.fused_experts(
             hidden, topk_ids, topk_weights, stack.w13, stack.w2, gated=stack.gated, activation=stack.activation,
             b13=stack.b13, b2=stack.b2, token_index=token_index, extra=extra, out_dtype=out_dtype,
+            config_experts=stack.config_experts,
         )  # fmt: skip
     x = hidden if token_index is None else hidden.index_select(0, token_index)
     perm = permute(topk_ids, stack.num_experts)
@@ -267,10 +273,12 @@ def stack_experts(
     block: tuple[int, int] | None = None,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    config_experts: int | None = None,
 ) -> ExpertStack:
     """Stack per-expert tensors (see :func:`expert_rows`) into an ExpertStack.
 
     quant: None for float roles, or 'fp8' / 'mxfp4' for packed roles (with their scales; ``block`` for fp8).
+    config_experts: the model layer's E, which picks the stack's launch configs (``ExpertStack.config_experts``).
     """
     if not tensors:
         raise ValueError("tensors: at least one expert is needed")
@@ -280,7 +288,7 @@ def stack_experts(
     fields = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
     return ExpertStack(
         gated=gated, activation=activation, quant=quant, block=tuple(block) if block else None,
-        swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, **fields,
+        swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, config_experts=config_experts, **fields,
     )
 
 

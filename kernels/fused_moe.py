@@ -228,6 +228,7 @@ def fused_experts(
     out_dtype: torch.dtype | None = None,
     check: bool | None = None,
     config: dict[str, dict[str, int]] | None = None,
+    config_experts: int | None = None,
 ) -> torch.Tensor:
     """The routed experts of a MoE layer, weighted and combined: ``[U, H]``.
 
@@ -250,6 +251,9 @@ def fused_experts(
             count as dropped.
         config: launch parameters ``{"gate_up": {...}, "down": {...}}`` to use
             instead of the table's bucket (the tuner's candidates); checked.
+        config_experts: the E whose tuned table is looked up (the model layer's
+            E); default the E of ``w13``. A worker's weights are a slot stack
+            of some of a layer's experts, not the layer.
 
     Returns:
         [U, H] in ``out_dtype``. The sum over a token's slots runs in slot
@@ -294,7 +298,7 @@ def fused_experts(
     ids = topk_ids.contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [U * K], by slot
     if config is None:
-        cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
+        cfg = moe_config(config_experts or num_experts, f_inter, num_rows, _device_name(x), x.dtype)
     else:
         cfg = {k: check_kernel_config(config.get(k), MOE_KERNEL_KEYS[k], f"config[{k!r}]") for k in MOE_KERNEL_KEYS}
     cfg_up, cfg_down = cfg["gate_up"], cfg["down"]

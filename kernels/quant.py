@@ -49,6 +49,7 @@ __all__ = [
     "FP8_MAX",
     "MXFP4_BLOCK",
     "dequantize_mxfp4_reference",
+    "e8m0_scale",
     "fp8_grouped_gemm",
     "fp8_grouped_gemm_reference",
     "fp8_grouped_linear",
@@ -424,7 +425,10 @@ def _mxfp4_gemm_kernel(
         w_mask = j_ok[:, None] & col_ok[None, :]
         wb = tl.load(wb_ptr + expert * stride_be + cols[None, :] * stride_bm + jb[:, None] * stride_bk, mask=w_mask, other=0)
         sc = tl.load(ws_ptr + expert * stride_se + cols[None, :] * stride_sm + (jb // 16)[:, None] * stride_sk, mask=w_mask, other=127)
-        scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2 ** (sc - 127)
+        # e8m0: 2 ** (sc - 127) as the float's exponent bits; 0 is 2 ** -127 (a subnormal), 255 is NaN
+        sc = sc.to(tl.int32)
+        bits = tl.where(sc == 0, 0x00400000, tl.where(sc == 255, 0x7FC00000, sc << 23))
+        scale = bits.to(tl.float32, bitcast=True)
         wb = wb.to(tl.int32)
         lo = _fp4_value(wb & 15) * scale
         hi = _fp4_value(wb >> 4) * scale
@@ -498,8 +502,16 @@ def dequantize_mxfp4_reference(w_blocks: torch.Tensor, w_scales: torch.Tensor) -
     lut = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=w_blocks.device)
     b = w_blocks.to(torch.int64)
     vals = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).flatten(-2)  # [..., M, Kd]
-    exp = w_scales.to(torch.int32).repeat_interleave(MXFP4_BLOCK, dim=-1) - 127
-    return torch.ldexp(vals, exp)
+    return vals * e8m0_scale(w_scales).repeat_interleave(MXFP4_BLOCK, dim=-1)
+
+
+def e8m0_scale(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values of OCP MX e8m0 scale bytes: ``2 ** (s - 127)``; 0 is ``2 ** -127`` (an fp32 subnormal), 255 is NaN.
+
+    (The checkpoint reader's ``moefleet.core.quant.e8m0_scale`` is the same decode: kernels import nothing of ours.)"""
+    s = scales.to(torch.int32)
+    bits = torch.where(s == 0, 0x00400000, torch.where(s == 255, 0x7FC00000, s << 23))
+    return bits.view(torch.float32)
 
 
 def mxfp4_grouped_gemm_reference(

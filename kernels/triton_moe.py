@@ -657,6 +657,7 @@ def grouped_gemm(
     bias: torch.Tensor | None = None,
     *,
     validate_offsets: bool | None = None,
+    config_experts: int | None = None,
 ) -> torch.Tensor:
     """Ragged per-expert GEMM: ``y[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ w[e].T (+ bias[e])``.
 
@@ -692,7 +693,7 @@ def grouped_gemm(
     if num_rows == 0 or m == 0:
         return out
     x, w = x.contiguous(), w.contiguous()
-    cfg = moe_config(num_experts, kd, num_rows, _device_name(x), x.dtype)["down"]
+    cfg = moe_config(config_experts or num_experts, kd, num_rows, _device_name(x), x.dtype)["down"]
     tile_map = _expert_tile_map(offsets, num_rows, cfg["BLOCK_M"])
     _launch_grouped_gemm(x, w, offsets, bias, out, cfg, tile_map)
     return out
@@ -728,6 +729,7 @@ def grouped_ffn(
     b2: torch.Tensor | None = None,
     row_index: torch.Tensor | None = None,
     validate_offsets: bool | None = None,
+    config_experts: int | None = None,
 ) -> torch.Tensor:
     """Grouped expert FFN over a batch whose rows are sorted by expert.
 
@@ -748,6 +750,8 @@ def grouped_ffn(
             ``x_sorted[row_index[r]]``: the gather happens in the first GEMM's
             loads, with no gathered copy.
         validate_offsets: as in :func:`grouped_gemm` (also checks row_index).
+        config_experts: the E whose launch-config table is used (the model
+            layer's E); default ``w13``'s E (see ``fused_moe.fused_experts``).
 
     Returns:
         [N, H] in x's dtype: ``h @ w2[e].T (+ b2[e])`` per expert. The
@@ -775,7 +779,7 @@ def grouped_ffn(
     if num_rows == 0 or hidden == 0:
         return out
     x, w13, w2 = x_sorted.contiguous(), w13.contiguous(), w2.contiguous()
-    cfg = moe_config(num_experts, f_inter, num_rows, _device_name(x), x.dtype)
+    cfg = moe_config(config_experts or num_experts, f_inter, num_rows, _device_name(x), x.dtype)
     cfg_up, cfg_down = cfg["gate_up"], cfg["down"]
     map_up = _expert_tile_map(offsets, num_rows, cfg_up["BLOCK_M"])
     map_down = map_up if cfg_down["BLOCK_M"] == cfg_up["BLOCK_M"] else _expert_tile_map(offsets, num_rows, cfg_down["BLOCK_M"])

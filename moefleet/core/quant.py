@@ -105,8 +105,15 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     b = blocks.to(torch.int64)
     vals = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).flatten(-2)  # [..., out, G, 32], low nibble first
-    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
+    vals = vals * e8m0_scale(scales)[..., None]
     return vals.flatten(-2)
+
+
+def e8m0_scale(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values of OCP MX e8m0 scale bytes: ``2 ** (s - 127)``; 0 is ``2 ** -127`` (an fp32 subnormal), 255 is NaN."""
+    s = scales.to(torch.int32)
+    bits = torch.where(s == 0, 0x00400000, torch.where(s == 255, 0x7FC00000, s << 23))
+    return bits.view(torch.float32)
 
 
 def _apply_cols(t: torch.Tensor, cols: tuple[int, int, int] | None) -> torch.Tensor:
@@ -255,6 +262,7 @@ class QuantReader:
 
 __all__ = [
     "FP4_VALUES",
+    "e8m0_scale",
     "MXFP4_BLOCK",
     "QuantReader",
     "QuantizationError",

@@ -104,15 +104,22 @@ def test_fused_experts_with_default_configs_handles_a_token_with_every_slot_drop
 
 
 def test_fused_experts_adds_extra_in_fp32_and_casts_to_out_dtype():
+    """A large ``extra`` plus a small routed sum: added in fp32 the small part survives; added in bf16 it is lost.
+
+    ``extra`` = 64 (bf16's spacing there is 0.5) and routed weights of 1e-3 make a routed sum of about 1e-3: the
+    fp32 sum keeps it to fp32 precision (a few ulps of 64), a bf16 addition rounds it away, an error 15x the tolerance.
+    """
     ids, weights = routing(9, 4, 2, seed=5)
+    weights = weights * 1e-3
     x = hidden_states(9, 24, seed=6, dtype=torch.bfloat16)
-    extra = hidden_states(9, 24, seed=7, dtype=torch.bfloat16)
+    extra = on_device(torch.full((9, 24), 64.0, dtype=torch.bfloat16))
     w13, w2, _, _ = ffn_weights(4, 24, 16, True, with_bias=False, dtype=torch.bfloat16)
     kw = {"gated": True, "activation": "silu", "extra": extra}
     out = fused_experts(x, ids, weights, w13, w2, out_dtype=torch.float32, **kw)
     assert out.dtype == torch.float32
-    want = fused_experts_reference(x, ids, weights, w13, w2, out_dtype=torch.float32, **kw)
-    torch.testing.assert_close(out, want, atol=3e-2, rtol=2e-2)
+    routed = fused_experts_reference(x, ids, weights, w13, w2, out_dtype=torch.float32, gated=True, activation="silu")
+    assert routed.abs().max() > 1e-4  # the part a bf16 addition would lose
+    torch.testing.assert_close(out, routed + 64.0, atol=6e-5, rtol=0)  # a few fp32 ulps of 64
     assert fused_experts(x, ids, weights, w13, w2, **kw).dtype == torch.bfloat16
 
 

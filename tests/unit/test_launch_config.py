@@ -112,3 +112,42 @@ def test_every_committed_config_file_is_well_formed(path):
         assert path.name.startswith("E=") and ",device_name=" in path.name, path.name
         launch_config._check_table(data, path.name)
 
+
+
+@pytest.mark.parametrize("path", ["stepwise", "fused"])
+def test_a_slot_stack_takes_the_launch_configs_of_its_layers_expert_count(monkeypatch, path):
+    """A worker holding 4 slots of a 256-expert layer looks up E=256 (the committed H100 table's key), not E=4."""
+    from moefleet.kernels import experts, fused_moe, triton_moe
+    from tests.kernel_helpers import DEVICE, ffn_weights, offsets_for, on_device
+
+    seen = []
+
+    def recording(num_experts, inter, rows, device_name, dtype, config_dir=None):
+        seen.append(num_experts)
+        return moe_config(num_experts, inter, rows, device_name, dtype, config_dir)
+
+    monkeypatch.setattr(triton_moe, "moe_config", recording)
+    monkeypatch.setattr(fused_moe, "moe_config", recording)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w13, w2, _, _ = ffn_weights(4, 32, 16, True, with_bias=False)
+    stack = experts.ExpertStack(w13=w13, w2=w2, gated=True, activation="silu", config_experts=256)
+    x = on_device(torch.randn(6, 32))
+    if path == "stepwise":
+        experts.grouped_ffn(x, offsets_for([2, 0, 3, 1]), stack, "triton")
+    else:
+        ids = on_device(torch.tensor([[0, 2], [1, 3], [2, -1], [0, 1], [3, 2], [1, 0]]))
+        experts.moe_experts(x, ids, on_device(torch.full((6, 2), 0.5)), stack, "triton")
+    assert seen and set(seen) == {256}, seen
+    assert stack.num_experts == 4 and DEVICE is not None
+
+
+def test_worker_slot_stacks_carry_their_layers_expert_count(tmp_path):
+    from moefleet.core.default_model import default_model_dir
+    from moefleet.expert_workers.group import ExpertGroupCore
+
+    core = ExpertGroupCore("w", str(default_model_dir()), device="cpu")
+    layer = core.ckpt.spec.moe_layers[0]
+    core.load([(layer, 0), (layer, 5)])
+    view = core._views[layer]
+    assert view.stack.config_experts == core.ckpt.spec.layer_spec(layer).num_experts
+    assert view.stack.num_experts < view.stack.config_experts

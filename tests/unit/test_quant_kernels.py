@@ -126,6 +126,25 @@ def test_mxfp4_decoding_covers_every_code_and_exponent():
     assert want[8, 1] == -0.0 and want[8, 0] == 0.0 and want[15, 30] == -6.0 * 2.0**5  # byte 0x80: high -0; byte 0xFF
 
 
+def test_mxfp4_edge_exponents_decode_as_the_ocp_spec_says():
+    """e8m0 exponent 0 is 2**-127 (not 0), 254 is 2**127, 255 is NaN (not infinity), in the kernel and both references."""
+    from moefleet.core.quant import dequantize_mxfp4, e8m0_scale
+
+    edge = torch.tensor([0, 1, 127, 254, 255], dtype=torch.uint8)
+    for decode in (Q.e8m0_scale, e8m0_scale):
+        got = decode(edge)
+        assert got[0].item() == 2.0**-127 and got[0] > 0
+        assert got[1].item() == 2.0**-126 and got[2].item() == 1.0 and got[3].item() == 2.0**127
+        assert torch.isnan(got[4])
+    blocks = torch.full((5, 16), 0x22, dtype=torch.uint8)  # every fp4 value 1.0 (code 2)
+    scales = edge.view(5, 1)
+    want = torch.tensor([2.0**-127, 2.0**-126, 1.0, 2.0**127, float("nan")])[:, None].expand(5, 32)
+    for dense in (Q.dequantize_mxfp4_reference(blocks, scales), dequantize_mxfp4(blocks.view(5, 1, 16), scales)):
+        torch.testing.assert_close(dense.reshape(5, 32), want, rtol=0, atol=0, equal_nan=True)
+    got = Q.mxfp4_grouped_gemm(torch.eye(32), blocks[None], scales[None], torch.tensor([0, 32]))  # y = W.T
+    torch.testing.assert_close(got.T, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("activation", sorted(glu_ops.ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_glu_equals_reference(activation, dtype):
