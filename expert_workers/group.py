@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
+from moefleet.core.cuda_ipc import CudaTensorHandle, export_tensor, open_tensor
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.recent import RecentCounts
-from moefleet.core.tensors import DTYPES, from_numpy
+from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
 from moefleet.kernels.experts import fusable, grouped_ffn, moe_experts, packed_kind, resolve_backend
 from moefleet.kernels.permute import rows_to_topk
 
@@ -129,6 +131,7 @@ class ExpertGroupCore:
         self.dtype_name = dtype or self.ckpt.spec.dtype
         self.dtype = DTYPES[self.dtype_name]
         self.backend = resolve_backend(backend, self.device)
+        self.reply_by_ipc = False  # return CUDA partials as IPC handles (a router on this node that can open them)
         self._slots: dict[int, LayerSlots] = {}  # mutated under _load_lock
         self._views: dict[int, LayerView] = {}  # replaced whole; forwards read without locking
         self._running: dict[int, int] = {}  # view generation -> forwards running on it
@@ -223,43 +226,46 @@ class ExpertGroupCore:
         num_unique: int,
         deadline: float | None = None,
     ) -> np.ndarray:
-        """Partial outputs [num_unique, H] (fp32) for this worker's rows of one layer call.
+        """Partial outputs [num_unique, H] in the compute dtype (bf16 as its bits) for this worker's rows of one layer call.
 
-        deadline: ``time.time()`` past which the call is refused (DeadlineExpiredError), not computed.
+        The plain-arguments form of :meth:`serve` (the shared form of a ``WorkerCall``); raises
+        ``DeadlineExpiredError`` / ``ExpertNotLoadedError`` / ``ValueError`` where ``serve`` returns a failure.
 
         hidden: [T, H] the whole call's hidden states (compute dtype; bf16 as its bits).
         rows: [N] token of each row, grouped by expert in ``experts`` order (ascending).
         weights: [N] combine weight per row. counts: rows per expert.
         inverse: [N] index of each row's token among the unique tokens.
+        deadline: ``time.time()`` past which the call is refused, not computed.
         """
-        return self.forward_timed(layer, hidden, rows, weights, experts, counts, inverse, num_unique, deadline)[0]
+        rows = np.asarray(rows, dtype=np.int64) if rows is not None else None
+        uniq = np.empty(num_unique, dtype=np.int64)
+        if rows is not None and inverse is not None:
+            uniq[np.asarray(inverse, dtype=np.int64)] = rows
+        call = WorkerCall(
+            layer, rows, weights, tuple(experts or ()), tuple(counts or ()), inverse, num_unique, token_index=uniq,
+            dtype=self.dtype_name, deadline=deadline,
+        )
+        reply = self.serve(call, hidden)
+        if isinstance(reply, WorkerFailure):
+            raise {"expired": DeadlineExpiredError, "not_loaded": ExpertNotLoadedError}.get(reply.kind, ValueError)(reply.message)
+        return reply.partial
 
-    def forward_timed(
-        self,
-        layer: int,
-        hidden: np.ndarray,
-        rows: np.ndarray,
-        weights: np.ndarray,
-        experts: list[int],
-        counts: list[int],
-        inverse: np.ndarray,
-        num_unique: int,
-        deadline: float | None = None,
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """``forward``, and the worker's stage times: ``(partial [U, H] fp32, times)``.
+    def serve(self, call: WorkerCall, shared=None) -> WorkerReply | WorkerFailure:
+        """One layer call's rows: the partial output of each unique token, weighted and summed over this worker's experts.
 
-        times: seconds of ``worker_gather``, ``expert_ffn``, ``worker_combine``
-        (``moefleet.core.stages.WORKER_STAGES``), and ``start`` / ``end``, the
-        wall clock (``time.time()``) when the call began and ended here.
+        shared: the call's whole batch ``[T, H]`` when ``call.x`` is None (numpy, bf16 as its bits; or a CUDA
+        IPC handle). Only the rows this worker computes are materialised on its device. Refusals and failures
+        are returned as a ``WorkerFailure`` (``moefleet.core.calls``), never raised.
         """
         start = time.time()
-        if deadline is not None and start >= deadline:
+        if call.deadline is not None and start >= call.deadline:
             with self._stats_lock:
                 self._expired += 1
-            raise DeadlineExpiredError(f"worker {self.worker_id}: layer {layer} call arrived after its deadline; not computed")
+            return WorkerFailure(self.worker_id, "expired", f"worker {self.worker_id}: layer {call.layer} call arrived after its deadline; not computed")
         # Take the view and register as running on it in one step: a load that frees
         # quarantined slots either sees this forward, or this forward sees the view
         # published after the unload that freed them.
+        layer = call.layer
         with self._stats_lock:
             view = self._views.get(layer)
             key = (layer, -1 if view is None else view.generation)
@@ -267,22 +273,28 @@ class ExpertGroupCore:
             self._running[key] = self._running.get(key, 0) + 1
         t0 = time.perf_counter()
         try:
-            missing = [e for e in experts if view is None or e not in view.slot_of]
+            missing = [e for e in call.experts if view is None or e not in view.slot_of]
             if missing:
-                raise ExpertNotLoadedError(f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
-            x = from_numpy(hidden, self.dtype_name).to(self.device)
+                return WorkerFailure(self.worker_id, "not_loaded", f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
+            source = call.x if call.x is not None else shared
+            if source is None:
+                return WorkerFailure(self.worker_id, "bad_call", f"worker {self.worker_id}: layer {layer} call carries no hidden states")
+            x, rows, token_index = self._inputs(source, call)
             if self.fused(layer, view):
-                t1, t2, out = self._experts_fused(view, x, rows, weights, experts, counts, inverse, num_unique)
+                t1, t2, out = self._experts_fused(view, x, token_index, call)
             else:
-                t1, t2, out = self._experts_stepwise(layer, view, x, rows, weights, experts, counts, inverse, num_unique)
+                t1, t2, out = self._experts_stepwise(layer, view, x, rows, call)
             with self._stats_lock:
-                for e, c in zip(experts, counts):
+                for e, c in zip(call.experts, call.counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
-                self._recent.add(layer, int(sum(counts)), time.monotonic())
-            result = out.cpu().numpy()
+                self._recent.add(layer, int(sum(call.counts)), time.monotonic())
+            partial = self._reply_tensor(out)
             t3 = time.perf_counter()
             times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
-            return result, times
+            return WorkerReply(partial, self.dtype_name, times)
+        except (ValueError, IndexError, TypeError, RuntimeError) as e:  # a malformed call, or the kernels refused it
+            log.warning("worker %s: layer %d call failed: %s", self.worker_id, layer, e)
+            return WorkerFailure(self.worker_id, "bad_call" if isinstance(e, (IndexError, TypeError)) else "error", f"worker {self.worker_id}: {e}")
         finally:
             with self._stats_lock:
                 self._in_flight -= 1
@@ -291,6 +303,34 @@ class ExpertGroupCore:
                     del self._running[key]
                 self._calls += 1
                 self._busy_s += time.perf_counter() - t0
+
+    def _inputs(self, source, call: WorkerCall) -> tuple[torch.Tensor, torch.Tensor | np.ndarray, torch.Tensor | None]:
+        """(hidden states on this device, each row's index into them, each unique token's index into them or None).
+
+        Only the rows this worker computes reach its device: from a shared batch in host memory a device
+        other than the CPU gets the unique tokens' rows alone (gathered on the host, then copied); on the CPU
+        the shared batch is read in place.
+        """
+        if isinstance(source, CudaTensorHandle):
+            x = open_tensor(source)
+        else:
+            x = from_numpy(source, call.dtype)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        rows, token_index = call.rows, call.token_index
+        if token_index is not None and x.device.type == "cpu" and self.device.type != "cpu":
+            x = x.index_select(0, torch.from_numpy(np.ascontiguousarray(token_index)))  # [U, H]: this worker's tokens only
+            rows, token_index = call.inverse, None
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        tok = None if token_index is None else torch.from_numpy(np.ascontiguousarray(token_index, dtype=np.int64)).to(self.device)
+        return x, rows, tok
+
+    def _reply_tensor(self, out: torch.Tensor):
+        """The partial output as it travels back: a CUDA IPC handle when the router can open it, else host numpy."""
+        if out.device.type == "cuda" and self.reply_by_ipc:
+            return export_tensor(out)
+        return to_numpy(out)
 
     def fused(self, layer: int, view: LayerView) -> bool:
         """Whether this layer's calls take the fused routed-expert kernel (the CUDA path, ``fused_moe``).
@@ -308,24 +348,23 @@ class ExpertGroupCore:
             torch.cuda.synchronize(self.device)  # the copy to the host that follows would wait anyway
         return time.perf_counter()
 
-    def _experts_fused(self, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
-        """(inputs ready, experts done, partial [U, H] fp32) by ``moe_experts`` on the Triton backend.
+    def _experts_fused(self, view, x, token_index, call: WorkerCall) -> tuple[float, float, torch.Tensor]:
+        """(inputs ready, experts done, partial [U, H] in the compute dtype) by ``moe_experts`` on the Triton backend.
 
         The rows (grouped by expert) become the top-k form the kernel takes: for
         each unique token, the slots of its experts here and their weights.
         """
-        slot = np.repeat(np.asarray([view.slot_of[e] for e in experts], dtype=np.int64), counts)
-        ids, w = rows_to_topk(slot, weights, inverse, num_unique)  # [U, Kmax], -1 padding
-        tok = np.empty(num_unique, dtype=np.int64)
-        tok[inverse] = rows  # the row of x each unique token reads
-        ids_d, w_d, tok_d = (torch.from_numpy(a).to(self.device) for a in (ids, w, tok))
+        slot = np.repeat(np.asarray([view.slot_of[e] for e in call.experts], dtype=np.int64), call.counts)
+        ids, w = rows_to_topk(slot, call.weights, call.inverse, call.num_unique)  # [U, Kmax], -1 padding
+        ids_d, w_d = (torch.from_numpy(a).to(self.device) for a in (ids, w))
         t1 = self._sync()
-        out = moe_experts(x, ids_d, w_d, view.stack, "triton", token_index=tok_d, out_dtype=torch.float32)
+        out = moe_experts(x, ids_d, w_d, view.stack, "triton", token_index=token_index, out_dtype=self.dtype)
         return t1, self._sync(), out
 
-    def _experts_stepwise(self, layer, view, x, rows, weights, experts, counts, inverse, num_unique) -> tuple[float, float, torch.Tensor]:
-        """(rows gathered, FFN done, partial [U, H] fp32): gather, grouped FFN, weighted ``index_add_``."""
+    def _experts_stepwise(self, layer, view, x, rows, call: WorkerCall) -> tuple[float, float, torch.Tensor]:
+        """(rows gathered, FFN done, partial [U, H] in the compute dtype): gather, grouped FFN, weighted ``index_add_`` in fp32."""
         # rows come grouped by expert (ascending); the kernel wants them grouped by slot
+        experts, counts = call.experts, call.counts
         slots = [view.slot_of[e] for e in experts]
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         order = np.argsort(slots, kind="stable")
@@ -334,8 +373,8 @@ class ExpertGroupCore:
         for sl, c in zip(slots, counts):
             offsets[sl + 1] = c
         offsets = torch.from_numpy(np.cumsum(offsets)).to(self.device)
-        idx = torch.from_numpy(np.ascontiguousarray(rows[perm])).to(self.device)
-        w = torch.from_numpy(np.ascontiguousarray(weights[perm])).to(self.device)
+        idx = torch.from_numpy(np.ascontiguousarray(np.asarray(rows)[perm])).to(self.device)
+        w = torch.from_numpy(np.ascontiguousarray(np.asarray(call.weights, dtype=np.float32)[perm])).to(self.device)
         x_rows = x.index_select(0, idx)
         if self.ckpt.layer_spec(layer).routed_weight_on == "input":  # Llama 4: the weight scales the input
             x_rows = (x_rows.float() * w[:, None]).to(x_rows.dtype)
@@ -343,10 +382,10 @@ class ExpertGroupCore:
         t1 = self._sync()
         y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
         t2 = self._sync()
-        out = torch.zeros(num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
-        inv = torch.from_numpy(np.ascontiguousarray(inverse[perm])).to(self.device)
+        out = torch.zeros(call.num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
+        inv = torch.from_numpy(np.ascontiguousarray(np.asarray(call.inverse)[perm])).to(self.device)
         out.index_add_(0, inv, y.float() * w[:, None])
-        return t1, t2, out
+        return t1, t2, out.to(self.dtype)
 
     # -- reporting -------------------------------------------------------
     def stats(self) -> dict:
@@ -391,6 +430,20 @@ HEARTBEAT_TTL_S = 1.0
 worker is noticed within about 1.25 s plus the controller's poll."""
 
 
+GRAPH_SLOTS = 4
+"""Compiled graphs one worker takes part in at once (routers holding a graph over it)."""
+GRAPH_REAP_INTERVAL_S = 1.0
+GRAPH_ORPHAN_S = 5.0
+"""A graph whose router's heartbeat has been gone this long is closed by the worker."""
+
+
+@dataclass
+class _GraphSlot:
+    router_key: str
+    tasks: object = None
+    missing_since: float | None = None
+
+
 class ExpertGroupActor(ExpertGroupCore):
     """``ExpertGroupCore`` as a Ray actor.
 
@@ -425,16 +478,98 @@ class ExpertGroupActor(ExpertGroupCore):
         super().__init__(*args, **kwargs)
         self._beat_stop = threading.Event()
         self._store = None
+        self._graph_lock = threading.Lock()
+        self._graphs: dict[str, _GraphSlot] = {}
+        self.reply_by_ipc = self.device.type == "cuda"  # a router on this node opens them; others get host arrays
         if redis_url:
             from moefleet.core.state import StateStore
 
             self._store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
             self._beat()  # registered before ready() returns
             threading.Thread(target=self._beat_loop, name="moefleet-worker-heartbeat", daemon=True).start()
+            threading.Thread(target=self._graph_reaper, name="moefleet-graph-reaper", daemon=True).start()
 
-    def forward_timed(self, *args, **kwargs):
-        """``ExpertGroupCore.forward_timed`` on the worker's compute thread (its wait there counts in ``to_worker``)."""
-        return self._compute.submit(super().forward_timed, *args, **kwargs).result()
+    def serve(self, call, shared=None):
+        """``ExpertGroupCore.serve`` on the worker's compute thread (its wait there counts in ``to_worker``).
+
+        A plain actor call passes the shared batch as an ``ObjectRef`` (Ray hands a zero-copy view) or inline."""
+        return self._compute.submit(super().serve, call, shared).result()
+
+    # -- compiled graphs (router_service/graph.py) -------------------------
+    def graph_call(self, shared, call):
+        """The method a router's compiled graph runs on every execution: ``serve`` this worker's part, or nothing.
+
+        Every execution reaches every worker of the graph; a worker without rows in it gets ``call=None``."""
+        if call is None:
+            return None
+        return self.serve(call, shared)
+
+    def join_graph(self, graph_id: str, router_key: str) -> bool:
+        """Reserve one of this worker's ``GRAPH_SLOTS`` for a router's compiled graph (False: all are taken).
+
+        Each compiled graph over this worker runs a loop on a thread of Ray's ``_ray_system`` concurrency
+        group (sized ``GRAPH_SLOTS``): a graph past that would never start. Slots of routers whose heartbeat
+        (``router_key`` in the store) has expired are freed first."""
+        with self._graph_lock:
+            if graph_id not in self._graphs and len(self._graphs) >= GRAPH_SLOTS:
+                self._reap_graphs(force_check=True)
+            if graph_id not in self._graphs and len(self._graphs) >= GRAPH_SLOTS:
+                return False
+            self._graphs.setdefault(graph_id, _GraphSlot(router_key))
+            return True
+
+    def watch_graph(self, graph_id: str, tasks) -> None:
+        """Keep the graph's tasks (its channels) so that its loop can be stopped here if its router dies.
+
+        A router that dies without tearing its graph down (a killed model runner) leaves the graph's loop
+        polling its input channel forever, a core's worth of CPU each. The worker checks its routers'
+        heartbeats every ``GRAPH_REAP_INTERVAL_S`` and closes the channels of a graph whose router is gone,
+        which ends that loop and frees its slot."""
+        with self._graph_lock:
+            slot = self._graphs.get(graph_id)
+            if slot is not None:
+                slot.tasks = tasks
+
+    def leave_graph(self, graph_id: str) -> None:
+        """The router tore its graph down (or never compiled it): free the slot."""
+        with self._graph_lock:
+            self._graphs.pop(graph_id, None)
+
+    def graphs(self) -> dict[str, str]:
+        """The compiled graphs this worker is in: graph id -> the router's key."""
+        with self._graph_lock:
+            return {g: s.router_key for g, s in self._graphs.items()}
+
+    def _reap_graphs(self, force_check: bool = False) -> None:
+        """Close the graphs whose router's heartbeat is gone (callers hold ``_graph_lock``)."""
+        if self._store is None or not self._graphs:
+            return
+        now = time.monotonic()
+        try:
+            alive = self._store.alive_keys([s.router_key for s in self._graphs.values()])
+        except Exception:  # the store is down: nothing can be told, nothing is closed
+            return
+        for graph_id, slot in list(self._graphs.items()):
+            if slot.router_key in alive:
+                slot.missing_since = None
+                continue
+            if slot.missing_since is None:
+                slot.missing_since = now
+            if force_check or now - slot.missing_since >= GRAPH_ORPHAN_S:
+                log.warning("worker %s: router %s is gone; closing its compiled graph %s", self.worker_id, slot.router_key, graph_id)
+                if slot.tasks is not None:
+                    from ray.dag.compiled_dag_node import do_cancel_executable_tasks
+
+                    try:
+                        do_cancel_executable_tasks(self, slot.tasks)
+                    except Exception as e:  # closed already
+                        log.debug("closing graph %s: %s", graph_id, e)
+                del self._graphs[graph_id]
+
+    def _graph_reaper(self) -> None:
+        while not self._beat_stop.wait(GRAPH_REAP_INTERVAL_S):
+            with self._graph_lock:
+                self._reap_graphs()
 
     def stats(self) -> dict:
         return {**super().stats(), "pid": os.getpid(), "cpus": self.cpus, "torch_threads": torch.get_num_threads()}
@@ -473,7 +608,11 @@ class ExpertGroupActor(ExpertGroupCore):
 
 
 def expert_group_actor_class():
-    """The Ray actor class (created on first use, so importing this module needs no Ray)."""
+    """The Ray actor class (created on first use, so importing this module needs no Ray).
+
+    Ray runs each compiled graph's loop on a thread of the actor's ``_ray_system`` concurrency group, one
+    thread by default: sized ``GRAPH_SLOTS`` here, so that several routers (the gRPC router and embedded
+    ones) each hold a graph over the same workers."""
     import ray
 
-    return ray.remote(ExpertGroupActor)
+    return ray.remote(concurrency_groups={"_ray_system": GRAPH_SLOTS})(ExpertGroupActor)
