@@ -33,10 +33,19 @@ from common import RESULTS_DIR, goal, single, spread, write_result  # noqa: E402
 
 from moefleet.cli import main as cli_main  # noqa: E402
 from moefleet.controller.main import ControllerConfig  # noqa: E402
-from moefleet.controller.sim_devices import MODEL_SHAPES, fleet_devices, parse_fleet  # noqa: E402
-from moefleet.controller.sim_local import calibrate_cpu, local_devices, local_memory_bytes, predict_local  # noqa: E402
-from moefleet.controller.sim_traffic import ZipfTraffic  # noqa: E402
-from moefleet.controller.simulator import SimConfig, balanced_capacity, compare  # noqa: E402
+from moefleet.controller.sim import (  # noqa: E402
+    MODEL_SHAPES,
+    SimConfig,
+    ZipfTraffic,
+    balanced_capacity,
+    calibrate_cpu,
+    compare,
+    fleet_devices,
+    local_devices,
+    local_memory_bytes,
+    parse_fleet,
+    predict_local,
+)
 
 FLEET = "h100:16,l4:16"
 SCALE_FLEET = "h100:256,h200:128,l4:128"

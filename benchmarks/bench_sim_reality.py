@@ -13,14 +13,14 @@ One trace, two worlds, per scenario:
   trace's lines in order, back to back; each line's tokens carry router logits
   that pick exactly the line's experts, so the fleet routes the counts the
   trace holds (with logits the router serves each request as its own batch);
-* **predicted**: ``controller/sim_local.py`` replays the same lines in closed
+* **predicted**: ``controller/sim/local.py`` replays the same lines in closed
   mode from the same starting placement with the same controller config. Its
   costs are calibrated on the *static* fleet before the trace (never on the
   elastic run): the expert FFN timed on one core, then three phases on the
   fleet -- idle, calls whose experts are all on one worker, calls that touch
   both workers -- give each worker's CPU per call and per row and the CPU the
   host processes (clients, router, raylet, GCS, Redis) spend per call, per
-  worker call and when idle; ``sim_local.fit_local_costs`` turns them into
+  worker call and when idle; ``sim.local.fit_local_costs`` turns them into
   devices and a ``HostCpu`` (work queued on the cores the workers own).
 
 Scenarios (``--scenarios``):
@@ -303,7 +303,7 @@ def measure_once(scn: Scenario, path: str, redis, args, requests) -> dict:
 def measure(scenarios: list[Scenario], args) -> dict:
     import ray
 
-    from moefleet.controller.sim_local import calibrate_cpu
+    from moefleet.controller.sim import calibrate_cpu
     from moefleet.core.redis_server import RedisServer
 
     kernel = {s.name: asdict(calibrate_cpu(s.hidden, s.ffn, rows=s.tokens // 2)) for s in scenarios}  # before Ray starts
@@ -339,8 +339,7 @@ def measure(scenarios: list[Scenario], args) -> dict:
 def predict(scn: Scenario, run: dict, kernel: dict, clients: int) -> dict:
     """The simulator's elastic and static runs of the scenario's trace, costs fitted from ``run['calibration']``."""
     from moefleet.controller.main import ControllerConfig
-    from moefleet.controller.sim_local import CpuCalibration, PhaseCpu, fit_local_costs, local_devices
-    from moefleet.controller.simulator import SimConfig, simulate
+    from moefleet.controller.sim import CpuCalibration, PhaseCpu, SimConfig, fit_local_costs, local_devices, simulate
     from moefleet.core.placement import DeviceSpec, Placement
 
     cal = CpuCalibration(**kernel)

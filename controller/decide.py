@@ -2,7 +2,7 @@
 
 ``Controller.step`` (``main.py``) reads its inputs from Redis and Ray, calls
 ``decide`` and hands the plan to the reconciler; the fleet simulator
-(``simulator.py``) calls the same function with simulated inputs, so both
+(``controller/sim/``) calls the same function with simulated inputs, so both
 make the same decision from the same inputs:
 
 1. autoscaling (when ``config.autoscaling`` is set): the number of active

@@ -608,9 +608,15 @@ def _plan_inputs(args):
     import yaml
 
     from moefleet.controller.main import ControllerConfig
-    from moefleet.controller.sim_devices import MODEL_SHAPES, ExpertShape, fleet_devices, parse_fleet
-    from moefleet.controller.sim_traffic import parse_traffic
-    from moefleet.controller.simulator import SimConfig, balanced_capacity
+    from moefleet.controller.sim import (
+        MODEL_SHAPES,
+        ExpertShape,
+        SimConfig,
+        balanced_capacity,
+        fleet_devices,
+        parse_fleet,
+        parse_traffic,
+    )
     from moefleet.core.expert_stats import counts_to_trace, load_expert_counts
     from moefleet.core.trace import read_trace
 
@@ -667,13 +673,11 @@ def _plan_inputs(args):
 
 
 def cmd_plan(args) -> int:
-    """Simulate elastic vs static placement of a routing trace on a fleet (``moefleet.controller.simulator``)."""
+    """Simulate elastic vs static placement of a routing trace on a fleet (``moefleet.controller.sim``)."""
     import json
 
     from moefleet.controller.planner import PlanningError
-    from moefleet.controller.sim_devices import FleetError, format_fleet
-    from moefleet.controller.sim_search import search_fleet
-    from moefleet.controller.simulator import compare
+    from moefleet.controller.sim import FleetError, compare, format_fleet, search_fleet
     from moefleet.core.trace import TraceError
 
     try:
@@ -710,7 +714,7 @@ def _print_plan(args, trace, config, results, found) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moefleet.controller.sim_devices import format_fleet
+    from moefleet.controller.sim import format_fleet
 
     console = Console()
     console.print(f"trace: {len(trace):,} calls over {trace.duration_s:.1f} s, layers {trace.layers}, "
@@ -842,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "plan", help="simulate elastic vs static placement of a routing trace on a fleet of GPUs (no Ray needed)",
         description="Replay a routing trace on a simulated fleet, re-planned by the real planner and autoscaling policy "
-                    "(elastic) or kept on the first plan (static). See controller/simulator.py for the model.",
+                    "(elastic) or kept on the first plan (static). See controller/sim/engine.py for the model.",
     )
     p.add_argument("--trace", required=True,
                    help="JSONL routing trace ({t, layer, counts} a line); an SGLang/vLLM expert-count dump (.pt, .pth, "

@@ -11,7 +11,7 @@ How rows split (``split_rows``): an expert's rows go to its replicas so that
 every replica finishes at the same time, counting the rows each worker still
 has in flight from earlier calls: with no outstanding work that is in
 proportion to the replicas' speeds, exactly the planner's load model
-(``controller/planner.py``), so the per-device load the planner predicted is
+(``controller/planner/``), so the per-device load the planner predicted is
 the load achieved. Fractions are rounded by systematic sampling with a random
 offset, so no replica is favoured when rows are few.
 

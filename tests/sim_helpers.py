@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moefleet.controller.sim_devices import SimDevice
+from moefleet.controller.sim import SimDevice
 from moefleet.core.placement import DeviceSpec
 from moefleet.core.trace import Trace
 

@@ -3,16 +3,18 @@
 import pytest
 
 from moefleet.controller.main import ControllerConfig
-from moefleet.controller.sim_host import Cores, HostCpu
-from moefleet.controller.sim_local import (
+from moefleet.controller.sim import (
+    Cores,
     CpuCalibration,
+    HostCpu,
     LocalCosts,
     PhaseCpu,
+    SimConfig,
     fit_local_costs,
     local_devices,
     predict_local,
+    simulate,
 )
-from moefleet.controller.simulator import SimConfig, simulate
 from moefleet.core.placement import Placement, spread_placement
 
 from tests.sim_helpers import EXPERT_BYTES, devices, steady_trace

@@ -6,8 +6,17 @@ import pytest
 from moefleet.controller.decide import decide
 from moefleet.controller.inventory import ACCELERATORS, GIB
 from moefleet.controller.main import ControllerConfig
-from moefleet.controller.sim_devices import DEVICE_TYPES, MODEL_SHAPES, ExpertShape, FleetError, fleet_devices, parse_fleet
-from moefleet.controller.sim_traffic import ZipfTraffic, inclusion_probabilities, parse_traffic
+from moefleet.controller.sim import (
+    DEVICE_TYPES,
+    ExpertShape,
+    FleetError,
+    MODEL_SHAPES,
+    ZipfTraffic,
+    fleet_devices,
+    inclusion_probabilities,
+    parse_fleet,
+    parse_traffic,
+)
 from moefleet.core.placement import DeviceSpec, Placement
 from moefleet.core.trace import TraceError
 
@@ -147,7 +156,7 @@ def test_decide_scales_active_devices_by_queue_depth_and_returns_the_policy_stat
 def test_cpu_calibration_measures_a_per_row_cost_and_a_floor_and_restores_threads():
     import torch
 
-    from moefleet.controller.sim_local import calibrate_cpu
+    from moefleet.controller.sim import calibrate_cpu
 
     before = torch.get_num_threads()
     cal = calibrate_cpu(64, 128, rows=64, repeats=3)
@@ -157,8 +166,7 @@ def test_cpu_calibration_measures_a_per_row_cost_and_a_floor_and_restores_thread
 
 
 def test_local_devices_predict_equal_ratios_when_nothing_drifts():
-    from moefleet.controller.sim_local import CpuCalibration, local_devices, local_memory_bytes, predict_local
-    from moefleet.controller.sim_traffic import ZipfTraffic
+    from moefleet.controller.sim import CpuCalibration, ZipfTraffic, local_devices, local_memory_bytes, predict_local
 
     cal = CpuCalibration(hidden=64, intermediate=128, rows=64, row_s=1e-4, floor_s=1e-4, threads=1)
     memory = local_memory_bytes(2, 16, 1000)

@@ -5,8 +5,7 @@ import pytest
 
 from moefleet.controller.main import ControllerConfig
 from moefleet.controller.planner import PlanningError
-from moefleet.controller.sim_traffic import ZipfTraffic
-from moefleet.controller.simulator import SimConfig, compare, initial_placement, simulate
+from moefleet.controller.sim import SimConfig, ZipfTraffic, compare, initial_placement, simulate
 from moefleet.core.trace import Trace
 
 from tests.sim_helpers import EXPERT_BYTES, devices, steady_trace

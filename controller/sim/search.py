@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from moefleet.core.trace import Trace
 
-from .planner import PlanningError
-from .sim_devices import FleetEntry, SimDevice, format_fleet
-from .simulator import SimConfig, SimResult, simulate
+from ..planner import PlanningError
+from .devices import FleetEntry, SimDevice, format_fleet
+from .engine import SimConfig, SimResult, simulate
 
 __all__ = ["Candidate", "FleetSearch", "search_fleet"]
 
@@ -69,7 +69,7 @@ def search_fleet(
 ) -> FleetSearch:
     """Smallest sub-fleet of ``entries`` whose elastic p99 queueing delay is at most ``target_p99_ms``.
 
-    build: turns fleet entries into simulated devices (``sim_devices.fleet_devices`` with the model's shape).
+    build: turns fleet entries into simulated devices (``devices.fleet_devices`` with the model's shape).
     """
     if not target_p99_ms > 0:
         raise ValueError(f"target_p99_ms: must be > 0, got {target_p99_ms}")

@@ -46,7 +46,7 @@ from typing import Literal
 
 from moefleet.core.placement import DeviceSpec
 
-from .inventory import ACCELERATORS, CPU_TIER_SPEED, GIB, NODE_TYPES, REFERENCE_BF16_TFLOPS, SPEED_SCALE
+from ..inventory import ACCELERATORS, CPU_TIER_SPEED, GIB, NODE_TYPES, REFERENCE_BF16_TFLOPS, SPEED_SCALE
 
 __all__ = [
     "DEVICE_TYPES",

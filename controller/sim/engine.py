@@ -19,23 +19,23 @@ What is modelled
   that all finish together, given each device's speed as the placement states
   it (the planner's) and the rows it still has in flight. One router sees
   every call (a single global view of in-flight rows).
-* **Devices** are FIFO servers (``sim_devices.SimDevice``): a call's rows on
+* **Devices** are FIFO servers (``devices.SimDevice``): a call's rows on
   a device take ``overhead + max(sum over its experts of max(rows x row time,
   weight floor), rows x activation transfer time) + returned rows x output
   row time`` (the last for CPU workers only). A call completes when its
   slowest device is done.
-* **Host CPU** (``SimConfig.host_cpu``, local mode only; ``sim_host``): the
+* **Host CPU** (``SimConfig.host_cpu``, local mode only; ``host``): the
   router's, clients' and Ray's CPU work on the cores the devices own -- a
   call's host work first, then its rows; background and controller work on
-  the same cores. Each device is then one core (``sim_host.Cores``) whose
+  the same cores. Each device is then one core (``host.Cores``) whose
   idle time later work fills, instead of a FIFO server.
 * **Telemetry** counts each call's rows, at dispatch, into windows of
   ``load_window_s``; the controller reads them decayed exactly as
   ``StateStore.read_load`` does (``load_windows`` windows, ``load_half_life_s``).
-* **The controller** steps every ``interval_s``: ``decide.decide`` -- the
+* **The controller** steps every ``interval_s``: ``controller.decide.decide`` -- the
   function ``Controller.step`` calls -- with the simulated load, the workers'
   queue depths (calls in flight, read only with autoscaling), the devices and
-  the placement in force; the real ``planner.plan`` and ``autoscale_step``
+  the placement in force; the real ``controller.planner.plan`` and ``autoscale_step``
   with the ``ControllerConfig``'s knobs. An applied plan loads its new
   replicas first (make before break): each device receives its added
   replicas' weights over its network link, all devices in parallel, plus
@@ -86,11 +86,11 @@ from moefleet.core.placement import DeviceSpec, Inventory, Placement
 from moefleet.core.trace import Trace
 from moefleet.router_service.dispatch import NoReplicaError, split_rows
 
-from .decide import decide
-from .main import ControllerConfig
-from .planner import PlanningError, plan
-from .sim_devices import SimDevice, returned_rows
-from .sim_host import Cores, HostCpu
+from ..decide import decide
+from ..main import ControllerConfig
+from ..planner import PlanningError, plan
+from .devices import SimDevice, returned_rows
+from .host import Cores, HostCpu
 
 __all__ = ["SimConfig", "SimResult", "balanced_capacity", "compare", "initial_placement", "simulate"]
 

@@ -13,7 +13,7 @@ That difference is what ``HostCpu`` adds to a run (``SimConfig.host_cpu``):
   ``spare_cores`` more belong to no device;
 * each layer call first costs ``call_s + worker_call_s x (devices it
   touches) + returned_row_s x (output rows they return)`` of host CPU
-  (``sim_devices.returned_rows``), from its arrival, on the core that would finish it
+  (``devices.returned_rows``), from its arrival, on the core that would finish it
   first (an idle core if there is one); its rows reach the devices when that
   work is done. In a closed loop a call's reply handling and the next
   request's sending are back to back, so one job per call carries both;

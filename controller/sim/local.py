@@ -20,13 +20,13 @@ To check the simulator against reality, the same trace runs on a local fleet
    with those costs, ids ``worker-0 ..`` and memory as local mode gives them
    (``local_memory_bytes``: every expert twice over the other workers), and
    ``LocalCosts.host_cpu()`` the ``HostCpu`` that queues the host's work on
-   the workers' cores (``sim_host``);
+   the workers' cores (``host``);
 4. ``predict_local(trace, ...)`` replays the trace in closed mode (``clients``
    callers back to back, as the benchmark's clients) and returns the
    predicted elastic / static throughput ratio.
 
 Not modelled: the kernel's time-slicing (cores are FIFO queues, see
-``sim_host``), weight loads competing with serving for the worker's core,
+``host``), weight loads competing with serving for the worker's core,
 other tenants of the machine beyond what the idle phase saw, and a worker's
 FFN speed depending on how its rows split among experts beyond the
 calibration's per-row and per-expert costs.
@@ -44,10 +44,10 @@ import numpy as np
 from moefleet.core.placement import DeviceSpec, Placement
 from moefleet.core.trace import Trace
 
-from .main import ControllerConfig
-from .sim_devices import SimDevice, returned_rows
-from .sim_host import HostCpu
-from .simulator import SimConfig, compare, simulate
+from ..main import ControllerConfig
+from .devices import SimDevice, returned_rows
+from .host import HostCpu
+from .engine import SimConfig, compare, simulate
 
 __all__ = [
     "CpuCalibration",
@@ -126,7 +126,7 @@ class PhaseCpu:
     wall_s: the phase's length; calls: layer calls completed in it;
     worker_rows: per worker a call touches, the rows of each of its experts in
     one call (``{"worker-0": [512, 512]}``: two experts, 512 rows each; each
-    worker returns ``sim_devices.returned_rows`` of them, as the simulator counts);
+    worker returns ``devices.returned_rows`` of them, as the simulator counts);
     worker_cpu_s: CPU of the worker processes; host_cpu_s: CPU of every other
     process of the fleet (clients, router, raylet, GCS, Redis, controller);
     other_cpu_s: CPU of the machine's other tenants (every process not of the fleet).
@@ -273,7 +273,7 @@ def predict_local(trace: Trace, devices: list[SimDevice], *, expert_bytes: int, 
 
     host_cpu: the host's work on the workers' cores (``LocalCosts.host_cpu()``); None leaves it out.
     initial: the starting placement of both runs (local mode starts from ``spread_placement``); default the
-    planner's first plan (``simulator.initial_placement``).
+    planner's first plan (``engine.initial_placement``).
     """
     config = SimConfig(controller=controller or ControllerConfig(ray_address=None), mode="closed",
                        concurrency=clients, top_k=top_k, host_cpu=host_cpu)

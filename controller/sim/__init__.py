@@ -1,0 +1,51 @@
+"""The fleet simulator: 8 to 512 devices serving a routing trace, re-planned by the real controller's decisions.
+
+One entry point, this package: ``simulate`` / ``compare`` replay a trace
+(``moefleet.core.trace``) on simulated devices with the controller's own
+``decide()`` and ``planner.plan`` (imported from ``moefleet.controller``, not
+copied). Its modules:
+
+* ``engine``: the discrete-event run (``SimConfig``, ``SimResult``,
+  ``simulate``, ``compare``); what is and is not modelled is its docstring;
+* ``devices``: device types from spec sheets, fleet strings, each device's timing;
+* ``traffic``: synthetic routing traces (``zipf:``);
+* ``host``: local mode's host CPU on the workers' own cores;
+* ``local``: the model of a local CPU fleet, timed by a calibration;
+* ``search``: the smallest fleet mix that meets a p99 target.
+"""
+
+from .devices import (
+    DEVICE_TYPES,
+    MODEL_SHAPES,
+    DeviceType,
+    ExpertShape,
+    FleetEntry,
+    FleetError,
+    SimDevice,
+    fleet_devices,
+    format_fleet,
+    parse_fleet,
+    returned_rows,
+)
+from .engine import SimConfig, SimResult, balanced_capacity, compare, initial_placement, simulate
+from .host import Cores, HostCpu
+from .local import (
+    CpuCalibration,
+    LocalCosts,
+    PhaseCpu,
+    calibrate_cpu,
+    fit_local_costs,
+    local_devices,
+    local_memory_bytes,
+    predict_local,
+)
+from .search import Candidate, FleetSearch, search_fleet
+from .traffic import MAX_LINES, ZipfTraffic, inclusion_probabilities, parse_traffic
+
+__all__ = [
+    "DEVICE_TYPES", "MAX_LINES", "MODEL_SHAPES", "Candidate", "Cores", "CpuCalibration", "DeviceType", "ExpertShape",
+    "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "PhaseCpu", "SimConfig", "SimDevice",
+    "SimResult", "balanced_capacity", "calibrate_cpu", "compare", "fit_local_costs", "fleet_devices", "format_fleet",
+    "inclusion_probabilities", "initial_placement", "local_devices", "local_memory_bytes", "parse_fleet",
+    "parse_traffic", "predict_local", "returned_rows", "search_fleet", "simulate",
+]
