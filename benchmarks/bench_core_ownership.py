@@ -158,7 +158,7 @@ def main() -> None:
         batches = hot_batches(model.layer(layer).gate.weight.float(), args.tokens, 8, 0)
         _, routing = model.layer(layer)(batches[0], return_routing=True)
         on_hot = float((routing.topk_ids.sort(dim=1).values == torch.tensor(HOT)).all(dim=1).float().mean())
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         try:
             static = run("static", path, args, redis.url, batches, model)

@@ -210,7 +210,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_mixtral_checkpoint(Path(tmp) / "ckpt", hidden=512, ffn=1536, experts=16, top_k=2, layers=2))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         try:
             static = run("static", path, args, redis.url)

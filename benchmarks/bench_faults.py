@@ -207,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_mixtral_checkpoint(Path(tmp) / "ckpt", hidden=512, ffn=1536, experts=EXPERTS, top_k=2, layers=2))
         model = MoEModel.from_pretrained(path, backend="torch")
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         try:
             for name in args.only or SCENARIOS:
                 results[name] = SCENARIOS[name](path, model, args)

@@ -113,7 +113,7 @@ def main() -> None:
         print("measuring in-process layer, before Ray starts ...", flush=True)
         results["in_process_no_ray"] = measure(lambda x: layer(x), shape["hidden"], lat_tokens, lat_n, thr_tokens, thr_n)
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         ns = f"bench-{uuid.uuid4().hex[:6]}"
         cfg = FleetConfig(checkpoint=path, num_workers=2, redis_url=redis.url, namespace=ns,

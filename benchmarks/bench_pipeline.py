@@ -136,7 +136,7 @@ def main() -> None:
         seqs = [torch.randint(0, 256, (1, args.tokens), generator=g) for _ in range(args.sequences)]
         with torch.no_grad():
             want = [local(ids).logits for ids in seqs[:2]]
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         ns = f"pipe-{uuid.uuid4().hex[:6]}"
         fleet = LocalFleet(FleetConfig(checkpoint=tmp, num_workers=2, static=True, redis_url=redis.url, namespace=ns))

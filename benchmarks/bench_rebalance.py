@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_mixtral_checkpoint(Path(tmp) / "ckpt", hidden=512, ffn=1536, experts=experts, top_k=2, layers=2))
         model = MoEModel.from_pretrained(path, backend="torch")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         ns = f"rebal-{uuid.uuid4().hex[:6]}"
         fleet = LocalFleet(FleetConfig(checkpoint=path, num_workers=args.workers, redis_url=redis.url, namespace=ns,

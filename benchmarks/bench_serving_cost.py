@@ -122,7 +122,7 @@ def main() -> None:
         path = str(write_mixtral_checkpoint(Path(tmp) / "ckpt", **shape))
         model = MoEModel.from_pretrained(path, backend="torch")
         layer = model.layer(0)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         router_kw = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
         cfg = FleetConfig(checkpoint=path, num_workers=1, static=True, redis_url=redis.url,

@@ -309,7 +309,7 @@ def measure(scenarios: list[Scenario], args) -> dict:
     kernel = {s.name: asdict(calibrate_cpu(s.hidden, s.ffn, rows=s.tokens // 2)) for s in scenarios}  # before Ray starts
     out = {"args": vars(args), "kernel": kernel, "scenarios": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
         redis = RedisServer()
         try:

@@ -131,7 +131,6 @@ class ExpertGroupCore:
         self.dtype_name = dtype or self.ckpt.spec.dtype
         self.dtype = DTYPES[self.dtype_name]
         self.backend = resolve_backend(backend, self.device)
-        self.reply_by_ipc = False  # return CUDA partials as IPC handles (a router on this node that can open them)
         self._slots: dict[int, LayerSlots] = {}  # mutated under _load_lock
         self._views: dict[int, LayerView] = {}  # replaced whole; forwards read without locking
         self._running: dict[int, int] = {}  # view generation -> forwards running on it
@@ -250,12 +249,13 @@ class ExpertGroupCore:
             raise {"expired": DeadlineExpiredError, "not_loaded": ExpertNotLoadedError}.get(reply.kind, ValueError)(reply.message)
         return reply.partial
 
-    def serve(self, call: WorkerCall, shared=None) -> WorkerReply | WorkerFailure:
+    def serve(self, call: WorkerCall, host=None, ipc=None) -> WorkerReply | WorkerFailure:
         """One layer call's rows: the partial output of each unique token, weighted and summed over this worker's experts.
 
-        shared: the call's whole batch ``[T, H]`` when ``call.x`` is None (numpy, bf16 as its bits; or a CUDA
-        IPC handle). Only the rows this worker computes are materialised on its device. Refusals and failures
-        are returned as a ``WorkerFailure`` (``moefleet.core.calls``), never raised.
+        host / ipc: the call's whole batch ``[T, H]`` when ``call.x`` is None: in host memory (numpy, bf16 as
+        its bits) or as a CUDA IPC handle; ``call.transport`` says which to read. Only the rows this worker
+        computes are materialised on its device. Refusals and failures are returned as a ``WorkerFailure``
+        (``moefleet.core.calls``), never raised.
         """
         start = time.time()
         if call.deadline is not None and start >= call.deadline:
@@ -276,7 +276,7 @@ class ExpertGroupCore:
             missing = [e for e in call.experts if view is None or e not in view.slot_of]
             if missing:
                 return WorkerFailure(self.worker_id, "not_loaded", f"worker {self.worker_id} does not hold layer {layer} experts {missing}")
-            source = call.x if call.x is not None else shared
+            source = call.x if call.x is not None else (ipc if call.transport == "cuda_ipc" else host)
             if source is None:
                 return WorkerFailure(self.worker_id, "bad_call", f"worker {self.worker_id}: layer {layer} call carries no hidden states")
             x, rows, token_index = self._inputs(source, call)
@@ -288,7 +288,7 @@ class ExpertGroupCore:
                 for e, c in zip(call.experts, call.counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
                 self._recent.add(layer, int(sum(call.counts)), time.monotonic())
-            partial = self._reply_tensor(out)
+            partial = export_tensor(out) if call.reply_ipc and out.device.type == "cuda" else to_numpy(out)
             t3 = time.perf_counter()
             times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
             return WorkerReply(partial, self.dtype_name, times)
@@ -325,12 +325,6 @@ class ExpertGroupCore:
             x = x.to(self.device, non_blocking=True)
         tok = None if token_index is None else torch.from_numpy(np.ascontiguousarray(token_index, dtype=np.int64)).to(self.device)
         return x, rows, tok
-
-    def _reply_tensor(self, out: torch.Tensor):
-        """The partial output as it travels back: a CUDA IPC handle when the router can open it, else host numpy."""
-        if out.device.type == "cuda" and self.reply_by_ipc:
-            return export_tensor(out)
-        return to_numpy(out)
 
     def fused(self, layer: int, view: LayerView) -> bool:
         """Whether this layer's calls take the fused routed-expert kernel (the CUDA path, ``fused_moe``).
@@ -480,7 +474,6 @@ class ExpertGroupActor(ExpertGroupCore):
         self._store = None
         self._graph_lock = threading.Lock()
         self._graphs: dict[str, _GraphSlot] = {}
-        self.reply_by_ipc = self.device.type == "cuda"  # a router on this node opens them; others get host arrays
         if redis_url:
             from moefleet.core.state import StateStore
 
@@ -489,11 +482,11 @@ class ExpertGroupActor(ExpertGroupCore):
             threading.Thread(target=self._beat_loop, name="moefleet-worker-heartbeat", daemon=True).start()
             threading.Thread(target=self._graph_reaper, name="moefleet-graph-reaper", daemon=True).start()
 
-    def serve(self, call, shared=None):
+    def serve(self, call, host=None, ipc=None):
         """``ExpertGroupCore.serve`` on the worker's compute thread (its wait there counts in ``to_worker``).
 
-        A plain actor call passes the shared batch as an ``ObjectRef`` (Ray hands a zero-copy view) or inline."""
-        return self._compute.submit(super().serve, call, shared).result()
+        A plain actor call passes the host batch as an ``ObjectRef`` (Ray hands a zero-copy view) or inline."""
+        return self._compute.submit(super().serve, call, host, ipc).result()
 
     # -- compiled graphs (router_service/graph.py) -------------------------
     def graph_call(self, shared, call):
@@ -502,7 +495,7 @@ class ExpertGroupActor(ExpertGroupCore):
         Every execution reaches every worker of the graph; a worker without rows in it gets ``call=None``."""
         if call is None:
             return None
-        return self.serve(call, shared)
+        return self.serve(call, *(shared or (None, None)))
 
     def join_graph(self, graph_id: str, router_key: str) -> bool:
         """Reserve one of this worker's ``GRAPH_SLOTS`` for a router's compiled graph (False: all are taken).
@@ -595,6 +588,16 @@ class ExpertGroupActor(ExpertGroupCore):
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def endpoint(self) -> tuple[str, str | None, tuple[str, ...]]:
+        """Where this worker keeps its tensors: (node id, its GPU's UUID or None, the GPUs it can open).
+
+        A router picks the transport to this worker from it (``router_service/gpu_transport.py``)."""
+        from moefleet.core.cuda_ipc import gpu_uuid, visible_gpu_uuids
+
+        if self.device.type != "cuda":
+            return self.node_id(), None, ()
+        return self.node_id(), gpu_uuid(self.device), visible_gpu_uuids()
 
     def node_resources(self) -> dict:
         """The Ray resources of the node this worker runs on (for placement checks)."""

@@ -22,6 +22,7 @@ from moefleet.core.config import (  # noqa: E402
     RouterConfig,
     WorkerConfig,
 )
+from moefleet.connect import connect  # noqa: E402
 from moefleet.inprocess import MoEModel  # noqa: E402
 from moefleet.local import LocalFleet  # noqa: E402
 from moefleet.router_service.attach import attach  # noqa: E402
@@ -40,5 +41,6 @@ __all__ = [
     "RouterConfig",
     "WorkerConfig",
     "attach",
+    "connect",
     "__version__",
 ]

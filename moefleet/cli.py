@@ -128,15 +128,9 @@ def cmd_demo_local(args) -> int:
 
 
 def _read_state() -> dict | None:
-    import json
+    from moefleet.local import read_local_state
 
-    from moefleet.local import state_file
-
-    f = state_file()
-    if not f.is_file():
-        return None
-    state = json.loads(f.read_text())
-    return state if _alive(state.get("pid", -1)) else None
+    return read_local_state()
 
 
 def _alive(pid: int) -> bool:
@@ -247,8 +241,11 @@ def _up_foreground(cfg, args) -> int:
         address = fleet.start()
         from moefleet.core.secrets import redact_url, write_private_file
 
+        import ray
+
         state = {"pid": os.getpid(), "address": address, "http_address": fleet.http_address,
                  "redis_url": fleet.redis_url, "namespace": cfg.namespace,
+                 "ray_address": ray.get_runtime_context().gcs_address, "dtype": cfg.worker.dtype,
                  "checkpoint": fleet.checkpoint, "workers": list(fleet.workers), "static": cfg.static,
                  "devices": [d.model_dump(mode="json") for d in fleet.devices],
                  "auth_token_file": cfg.router.auth_token_file, "tls": cfg.router.tls_cert is not None}

@@ -54,7 +54,10 @@ def _local_cuda_devices() -> int:
 
 
 def init_local_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """Start (or join) Ray with every server on loopback."""
+    """Start (or join) Ray with every server on loopback.
+
+    Without ``address`` a new local instance starts (``address="local"``), even where ``ray start`` left a
+    cluster running on this machine: plain ``ray.init()`` would join that one (and refuse ``num_cpus``)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -63,7 +66,7 @@ def init_local_ray(num_cpus: int | None = None, address: str | None = None) -> N
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     _keep_ray_token_private()
 
 
@@ -343,3 +346,21 @@ def state_file() -> Path:
     from moefleet.core.default_model import cache_root
 
     return cache_root() / "local-fleet.json"
+
+
+def read_local_state() -> dict | None:
+    """The running local fleet's state file (address, Redis URL, Ray address, namespace, ...), or None when none runs."""
+    import json
+
+    f = state_file()
+    if not f.is_file():
+        return None
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(state.get("pid", -1)), 0)
+    except (OSError, ValueError, TypeError):
+        return None
+    return state

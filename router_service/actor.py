@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 class RouterActor:
     """One router replica. ``start()`` returns its gRPC address."""
 
-    def __init__(self, checkpoint: str, config: dict, redis_url: str, namespace: str, router_id: str, dtype: str | None = None):
+    def __init__(self, checkpoint: str, config: dict, redis_url: str, namespace: str, router_id: str, dtype: str | None = None,
+                 compiled_graphs: bool = True):
         self.config = RouterConfig(**config)
+        self.compiled_graphs = compiled_graphs
         self.checkpoint = checkpoint
         self.redis_url = redis_url
         self.namespace = namespace
@@ -37,7 +39,10 @@ class RouterActor:
         # OpenMP while it awaits the workers, taking CPU from them on a shared machine.
         torch.set_num_threads(1)
         self.store = StateStore(self.redis_url, namespace=self.namespace, socket_timeout_s=1.0)
-        self.core = RouterCore(self.checkpoint, self.config, RayTransport(self.namespace), dtype=self.dtype)
+        device = router_device()
+        transport = RayTransport(self.namespace, router_key=f"router:{self.router_id}", device=device,
+                                 compiled_graphs=self.compiled_graphs)
+        self.core = RouterCore(self.checkpoint, self.config, transport, dtype=self.dtype, device=device)
         self.server = RouterServer(self.core, self.config)
         address = await self.server.start()
         self.metrics_port = None
@@ -76,6 +81,7 @@ class RouterActor:
             "inflight_bytes": self.core.inflight_bytes,
             "dead_workers": sorted(self.core.dead),
             "stages": self.core.stages.totals(),  # stage -> (seconds, count) since start
+            "transport": self.core.transport_report(),
             **s.__dict__,
         }
 
@@ -84,6 +90,17 @@ class RouterActor:
             await self.runtime.stop()
         if self.server is not None:
             await self.server.stop()
+        if self.core is not None:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.core.transport.close(wait=True))
+
+
+def router_device() -> str:
+    """Where a router actor keeps its tensors: its GPU when Ray gave it one (the gate and combine run there), else the CPU."""
+    import ray
+    import torch
+
+    gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    return "cuda" if gpus and torch.cuda.is_available() else "cpu"
 
 
 def router_actor_class():

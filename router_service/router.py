@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +21,13 @@ import numpy as np
 import torch
 
 from moefleet.core.config import RouterConfig
+from moefleet.core.cuda_ipc import CudaTensorHandle, open_tensor
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import Placement
 from moefleet.core.stages import WORKER_STAGES, StageHistograms
-from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
-from moefleet.kernels.experts import shared_from_tensors
-from moefleet.kernels.layer import GateWeights, combine_shared, fused_route, gate_dtype
+from moefleet.core.tensors import DTYPES, from_numpy
+from moefleet.kernels.experts import resolve_backend, shared_from_tensors
+from moefleet.kernels.layer import GateWeights, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
 
 from .dispatch import NoReplicaError, WorkerBatch, plan_dispatch
@@ -64,15 +66,50 @@ class WorkerCallError(Exception):
 
 
 class WorkerTransport(Protocol):
-    """How batches reach workers. ``share`` is called once per layer call."""
+    """How a layer call's rows reach workers (``transport.py``).
 
-    def share(self, hidden: np.ndarray) -> Any: ...
+    ``prepare`` builds the call's messages (a ``WorkerCall`` per batch, the shared batch, their bytes);
+    ``run`` / ``run_blocking`` carry them and return per batch a ``WorkerReply`` or that batch's error
+    (``RequestError`` for a refusal, ``WorkerCallError`` for a failed call). ``set_workers`` tells it the
+    placement's workers (it may prepare a compiled graph over them)."""
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        """The worker's partial output [U, H] fp32 and its stage times (``ExpertGroupCore.forward_timed``).
+    kind: str
 
-        deadline: ``time.time()`` after which the worker must not start the batch (RequestError DEADLINE_EXCEEDED)."""
-        ...
+    def set_workers(self, workers) -> None: ...
+
+    def mode(self, worker: str) -> str: ...
+
+    def prepare(self, layer: int, hidden: torch.Tensor, batches: list[WorkerBatch], deadline: float | None) -> Any: ...
+
+    async def run(self, prepared: Any, batches: list[WorkerBatch]) -> list: ...
+
+    def run_blocking(self, prepared: Any, batches: list[WorkerBatch], timeout_s: float | None = None, meanwhile=None) -> list: ...
+
+    def tick(self) -> None: ...
+
+    def close(self, wait: bool = False) -> None: ...
+
+
+@dataclass
+class _Call:
+    """One layer call in progress: its routing, the rows still to serve, the partials received."""
+
+    layer: int
+    hidden: torch.Tensor  # as the caller gave it
+    hidden_c: torch.Tensor  # on the router's device, in the compute dtype
+    routing: Routing
+    ids: np.ndarray  # [T, K] on the host, for dispatch planning
+    weights: np.ndarray
+    todo: np.ndarray  # [T, K] assignments still to serve
+    deadline: float | None  # wall clock, for the workers
+    started: float  # perf_counter at the gate
+    version: int = 0
+    sent: float = 0.0
+    attempt: int = 0
+    stale: bool = False
+    worker_s: float = 0.0  # the slowest worker's compute (gather, experts, combine) in this call
+    exclude: set = field(default_factory=set)
+    partials: list = field(default_factory=list)
 
 
 @dataclass
@@ -120,8 +157,13 @@ def all_finite(t: torch.Tensor) -> bool:
 class RouterCore:
     """Serves layer calls of one model against the workers of the current placement."""
 
-    def __init__(self, checkpoint: str, config: RouterConfig, transport: WorkerTransport, *, dtype: str | None = None):
+    def __init__(
+        self, checkpoint: str, config: RouterConfig, transport: WorkerTransport, *, dtype: str | None = None,
+        device: str | torch.device | None = None,
+    ):
         self.ckpt = MoECheckpoint(checkpoint)
+        self.device = torch.device(device or "cpu")  # gate, routing, shared experts and combine run here
+        self.route_backend = resolve_backend("auto", self.device)
         self.spec = self.ckpt.spec
         self.config = config
         self.transport = transport
@@ -131,9 +173,9 @@ class RouterCore:
         self.shared = {}
         for layer in self.spec.moe_layers:
             ls = self.spec.layer_spec(layer)
-            self.gates[layer] = GateWeights(**self.ckpt.gate(layer), dtype=gate_dtype(ls, self.dtype))
+            self.gates[layer] = GateWeights(**self.ckpt.gate(layer), dtype=gate_dtype(ls, self.dtype)).to(self.device)
             sh = shared_from_tensors(self.ckpt.shared(layer, dtype=self.dtype), ls.activation)
-            self.shared[layer] = None if sh is None else sh.to(dtype=self.dtype)
+            self.shared[layer] = None if sh is None else sh.to(device=self.device, dtype=self.dtype)
         self.placement = Placement()
         self._replicas: dict[int, dict[int, list[str]]] = {}
         self.outstanding: dict[str, float] = defaultdict(float)
@@ -153,6 +195,9 @@ class RouterCore:
         self._inflight_by_version: dict[int, int] = defaultdict(int)
         self.dead: dict[str, float] = {}  # worker -> monotonic time it was found dead
         self._rng = np.random.default_rng()
+        self._lock = threading.Lock()  # counters shared by callers on several threads (the embedded router)
+        self._placement_cv = threading.Condition()
+        self.transport_bytes: dict[tuple[str, str], int] = defaultdict(int)  # (direction, transport) -> bytes
 
     # -- placement -------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -173,7 +218,39 @@ class RouterCore:
         self.placement = placement
         self.dead.clear()
         self._placement_changed.set()
+        with self._placement_cv:
+            self._placement_cv.notify_all()
+        self.transport.set_workers({w for layer in self._replicas.values() for ws in layer.values() for w in ws})
         log.info("router: placement version %d", placement.version)
+
+    def set_device(self, device: str | torch.device) -> None:
+        """Run the gate, routing, shared experts and combine on ``device`` from now on (the embedded router follows
+        its caller's tensors); the transport picks its paths to the workers again."""
+        device = torch.device(device)
+        self.gates = {layer: g.to(device) for layer, g in self.gates.items()}
+        self.shared = {layer: None if s is None else s.to(device=device) for layer, s in self.shared.items()}
+        self.device = device
+        self.route_backend = resolve_backend("auto", device)
+        set_device = getattr(self.transport, "set_device", None)
+        if set_device is not None:
+            set_device(device)
+        log.info("router: tensors on %s", device)
+
+    def transport_report(self) -> dict[str, Any]:
+        """How this router reaches its workers: the transport, each worker's path, its compiled graph, the bytes moved."""
+        t = self.transport
+        report: dict[str, Any] = {"kind": getattr(t, "kind", type(t).__name__), "device": str(self.device)}
+        modes = getattr(t, "modes", None)
+        report["workers"] = modes() if callable(modes) else {}
+        graphs = getattr(t, "graphs", None)
+        g = None if graphs is None else graphs.current
+        report["graph"] = None if g is None else {
+            "id": g.graph_id, "workers": list(g.workers), "alive": g.alive, "executions": g.executions,
+        }
+        report["calls"] = dict(getattr(t, "stats", {}) or {})
+        with self._lock:
+            report["bytes"] = {f"{d}:{tr}": n for (d, tr), n in sorted(self.transport_bytes.items())}
+        return report
 
     def oldest_inflight_version(self) -> int:
         """The oldest placement version a dispatched, unfinished layer call still uses (current if none).
@@ -415,126 +492,214 @@ class RouterCore:
     async def _forward(
         self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None, deadline: float | None = None
     ) -> ForwardResult:
-        ls = self.spec.layer_spec(layer)
         nbytes = hidden.numel() * hidden.element_size()
-        routing, hidden_c, shared_ref = await self.offload(nbytes, self._route_and_share, layer, hidden, router_logits)
-        ids = routing.topk_ids.numpy()
-        weights = routing.topk_weights.numpy()
-        self._count_load(layer, ids, ls.num_experts)
+        call = await self.offload(nbytes, self._start, layer, hidden, router_logits, deadline)
         shared_mod = self.shared[layer]
         shared_task = (
-            asyncio.get_running_loop().run_in_executor(self.compute_pool(), self._timed_shared, shared_mod, hidden_c)
+            asyncio.get_running_loop().run_in_executor(self.compute_pool(), self._timed_shared, shared_mod, call.hidden_c)
             if shared_mod is not None
             else None
         )  # the shared experts run beside the workers
-        partials: list[tuple[WorkerBatch, np.ndarray]] = []
-        exclude: set[str] = set()
-        attempt = 0
-        todo = np.ones(ids.shape, dtype=bool)  # assignments still to serve
-        version = self.placement.version
-        st = self.stages
-        while True:
-            t2 = time.perf_counter()
-            sub_ids = np.where(todo, ids, -1)
-            replicas = self._replicas_for(layer, exclude)
-            try:
-                batches = plan_dispatch(sub_ids, weights, replicas, self.outstanding, self.placement.speeds, self._rng)
-            except NoReplicaError as e:
-                if self.dead or exclude:
-                    self.stats.failed_fast += 1
-                    down = sorted(set(self.dead) | exclude)
-                    raise RequestError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"layer {layer}: {e}: its replicas were on worker(s) {down}, which are down; "
-                        "the controller is re-placing them, retry shortly",
-                    ) from e
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: {e}") from e
-            t3 = time.perf_counter()
-            st.observe("dispatch_plan", t3 - t2)
-            version = self.placement.version
-            self._inflight_by_version[version] += 1
-            try:
-                results = await asyncio.gather(*(self._call(layer, shared_ref, b, deadline) for b in batches), return_exceptions=True)
-            finally:
-                self._inflight_by_version[version] -= 1
-                if not self._inflight_by_version[version]:
-                    del self._inflight_by_version[version]
-            st.observe("workers", time.perf_counter() - t3)
-            failed = []
-            for b, r in zip(batches, results):
-                if isinstance(r, BaseException):
-                    failed.append((b, r))
-                    continue
-                partials.append((b, r))
-                todo.reshape(-1)[self._slots_of(b, ids)] = False
-            if not failed:
-                break
-            expired = [r for _, r in failed if isinstance(r, RequestError)]  # a worker refused it: deadline passed
-            if expired:
-                self.stats.expired += 1
-                raise expired[0]
-            attempt += 1
-            errors = "; ".join(str(r) for _, r in failed)
-            if attempt > self.config.worker_retries or not all(isinstance(r, WorkerCallError) and r.retryable for _, r in failed):
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {layer}: worker call failed: {errors}")
-            self.stats.retries += 1
-            log.warning("router: layer %d re-dispatch after %s", layer, errors)
-            stale = False
-            for b, r in failed:
-                if r.dead:
-                    exclude.add(b.worker)
-                    self.mark_dead(b.worker)
-                else:
-                    stale = True  # the placement moved on: wait for this router to see the new one
-            if stale:
-                await self._await_placement_change(0.5)
-            # a dead worker's rows go straight to the other replicas; experts without one fail fast above
-        self.stats.batches += 1
-        self.stats.tokens_computed += hidden.shape[0]
-        shared_out = None if shared_task is None else await shared_task
-        out = await self.offload(nbytes, self._combine, hidden.shape[0], ls.hidden_size, partials, shared_out, hidden.dtype)
-        return ForwardResult(out, routing, version)
+        try:
+            while True:
+                batches, prepared = await self.offload(nbytes, self._dispatch, call)
+                self._enter(call)
+                try:
+                    outcomes = await self.transport.run(prepared, batches)
+                finally:
+                    self._leave(call)
+                if self._absorb(call, batches, prepared, outcomes):
+                    break
+                if call.stale:
+                    await self._await_placement_change(0.5)
+            shared_out = None if shared_task is None else await shared_task
+        except BaseException:
+            if shared_task is not None:
+                shared_task.cancel()
+            raise
+        out = await self.offload(nbytes, self._combine, call, shared_out)
+        return ForwardResult(out, call.routing, call.version)
 
-    def _route_and_share(
-        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None
-    ) -> tuple[Routing, torch.Tensor, Any]:
-        """Gate and route ``hidden [T, H]``; hand it to the transport in the compute dtype (stages: gate, object_store_put)."""
+    def forward_blocking(
+        self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *, deadline: float | None = None
+    ) -> ForwardResult:
+        """``forward`` from a caller's own thread (the embedded router): no event loop between the caller and its workers.
+
+        Thread-safe: several threads may call at once (their calls are in flight together on the transport).
+        """
+        t_start = time.perf_counter()
+        with self._lock:
+            self._active[layer] += 1
+        try:
+            call = self._start(layer, hidden, router_logits, deadline)
+            shared_mod = self.shared[layer]
+            shared_out = None
+            while True:
+                batches, prepared = self._dispatch(call)
+                self._enter(call)
+                try:
+                    meanwhile = None
+                    if shared_mod is not None and shared_out is None:
+                        def meanwhile():  # the shared experts while the workers compute
+                            nonlocal shared_out
+                            shared_out = self._timed_shared(shared_mod, call.hidden_c)
+                    outcomes = self.transport.run_blocking(prepared, batches, meanwhile=meanwhile)
+                finally:
+                    self._leave(call)
+                if self._absorb(call, batches, prepared, outcomes):
+                    break
+                if call.stale:
+                    with self._placement_cv:
+                        self._placement_cv.wait(0.5)
+            if shared_mod is not None and shared_out is None:
+                shared_out = self._timed_shared(shared_mod, call.hidden_c)
+            out = self._combine(call, shared_out)
+            return ForwardResult(out, call.routing, call.version)
+        finally:
+            with self._lock:
+                self._active[layer] -= 1
+                self.stats.forward_s += time.perf_counter() - t_start
+
+    def _start(self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None, deadline: float | None) -> _Call:
+        """Gate and route ``hidden [T, H]`` on the router's device; the call's state (stage: gate)."""
         t0 = time.perf_counter()
+        hidden_d = hidden if hidden.device == self.device else hidden.to(self.device)
         gate = self.gates[layer]
-        logits = gate.logits(hidden) if router_logits is None else router_logits.float()
-        routing = fused_route(logits, self.spec.layer_spec(layer), gate, "torch")
+        logits = gate.logits(hidden_d) if router_logits is None else router_logits.to(self.device).float()
+        routing = fused_route(logits, self.spec.layer_spec(layer), gate, self.route_backend)
+        hidden_c = hidden_d if hidden_d.dtype == self.dtype else hidden_d.to(self.dtype)
+        ids = routing.topk_ids.cpu().numpy()  # dispatch is planned on the host
+        weights = routing.topk_weights.float().cpu().numpy()
+        self.stages.observe("gate", time.perf_counter() - t0)
+        self._count_load(layer, ids, self.spec.layer_spec(layer).num_experts)
+        # the worker's clock: wall time (monotonic clocks are per machine)
+        wall = None if deadline is None else time.time() + (deadline - time.monotonic())
+        return _Call(layer, hidden, hidden_c, routing, ids, weights, np.ones(ids.shape, dtype=bool), wall, t0)
+
+    def _dispatch(self, call: _Call) -> tuple[list[WorkerBatch], Any]:
+        """Plan the rows still to serve and build the workers' messages (stages: dispatch_plan, transport_prepare)."""
+        t0 = time.perf_counter()
+        sub_ids = np.where(call.todo, call.ids, -1)
+        replicas = self._replicas_for(call.layer, call.exclude)
+        try:
+            with self._lock:  # the outstanding counts and the rounding's generator are shared by every caller
+                batches = plan_dispatch(sub_ids, call.weights, replicas, self.outstanding, self.placement.speeds, self._rng)
+                for b in batches:
+                    self.outstanding[b.worker] += b.num_rows
+        except NoReplicaError as e:
+            if self.dead or call.exclude:
+                with self._lock:
+                    self.stats.failed_fast += 1
+                down = sorted(set(self.dead) | call.exclude)
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"layer {call.layer}: {e}: its replicas were on worker(s) {down}, which are down; "
+                    "the controller is re-placing them, retry shortly",
+                ) from e
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {call.layer}: {e}") from e
         t1 = time.perf_counter()
-        hidden_c = hidden.to(self.dtype)
-        shared_ref = self.transport.share(to_numpy(hidden_c))
-        self.stages.observe("gate", t1 - t0)
-        self.stages.observe("object_store_put", time.perf_counter() - t1)
-        return routing, hidden_c, shared_ref
+        self.stages.observe("dispatch_plan", t1 - t0)
+        prepared = self.transport.prepare(call.layer, call.hidden_c, batches, call.deadline)
+        call.version = self.placement.version
+        self.stages.observe("transport_prepare", time.perf_counter() - t1)
+        return batches, prepared
 
-    def _combine(
-        self,
-        num_tokens: int,
-        hidden_size: int,
-        partials: list[tuple[WorkerBatch, np.ndarray]],
-        shared_out: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """The workers' partial outputs (+ shared experts) as the call's output ``[T, H]`` in ``dtype`` (stage: combine).
+    def _enter(self, call: _Call) -> None:
+        with self._lock:
+            self._inflight_by_version[call.version] += 1
+        call.sent = time.perf_counter()
 
-        Summed in fp32 in batch order, then the shared experts, then the cast. One
-        worker that served every token returned the routed sum itself: it is used as is.
+    def _leave(self, call: _Call) -> None:
+        with self._lock:
+            self._inflight_by_version[call.version] -= 1
+            if not self._inflight_by_version[call.version]:
+                del self._inflight_by_version[call.version]
+        self.stages.observe("workers", time.perf_counter() - call.sent)
+
+    def _absorb(self, call: _Call, batches: list[WorkerBatch], prepared, outcomes: list) -> bool:
+        """Take one dispatch's outcomes into the call: True when every row is served, False to re-dispatch the rest.
+
+        Raises RequestError when the call cannot be served: a worker refused it (deadline), a failure a retry
+        would not fix, or retries used up. Sets ``call.stale`` when a worker held an older placement.
+        """
+        wall_now = time.time()
+        failed = []
+        st = self.stages
+        with self._lock:
+            for b in batches:
+                self.outstanding[b.worker] -= b.num_rows
+            for direction, by in (("to_workers", prepared.bytes.to_workers), ("from_workers", prepared.bytes.from_workers)):
+                for transport, n in by.items():
+                    self.transport_bytes[(direction, transport)] += n
+        for b, r in zip(batches, outcomes):
+            if isinstance(r, BaseException):
+                failed.append((b, r))
+                continue
+            times = r.times
+            st.observe("to_worker", times["start"] - prepared.calls[b.worker].sent)
+            for name in WORKER_STAGES:
+                st.observe(name, times[name])
+            st.observe("return", wall_now - times["end"])
+            call.worker_s = max(call.worker_s, sum(times[name] for name in WORKER_STAGES))
+            call.partials.append((b, r))
+            call.todo.reshape(-1)[self._slots_of(b, call.ids)] = False
+        if not failed:
+            return True
+        expired = [r for _, r in failed if isinstance(r, RequestError)]  # a worker refused it: deadline passed
+        if expired:
+            with self._lock:
+                self.stats.expired += 1
+            raise expired[0]
+        call.attempt += 1
+        errors = "; ".join(str(r) for _, r in failed)
+        if call.attempt > self.config.worker_retries or not all(isinstance(r, WorkerCallError) and r.retryable for _, r in failed):
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {call.layer}: worker call failed: {errors}")
+        with self._lock:
+            self.stats.retries += 1
+        log.warning("router: layer %d re-dispatch after %s", call.layer, errors)
+        call.stale = False
+        for b, r in failed:
+            if r.dead:
+                call.exclude.add(b.worker)
+                self.mark_dead(b.worker)
+            else:
+                call.stale = True  # the placement moved on: wait for this router to see the new one
+        # a dead worker's rows go straight to the other replicas; experts without one fail fast in _dispatch
+        return False
+
+    def _combine(self, call: _Call, shared_out: torch.Tensor | None) -> torch.Tensor:
+        """The workers' partial outputs (+ shared experts) as the call's output ``[T, H]`` in the request's dtype (stage: combine).
+
+        Summed in fp32 on the router's device, in batch order, then the shared experts, then the cast. A
+        partial is a view of the transport's buffer: it is read here and never kept (a graph reuses the buffer
+        once released), so the output is always a tensor of its own.
         """
         t0 = time.perf_counter()
+        num_tokens, hidden_size = call.hidden.shape
+        partials = call.partials
         if len(partials) == 1 and len(partials[0][0].unique_tokens) == num_tokens:
-            out = from_numpy(np.asarray(partials[0][1]), "float32")  # its unique tokens are 0..T-1 in order
+            out = self._partial_tensor(partials[0][1]).to(torch.float32, copy=True)  # its unique tokens are 0..T-1 in order
         else:
-            out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32)
-            for b, partial in partials:
-                out.index_add_(0, torch.from_numpy(b.unique_tokens), from_numpy(np.asarray(partial), "float32"))
+            out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=self.device)
+            for b, reply in partials:
+                idx = torch.from_numpy(b.unique_tokens).to(self.device)
+                out.index_add_(0, idx, self._partial_tensor(reply).float())
+        call.partials = []
         if shared_out is not None:
-            out = out + shared_out.float()
-        out = out.to(dtype)
-        self.stages.observe("combine", time.perf_counter() - t0)
+            out += shared_out.float()
+        out = out.to(call.hidden.dtype)
+        t1 = time.perf_counter()
+        self.stages.observe("combine", t1 - t0)
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.tokens_computed += num_tokens
+        self.stages.observe("call_overhead", max(0.0, t1 - call.started - call.worker_s))
         return out
+
+    def _partial_tensor(self, reply) -> torch.Tensor:
+        p = reply.partial
+        t = open_tensor(p) if isinstance(p, CudaTensorHandle) else from_numpy(np.asarray(p), reply.dtype)
+        return t if t.device == self.device else t.to(self.device)
 
     def _timed_shared(self, shared_mod, hidden: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -567,7 +732,7 @@ class RouterCore:
             now = time.monotonic()
             for w, t in list(self.dead.items()):
                 if now - t > self.DEAD_RETRY_S:
-                    del self.dead[w]
+                    self.dead.pop(w, None)
             exclude = exclude | set(self.dead)
         if not exclude:
             return reps
@@ -580,32 +745,17 @@ class RouterCore:
         except asyncio.TimeoutError:
             pass
 
-    async def _call(self, layer: int, shared_ref: Any, batch: WorkerBatch, deadline: float | None = None) -> np.ndarray:
-        self.outstanding[batch.worker] += batch.num_rows
-        # the worker's clock: wall time (monotonic clocks are per machine)
-        wall_deadline = None if deadline is None else time.time() + (deadline - time.monotonic())
-        sent = time.time()
-        try:
-            partial, times = await self.transport.forward(batch.worker, layer, shared_ref, batch, deadline=wall_deadline)
-        finally:
-            self.outstanding[batch.worker] -= batch.num_rows
-        got = time.time()
-        st = self.stages
-        st.observe("to_worker", times["start"] - sent)
-        for name in WORKER_STAGES:
-            st.observe(name, times[name])
-        st.observe("return", got - times["end"])
-        return partial
-
     def _count_load(self, layer: int, ids: np.ndarray, num_experts: int) -> None:
         t0 = time.perf_counter()
         flat = ids.reshape(-1)
         counts = np.bincount(flat[flat >= 0], minlength=num_experts)
-        for e in np.flatnonzero(counts):
-            self.load_counts[(layer, int(e))] += int(counts[e])
-        self.stats.telemetry_s += time.perf_counter() - t0
+        with self._lock:
+            for e in np.flatnonzero(counts):
+                self.load_counts[(layer, int(e))] += int(counts[e])
+            self.stats.telemetry_s += time.perf_counter() - t0
 
     def take_load_counts(self) -> dict[tuple[int, int], int]:
         """Token counts per (layer, expert) since the last call (for telemetry)."""
-        counts, self.load_counts = dict(self.load_counts), defaultdict(int)
+        with self._lock:
+            counts, self.load_counts = dict(self.load_counts), defaultdict(int)
         return counts

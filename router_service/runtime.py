@@ -85,6 +85,8 @@ class RouterRuntime:
             "placement_generation": core.placement.generation,
             "oldest_inflight_version": core.oldest_inflight_version(),
             "stats": dict(core.stats.__dict__),
+            "transport": core.transport_report(),
+            "call_overhead": core.stages.totals().get("call_overhead"),
             "model": self.model_facts(),
         }
 
@@ -102,6 +104,7 @@ class RouterRuntime:
         last_flush = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            self.core.transport.tick()  # a broken compiled graph rebuilt, drained old ones torn down
             ok = True
             try:
                 await self.heartbeat()
@@ -133,10 +136,11 @@ class RouterRuntime:
             )
             return True
         except Exception as e:  # telemetry must not stop serving; the counts wait for the next flush
-            merged = defaultdict(int, counts)
-            for k, v in self.core.load_counts.items():
-                merged[k] += v
-            self.core.load_counts = merged
+            with self.core._lock:
+                merged = defaultdict(int, counts)
+                for k, v in self.core.load_counts.items():
+                    merged[k] += v
+                self.core.load_counts = merged
             self._report_down(e)
             return False
         finally:

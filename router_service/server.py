@@ -23,6 +23,22 @@ from .proto import fleet_pb2 as pb
 from .proto import fleet_pb2_grpc as pb_grpc
 from .router import ForwardResult, RequestError, RouterCore
 
+
+def placement_message(core: RouterCore) -> pb.GetPlacementResponse:
+    """The ``GetPlacementResponse`` of what ``core`` serves (the gRPC ``GetPlacement`` reply; the embedded router's too)."""
+    spec = core.spec
+    reply = pb.GetPlacementResponse(
+        version=core.placement.version,
+        moe_layers=list(spec.moe_layers),
+        hidden_size=spec.layer.hidden_size,
+        num_experts=spec.layer.num_experts,
+        top_k=spec.layer.top_k,
+        family=spec.family,
+    )
+    for (layer, expert), workers in sorted(core.placement.replicas().items()):
+        reply.experts.add(layer=layer, expert=expert, workers=workers)
+    return reply
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoEFleet"].full_name
@@ -219,18 +235,7 @@ class MoEFleetServicer(pb_grpc.MoEFleetServicer):
             parse(request, pb.GetPlacementRequest, "request")
         except RequestError as e:
             await self._abort(context, e)
-        spec = self.core.spec
-        reply = pb.GetPlacementResponse(
-            version=self.core.placement.version,
-            moe_layers=list(spec.moe_layers),
-            hidden_size=spec.layer.hidden_size,
-            num_experts=spec.layer.num_experts,
-            top_k=spec.layer.top_k,
-            family=spec.family,
-        )
-        for (layer, expert), workers in sorted(self.core.placement.replicas().items()):
-            reply.experts.add(layer=layer, expert=expert, workers=workers)
-        return reply
+        return placement_message(self.core)
 
 
 def _request_id(raw) -> str:

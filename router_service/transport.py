@@ -1,44 +1,168 @@
-"""How a layer call's batches reach workers.
+"""How a layer call's rows reach the workers and their partial outputs come back.
 
-``RayTransport``: the call's hidden states go into Ray's object store once
-(``ray.put``), and each worker gets the ``ObjectRef`` plus its small row index
-arrays (arrays up to Ray's inline limit ride inside the call instead); Ray
-hands the worker a zero-copy view. Each worker returns its partial
-output (one row per token it served, a numpy array: no torch tensor is
-pickled) and its stage times (``ExpertGroupCore.forward_timed``). See ``benchmarks/RESULTS.md`` for the
-transport measurements behind this choice.
+A transport takes one layer call — the hidden states in the compute dtype on
+the router's device, and the dispatch plan's ``WorkerBatch``es — and returns,
+per batch, the worker's ``WorkerReply`` or the error of that batch
+(``run``, from the router's event loop; ``run_blocking``, from a caller's
+thread: the embedded router). What each worker receives is decided per worker
+(``gpu_transport.choose_transport``, the cost model's names):
+
+* ``shared_memory`` (same node, host memory): the call's batch is written
+  once and every such worker reads it in place, materialising only its rows;
+* ``cuda_ipc`` (same node, GPUs both can open): a handle to the router's batch,
+  and the partial comes back as a handle;
+* ``rows`` (another node, or not yet known): the worker's unique tokens only.
+
+``RayTransport`` carries the calls on a compiled graph per worker set
+(``graph.py``: shared-memory channels, about 0.7 ms per execution) and
+falls back to plain actor calls while a graph is being compiled, when a worker
+has no free graph slot, or when a graph broke (a worker died: the router's
+retry finds the dead worker through a plain call and re-dispatches its rows).
+On plain calls the shared batch goes into Ray's object store once
+(``ray.put``, zero-copy views for the readers) above Ray's inline limit.
 
 ``LocalTransport``: workers in this process (``ExpertGroupCore``), for the
 in-process fleet and tests of the serving path without a cluster.
+
+Every call's bytes are counted by the cost model's ``call_bytes``
+(``moefleet.core.cost_model``), the function the simulator charges with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
+from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
+from moefleet.core.cost_model import CallBytes, WorkerPart, call_bytes
+from moefleet.core.cuda_ipc import export_tensor
 from moefleet.core.placement import WORKER_PREFIX, worker_actor_name  # noqa: F401  (re-exported)
 from moefleet.core.processes import inline_limit
+from moefleet.core.tensors import dtype_name, to_numpy
 
 from .dispatch import WorkerBatch
+from .gpu_transport import CUDA_IPC, ROWS, SHARED_MEMORY, Endpoint, choose_transport, local_endpoint
+from .graph import GraphBrokenError, GraphSet, WorkerGraph
 from .router import RequestError, WorkerCallError
+
+log = logging.getLogger(__name__)
+
+Outcome = WorkerReply | BaseException
+
+
+@dataclass
+class Prepared:
+    """One layer call's messages: a ``WorkerCall`` per worker, the shared batch (host and/or CUDA IPC), its bytes."""
+
+    calls: dict[str, WorkerCall]
+    host: np.ndarray | None = None
+    ipc: Any = None
+    bytes: CallBytes = field(default_factory=CallBytes)
+    host_ref: Any = None  # the host batch in Ray's object store (plain calls above the inline limit)
+
+    @property
+    def shared(self) -> tuple:
+        return (self.host, self.ipc)
+
+
+def prepare_calls(
+    layer: int, hidden: torch.Tensor, batches: list[WorkerBatch], modes: dict[str, str], deadline: float | None
+) -> Prepared:
+    """The messages of one layer call (pure but for torch's copies): ``hidden`` [T, H] in the compute dtype.
+
+    shared_memory / cuda_ipc workers read the shared batch at their rows (``token_index``: their unique
+    tokens); a rows worker gets its unique tokens' hidden states in its call and reads them in order.
+    local: as shared_memory (a worker in this process reads the batch in place).
+    """
+    need_host = any(modes[b.worker] in (SHARED_MEMORY, "local") for b in batches)
+    need_ipc = any(modes[b.worker] == CUDA_IPC for b in batches)
+    host = to_numpy(hidden) if need_host else None
+    ipc = export_tensor(hidden) if need_ipc else None
+    dt = dtype_name(hidden.dtype)
+    now = time.time()
+    calls: dict[str, WorkerCall] = {}
+    parts = []
+    for b in batches:
+        mode = modes[b.worker]
+        if mode == ROWS:
+            uniq = torch.from_numpy(b.unique_tokens)
+            x = to_numpy(hidden.index_select(0, uniq.to(hidden.device)))
+            calls[b.worker] = WorkerCall(
+                layer, b.inverse, b.weights, tuple(b.experts), tuple(b.counts), b.inverse, len(b.unique_tokens),
+                token_index=None, x=x, dtype=dt, deadline=deadline, sent=now, transport=ROWS,
+            )
+        else:
+            calls[b.worker] = WorkerCall(
+                layer, b.rows, b.weights, tuple(b.experts), tuple(b.counts), b.inverse, len(b.unique_tokens),
+                token_index=b.unique_tokens, x=None, dtype=dt, deadline=deadline, sent=now, transport=mode,
+                reply_ipc=mode == CUDA_IPC,
+            )
+        parts.append(WorkerPart(b.worker, b.num_rows, len(b.unique_tokens), mode, len(b.experts)))
+    size = hidden.element_size()
+    nbytes = call_bytes(int(hidden.shape[0]), int(hidden.shape[1]), size, size, parts)
+    return Prepared(calls, host, ipc, nbytes)
+
+
+def outcome(worker: str, value: Any) -> Outcome:
+    """A worker's answer as the router takes it: the reply, or the error of that batch."""
+    if isinstance(value, WorkerReply):
+        return value
+    if isinstance(value, WorkerFailure):
+        if value.kind == "expired":
+            return _expired(worker)
+        if value.kind == "not_loaded":  # the placement moved on: worth a retry on the new one
+            return WorkerCallError(worker, LookupError(value.message), retryable=True)
+        return WorkerCallError(worker, RuntimeError(value.message), retryable=False)
+    if isinstance(value, BaseException):
+        return value
+    return WorkerCallError(worker, RuntimeError(f"worker {worker} gave no reply ({type(value).__name__})"), retryable=True)
 
 
 class RayTransport:
-    """Workers are named ``ExpertGroup`` actors in ``namespace``."""
+    """Workers are named ``ExpertGroup`` actors in ``namespace`` (module docstring).
 
-    def __init__(self, namespace: str):
+    router_key: this router's heartbeat key (``router:<id>``), by which workers tell that the router behind a
+    graph is alive; None for a router without heartbeats (then workers never close its graphs themselves).
+    device: where the router keeps its tensors. compiled_graphs: carry calls on compiled graphs (else plain
+    actor calls only).
+    """
+
+    def __init__(self, namespace: str, *, router_key: str | None = None, device: str | torch.device = "cpu",
+                 compiled_graphs: bool = True):
         import ray
 
         self._ray = ray
         self.namespace = namespace
+        self.router_key = router_key
+        self.endpoint: Endpoint = local_endpoint(ray.get_runtime_context().get_node_id(), device)
         self._handles: dict[str, Any] = {}
+        self._modes: dict[str, str] = {}
+        self._mode_lock = threading.Lock()
         self.inline_bytes = inline_limit()  # what Ray inlines here (raised in serving processes: core/processes.py)
+        self.graphs = GraphSet(self._build_graph, enabled=compiled_graphs)
+        self.stats = {"graph_calls": 0, "plain_calls": 0, "graph_fallbacks": 0}
+        self.kind = "compiled_graph" if compiled_graphs else "actor_calls"
 
+    def set_device(self, device: str | torch.device) -> None:
+        """The router keeps its tensors on ``device`` now: learn every path again, compile a new graph."""
+        self.endpoint = local_endpoint(self.endpoint.node, device)
+        with self._mode_lock:
+            workers = tuple(self._modes)
+            self._modes.clear()
+        self.graphs.rebuild()
+        if workers:
+            self.set_workers(workers)
+
+    # -- workers --------------------------------------------------------
     def handle(self, worker: str):
         h = self._handles.get(worker)
         if h is None:
@@ -48,67 +172,225 @@ class RayTransport:
 
     def forget(self, worker: str) -> None:
         self._handles.pop(worker, None)
+        with self._mode_lock:
+            self._modes.pop(worker, None)
 
-    def share(self, hidden: np.ndarray) -> Any:
-        # Small arrays ride inline in each call (no object-store round trip);
-        # large ones go into the store once and every worker reads the same copy.
-        if hidden.nbytes <= self.inline_bytes:
-            return hidden
-        return self._ray.put(hidden)
+    def mode(self, worker: str) -> str:
+        """How this router reaches ``worker`` (``gpu_transport``); ``rows`` until its endpoint is known (correct anywhere)."""
+        return self._modes.get(worker, ROWS)
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    def modes(self) -> dict[str, str]:
+        return dict(self._modes)
 
+    def resolve(self, workers, timeout_s: float = 10.0) -> None:
+        """Learn where ``workers`` keep their tensors (blocking: from a background thread)."""
+        todo = [w for w in workers if w not in self._modes]
+        refs = {}
+        for w in todo:
+            try:
+                refs[w] = self.handle(w).endpoint.remote()
+            except ValueError:  # not started yet: rows until it is known
+                continue
+        for w, ref in refs.items():
+            try:
+                node, gpu, visible = self._ray.get(ref, timeout=timeout_s)
+            except Exception as e:  # dead or slow: it stays a rows worker
+                log.debug("endpoint of %s unknown: %s", w, e)
+                continue
+            mode, why = choose_transport(self.endpoint, Endpoint(node, gpu, tuple(visible)))
+            with self._mode_lock:
+                self._modes[w] = mode
+            log.info("router: %s reached by %s (%s)", w, mode, why)
+
+    def set_workers(self, workers) -> None:
+        """The placement's workers: learn their endpoints and compile a graph over them (in the background)."""
+        workers = tuple(sorted(set(workers)))
+        for w in list(self._handles):
+            if w not in workers:
+                self.forget(w)
+        if self.graphs.enabled:
+            self.graphs.want(workers)  # the build resolves endpoints first
+        else:
+            threading.Thread(target=self.resolve, args=(workers,), name="moefleet-endpoints", daemon=True).start()
+
+    def _build_graph(self, workers: tuple[str, ...]) -> WorkerGraph | None:
+        import uuid
+
+        self.resolve(workers)
+        handles = {w: self.handle(w) for w in workers}
+        graph_id = uuid.uuid4().hex[:12]
+        joined = []
+        try:
+            for w in workers:
+                if not self._ray.get(handles[w].join_graph.remote(graph_id, self.router_key), timeout=10):
+                    log.warning("router: %s has no free compiled-graph slot; serving through plain actor calls", w)
+                    return None
+                joined.append(w)
+            shared = {w for w in workers if self.mode(w) in (SHARED_MEMORY, CUDA_IPC)}
+            t0 = time.perf_counter()
+            graph = WorkerGraph(list(workers), handles, shared, graph_id=graph_id)
+            for w in workers:
+                handles[w].watch_graph.remote(graph_id, graph.executable_tasks.get(w))
+            graph.on_teardown = lambda: [self._leave(handles[w], graph_id) for w in workers]
+            log.info("router: compiled graph %s over %s in %.2f s", graph_id, list(workers), time.perf_counter() - t0)
+            joined = []
+            return graph
+        finally:
+            for w in joined:  # not built: give the slots back
+                self._leave(handles[w], graph_id)
+
+    @staticmethod
+    def _leave(handle, graph_id: str) -> None:
+        try:
+            handle.leave_graph.remote(graph_id)
+        except Exception:  # the worker is gone: its slots went with it
+            pass
+
+    # -- calls ------------------------------------------------------------
+    def prepare(self, layer: int, hidden: torch.Tensor, batches: list[WorkerBatch], deadline: float | None) -> Prepared:
+        return prepare_calls(layer, hidden, batches, {b.worker: self.mode(b.worker) for b in batches}, deadline)
+
+    async def run(self, prepared: Prepared, batches: list[WorkerBatch]) -> list[Outcome]:
+        graph = self.graphs.graph_for(b.worker for b in batches)
+        if graph is not None:
+            try:
+                if graph.has_slot():
+                    fut = graph.submit(prepared.shared, prepared.calls)
+                else:  # every execution slot is taken: wait for one off the event loop
+                    fut = await asyncio.get_running_loop().run_in_executor(None, graph.submit, prepared.shared, prepared.calls)
+                values = await asyncio.wrap_future(fut)
+                self.stats["graph_calls"] += 1
+                return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
+            except GraphBrokenError as e:
+                self.stats["graph_fallbacks"] += 1
+                log.info("router: %s; this call goes through plain actor calls", e)
+                self.graphs.tick()
+        self.stats["plain_calls"] += 1
+        return list(await asyncio.gather(*(self._plain(b.worker, prepared) for b in batches)))
+
+    def run_blocking(
+        self, prepared: Prepared, batches: list[WorkerBatch], timeout_s: float | None = None, meanwhile=None
+    ) -> list[Outcome]:
+        """``run`` from the caller's thread; ``meanwhile()`` runs once the workers have their calls."""
+        graph = self.graphs.graph_for(b.worker for b in batches)
+        if graph is not None:
+            try:
+                fut = graph.submit(prepared.shared, prepared.calls)
+                if meanwhile is not None:
+                    meanwhile()
+                    meanwhile = None
+                values = fut.result(timeout_s)
+                self.stats["graph_calls"] += 1
+                return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
+            except GraphBrokenError as e:
+                self.stats["graph_fallbacks"] += 1
+                log.info("router: %s; this call goes through plain actor calls", e)
+                self.graphs.tick()
+        self.stats["plain_calls"] += 1
+        refs = [self._submit_plain(b.worker, prepared) for b in batches]
+        if meanwhile is not None:
+            meanwhile()
+        out = []
+        for b, ref in zip(batches, refs):
+            if isinstance(ref, BaseException):
+                out.append(ref)
+                continue
+            try:
+                out.append(outcome(b.worker, self._ray.get(ref, timeout=timeout_s)))
+            except Exception as e:  # noqa: BLE001 - classified like the async path
+                out.append(self._ray_error(b.worker, e))
+        return out
+
+    def _submit_plain(self, worker: str, prepared: Prepared):
+        call = prepared.calls[worker]
         try:
             handle = self.handle(worker)
         except ValueError as e:  # no actor of that name: retired, dead and not restarted, or not started yet
-            raise WorkerCallError(worker, e, retryable=True, dead=True) from e
+            return WorkerCallError(worker, e, retryable=True, dead=True)
+        host = None
+        if call.transport == SHARED_MEMORY:
+            host = prepared.host
+            if host is not None and host.nbytes > self.inline_bytes:
+                if prepared.host_ref is None:  # into the object store once for every worker of the call
+                    prepared.host_ref = self._ray.put(host)
+                host = prepared.host_ref
+        return handle.serve.remote(call, host, prepared.ipc if call.transport == CUDA_IPC else None)
+
+    async def _plain(self, worker: str, prepared: Prepared) -> Outcome:
+        ref = self._submit_plain(worker, prepared)
+        if isinstance(ref, BaseException):
+            return ref
         try:
-            ref = handle.forward_timed.remote(
-                layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse, len(batch.unique_tokens),
-                deadline=deadline,
-            )
-            return await ref
-        except RayTaskError as e:
-            # The worker ran the call and raised: it is alive. Only a stale placement (it does not
-            # hold an expert any more) is worth a retry; anything else is the request's failure.
-            # (Checked first: Ray's error type also derives from the cause's type, a ValueError say.)
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, TimeoutError):  # DeadlineExpiredError: the worker did not start it
-                raise _expired(worker) from e
-            stale = isinstance(cause, LookupError)  # ExpertNotLoadedError: the placement moved on
-            raise WorkerCallError(worker, LookupError(str(cause)) if stale else cause, retryable=stale) from e
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            return outcome(worker, await ref)
+        except Exception as e:  # noqa: BLE001 - classified below
+            return self._ray_error(worker, e)
+
+    def _ray_error(self, worker: str, e: BaseException) -> BaseException:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+        if isinstance(e, RayTaskError):
+            # The worker ran the call and raised (not a failure it reports as a value): it is alive.
+            return WorkerCallError(worker, e.as_instanceof_cause(), retryable=False)
+        if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError)):
             self.forget(worker)
-            raise WorkerCallError(worker, e, retryable=True, dead=True) from e
+            return WorkerCallError(worker, e, retryable=True, dead=True)
+        if isinstance(e, GetTimeoutError):
+            return WorkerCallError(worker, e, retryable=True)
+        return WorkerCallError(worker, e, retryable=False)
+
+    def tick(self) -> None:
+        self.graphs.tick()
+
+    def close(self, wait: bool = False) -> None:
+        graphs = self.graphs.close()
+        if wait:
+            for g in graphs:
+                g.teardown()
+        elif graphs:
+            threading.Thread(target=lambda: [g.teardown() for g in graphs], name="moefleet-graph-teardown", daemon=True).start()
 
 
 class LocalTransport:
     """Workers are ``ExpertGroupCore`` objects in this process, run on a thread pool."""
 
+    kind = "local"
+
     def __init__(self, workers: dict[str, Any]):
         self.workers = workers
+        self.stats: dict[str, int] = {}
 
-    def share(self, hidden: np.ndarray) -> Any:
-        return hidden
+    def set_workers(self, workers) -> None:
+        pass
 
-    async def forward(self, worker: str, layer: int, shared: Any, batch: WorkerBatch, deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    def mode(self, worker: str) -> str:
+        return "local"
+
+    def prepare(self, layer: int, hidden: torch.Tensor, batches: list[WorkerBatch], deadline: float | None) -> Prepared:
+        return prepare_calls(layer, hidden, batches, {b.worker: "local" for b in batches}, deadline)
+
+    def _one(self, worker: str, prepared: Prepared) -> Outcome:
         w = self.workers.get(worker)
         if w is None:
-            raise WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
+            return WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
+        return outcome(worker, w.serve(prepared.calls[worker], prepared.host))
+
+    async def run(self, prepared: Prepared, batches: list[WorkerBatch]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(
-                None,
-                functools.partial(
-                    w.forward_timed, layer, shared, batch.rows, batch.weights, batch.experts, batch.counts, batch.inverse,
-                    len(batch.unique_tokens), deadline=deadline,
-                ),
-            )
-        except TimeoutError as e:
-            raise _expired(worker) from e
-        except LookupError as e:
-            raise WorkerCallError(worker, e, retryable=True) from e
+        return list(await asyncio.gather(*(loop.run_in_executor(None, functools.partial(self._one, b.worker, prepared)) for b in batches)))
+
+    def run_blocking(
+        self, prepared: Prepared, batches: list[WorkerBatch], timeout_s: float | None = None, meanwhile=None
+    ) -> list[Outcome]:
+        out = [self._one(b.worker, prepared) for b in batches]
+        if meanwhile is not None:
+            meanwhile()
+        return out
+
+    def tick(self) -> None:
+        pass
+
+    def close(self, wait: bool = False) -> None:
+        pass
 
 
 def _expired(worker: str) -> RequestError:

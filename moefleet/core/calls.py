@@ -54,6 +54,11 @@ class WorkerCall:
     None in shared mode. dtype: dtype name of the hidden states.
     deadline: wall clock (``time.time()``) after which the worker must not start
     it. sent: wall clock when the router sent it (its ``to_worker`` stage).
+    transport: how it travelled (``moefleet.core.cost_model.TRANSPORTS``): in shared
+    mode it says which copy of the shared batch to read, the host one
+    (``shared_memory``, ``local``) or the CUDA IPC handle (``cuda_ipc``).
+    reply_ipc: return the partial as a CUDA IPC handle (a router on this node that
+    can open the worker's GPU); otherwise as host numpy.
     """
 
     layer: int
@@ -68,6 +73,8 @@ class WorkerCall:
     dtype: str = "float32"
     deadline: float | None = None
     sent: float = 0.0
+    transport: str = "shared_memory"
+    reply_ipc: bool = False
 
     @property
     def num_rows(self) -> int:

@@ -30,8 +30,8 @@ STAGES: dict[str, str] = {
     "queue": "router: waiting for the micro-batch window and the batch's turn",
     "gate": "router: router logits and top-k routing",
     "dispatch_plan": "router: grouping rows by expert and worker",
-    "object_store_put": "router: hidden states into the transport (ray.put above the inline size)",
-    "to_worker": "router's call until the worker starts it (arguments, actor call, the worker's queue)",
+    "transport_prepare": "router: the workers' messages built (rows gathered for workers on other nodes, the batch handed to the transport)",
+    "to_worker": "router's call until the worker starts it (compiled-graph channel or actor call, the worker's queue)",
     "worker_gather": "worker: hidden states in, rows gathered by expert",
     "expert_ffn": "worker: the experts' FFNs",
     "worker_combine": "worker: each token's weighted sum over the worker's experts, result out",
@@ -41,6 +41,7 @@ STAGES: dict[str, str] = {
     "shared_experts": "router: shared experts (on a thread, beside the workers)",
     "reply": "router: output tensor to the reply message",
     "router_total": "router: the request from its arrival at the handler to its reply built (the sum of the router's stages)",
+    "call_overhead": "router: a layer call's time from its gate to its output, less its slowest worker's compute (moefleet_call_overhead_seconds)",
     "client_decode": "client: reply bytes to a tensor",
 }
 """Stage name -> what it covers, in the order a call passes them."""

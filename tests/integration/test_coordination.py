@@ -253,19 +253,18 @@ def test_a_worker_side_value_error_is_a_failed_call_not_a_dead_worker(ray_cluste
 
     @ray.remote
     class Failing:
-        def forward_timed(self, *args, **kwargs):
+        def serve(self, *args, **kwargs):
             raise ValueError("bad rows")
 
     ns = f"tr-{uuid.uuid4().hex[:8]}"
     actor = Failing.options(name=worker_actor_name("w0"), namespace=ns).remote()
-    transport = RayTransport(ns)
-    batch = WorkerBatch("w0", np.zeros(1, np.int64), np.ones(1, np.float32), [0], [1], np.zeros(1, np.int64), np.zeros(1, np.int64))
+    transport = RayTransport(ns, compiled_graphs=False)
 
     async def call(worker):
-        try:
-            await transport.forward(worker, 0, np.zeros((1, 4), np.float32), batch)
-        except WorkerCallError as e:
-            return e
+        batch = WorkerBatch(worker, np.zeros(1, np.int64), np.ones(1, np.float32), [0], [1], np.zeros(1, np.int64), np.zeros(1, np.int64))
+        (e,) = await transport.run(transport.prepare(0, torch.zeros(1, 4), [batch], None), [batch])
+        assert isinstance(e, WorkerCallError)
+        return e
 
     e = asyncio.run(call("w0"))
     assert isinstance(e.cause, ValueError) and not e.dead and not e.retryable

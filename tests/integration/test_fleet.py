@@ -327,17 +327,18 @@ def test_a_batch_past_its_deadline_is_refused_by_the_worker_not_computed(fleet):
     held = sorted(e.expert for e in p.experts if e.layer == layer and "worker-0" in e.workers)[:2]
     ids = np.array([held] * 3 if len(held) == 2 else [[held[0]]] * 3)
     batch, = plan_dispatch(ids, np.ones(ids.shape, np.float32), {e: ["worker-0"] for e in held})
-    transport = RayTransport(fleet.config.namespace)
-    hidden = np.random.default_rng(0).standard_normal((3, p.hidden_size)).astype(np.float32)
+    transport = RayTransport(fleet.config.namespace, compiled_graphs=False)
+    hidden = torch.randn(3, p.hidden_size, generator=torch.Generator().manual_seed(0))
     before = fleet.worker_stats()["worker-0"]
 
     async def call(deadline):
-        return await transport.forward("worker-0", layer, transport.share(hidden), batch, deadline=deadline)
+        (result,) = await transport.run(transport.prepare(layer, hidden, [batch], deadline), [batch])
+        return result
 
-    with pytest.raises(RequestError) as e:
-        asyncio.run(call(time.time() - 0.01))
-    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "not computed" in e.value.message
+    e = asyncio.run(call(time.time() - 0.01))
+    assert isinstance(e, RequestError)
+    assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED and "not computed" in e.message
     after = fleet.worker_stats()["worker-0"]
     assert after["expired"] == before["expired"] + 1 and after["tokens_served"] == before["tokens_served"]
-    partial, _times = asyncio.run(call(time.time() + 30))
-    assert partial.shape == (3, p.hidden_size)  # in time: computed
+    reply = asyncio.run(call(time.time() + 30))
+    assert reply.partial.shape == (3, p.hidden_size)  # in time: computed

@@ -109,14 +109,14 @@ def test_every_stage_of_a_call_is_timed_and_exported(served):
             c.forward(layer, torch.randn(5, spec.layer.hidden_size))
     after = served.core.stages.totals()
     counts = {s: after[s][1] - before.get(s, (0.0, 0))[1] for s in after}
-    one_per_call = ["decode", "validate", "gate", "dispatch_plan", "object_store_put", "workers", "combine",
+    one_per_call = ["decode", "validate", "gate", "dispatch_plan", "transport_prepare", "workers", "combine", "call_overhead",
                     "shared_experts", "reply", "router_total"]
     for s in one_per_call:
         assert counts[s] == 3, s
     for s in ("to_worker", "worker_gather", "expert_ffn", "worker_combine", "return"):
         assert counts[s] >= 3, s  # once per worker called
     ms = per_call_ms(before, after, 3)
-    inside = sum(ms[s] for s in ("decode", "validate", "gate", "object_store_put", "dispatch_plan", "workers", "combine", "reply"))
+    inside = sum(ms[s] for s in ("decode", "validate", "gate", "transport_prepare", "dispatch_plan", "workers", "combine", "reply"))
     assert inside <= ms["router_total"] + 1e-6  # the stages are parts of the router's total
 
     registry = CollectorRegistry()
@@ -132,7 +132,7 @@ def test_large_calls_do_their_tensor_work_off_the_event_loop(served, monkeypatch
     spec = served.model.spec
     layer = spec.moe_layers[0]
     seen = []
-    for name in ("_route_and_share", "_combine"):
+    for name in ("_start", "_dispatch", "_combine"):
         fn = getattr(core, name)
 
         def spy(*args, _fn=fn, _name=name):
@@ -147,9 +147,9 @@ def test_large_calls_do_their_tensor_work_off_the_event_loop(served, monkeypatch
         seen.clear()
         monkeypatch.setattr(core, "OFFLOAD_BYTES", hidden.numel() * 4)  # this call counts as large
         got = c.forward(layer, hidden)
-    assert [n for n, _ in small] == ["_route_and_share", "_combine"]
+    assert [n for n, _ in small] == ["_start", "_dispatch", "_combine"]
     assert all(t == served.thread.name for _, t in small)  # inline, on the event loop
-    assert [n for n, _ in seen] == ["_route_and_share", "_combine"]
+    assert [n for n, _ in seen] == ["_start", "_dispatch", "_combine"]
     assert all(t.startswith("moefleet-router-compute") for _, t in seen)
     assert (got - served.model.layer(layer)(hidden)).abs().max().item() <= 1e-5
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from moefleet import MoEModel
+from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
 from moefleet.expert_workers.group import ExpertGroupCore, ExpertNotLoadedError
 from moefleet.expert_workers.slots import LayerSlots
 from moefleet.kernels.permute import permute
@@ -188,12 +191,75 @@ def test_triton_worker_runs_the_fused_kernel_with_slots_out_of_expert_order(chec
     assert fused.fused(0, fused._views[0]) and not torch_worker.fused(0, torch_worker._views[0])
     hidden = torch.randn(9, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(4))
     args = _rows_of(model, 0, hidden)
-    got, times = fused.forward_timed(*args)
+    reply = fused.serve(_shared_call(*args), args[1])
+    got, times = reply.partial, reply.times
     assert len(calls) == 1 and calls[0].tolist() == sorted(set(args[2].tolist()))  # each unique token read once
     want = torch_worker.forward(*args)
     assert np.abs(got - want).max() <= 1e-5
     assert np.array_equal(fused.forward(*args), got)  # deterministic: no atomics in the combine
     assert set(times) == {"worker_gather", "expert_ffn", "worker_combine", "start", "end"}
+
+
+def _shared_call(layer, hidden, rows, weights, experts, counts, inverse, num_unique, **kw):
+    """The WorkerCall of ``_rows_of``'s batch in shared form: rows index the whole batch."""
+    uniq = np.unique(rows)
+    kw.setdefault("dtype", "float32")
+    return WorkerCall(layer, rows, weights, tuple(experts), tuple(counts), inverse, num_unique, token_index=uniq, **kw)
+
+
+def _rows_call(layer, hidden, rows, weights, experts, counts, inverse, num_unique):
+    """The same batch in rows form: the call carries only its unique tokens' hidden states, read in order."""
+    uniq = np.unique(rows)
+    return WorkerCall(layer, inverse, weights, tuple(experts), tuple(counts), inverse, num_unique, token_index=None,
+                      x=np.ascontiguousarray(hidden[uniq]), dtype="float32", transport="rows")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_worker_sent_only_its_rows_computes_what_it_computes_from_the_shared_batch(checkpoint, backend):
+    """Rows form (a worker on another node) and shared form (one batch for a node's workers) give the same partial."""
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    keys = [(0, e) for e in range(model.spec.layer.num_experts)]
+    worker = ExpertGroupCore("w", str(checkpoint), keys, backend=backend)
+    hidden = torch.randn(11, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(8))
+    args = _rows_of(model, 0, hidden)
+    shared = worker.serve(_shared_call(*args), args[1])
+    rows = worker.serve(_rows_call(*args))
+    assert isinstance(shared, WorkerReply) and isinstance(rows, WorkerReply)
+    assert rows.partial.shape == (args[7], model.spec.layer.hidden_size)
+    assert np.abs(rows.partial - shared.partial).max() <= 1e-6
+
+
+def test_refusals_come_back_as_failures_not_exceptions(checkpoint):
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, 0)], backend="torch")
+    args = _rows_of(model, 0, torch.randn(6, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(2)))
+    missing = worker.serve(_shared_call(*args), args[1])
+    assert isinstance(missing, WorkerFailure) and missing.kind == "not_loaded" and "does not hold layer 0" in missing.message
+    late = worker.serve(_shared_call(*args, deadline=time.time() - 1), args[1])
+    assert isinstance(late, WorkerFailure) and late.kind == "expired"
+    no_input = worker.serve(_shared_call(0, None, np.zeros(1, np.int64), np.ones(1, np.float32), [0], [1], np.zeros(1, np.int64), 1))
+    assert isinstance(no_input, WorkerFailure) and no_input.kind == "bad_call" and "no hidden states" in no_input.message
+    out_of_range = _shared_call(0, None, np.array([99]), np.ones(1, np.float32), [0], [1], np.zeros(1, np.int64), 1)
+    bad = worker.serve(out_of_range, args[1])
+    assert isinstance(bad, WorkerFailure) and bad.kind in ("bad_call", "error")
+    assert worker.stats()["queue_depth"] == 0  # every refusal left the books as it found them
+
+
+def test_a_bf16_worker_returns_its_partial_in_bf16(tmp_path):
+    """Partials travel in the compute dtype (half the bytes of fp32 in bf16); the router sums them in fp32."""
+    model, _ = hf_models.build("mixtral")
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    m = MoEModel.from_pretrained(tmp_path, backend="torch", dtype=torch.float32)  # only to route the rows
+    keys = [(0, e) for e in range(m.spec.layer.num_experts)]
+    worker = ExpertGroupCore("w", str(tmp_path), keys, backend="torch")
+    assert worker.dtype == torch.bfloat16
+    hidden = torch.randn(7, m.spec.layer.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    args = list(_rows_of(m, 0, hidden.float()))
+    args[1] = hidden.view(torch.int16).numpy()
+    reply = worker.serve(_shared_call(*args, dtype="bfloat16"), args[1])
+    assert reply.dtype == "bfloat16" and reply.partial.dtype == np.int16  # bf16 as its bits
+    want = worker.forward(*args)
+    assert np.array_equal(reply.partial, want)
 
 
 def test_input_weighted_layers_keep_the_stepwise_path_on_triton(tmp_path):

@@ -127,6 +127,17 @@ class RecordOps(StoreBase):
         """``{worker_id: info}`` of the workers whose heartbeat has not expired by ``now``."""
         return {wid: rec.info for wid, rec in self.worker_records(now).items()}
 
+    def alive_keys(self, keys: list[str]) -> set[str]:
+        """Which registry ``keys`` (``worker:<id>``, ``router:<id>``) have an unexpired heartbeat, by the store's clock.
+
+        Reads only their expiry times (one ``ZMSCORE``), not their records."""
+        if not keys:
+            return set()
+        with self._redis("alive_keys") as r:
+            now = self._server_time(r)
+            expiries = r.zmscore(self.keys.workers_expiry, keys)
+        return {k for k, e in zip(keys, expiries) if e is not None and now < float(e)}
+
     # ---------------------------------------------------------------- events
 
     def emit_event(self, kind: str, data: dict[str, Any], now: float | None = None) -> str:
