@@ -308,9 +308,15 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
             by_code[code] = by_code.get(code, 0) + int(n)
         for layer, h in (st.get("layer_latency") or {}).items():
             per_layer.setdefault(int(layer), []).append(h)
+        tr = info.get("transport") or {}
+        overhead = info.get("call_overhead") or None
         router_rows.append({"id": rid, "kind": info.get("kind"), "address": info.get("address"),
                             "placement_version": info.get("placement_version"), "requests": int(st.get("requests", 0)),
-                            "tokens_computed": int(st.get("tokens_computed", 0))})
+                            "tokens_computed": int(st.get("tokens_computed", 0)),
+                            "transport": tr.get("kind"), "graph": bool(tr.get("graph")),
+                            "bytes": dict(tr.get("bytes") or {}),
+                            "call_overhead_s": list(overhead) if overhead else None,
+                            "call_overhead_buckets": info.get("call_overhead_buckets")})
     latency = {layer: _sum_histograms(hs) for layer, hs in sorted(per_layer.items())}
     requests = {
         "by_code": dict(sorted(by_code.items())),
@@ -369,6 +375,7 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
         "min_balancedness": min(defined) if defined else None,
         "devices": [{k: v for k, v in dv.items() if k != "experts_by_layer"} for dv in devices],
         "routers": router_rows,
+        "transport": transport_summary(router_rows),
         "requests": requests,
         "rebalances": rebalances,
         "controller": {"leader": inputs.leader, "last_report": record.get("last_report"), "rebalance_phase": phase},
@@ -376,6 +383,22 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
         "events": events,
         "warnings": warnings,
     }
+
+
+def transport_summary(router_rows: list[dict]) -> dict[str, Any]:
+    """Bytes the routers' calls moved (``to_workers`` / ``from_workers`` by transport, summed over routers) and the
+    mean call overhead (a call's time less its slowest worker's compute), from the routers' heartbeats."""
+    moved: dict[str, dict[str, int]] = {}
+    total_s = calls = 0.0
+    for r in router_rows:
+        for key, n in (r.get("bytes") or {}).items():
+            direction, _, transport = key.partition(":")
+            moved.setdefault(direction, {})
+            moved[direction][transport] = moved[direction].get(transport, 0) + int(n)
+        if r.get("call_overhead_s"):
+            total_s += float(r["call_overhead_s"][0])
+            calls += float(r["call_overhead_s"][1])
+    return {"bytes": moved, "calls": int(calls), "call_overhead_mean_s": total_s / calls if calls else None}
 
 
 def rates(before: dict, after: dict) -> dict[str, float | None]:
@@ -475,3 +498,16 @@ def metric_families(snap: dict, config: TelemetryConfig):
     yield lat
     yield GaugeMetricFamily("moefleet_placement_version", "Version of the current placement",
                             value=float(snap["placement"]["version"]))
+    tb = CounterMetricFamily("moefleet_transport_bytes", "Bytes layer calls moved between routers and workers, per router "
+                             "(cost model: moefleet.core.cost_model)", labels=["router", "direction", "transport"])
+    oh = HistogramMetricFamily("moefleet_call_overhead_seconds", "A layer call's time less its slowest worker's compute",
+                               labels=["router"])
+    for r in snap.get("routers", []):
+        for key, n in sorted((r.get("bytes") or {}).items()):
+            direction, _, transport = key.partition(":")
+            tb.add_metric([r["id"], direction, transport], float(n))
+        if r.get("call_overhead_s") and r.get("call_overhead_buckets"):
+            oh.add_metric([r["id"]], buckets=[(b, float(n)) for b, n in r["call_overhead_buckets"]],
+                          sum_value=float(r["call_overhead_s"][0]))
+    yield tb
+    yield oh

@@ -819,6 +819,8 @@ def grouped_ffn_reference(
     bounds = expert_offsets.tolist()
     for e in range(w13.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:  # a worker's slot stack holds experts a call does not use
+            continue
         xe = x_sorted[lo:hi]
         g = xe @ w13[e].T
         if b13 is not None:

@@ -138,6 +138,27 @@ def device_table(snap: dict) -> Group:
     return titled("Devices: memory held (reserved) and the load each measured", t)
 
 
+def router_table(snap: dict) -> Group:
+    """Each router: its kind, how it reaches its workers, bytes its calls moved each way, its mean call overhead."""
+    t = Table(box=None, padding=(0, 1))
+    t.add_column("router", no_wrap=True, overflow="ellipsis", max_width=26)
+    t.add_column("kind", no_wrap=True)
+    t.add_column("path", no_wrap=True)
+    for c in ("requests", "to workers", "from workers", "overhead"):
+        t.add_column(c, justify="right")
+    for r in snap.get("routers", []):
+        moved = r.get("bytes") or {}
+        to = sum(n for k, n in moved.items() if k.startswith("to_workers:"))
+        back = sum(n for k, n in moved.items() if k.startswith("from_workers:"))
+        oh = r.get("call_overhead_s")
+        mean = oh[0] / oh[1] if oh and oh[1] else None
+        path = (r.get("transport") or "?") + (" (graph)" if r.get("graph") else "")
+        t.add_row(r["id"], str(r.get("kind") or "?"), path, fmt_num(r.get("requests")), fmt_bytes(to), fmt_bytes(back), fmt_ms(mean))
+    if not snap.get("routers"):
+        t.add_row("none", "", "", "", "", "", "")
+    return titled("Routers: how calls reach the workers, bytes moved, overhead per call (call less its workers' compute)", t)
+
+
 def rebalance_table(snap: dict, limit: int = 5) -> Group:
     t = Table(box=None, padding=(0, 1))
     for c in ("when", "version", "before → after", "copies", "bytes", "seconds"):
@@ -173,6 +194,7 @@ def status_view(snap: dict, rates: dict | None = None, *, all_layers: bool = Fal
         layer_table(snap, max_layers=10**9 if all_layers else 16), Text(""),
         hottest_table(snap), Text(""),
         device_table(snap), Text(""),
+        router_table(snap), Text(""),
         rebalance_table(snap), Text(""),
         events_text(snap),
     )

@@ -58,6 +58,33 @@ class RouterCollector:
         for worker, rows in sorted(self.core.outstanding.items()):
             g.add_metric([self.router_id, worker], float(rows))
         yield g
+        yield from transport_metrics(self.core, self.router_id)
+
+
+def transport_metrics(core, router_id: str):
+    """``moefleet_transport_bytes_total{router, direction, transport}`` and ``moefleet_call_overhead_seconds{router}``.
+
+    Bytes are what the cost model's ``call_bytes`` says each call moved (``moefleet.core.cost_model``):
+    ``direction`` is ``to_workers`` or ``from_workers``, ``transport`` one of its ``TRANSPORTS``. The overhead
+    is a layer call's time from its gate to its output less its slowest worker's compute."""
+    c = CounterMetricFamily(
+        "moefleet_transport_bytes", "Bytes layer calls moved between router and workers (cost model: moefleet.core.cost_model)",
+        labels=["router", "direction", "transport"],
+    )
+    with core._lock:
+        moved = dict(core.transport_bytes)
+    for (direction, transport), n in sorted(moved.items()):
+        c.add_metric([router_id, direction, transport], float(n))
+    yield c
+    h = HistogramMetricFamily(
+        "moefleet_call_overhead_seconds", "A layer call's time less its slowest worker's compute (gate, dispatch, transport, combine)",
+        labels=["router"],
+    )
+    stages = core.stages
+    total = stages.totals().get("call_overhead")
+    if total is not None:
+        h.add_metric([router_id], stages.cumulative("call_overhead"), sum_value=total[0])
+    yield h
 
 
 def serve_metrics(core, router_id: str, host: str, port: int) -> int:

@@ -624,6 +624,7 @@ class RouterCore:
         """
         wall_now = time.time()
         failed = []
+        served = []
         st = self.stages
         with self._lock:
             for b in batches:
@@ -642,9 +643,11 @@ class RouterCore:
             st.observe("return", wall_now - times["end"])
             call.worker_s = max(call.worker_s, sum(times[name] for name in WORKER_STAGES))
             call.partials.append((b, r))
-            call.todo.reshape(-1)[self._slots_of(b, call.ids)] = False
+            served.append(b)
         if not failed:
             return True
+        for b in served:  # what the next dispatch must not send again
+            call.todo.reshape(-1)[self._slots_of(b, call.ids)] = False
         expired = [r for _, r in failed if isinstance(r, RequestError)]  # a worker refused it: deadline passed
         if expired:
             with self._lock:

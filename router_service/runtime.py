@@ -87,6 +87,7 @@ class RouterRuntime:
             "stats": dict(core.stats.__dict__),
             "transport": core.transport_report(),
             "call_overhead": core.stages.totals().get("call_overhead"),
+            "call_overhead_buckets": core.stages.cumulative("call_overhead") if core.stages.totals().get("call_overhead") else None,
             "model": self.model_facts(),
         }
 
