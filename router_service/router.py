@@ -31,6 +31,7 @@ from moefleet.kernels.layer import GateWeights, fused_route, gate_dtype
 from moefleet.kernels.routing import Routing
 
 from .dispatch import NoReplicaError, WorkerBatch, plan_dispatch
+from .health import WorkerHealth, avoid
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,29 @@ class WorkerCallError(Exception):
         self.cause = cause
         self.retryable = retryable
         self.dead = dead
+
+
+class Stalled(Exception):
+    """A worker call still running past its budget (``health.py``): the router hedges its rows or waits on.
+
+    wait: ``await stalled.wait()`` (router's event loop) or ``stalled.wait_blocking(timeout)`` gives the call's
+    outcome when it comes; ``on_done(fn)`` runs ``fn()`` then (the worker answered again)."""
+
+    def __init__(self, worker: str, budget_s: float, task=None, future=None):
+        super().__init__(f"worker {worker}: no answer within its budget of {budget_s:.2f} s (stalled)")
+        self.worker = worker
+        self.budget_s = budget_s
+        self._task = task  # asyncio.Task of the call (event-loop path)
+        self._future = future  # concurrent.futures.Future of the call (blocking path)
+
+    async def wait(self):
+        return await self._task
+
+    def wait_blocking(self, timeout: float | None):
+        return self._future.result(timeout)
+
+    def on_done(self, fn) -> None:
+        (self._task or self._future).add_done_callback(lambda _f: fn())
 
 
 class WorkerTransport(Protocol):
@@ -110,6 +134,7 @@ class _Call:
     worker_s: float = 0.0  # the slowest worker's compute (gather, experts, combine) in this call
     exclude: set = field(default_factory=set)
     partials: list = field(default_factory=list)
+    budgets: dict = field(default_factory=dict)  # worker -> seconds this dispatch may take there
 
 
 @dataclass
@@ -198,6 +223,7 @@ class RouterCore:
         self._lock = threading.Lock()  # counters shared by callers on several threads (the embedded router)
         self._placement_cv = threading.Condition()
         self.transport_bytes: dict[tuple[str, str], int] = defaultdict(int)  # (direction, transport) -> bytes
+        self.health = WorkerHealth()  # per-worker budgets from recent speed; stalled workers in quarantine
 
     # -- placement -------------------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -505,7 +531,10 @@ class RouterCore:
                 batches, prepared = await self.offload(nbytes, self._dispatch, call)
                 self._enter(call)
                 try:
-                    outcomes = await self.transport.run(prepared, batches)
+                    outcomes = await self.transport.run(prepared, batches, call.budgets)
+                    for i, r in enumerate(outcomes):
+                        if isinstance(r, Stalled) and not self._hedge(call, batches[i], r):
+                            outcomes[i] = await self._wait_stalled(r, call.deadline)
                 finally:
                     self._leave(call)
                 if self._absorb(call, batches, prepared, outcomes):
@@ -543,7 +572,10 @@ class RouterCore:
                         def meanwhile():  # the shared experts while the workers compute
                             nonlocal shared_out
                             shared_out = self._timed_shared(shared_mod, call.hidden_c)
-                    outcomes = self.transport.run_blocking(prepared, batches, meanwhile=meanwhile)
+                    outcomes = self.transport.run_blocking(prepared, batches, call.budgets, meanwhile=meanwhile)
+                    for i, r in enumerate(outcomes):
+                        if isinstance(r, Stalled) and not self._hedge(call, batches[i], r):
+                            outcomes[i] = self._wait_stalled_blocking(r, call.deadline)
                 finally:
                     self._leave(call)
                 if self._absorb(call, batches, prepared, outcomes):
@@ -586,6 +618,7 @@ class RouterCore:
                 batches = plan_dispatch(sub_ids, call.weights, replicas, self.outstanding, self.placement.speeds, self._rng)
                 for b in batches:
                     self.outstanding[b.worker] += b.num_rows
+                call.budgets = self._budgets(batches)
         except NoReplicaError as e:
             if self.dead or call.exclude:
                 with self._lock:
@@ -641,7 +674,10 @@ class RouterCore:
             for name in WORKER_STAGES:
                 st.observe(name, times[name])
             st.observe("return", wall_now - times["end"])
-            call.worker_s = max(call.worker_s, sum(times[name] for name in WORKER_STAGES))
+            compute_s = sum(times[name] for name in WORKER_STAGES)
+            call.worker_s = max(call.worker_s, compute_s)
+            with self._lock:
+                self.health.observe(b.worker, b.num_rows, compute_s)
             call.partials.append((b, r))
             served.append(b)
         if not failed:
@@ -655,14 +691,17 @@ class RouterCore:
             raise expired[0]
         call.attempt += 1
         errors = "; ".join(str(r) for _, r in failed)
-        if call.attempt > self.config.worker_retries or not all(isinstance(r, WorkerCallError) and r.retryable for _, r in failed):
+        retryable = all(isinstance(r, Stalled) or (isinstance(r, WorkerCallError) and r.retryable) for _, r in failed)
+        if call.attempt > self.config.worker_retries or not retryable:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"layer {call.layer}: worker call failed: {errors}")
         with self._lock:
             self.stats.retries += 1
         log.warning("router: layer %d re-dispatch after %s", call.layer, errors)
         call.stale = False
         for b, r in failed:
-            if r.dead:
+            if isinstance(r, Stalled):
+                call.exclude.add(b.worker)  # its rows go to the other replicas; its late answer is discarded
+            elif r.dead:
                 call.exclude.add(b.worker)
                 self.mark_dead(b.worker)
             else:
@@ -730,6 +769,8 @@ class RouterCore:
         self.dead[worker] = time.monotonic()
 
     def _replicas_for(self, layer: int, exclude: set[str]) -> dict[int, list[str]]:
+        """The layer's replicas without dead or excluded workers, and without stalled (quarantined) ones where
+        another replica is left (``health.avoid``)."""
         reps = self._replicas.get(layer, {})
         if self.dead:
             now = time.monotonic()
@@ -737,9 +778,55 @@ class RouterCore:
                 if now - t > self.DEAD_RETRY_S:
                     self.dead.pop(w, None)
             exclude = exclude | set(self.dead)
-        if not exclude:
+        quarantined = self.health.quarantined
+        if not exclude and not quarantined:
             return reps
-        return {e: [w for w in ws if w not in exclude] for e, ws in reps.items()}
+        return avoid(reps, quarantined, exclude)
+
+    # -- stragglers ------------------------------------------------------
+    def _budgets(self, batches: list[WorkerBatch]) -> dict[str, float]:
+        """Seconds each worker of a dispatch may take, from its recent speed and the rows queued before this call
+        (callers hold ``_lock``; ``outstanding`` already counts this call's rows)."""
+        return {b.worker: self.health.budget(b.worker, b.num_rows, self.outstanding[b.worker] - b.num_rows) for b in batches}
+
+    def _hedge(self, call: _Call, batch: WorkerBatch, stalled: Stalled) -> bool:
+        """A worker passed its budget: quarantine it; True when every expert of its batch has another live replica
+        (the batch is re-dispatched there and its late answer discarded), False to wait for the worker."""
+        worker = batch.worker
+        with self._lock:
+            first = not self.health.is_quarantined(worker)
+            self.health.stalled(worker, time.monotonic())
+        if first:
+            log.warning("router: %s passed its budget of %.2f s; quarantined until it answers", worker, stalled.budget_s)
+            self.transport.avoid(set(self.health.quarantined))
+        stalled.on_done(lambda: self._answered(worker))
+        reps = self._replicas.get(call.layer, {})
+        gone = set(self.dead) | call.exclude | set(self.health.quarantined)
+        return all(any(w not in gone for w in reps.get(e, ())) for e in batch.experts)
+
+    def _answered(self, worker: str) -> None:
+        with self._lock:
+            was = self.health.answered(worker)
+        if was:
+            log.info("router: %s answers again; out of quarantine", worker)
+            self.transport.avoid(set(self.health.quarantined))
+
+    async def _wait_stalled(self, stalled: Stalled, deadline: float | None):
+        """The rows of a stalled worker that no other replica holds: wait for them (until the call's deadline)."""
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(stalled.wait()), timeout)
+        except asyncio.TimeoutError:
+            return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{stalled}; the deadline passed waiting for it")
+
+    def _wait_stalled_blocking(self, stalled: Stalled, deadline: float | None):
+        import concurrent.futures
+
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            return stalled.wait_blocking(timeout)
+        except concurrent.futures.TimeoutError:
+            return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{stalled}; the deadline passed waiting for it")
 
     async def _await_placement_change(self, timeout: float) -> None:
         self._placement_changed.clear()

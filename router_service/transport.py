@@ -52,11 +52,13 @@ from moefleet.core.tensors import dtype_name, to_numpy
 from .dispatch import WorkerBatch
 from .gpu_transport import CUDA_IPC, ROWS, SHARED_MEMORY, Endpoint, choose_transport, local_endpoint
 from .graph import GraphBrokenError, GraphSet, WorkerGraph
-from .router import RequestError, WorkerCallError
+from .router import RequestError, Stalled, WorkerCallError
 
 log = logging.getLogger(__name__)
 
 Outcome = WorkerReply | BaseException
+
+
 
 
 @dataclass
@@ -149,7 +151,9 @@ class RayTransport:
         self._mode_lock = threading.Lock()
         self.inline_bytes = inline_limit()  # what Ray inlines here (raised in serving processes: core/processes.py)
         self.graphs = GraphSet(self._build_graph, enabled=compiled_graphs)
-        self.stats = {"graph_calls": 0, "plain_calls": 0, "graph_fallbacks": 0}
+        self._workers: tuple[str, ...] = ()
+        self._avoided: set[str] = set()
+        self.stats = {"graph_calls": 0, "plain_calls": 0, "graph_fallbacks": 0, "graph_abandoned": 0}
         self.kind = "compiled_graph" if compiled_graphs else "actor_calls"
 
     def set_device(self, device: str | torch.device) -> None:
@@ -205,13 +209,23 @@ class RayTransport:
     def set_workers(self, workers) -> None:
         """The placement's workers: learn their endpoints and compile a graph over them (in the background)."""
         workers = tuple(sorted(set(workers)))
+        self._workers = workers
         for w in list(self._handles):
             if w not in workers:
                 self.forget(w)
         if self.graphs.enabled:
-            self.graphs.want(workers)  # the build resolves endpoints first
+            self.graphs.want(tuple(w for w in workers if w not in self._avoided))  # the build resolves endpoints first
         else:
             threading.Thread(target=self.resolve, args=(workers,), name="moefleet-endpoints", daemon=True).start()
+
+    def avoid(self, workers) -> None:
+        """Keep ``workers`` (stalled) out of the compiled graph until they answer again (then ``avoid`` without them)."""
+        workers = set(workers)
+        if workers == self._avoided:
+            return
+        self._avoided = workers
+        if self.graphs.enabled and self._workers:
+            self.graphs.want(tuple(w for w in self._workers if w not in workers))
 
     def _build_graph(self, workers: tuple[str, ...]) -> WorkerGraph | None:
         import uuid
@@ -250,7 +264,10 @@ class RayTransport:
     def prepare(self, layer: int, hidden: torch.Tensor, batches: list[WorkerBatch], deadline: float | None) -> Prepared:
         return prepare_calls(layer, hidden, batches, {b.worker: self.mode(b.worker) for b in batches}, deadline)
 
-    async def run(self, prepared: Prepared, batches: list[WorkerBatch]) -> list[Outcome]:
+    async def run(self, prepared: Prepared, batches: list[WorkerBatch], budgets: dict[str, float] | None = None) -> list[Outcome]:
+        """Each batch's outcome; with ``budgets`` (worker -> seconds), a plain call still running past its worker's
+        budget comes back as ``Stalled``, and a graph execution past the largest budget is abandoned (a stalled
+        worker holds a graph's every execution) and the call goes through plain calls."""
         graph = self.graphs.graph_for(b.worker for b in batches)
         if graph is not None:
             try:
@@ -258,7 +275,12 @@ class RayTransport:
                     fut = graph.submit(prepared.shared, prepared.calls)
                 else:  # every execution slot is taken: wait for one off the event loop
                     fut = await asyncio.get_running_loop().run_in_executor(None, graph.submit, prepared.shared, prepared.calls)
-                values = await asyncio.wrap_future(fut)
+                wrapped = asyncio.wrap_future(fut)
+                limit = max(budgets.values()) if budgets else None
+                done, _ = await asyncio.wait({wrapped}, timeout=limit)
+                if not done:
+                    self._abandon(graph, limit)
+                values = await wrapped
                 self.stats["graph_calls"] += 1
                 return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
             except GraphBrokenError as e:
@@ -266,12 +288,19 @@ class RayTransport:
                 log.info("router: %s; this call goes through plain actor calls", e)
                 self.graphs.tick()
         self.stats["plain_calls"] += 1
-        return list(await asyncio.gather(*(self._plain(b.worker, prepared) for b in batches)))
+        tasks = [asyncio.ensure_future(self._plain(b.worker, prepared)) for b in batches]
+        return await within_budgets(tasks, batches, budgets)
+
+    def _abandon(self, graph: WorkerGraph, limit: float | None) -> None:
+        self.stats["graph_abandoned"] = self.stats.get("graph_abandoned", 0) + 1
+        graph.abandon(f"graph {graph.graph_id}: an execution passed its budget of {limit:.2f} s (a worker stalled)")
 
     def run_blocking(
-        self, prepared: Prepared, batches: list[WorkerBatch], timeout_s: float | None = None, meanwhile=None
+        self, prepared: Prepared, batches: list[WorkerBatch], budgets: dict[str, float] | None = None, meanwhile=None
     ) -> list[Outcome]:
         """``run`` from the caller's thread; ``meanwhile()`` runs once the workers have their calls."""
+        import concurrent.futures
+
         graph = self.graphs.graph_for(b.worker for b in batches)
         if graph is not None:
             try:
@@ -279,7 +308,12 @@ class RayTransport:
                 if meanwhile is not None:
                     meanwhile()
                     meanwhile = None
-                values = fut.result(timeout_s)
+                limit = max(budgets.values()) if budgets else None
+                try:
+                    values = fut.result(limit)
+                except concurrent.futures.TimeoutError:
+                    self._abandon(graph, limit)
+                    values = fut.result()
                 self.stats["graph_calls"] += 1
                 return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
             except GraphBrokenError as e:
@@ -290,16 +324,36 @@ class RayTransport:
         refs = [self._submit_plain(b.worker, prepared) for b in batches]
         if meanwhile is not None:
             meanwhile()
-        out = []
-        for b, ref in zip(batches, refs):
+        futures = {}
+        out: list = [None] * len(batches)
+        for i, (b, ref) in enumerate(zip(batches, refs)):
             if isinstance(ref, BaseException):
-                out.append(ref)
-                continue
+                out[i] = ref
+            else:
+                futures[i] = self._outcome_future(b.worker, ref)
+        start = time.monotonic()
+        for i, f in futures.items():
+            limit = (budgets or {}).get(batches[i].worker)
             try:
-                out.append(outcome(b.worker, self._ray.get(ref, timeout=timeout_s)))
-            except Exception as e:  # noqa: BLE001 - classified like the async path
-                out.append(self._ray_error(b.worker, e))
+                out[i] = f.result(None if limit is None else max(0.0, limit - (time.monotonic() - start)))
+            except concurrent.futures.TimeoutError:
+                out[i] = Stalled(batches[i].worker, limit, future=f)
         return out
+
+    def _outcome_future(self, worker: str, ref):
+        """A concurrent future of a plain call's outcome (never raising: errors are outcomes)."""
+        import concurrent.futures
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(f):
+            try:
+                fut.set_result(outcome(worker, f.result()))
+            except BaseException as e:  # noqa: BLE001 - classified like the async path
+                fut.set_result(self._ray_error(worker, e))
+
+        ref.future().add_done_callback(done)
+        return fut
 
     def _submit_plain(self, worker: str, prepared: Prepared):
         call = prepared.calls[worker]
@@ -362,6 +416,9 @@ class LocalTransport:
     def set_workers(self, workers) -> None:
         pass
 
+    def avoid(self, workers) -> None:
+        pass
+
     def mode(self, worker: str) -> str:
         return "local"
 
@@ -374,12 +431,13 @@ class LocalTransport:
             return WorkerCallError(worker, LookupError(f"no worker {worker}"), retryable=True, dead=True)
         return outcome(worker, w.serve(prepared.calls[worker], prepared.host))
 
-    async def run(self, prepared: Prepared, batches: list[WorkerBatch]) -> list[Outcome]:
+    async def run(self, prepared: Prepared, batches: list[WorkerBatch], budgets: dict[str, float] | None = None) -> list[Outcome]:
         loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(None, functools.partial(self._one, b.worker, prepared)) for b in batches)))
+        tasks = [asyncio.ensure_future(loop.run_in_executor(None, functools.partial(self._one, b.worker, prepared))) for b in batches]
+        return await within_budgets(tasks, batches, budgets)
 
     def run_blocking(
-        self, prepared: Prepared, batches: list[WorkerBatch], timeout_s: float | None = None, meanwhile=None
+        self, prepared: Prepared, batches: list[WorkerBatch], budgets: dict[str, float] | None = None, meanwhile=None
     ) -> list[Outcome]:
         out = [self._one(b.worker, prepared) for b in batches]
         if meanwhile is not None:
@@ -391,6 +449,29 @@ class LocalTransport:
 
     def close(self, wait: bool = False) -> None:
         pass
+
+
+async def within_budgets(tasks: list, batches: list[WorkerBatch], budgets: dict[str, float] | None) -> list[Outcome]:
+    """The tasks' outcomes, each awaited up to its worker's budget; one still running then is ``Stalled`` (it runs on)."""
+    if not budgets:
+        return list(await asyncio.gather(*tasks))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    limits = [budgets.get(b.worker, float("inf")) for b in batches]
+    out: list = [None] * len(batches)
+    waiting = set(range(len(batches)))
+    while waiting:
+        now = loop.time() - start
+        for i in [i for i in waiting if tasks[i].done()]:
+            out[i] = tasks[i].result()
+            waiting.discard(i)
+        for i in [i for i in waiting if now >= limits[i]]:
+            out[i] = Stalled(batches[i].worker, limits[i], task=tasks[i])
+            waiting.discard(i)
+        if waiting:
+            await asyncio.wait([tasks[i] for i in waiting], timeout=min(limits[i] for i in waiting) - now,
+                               return_when=asyncio.FIRST_COMPLETED)
+    return out
 
 
 def _expired(worker: str) -> RequestError:
