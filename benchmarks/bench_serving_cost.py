@@ -2,10 +2,13 @@
 
     python benchmarks/bench_serving_cost.py [--rounds 3] [--n 20] [--quick] [--out FILE]
 
-One Mixtral-shaped layer (H=1024, F=2816, E=8, top-2, fp32). *fleet*: one
+One Mixtral-shaped layer (H=1024, F=2816, E=8, top-2, fp32). The fleet: one
 ExpertGroup worker owning both cores (pinned, 2 torch threads), a static
-fleet (no controller), the grpc.aio router in a Ray actor, called over gRPC
-from this process. *in-process*: the same layer in this process with the
+fleet (no controller), reached two ways — *grpc*: the grpc.aio router in a Ray
+actor, called over gRPC from this process; *embedded*: the router core in this
+process (``EmbeddedRouter``, what ``moefleet.connect(embedded=True)`` gives).
+Both call the worker on their own compiled graph (``--compiled-graphs 0``:
+plain actor calls). *in-process*: the same layer in this process with the
 same two cores, measured in the same run with Ray and the fleet up and idle.
 Only the serving path differs.
 
@@ -14,8 +17,8 @@ configurations alternate in rounds so drift hits both) and at 4096 tokens
 (throughput = T / median call time). For the fleet, every stage of a call
 (``moefleet.core.stages``): client encode/decode timed here, the router's and
 the worker's read from the router's stage timers, and gRPC as what is left of
-the client's round trip. Goals (issue 12): p50 ratio at 32 tokens <= 1.3,
-at 256 tokens <= 1.25, throughput ratio at 4096 >= 0.95.
+the client's round trip. Goals (issue 16): gRPC p50 ratio at 32 tokens <= 1.15,
+at 256 <= 1.10, throughput ratio at 4096 >= 0.95; embedded <= 1.05, <= 1.05, >= 0.97.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal, percentiles, single, spread, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
-GOALS = {"p50_32": 1.3, "p50_256": 1.25, "throughput_4096": 0.95}
+GOALS = {"grpc": (1.15, 1.10, 0.95), "embedded": (1.05, 1.05, 0.97)}
+"""Per path: p50 ratio at 32 tokens, at 256 tokens (at most), throughput ratio at the large size (at least)."""
 
 
 class TimedClient:
@@ -92,10 +96,13 @@ def system_busy_s() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3, help="alternations of in-process and fleet per point")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of in-process and the fleet paths per point")
     ap.add_argument("--n", type=int, default=20, help="calls per round at 32 and 256 tokens")
     ap.add_argument("--n-large", type=int, default=3, help="calls per round at the large size")
     ap.add_argument("--large", type=int, default=4096, help="tokens of the throughput point")
+    ap.add_argument("--paths", nargs="+", default=["grpc", "embedded"], choices=["grpc", "embedded"],
+                    help="fleet paths measured against the in-process layer")
+    ap.add_argument("--compiled-graphs", type=int, default=1, help="1: router -> worker on compiled graphs; 0: plain actor calls")
     ap.add_argument("--quick", action="store_true", help="small layer, few calls (a smoke run)")
     ap.add_argument("--batch-window-ms", type=float, default=None, help="router micro-batch window (default: the fleet's default)")
     ap.add_argument("--profile-dir", help="run py-spy on the router and worker at each point; folded stacks go here")
@@ -116,6 +123,7 @@ def main() -> None:
     from moefleet.core.stages import STAGES, per_call_ms
     from moefleet.local import LocalFleet
     from moefleet.router_service.client import FleetClient
+    from moefleet.router_service.embedded import EmbeddedRouter
 
     results: dict = {"shape": shape, "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,71 +133,85 @@ def main() -> None:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         router_kw = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
-        cfg = FleetConfig(checkpoint=path, num_workers=1, static=True, redis_url=redis.url,
+        cfg = FleetConfig(checkpoint=path, num_workers=1, static=True, redis_url=redis.url, http_port=None,
                           namespace=f"cost-{uuid.uuid4().hex[:6]}", router=RouterConfig(**router_kw))
         fleet = LocalFleet(cfg)
         fleet.start()
         client = FleetClient(fleet.address, timeout=120)
         client.wait_ready(60)
+        embedded = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs=bool(args.compiled_graphs))
+        embedded.wait_ready(60)
+        if args.compiled_graphs:  # both routers' graphs compiled before anything is timed
+            wait_until(lambda: embedded.core.transport_report().get("graph"), 60)
+            wait_until(lambda: fleet.router_stats()[0]["transport"].get("graph"), 60)
         wstats = next(iter(fleet.worker_stats().values()))
         worker_pid, router_pid = wstats["pid"], fleet.router_stats()[0]["pid"]
         results["worker"] = {"cpus": wstats.get("cpus"), "torch_threads": wstats.get("torch_threads")}
         results["in_process_torch_threads"] = torch.get_num_threads()
         print(f"worker cores {wstats.get('cpus')} ({wstats.get('torch_threads')} torch threads); "
-              f"in-process: {torch.get_num_threads()} torch threads", flush=True)
-        fleet_call = TimedClient(client)
+              f"in-process: {torch.get_num_threads()} torch threads; transports: gRPC router "
+              f"{fleet.router_stats()[0]['transport']['kind']}, embedded {embedded.core.transport_report()['kind']}", flush=True)
+        grpc_call = TimedClient(client)
+        calls = {"grpc": grpc_call, "embedded": lambda x: embedded.forward(0, x)}
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, shape["hidden"], generator=g)
-        results["fleet_max_abs_error"] = float((fleet_call(x) - layer(x)).abs().max())
+        want = layer(x)
+        results["max_abs_error"] = {p: float((calls[p](x) - want).abs().max()) for p in args.paths}
 
         for t in points:
             n = args.n if t != args.large else args.n_large
             x = torch.randn(t, shape["hidden"], generator=g)
-            layer(x), fleet_call(x)  # warm both
-            ip, fl = [], []
-            fleet_call.reset()
-            before = fleet.router_stats()[0]["stages"]
+            layer(x)
+            for p in args.paths:
+                calls[p](x)  # warm
+            samples: dict[str, list[float]] = {"in_process": [], **{p: [] for p in args.paths}}
+            grpc_call.reset()
+            before = {"grpc": fleet.router_stats()[0]["stages"], "embedded": embedded.core.stages.totals()}
             procs = {"worker": worker_pid, "router": router_pid, "client": os.getpid()}
             p0 = {k: proc_sample(v) for k, v in procs.items()}
             sys0 = system_busy_s()
-            prof = None
-            if args.profile_dir:
-                prof = start_profiles(fleet, args.profile_dir, f"T{t}")
-            round_ratios = []
+            prof = start_profiles(fleet, args.profile_dir, f"T{t}") if args.profile_dir else None
+            round_ratios: dict[str, list[float]] = {p: [] for p in args.paths}
             for _ in range(args.rounds):
-                ip_round = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    layer(x)
-                    ip_round.append(time.perf_counter() - t0)
-                for _ in range(n):
-                    fleet_call(x)
-                fl_round = fleet_call.total_s[len(fl):]
-                ip.extend(ip_round)
-                fl.extend(fl_round)
-                round_ratios.append(float(np.median(fl_round) / np.median(ip_round)))
+                this = {}
+                for name in ("in_process", *args.paths):
+                    fn = layer if name == "in_process" else calls[name]
+                    this[name] = []
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        fn(x)
+                        this[name].append(time.perf_counter() - t0)
+                    samples[name].extend(this[name])
+                for p in args.paths:
+                    round_ratios[p].append(float(np.median(this[p]) / np.median(this["in_process"])))
             if prof:
                 stop_profiles(prof)
-            after = fleet.router_stats()[0]["stages"]
+            after = {"grpc": fleet.router_stats()[0]["stages"], "embedded": embedded.core.stages.totals()}
             sys1 = system_busy_s()
             p1 = {k: proc_sample(v) for k, v in procs.items()}
-            calls = len(fleet_call.total_s)
-            stages = per_call_ms(before, after, calls)
-            stages["client_encode"] = 1000 * float(np.mean(fleet_call.encode_s))
-            stages["client_decode"] = 1000 * float(np.mean(fleet_call.decode_s))
-            total = 1000 * float(np.mean(fleet_call.total_s))
-            stages["grpc"] = total - stages["client_encode"] - stages["client_decode"] - stages.get("router_total", 0.0)
-            # where the machine's CPU went during this point (in-process calls included: the client's figure)
+            wall = sum(sum(v) for v in samples.values())
+            stages = {}
+            for p in args.paths:
+                st = per_call_ms(before[p], after[p], len(samples[p]))
+                if p == "grpc":
+                    st["client_encode"] = 1000 * float(np.mean(grpc_call.encode_s))
+                    st["client_decode"] = 1000 * float(np.mean(grpc_call.decode_s))
+                    total = 1000 * float(np.mean(grpc_call.total_s))
+                    st["grpc"] = total - st["client_encode"] - st["client_decode"] - st.get("router_total", 0.0)
+                stages[p] = {s: st[s] for s in STAGES if s in st}
             cpu = {k: {m: p1[k][m] - p0[k][m] for m in p0[k]} for k in procs}
             cpu["others"] = {"cpu_s": (sys1 - sys0) - sum(c["cpu_s"] for c in cpu.values())}
             results[f"T{t}"] = {
-                "in_process": percentiles(ip), "fleet": percentiles(fl), "fleet_mean_ms": total,
-                "stages_ms_per_call": {s: stages[s] for s in STAGES if s in stages},
-                "processes": cpu, "wall_s": sum(ip) + sum(fl), "round_ratios": round_ratios,
+                **{name: percentiles(v) for name, v in samples.items()},
+                "stages_ms_per_call": stages, "processes": cpu, "wall_s": wall, "round_ratios": round_ratios,
             }
             r = results[f"T{t}"]
-            print(f"T={t:5d}: in-process p50 {r['in_process']['p50_ms']:8.1f} ms, fleet p50 {r['fleet']['p50_ms']:8.1f} ms "
-                  f"({r['fleet']['p50_ms'] / r['in_process']['p50_ms']:.2f}x)", flush=True)
+            line = f"T={t:5d}: in-process p50 {r['in_process']['p50_ms']:8.2f} ms"
+            for p in args.paths:
+                line += f", {p} p50 {r[p]['p50_ms']:8.2f} ms ({r[p]['p50_ms'] / r['in_process']['p50_ms']:.3f}x)"
+            print(line, flush=True)
+        results["transport"] = {"grpc": fleet.router_stats()[0]["transport"], "embedded": embedded.core.transport_report()}
+        embedded.close()
         client.close()
         fleet.stop()
         ray.shutdown()
@@ -198,64 +220,64 @@ def main() -> None:
     def p50(t, who):
         return results[f"T{t}"][who]["p50_ms"]
 
-    ratios = {
-        "p50_32": p50(32, "fleet") / p50(32, "in_process"),
-        "p50_256": p50(256, "fleet") / p50(256, "in_process"),
-        f"throughput_{args.large}": p50(args.large, "in_process") / p50(args.large, "fleet"),
-    }
+    ratios = {}
+    for p in args.paths:
+        ratios[f"{p}_p50_32"] = p50(32, p) / p50(32, "in_process")
+        ratios[f"{p}_p50_256"] = p50(256, p) / p50(256, "in_process")
+        ratios[f"{p}_throughput_{args.large}"] = p50(args.large, "in_process") / p50(args.large, p)
     results["ratios"] = ratios
-    results["goals"] = {k: {"goal": GOALS.get(k), "met": (v <= GOALS[k]) if k.startswith("p50") else (v >= GOALS[k])}
-                        for k, v in ratios.items() if k in GOALS}
 
-    print(f"\n{'stage (fleet, ms per call)':34s}" + "".join(f"{'T=' + str(t):>10s}" for t in points))
-    for s in STAGES:
-        row = [results[f"T{t}"]["stages_ms_per_call"].get(s) for t in points]
-        if any(v is not None for v in row):
-            print(f"{s:34s}" + "".join(f"{v:10.2f}" if v is not None else f"{'-':>10s}" for v in row))
-    print(f"{'fleet mean round trip':34s}" + "".join(f"{results[f'T{t}']['fleet_mean_ms']:10.2f}" for t in points))
-    print(f"{'in-process p50':34s}" + "".join(f"{p50(t, 'in_process'):10.2f}" for t in points))
-    print(f"{'fleet p50':34s}" + "".join(f"{p50(t, 'fleet'):10.2f}" for t in points))
-    print("\nCPU during each point (fleet and in-process calls), cores used on average; worker: page faults per fleet call,"
-          " ms per fleet call runnable but waiting for a core")
+    for p in args.paths:
+        print(f"\n{p}: {'stage (ms per call)':28s}" + "".join(f"{'T=' + str(t):>10s}" for t in points))
+        for s in STAGES:
+            row = [results[f"T{t}"]["stages_ms_per_call"][p].get(s) for t in points]
+            if any(v is not None for v in row):
+                print(f"{'':{len(p) + 2}s}{s:28s}" + "".join(f"{v:10.2f}" if v is not None else f"{'-':>10s}" for v in row))
+    print("\nCPU during each point (all paths), cores used on average; worker: ms runnable but waiting for a core per call")
     for name in ("worker", "router", "client", "others"):
         print(f"{name + ' cores':34s}" + "".join(
             f"{results[f'T{t}']['processes'][name]['cpu_s'] / results[f'T{t}']['wall_s']:10.2f}" for t in points))
-    nf = {t: results[f"T{t}"]["fleet"]["n"] for t in points}
-    print(f"{'worker CPU ms / call':34s}" + "".join(f"{1000 * results[f'T{t}']['processes']['worker']['cpu_s'] / nf[t]:10.1f}" for t in points))
-    print(f"{'worker minor faults / call':34s}" + "".join(f"{results[f'T{t}']['processes']['worker']['minflt'] / nf[t]:10.0f}" for t in points))
-    print(f"{'worker run-queue wait ms / call':34s}" + "".join(
-        f"{1000 * results[f'T{t}']['processes']['worker']['wait_s'] / nf[t]:10.2f}" for t in points))
     print()
     for k, v in ratios.items():
-        target = GOALS.get(k)
-        met = "" if target is None else ("  goal <= %.2f: %s" % (target, "met" if v <= target else "NOT met") if k.startswith("p50")
-                                         else "  goal >= %.2f: %s" % (target, "met" if v >= target else "NOT met"))
-        print(f"fleet/in-process {k:18s} {v:6.2f}{met}")
-    print(f"fleet max abs error vs in-process: {results['fleet_max_abs_error']:.2e}")
+        print(f"{k:28s} {v:6.3f}")
+    print(f"max abs error vs in-process: {results['max_abs_error']}")
     write_json("serving_cost", results, args.out)
 
     figures = {}
     for t in points:
         r = results[f"T{t}"]
         figures[f"in-process p50@{t}"] = single(r["in_process"]["p50_ms"], "ms")
-        figures[f"fleet p50@{t}"] = single(r["fleet"]["p50_ms"], "ms")
-        figures[f"fleet / in-process p50@{t}, per round"] = spread(r["round_ratios"], "x", "rounds alternate in-process and fleet calls")
-        for stage, ms in r["stages_ms_per_call"].items():
-            figures[f"T={t} {stage}"] = single(ms, "ms", STAGES[stage])
-    goals = [
-        goal("fleet p50@32 <= 1.3x in-process", ratios["p50_32"], "<=", GOALS["p50_32"], unit="x"),
-        goal("fleet p50@256 <= 1.25x in-process", ratios["p50_256"], "<=", GOALS["p50_256"], unit="x"),
-        goal(f"fleet throughput@{args.large} >= 0.95x in-process", ratios[f"throughput_{args.large}"], ">=",
-             GOALS["throughput_4096"], unit="x", note="throughput = tokens / median call time"),
-        goal("fleet output = in-process output (max abs error)", results["fleet_max_abs_error"], "<=", 1e-5),
-    ]
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        for p in args.paths:
+            figures[f"{p} p50@{t}"] = single(r[p]["p50_ms"], "ms")
+            figures[f"{p} / in-process p50@{t}, per round"] = spread(r["round_ratios"][p], "x", "rounds alternate the paths")
+            for stage, ms in r["stages_ms_per_call"][p].items():
+                figures[f"{p} T={t} {stage}"] = single(ms, "ms", STAGES[stage])
+    goals = []
+    for p in args.paths:
+        g32, g256, gtp = GOALS[p]
+        goals += [
+            goal(f"{p} p50@32 <= {g32}x in-process", ratios[f"{p}_p50_32"], "<=", g32, unit="x"),
+            goal(f"{p} p50@256 <= {g256}x in-process", ratios[f"{p}_p50_256"], "<=", g256, unit="x"),
+            goal(f"{p} throughput@{args.large} >= {gtp}x in-process", ratios[f"{p}_throughput_{args.large}"], ">=", gtp,
+                 unit="x", note="throughput = tokens / median call time, one call in flight"),
+            goal(f"{p} output = in-process output (max abs error)", results["max_abs_error"][p], "<=", 1e-5),
+        ]
+    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
                      if v is not None and k not in ("out", "quick", "profile_dir"))
-    write_result("serving_cost", title="Serving cost: one worker owning both cores vs the in-process layer",
-                 question="What does a layer call cost through the fleet over the same layer in process on the same cores, "
-                          "and where does the difference go?",
+    write_result("serving_cost", title="Serving cost: one worker owning both cores vs the in-process layer (gRPC and embedded)",
+                 question="What does a layer call cost through the fleet, over gRPC and with the router embedded in the caller, "
+                          "over the same layer in process on the same cores, and where does the difference go?",
                  command=f"python benchmarks/bench_serving_cost.py {flags}" + (" --quick" if args.quick else ""),
                  figures=figures, goals=goals, details=results, elapsed_s=time.perf_counter() - t_start)
+
+
+def wait_until(pred, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def start_profiles(fleet, out_dir: str, tag: str) -> list:

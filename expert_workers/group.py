@@ -29,6 +29,7 @@ from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
 from moefleet.core.cuda_ipc import CudaTensorHandle, export_tensor, open_tensor
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
+from moefleet.core.processes import polling_thread
 from moefleet.core.recent import RecentCounts
 from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
 from moefleet.kernels.experts import fusable, grouped_ffn, moe_experts, packed_kind, resolve_backend
@@ -474,6 +475,7 @@ class ExpertGroupActor(ExpertGroupCore):
         self._store = None
         self._graph_lock = threading.Lock()
         self._graphs: dict[str, _GraphSlot] = {}
+        self._graph_thread = threading.local()
         if redis_url:
             from moefleet.core.state import StateStore
 
@@ -492,7 +494,11 @@ class ExpertGroupActor(ExpertGroupCore):
     def graph_call(self, shared, call):
         """The method a router's compiled graph runs on every execution: ``serve`` this worker's part, or nothing.
 
-        Every execution reaches every worker of the graph; a worker without rows in it gets ``call=None``."""
+        Every execution reaches every worker of the graph; a worker without rows in it gets ``call=None``.
+        The graph's loop thread polls its channels between calls: it runs in the idle class
+        (``core.processes.polling_thread``) so that its polling never takes the worker's cores from the experts."""
+        if not getattr(self._graph_thread, "idle", False):
+            self._graph_thread.idle = polling_thread()
         if call is None:
             return None
         return self.serve(call, *(shared or (None, None)))

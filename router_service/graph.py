@@ -49,6 +49,8 @@ import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from moefleet.core.processes import polling_thread
+
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 8
@@ -76,6 +78,7 @@ class WorkerGraph:
         max_inflight: int = MAX_INFLIGHT,
         submit_timeout_s: float = 10.0,
     ):
+        import ray
         from ray.dag import InputNode, MultiOutputNode
 
         self.graph_id = graph_id or uuid.uuid4().hex[:12]
@@ -92,6 +95,8 @@ class WorkerGraph:
             dag = MultiOutputNode(outputs)
         # +1: the graph counts an execution in flight until its refs are released, after the reader took them
         self.compiled = dag.experimental_compile(_max_inflight_executions=max_inflight + 1, _submit_timeout=submit_timeout_s)
+        # one empty execution: every worker's loop thread runs graph_call once and drops to the idle class
+        ray.get(self.compiled.execute(*([None] if self.shared_workers else []), *([None] * len(self.workers))), timeout=60)
         self.executable_tasks = {w: self.compiled.actor_to_executable_tasks.get(handles[w]) for w in self.workers}
         self._submit_lock = threading.Lock()
         self._cv = threading.Condition()
@@ -152,6 +157,7 @@ class WorkerGraph:
         return fut
 
     def _read_loop(self) -> None:
+        polling_thread()  # its reads spin while the workers compute: only on CPU time nothing else wants
         while True:
             with self._cv:
                 while not self._inflight and not self._stop:
@@ -202,6 +208,7 @@ class WorkerGraph:
             log.debug("graph %s teardown: %s", self.graph_id, e)
         if self.on_teardown is not None:
             self.on_teardown()
+        self._reader.join(10)
 
 
 class GraphSet:
@@ -223,6 +230,7 @@ class GraphSet:
         self.build_failures = 0
         self.last_error: str | None = None
         self._closed = False
+        self._teardowns: list[threading.Thread] = []
 
     def want(self, workers: tuple[str, ...]) -> None:
         """The placement's workers are ``workers``: compile a graph over them unless the current one is it."""
@@ -304,7 +312,10 @@ class GraphSet:
             done = [g for g in self._retired if g.drained() or not g.alive]
             self._retired = [g for g in self._retired if g not in done]
         if done:
-            threading.Thread(target=lambda: [g.teardown() for g in done], name="moefleet-graph-teardown", daemon=True).start()
+            t = threading.Thread(target=lambda: [g.teardown() for g in done], name="moefleet-graph-teardown", daemon=True)
+            with self._lock:
+                self._teardowns = [x for x in self._teardowns if x.is_alive()] + [t]
+            t.start()
 
     def tick(self) -> None:
         """Housekeeping from the router's loop: retire a dead graph, tear down drained old ones."""
@@ -321,3 +332,12 @@ class GraphSet:
             graphs = self._retired + ([self.current] if self.current is not None else [])
             self._retired, self.current = [], None
         return graphs
+
+    def join_teardowns(self, timeout_s: float = 60.0) -> None:
+        """Wait for the teardowns running in the background (before this process leaves Ray: a reader thread
+        still inside Ray's channel code when Ray shuts down takes the process with it)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._teardowns)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))

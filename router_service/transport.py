@@ -400,6 +400,7 @@ class RayTransport:
         if wait:
             for g in graphs:
                 g.teardown()
+            self.graphs.join_teardowns()
         elif graphs:
             threading.Thread(target=lambda: [g.teardown() for g in graphs], name="moefleet-graph-teardown", daemon=True).start()
 

@@ -61,3 +61,28 @@ def serving_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, 
     env = dict(runtime_env or {})
     env["env_vars"] = {**SERVING_ENV_VARS, **(env.get("env_vars") or {})}
     return env
+
+
+def polling_thread() -> str:
+    """Run the calling thread only on CPU time nothing else wants (``SCHED_IDLE``; nice 19 where that is refused).
+
+    A compiled graph's channels are polled, not waited on: Ray 2.60's shared-memory read spins (with
+    ``sched_yield``) until the writer seals the next value, so every thread waiting on a graph — a worker's
+    graph loop between calls, a router's reader while its workers compute — keeps a core busy. At normal
+    priority that spin takes CPU from the expert math beside it (a worker's own cores, a caller's model);
+    in the idle class it runs only on cycles no one else wants, which is also when its answer matters.
+    Returns the policy set ("idle", "nice19" or "unchanged").
+    """
+    import os
+    import threading
+
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread on Linux
+        return "idle"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return "nice19"
+    except (AttributeError, OSError):
+        return "unchanged"
