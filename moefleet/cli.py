@@ -664,8 +664,11 @@ def _plan_inputs(args):
         top_k = args.top_k or model_top_k
     if args.top_k is not None:
         top_k = args.top_k
+    if args.router_call_ms < 0:
+        raise _PlanArgError(f"router-call-ms: must be >= 0, got {args.router_call_ms}")
     config = SimConfig(controller=controller, mode=args.mode, concurrency=args.concurrency, top_k=top_k,
-                       load_scale=args.load_scale, static_from=args.static_from)
+                       load_scale=args.load_scale, static_from=args.static_from, router_call_s=args.router_call_ms / 1000,
+                       weight_source=args.load_from)
     return trace, (lambda fleet_entries: build(fleet_entries, len(trace.layers))), entries, shape, config
 
 
@@ -742,6 +745,11 @@ def _print_plan(args, trace, config, results, found) -> None:
         else:
             table.add_row(name, fmt.format(a), fmt.format(b), f"{a / b:.2f}" if b else "-")
     console.print(table)
+
+
+ROUTER_CALL_MS = 1.0
+"""``moe-fleet plan``'s default router time per layer call: the embedded router's call overhead measured on the
+development machine (gate, dispatch, compiled-graph round trip, combine; benchmarks/RESULTS.md, hot path)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,7 +873,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--efficiency", type=float, default=0.5, help="fraction of the tensor-core peak an expert GEMM reaches")
     p.add_argument("--planner-speed", choices=["measured", "spec"], default="measured",
                    help="device speed the planner sees: as measured under the model (default) or the spec-sheet ratio")
-    p.add_argument("--local-activations", action="store_true", help="do not charge activation transfer over the network")
+    p.add_argument("--local-activations", action="store_true",
+                   help="every device on the router's node (no activation transfer); default: devices on other nodes get "
+                        "their tokens' rows over their network link, as the product sends them")
+    p.add_argument("--router-call-ms", type=float, default=ROUTER_CALL_MS,
+                   help=f"the router's own time per layer call (gate, dispatch, transport, combine; default {ROUTER_CALL_MS} ms)")
+    p.add_argument("--load-from", choices=["checkpoint", "peer"], default="checkpoint",
+                   help="where added replicas' weights come from: the checkpoint (what the reconciler does) or a peer")
     p.add_argument("--static-from", choices=["first", "mean"], default="first",
                    help="the first plan from the trace's first interval (default) or its whole load")
     p.add_argument("--config", help="YAML ControllerConfig with the controller's knobs (interval_s, planner, autoscaling, ...)")

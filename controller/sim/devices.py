@@ -24,9 +24,15 @@ an expert GEMM reaches):
   989.4 TFLOP/s x efficiency)``;
 * weight floor per expert per call: ``weight_bytes / memory_bw`` (a call
   that gives an expert few rows still reads all its weights);
-* activations per row over the network: ``2 H x bytes`` (hidden state in,
-  partial output back) ``/ network`` -- overlapped with compute, so a call's
-  service time is ``overhead + max(compute, transfer)``;
+* activations over the path the product takes to the device
+  (``moefleet.core.cost_model``, the function the router counts its bytes
+  with): a device on the router's node reads the call's batch in place
+  (shared memory / CUDA IPC, nothing moves); a device on another node gets
+  only its tokens' rows and returns a partial row per token: ``2 H x bytes``
+  per token over its network link (``act_row_s``, per token). The rows arrive
+  before the device computes and the partials leave after, so they add to the
+  call's latency, not to the device's busy time (its NIC is not its compute);
+  at large batches a device's throughput is the slower of the two;
 * a weight copy (rebalance) costs ``weight_bytes / network`` on the
   receiving device.
 
@@ -187,7 +193,7 @@ class SimDevice:
     type_name: str
     row_s: float
     floor_s: float
-    act_row_s: float
+    act_row_s: float  # seconds per token of activations to and from the device (0: on the router's node)
     overhead_s: float
     copy_bytes_per_s: float
     out_row_s: float = 0.0
@@ -202,15 +208,18 @@ class SimDevice:
         return max(self.row_s, self.act_row_s)
 
     def service_s(self, rows_per_expert) -> float:
-        """Seconds for one call that brings ``rows_per_expert`` (iterable of rows, one per expert) to this device."""
+        """Seconds this device is busy with one call that brings ``rows_per_expert`` (rows, one entry per expert)."""
         compute = 0.0
-        rows = 0
         top = 0
         for r in rows_per_expert:
             compute += max(r * self.row_s, self.floor_s)
-            rows += r
             top = max(top, r)  # returned_rows
-        return self.overhead_s + max(compute, rows * self.act_row_s) + top * self.out_row_s
+        return self.overhead_s + compute + top * self.out_row_s
+
+    def transfer_s(self, rows_per_expert) -> tuple[float, float]:
+        """(seconds for the call's rows to reach the device, seconds for its partials to come back)."""
+        half = returned_rows(rows_per_expert) * self.act_row_s / 2
+        return half, half
 
 
 def returned_rows(rows_per_expert) -> int:
@@ -280,10 +289,19 @@ def format_fleet(entries: list[FleetEntry]) -> str:
     return ",".join(f"{e.device_type.name}:{e.count}" for e in entries)
 
 
+def token_transfer_s(shape: ExpertShape, network_gbps: float) -> float:
+    """Seconds one token's hidden state out and partial back take over a ``network_gbps`` link, with the bytes
+    the cost model says a ``rows`` worker moves per token (``moefleet.core.cost_model.call_bytes``)."""
+    from moefleet.core.cost_model import WorkerPart, call_bytes
+
+    moved = call_bytes(1, shape.hidden, shape.dtype_bytes, shape.dtype_bytes, [WorkerPart("d", 1, 1, "rows")])
+    return (moved.total_to + moved.total_from) / (network_gbps * 1e9 / 8)
+
+
 def _timing(t: DeviceType, shape: ExpertShape, efficiency: float, remote_activations: bool) -> tuple[float, float, float]:
     row_s = shape.flops_per_row / (t.speed * REFERENCE_BF16_TFLOPS * 1e12 * efficiency)
     floor_s = shape.weight_bytes / (t.memory_bw_gbs * 1e9)
-    act_row_s = shape.activation_bytes_per_row / (t.network_gbps * 1e9 / 8) if remote_activations else 0.0
+    act_row_s = token_transfer_s(shape, t.network_gbps) if remote_activations else 0.0
     return row_s, floor_s, act_row_s
 
 
@@ -304,7 +322,9 @@ def fleet_devices(
     moe_layers`` of its memory (the model's other layers hold the rest).
     efficiency: fraction of the tensor-core peak an expert GEMM reaches.
     overhead_s: fixed cost of one call on a device (launch, dispatch).
-    remote_activations: charge activation transfer over the network.
+    remote_activations: charge activation transfer over the network to devices on nodes other than the
+        router's (the first entry's first node; devices there read the batch in place); False: none anywhere.
+    The planner's measured speed counts the network of a remote device (its throughput bound).
     planner_speed: the ``DeviceSpec.speed`` the planner sees (see the module docstring).
     """
     if not 0 < efficiency <= 1:
@@ -317,6 +337,7 @@ def fleet_devices(
     ref_row, _, ref_act = _timing(DEVICE_TYPES["h100"], shape, efficiency, remote_activations)
     ref_effective = max(ref_row, ref_act)
     devices: list[SimDevice] = []
+    router_node = None
     for entry in entries:
         t = entry.device_type
         row_s, floor_s, act_row_s = _timing(t, shape, efficiency, remote_activations)
@@ -326,12 +347,13 @@ def fleet_devices(
             speed = t.speed
         for i in range(entry.count):
             node = f"{t.name}-node{i // t.per_node}"
+            router_node = router_node or node  # the router runs on the fleet's first node
             spec = DeviceSpec(
                 device_id=f"{t.name}-{i}", node_id=node, kind=t.kind, accelerator_type=t.accelerator_type,
                 memory_bytes=max(1, int(t.memory_gib * GIB * share)), speed=speed,
             )
             devices.append(SimDevice(
-                spec=spec, type_name=t.name, row_s=row_s, floor_s=floor_s, act_row_s=act_row_s,
+                spec=spec, type_name=t.name, row_s=row_s, floor_s=floor_s, act_row_s=0.0 if node == router_node else act_row_s,
                 overhead_s=overhead_s, copy_bytes_per_s=t.network_gbps * 1e9 / 8,
             ))
     return devices

@@ -37,8 +37,9 @@ What is modelled
   queue depths (calls in flight, read only with autoscaling), the devices and
   the placement in force; the real ``controller.planner.plan`` and ``autoscale_step``
   with the ``ControllerConfig``'s knobs. An applied plan loads its new
-  replicas first (make before break): each device receives its added
-  replicas' weights over its network link, all devices in parallel, plus
+  replicas first (make before break): each device reads its added replicas'
+  weights from the checkpoint (as the reconciler does; or from a peer over its
+  network link, ``weight_source``), all devices in parallel, plus
   ``reconcile_overhead_s``; then the new placement takes effect for the calls
   that arrive after. The next step starts ``interval_s`` after the previous
   one began, or when the reconcile ends if later (the controller's loop).
@@ -84,6 +85,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
 from moefleet.core.trace import Trace
+from moefleet.core.cost_model import weight_load_seconds
 from moefleet.router_service.dispatch import NoReplicaError, split_rows
 
 from ..decide import decide
@@ -118,6 +120,17 @@ class SimConfig(BaseModel):
     seed: int = Field(default=0, description="Seed of the dispatcher's rounding (the router's random offset).")
     host_cpu: HostCpu | None = Field(
         default=None, description="Local mode: host CPU work on the devices' own cores (one core per device); None: none."
+    )
+    weight_source: Literal["checkpoint", "peer"] = Field(
+        default="checkpoint",
+        description="Where an added replica's weights come from: the checkpoint (what the reconciler does: each device "
+        "reads them at checkpoint_bytes_per_s) or a peer holding them (over the receiving device's network).",
+    )
+    checkpoint_bytes_per_s: float = Field(default=2e9, gt=0, description="Read bandwidth of the checkpoint, per device.")
+    router_call_s: float = Field(
+        default=0.0, ge=0,
+        description="The router's own seconds per layer call (gate, dispatch, transport, combine: the cost model's "
+        "router stages), added to each call's latency; each client embeds its router, so routers do not queue.",
     )
 
 
@@ -312,7 +325,7 @@ class _Run:
             for move in result.moves:
                 if move.kind == "add":
                     added[move.device_id] = added.get(move.device_id, 0.0) + self.expert_bytes
-            copy_s = max((b / self.devices[self.index[d]].copy_bytes_per_s for d, b in added.items()), default=0.0)
+            copy_s = max((self._load_s(d, b) for d, b in added.items()), default=0.0)
             duration = self.config.reconcile_overhead_s + copy_s
             self.published = result.target
             self.switch = (now + duration, _Routing(result.target, self.row_of, len(self.layers), self.index))
@@ -369,13 +382,15 @@ class _Run:
         for holder, rows in per_device.items():
             d = self.index[holder]
             seconds = self.devices[d].service_s(rows)
+            inbound, outbound = self.devices[d].transfer_s(rows)  # rows to another node and partials back
+            arrive = ready + inbound
             if self.cores is not None:
-                slices = self.cores.place(d, ready, seconds)
+                slices = self.cores.place(d, arrive, seconds)
             else:
-                start = max(ready, self.free_at[d])
+                start = max(arrive, self.free_at[d])
                 self.free_at[d] = start + seconds
                 slices = [(start, start + seconds)]
-            start, end = slices[0][0], slices[-1][1]
+            start, end = slices[0][0], slices[-1][1] + outbound
             n = sum(rows)
             heapq.heappush(self.inflight[d], (end, n))
             self.inflight_rows[d] += n
@@ -384,9 +399,16 @@ class _Run:
                 self.job_start.append(s)
                 self.job_end.append(e)
             done, wait = max(done, end), max(wait, start - now)
+        done += self.config.router_call_s
         self.call_done.append(done)
         self.call_wait.append(wait)
         return done
+
+    def _load_s(self, device_id: str, nbytes: float) -> float:
+        """Seconds ``device_id`` takes to bring ``nbytes`` of weights on (``cost_model.weight_load_seconds``)."""
+        cfg = self.config
+        return weight_load_seconds(int(nbytes), cfg.weight_source, checkpoint_bytes_per_s=cfg.checkpoint_bytes_per_s,
+                                   peer_bytes_per_s=self.devices[self.index[device_id]].copy_bytes_per_s)
 
     def run(self) -> SimResult:
         trace = self.trace

@@ -66,6 +66,18 @@ def test_measured_speed_follows_the_slower_of_compute_and_network():
     assert local.act_row_s == 0 and local.spec.speed == pytest.approx(ACCELERATORS["L4"].speed, abs=1e-3)
 
 
+def test_only_devices_off_the_routers_node_pay_the_network_and_with_the_cost_models_bytes():
+    from moefleet.controller.sim.devices import token_transfer_s
+
+    shape = ExpertShape(7168, 2048)
+    devs = fleet_devices(parse_fleet("h100:16"), shape, simulated_layers=1)
+    on_router_node = [d for d in devs if d.spec.node_id == devs[0].spec.node_id]
+    assert len(on_router_node) == 8 and all(d.act_row_s == 0 for d in on_router_node)  # CUDA IPC: nothing moves
+    remote = [d for d in devs if d.spec.node_id != devs[0].spec.node_id]
+    assert remote and all(d.act_row_s == pytest.approx(2 * 7168 * 2 / (400e9 / 8)) for d in remote)
+    assert token_transfer_s(shape, 400) == remote[0].act_row_s
+
+
 def test_simulated_layers_get_their_share_of_device_memory():
     shape, _, _ = MODEL_SHAPES["deepseek-v3"]
     (dev,) = fleet_devices(parse_fleet("h100:1"), shape, simulated_layers=4)

@@ -53,17 +53,22 @@ def test_a_fleet_large_enough_keeps_p99_flat_as_the_trace_grows():
     assert long.tokens_per_s == pytest.approx(50 * 1024, rel=0.02)  # it serves what is offered
 
 
-def test_one_call_takes_overhead_plus_the_larger_of_compute_and_transfer():
+def test_one_call_takes_its_rows_in_then_overhead_and_compute_then_its_partials_back():
+    """A device on another node: its tokens' rows arrive, it computes, its partials leave (the product's path, the
+    cost model's bytes); the transfer is latency, not the device's busy time. The router's own time adds to it."""
     from dataclasses import replace
 
     (dev,) = devices(1, 4, row_s=1e-3, floor_s=0.05, overhead_s=0.01)
-    dev = replace(dev, act_row_s=2e-3)
+    dev = replace(dev, act_row_s=2e-3)  # per token, in and out
     trace = Trace(t=np.array([0.0]), layer=np.array([0]), counts=np.array([[100, 10, 0, 0]]))
-    result = simulate(trace, [dev], expert_bytes=EXPERT_BYTES, elastic=False)
+    result = simulate(trace, [dev], expert_bytes=EXPERT_BYTES, elastic=False, config=SimConfig(router_call_s=0.003))
     compute = max(100 * 1e-3, 0.05) + max(10 * 1e-3, 0.05)  # 0.15 s
-    transfer = 110 * 2e-3  # 0.22 s: the call is transfer bound
-    assert result.p50_latency_ms == pytest.approx(1000 * (0.01 + max(compute, transfer)))
-    assert result.p99_ms == 0.0
+    transfer = 100 * 2e-3  # tokens (the largest expert's rows: the trace has no token ids) x per-token time
+    assert result.p50_latency_ms == pytest.approx(1000 * (0.01 + compute + transfer + 0.003))
+    assert result.max_over_mean == pytest.approx(1.0)
+    local = simulate(trace, [devices(1, 4, row_s=1e-3, floor_s=0.05, overhead_s=0.01)[0]], expert_bytes=EXPERT_BYTES,
+                     elastic=False)
+    assert local.p50_latency_ms == pytest.approx(1000 * (0.01 + compute))  # on the router's node: read in place
 
 
 def test_closed_mode_with_one_client_never_queues():
