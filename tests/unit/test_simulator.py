@@ -106,11 +106,13 @@ def test_elastic_and_static_match_when_the_hot_set_never_moves():
     assert runs["elastic"].tokens_per_s == pytest.approx(runs["static"].tokens_per_s, rel=0.02)
 
 
-def test_a_new_placement_serves_only_after_its_weights_arrive():
-    # copies so slow that no applied plan finishes within the trace: elastic routes exactly as static
-    fleet = devices(8, 4, copy_bytes_per_s=1e-3)
+@pytest.mark.parametrize("source", ["peer", "checkpoint"])
+def test_a_new_placement_serves_only_after_its_weights_arrive(source):
+    # loads so slow that no applied plan finishes within the trace: elastic routes exactly as static
+    fleet = devices(8, 4, copy_bytes_per_s=1e-3 if source == "peer" else 1e9)
     trace = _drift().trace(rate=12000)
-    config = SimConfig(top_k=2, controller=ControllerConfig(ray_address=None, interval_s=1.0))
+    config = SimConfig(top_k=2, controller=ControllerConfig(ray_address=None, interval_s=1.0), weight_source=source,
+                       checkpoint_bytes_per_s=1e-3 if source == "checkpoint" else 2e9)
     runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=config)
     assert runs["elastic"].plans_applied >= 1
     assert runs["elastic"].bytes_moved > 0
