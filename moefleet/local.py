@@ -91,6 +91,16 @@ class LocalFleet:
 
     config: FleetConfig = field(default_factory=FleetConfig)
     ray_address: str | None = None
+    worker_node_id: str | None = None
+    """Start the workers and routers on this Ray node (its id); None lets Ray choose. On a multi-node Ray
+    (the test suite's) it keeps a fleet beside its caller, as local mode is on one machine."""
+
+    def _on_node(self) -> dict:
+        if not self.worker_node_id:
+            return {}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(self.worker_node_id, soft=False)}
 
     def __post_init__(self):
         self.redis: RedisServer | None = None
@@ -182,7 +192,8 @@ class LocalFleet:
                 router_cfg["port"] = rc.port + i
             self.routers.append(
                 cls.options(
-                    name=f"{ROUTER_PREFIX}{i}", namespace=self.config.namespace, num_cpus=0, runtime_env=serving_runtime_env()
+                    name=f"{ROUTER_PREFIX}{i}", namespace=self.config.namespace, num_cpus=0, runtime_env=serving_runtime_env(),
+                    **self._on_node(),
                 ).remote(
                     self.checkpoint, router_cfg, self.redis_url, self.config.namespace, f"router-{i}", self.config.worker.dtype
                 )
@@ -216,7 +227,7 @@ class LocalFleet:
                 device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.worker_config(cpus),
                 cpus=cpus, redis_url=self.redis_url, num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
                 memory_bytes=None if dev is None else dev.memory_bytes,
-                resources=(resources or {}).get(device_id), detached=False,
+                resources=(resources or {}).get(device_id), detached=False, node_id=self.worker_node_id,
             )
         refs = {d: w.ready.remote() for d, w in new.items()}
         ready, waiting = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.start_timeout_s)

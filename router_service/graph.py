@@ -240,7 +240,7 @@ class GraphSet:
             if not self.enabled or self._closed or not workers:
                 return
             cur = self.current
-            if cur is not None and cur.alive and tuple(cur.workers) == workers:
+            if cur is not None and cur.alive and getattr(cur, "wanted", tuple(cur.workers)) == workers:
                 return
             if self._building is not None:
                 return  # the builder looks at _wanted again when it is done
@@ -257,14 +257,21 @@ class GraphSet:
 
     def graph_for(self, workers) -> WorkerGraph | None:
         """The live graph when it covers every worker in ``workers``, else None (serve through plain calls)."""
+        g = self.live()
+        if g is None:
+            return None
+        for w in workers:
+            if w not in g.index:
+                return None
+        return g
+
+    def live(self) -> WorkerGraph | None:
+        """The current graph if it is alive (a dead one is retired and a new one compiled)."""
         g = self.current
         if g is None or not g.alive:
             if g is not None:
                 self._retire_dead()
             return None
-        for w in workers:
-            if w not in g.index:
-                return None
         return g
 
     def _retire_dead(self) -> None:
@@ -285,6 +292,8 @@ class GraphSet:
             graph = None
             try:
                 graph = self._build(target)
+                if graph is not None:
+                    graph.wanted = target  # the worker set asked for (the graph may cover fewer: see RayTransport)
                 self.builds += 1 if graph is not None else 0
             except Exception as e:  # serve through plain calls; try again on the next placement change
                 self.build_failures += 1

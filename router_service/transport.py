@@ -231,6 +231,12 @@ class RayTransport:
         import uuid
 
         self.resolve(workers)
+        # Only workers on this router's node: a graph whose channels cross nodes can take a raylet down when it is
+        # torn down with a value in flight (Ray 2.60: a failed check in its mutable-object provider). Workers on
+        # other nodes get their rows through plain actor calls.
+        workers = tuple(w for w in workers if self.mode(w) in (SHARED_MEMORY, CUDA_IPC))
+        if not workers:
+            return None
         handles = {w: self.handle(w) for w in workers}
         graph_id = uuid.uuid4().hex[:12]
         joined = []
@@ -265,31 +271,62 @@ class RayTransport:
         return prepare_calls(layer, hidden, batches, {b.worker: self.mode(b.worker) for b in batches}, deadline)
 
     async def run(self, prepared: Prepared, batches: list[WorkerBatch], budgets: dict[str, float] | None = None) -> list[Outcome]:
-        """Each batch's outcome; with ``budgets`` (worker -> seconds), a plain call still running past its worker's
-        budget comes back as ``Stalled``, and a graph execution past the largest budget is abandoned (a stalled
-        worker holds a graph's every execution) and the call goes through plain calls."""
-        graph = self.graphs.graph_for(b.worker for b in batches)
-        if graph is not None:
+        """Each batch's outcome: the batches of workers in this router's graph as one graph execution, the others
+        (workers on other nodes; workers outside the graph) as plain actor calls, all at once.
+
+        With ``budgets`` (worker -> seconds), a plain call still running past its worker's budget comes back as
+        ``Stalled``; a graph execution past the largest budget of its workers is abandoned (a stalled worker holds
+        every execution of a graph) and its batches go through plain calls.
+        """
+        graph, in_graph, plain = self._split(batches)
+        out: list = [None] * len(batches)
+        graph_wait = None
+        if in_graph:
             try:
                 if graph.has_slot():
-                    fut = graph.submit(prepared.shared, prepared.calls)
+                    fut = graph.submit(prepared.shared, {batches[i].worker: prepared.calls[batches[i].worker] for i in in_graph})
                 else:  # every execution slot is taken: wait for one off the event loop
-                    fut = await asyncio.get_running_loop().run_in_executor(None, graph.submit, prepared.shared, prepared.calls)
-                wrapped = asyncio.wrap_future(fut)
-                limit = max(budgets.values()) if budgets else None
-                done, _ = await asyncio.wait({wrapped}, timeout=limit)
-                if not done:
-                    self._abandon(graph, limit)
-                values = await wrapped
-                self.stats["graph_calls"] += 1
-                return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
+                    calls = {batches[i].worker: prepared.calls[batches[i].worker] for i in in_graph}
+                    fut = await asyncio.get_running_loop().run_in_executor(None, graph.submit, prepared.shared, calls)
+                graph_wait = asyncio.wrap_future(fut)
             except GraphBrokenError as e:
-                self.stats["graph_fallbacks"] += 1
-                log.info("router: %s; this call goes through plain actor calls", e)
-                self.graphs.tick()
-        self.stats["plain_calls"] += 1
-        tasks = [asyncio.ensure_future(self._plain(b.worker, prepared)) for b in batches]
-        return await within_budgets(tasks, batches, budgets)
+                self._fell_back(e)
+                plain, in_graph = sorted(plain + in_graph), []
+        tasks = {i: asyncio.ensure_future(self._plain(batches[i].worker, prepared)) for i in plain}
+        if graph_wait is not None:
+            limit = max((budgets or {}).get(batches[i].worker, 0.0) for i in in_graph) if budgets else None
+            done, _ = await asyncio.wait({graph_wait}, timeout=limit)
+            if not done:
+                self._abandon(graph, limit)
+            try:
+                values = await graph_wait
+                self.stats["graph_calls"] += 1
+                for i in in_graph:
+                    out[i] = outcome(batches[i].worker, values[graph.index[batches[i].worker]])
+            except GraphBrokenError as e:
+                self._fell_back(e)
+                for i in in_graph:
+                    tasks[i] = asyncio.ensure_future(self._plain(batches[i].worker, prepared))
+        if tasks:
+            self.stats["plain_calls"] += 1
+            idx = sorted(tasks)
+            got = await within_budgets([tasks[i] for i in idx], [batches[i] for i in idx], budgets)
+            for i, r in zip(idx, got):
+                out[i] = r
+        return out
+
+    def _split(self, batches: list[WorkerBatch]) -> tuple[WorkerGraph | None, list[int], list[int]]:
+        """(the live graph, indices of batches it carries, indices of batches that go through plain calls)."""
+        graph = self.graphs.live()
+        if graph is None:
+            return None, [], list(range(len(batches)))
+        in_graph = [i for i, b in enumerate(batches) if b.worker in graph.index]
+        return graph, in_graph, [i for i, b in enumerate(batches) if b.worker not in graph.index]
+
+    def _fell_back(self, e: BaseException) -> None:
+        self.stats["graph_fallbacks"] += 1
+        log.info("router: %s; this call goes through plain actor calls", e)
+        self.graphs.tick()
 
     def _abandon(self, graph: WorkerGraph, limit: float | None) -> None:
         self.stats["graph_abandoned"] = self.stats.get("graph_abandoned", 0) + 1
@@ -301,36 +338,35 @@ class RayTransport:
         """``run`` from the caller's thread; ``meanwhile()`` runs once the workers have their calls."""
         import concurrent.futures
 
-        graph = self.graphs.graph_for(b.worker for b in batches)
-        if graph is not None:
+        graph, in_graph, plain = self._split(batches)
+        out: list = [None] * len(batches)
+        fut = None
+        if in_graph:
             try:
-                fut = graph.submit(prepared.shared, prepared.calls)
-                if meanwhile is not None:
-                    meanwhile()
-                    meanwhile = None
-                limit = max(budgets.values()) if budgets else None
+                fut = graph.submit(prepared.shared, {batches[i].worker: prepared.calls[batches[i].worker] for i in in_graph})
+            except GraphBrokenError as e:
+                self._fell_back(e)
+                plain, in_graph = sorted(plain + in_graph), []
+        futures = {i: self._submit_plain_future(batches[i].worker, prepared) for i in plain}
+        if meanwhile is not None:
+            meanwhile()
+        if fut is not None:
+            limit = max((budgets or {}).get(batches[i].worker, 0.0) for i in in_graph) if budgets else None
+            try:
                 try:
                     values = fut.result(limit)
                 except concurrent.futures.TimeoutError:
                     self._abandon(graph, limit)
                     values = fut.result()
                 self.stats["graph_calls"] += 1
-                return [outcome(b.worker, values[graph.index[b.worker]]) for b in batches]
+                for i in in_graph:
+                    out[i] = outcome(batches[i].worker, values[graph.index[batches[i].worker]])
             except GraphBrokenError as e:
-                self.stats["graph_fallbacks"] += 1
-                log.info("router: %s; this call goes through plain actor calls", e)
-                self.graphs.tick()
-        self.stats["plain_calls"] += 1
-        refs = [self._submit_plain(b.worker, prepared) for b in batches]
-        if meanwhile is not None:
-            meanwhile()
-        futures = {}
-        out: list = [None] * len(batches)
-        for i, (b, ref) in enumerate(zip(batches, refs)):
-            if isinstance(ref, BaseException):
-                out[i] = ref
-            else:
-                futures[i] = self._outcome_future(b.worker, ref)
+                self._fell_back(e)
+                for i in in_graph:
+                    futures[i] = self._submit_plain_future(batches[i].worker, prepared)
+        if futures:
+            self.stats["plain_calls"] += 1
         start = time.monotonic()
         for i, f in futures.items():
             limit = (budgets or {}).get(batches[i].worker)
@@ -339,6 +375,17 @@ class RayTransport:
             except concurrent.futures.TimeoutError:
                 out[i] = Stalled(batches[i].worker, limit, future=f)
         return out
+
+    def _submit_plain_future(self, worker: str, prepared: Prepared):
+        """A plain call's outcome as a concurrent future (an immediate one when the call cannot be made)."""
+        import concurrent.futures
+
+        ref = self._submit_plain(worker, prepared)
+        if isinstance(ref, BaseException):
+            f: concurrent.futures.Future = concurrent.futures.Future()
+            f.set_result(ref)
+            return f
+        return self._outcome_future(worker, ref)
 
     def _outcome_future(self, worker: str, ref):
         """A concurrent future of a plain call's outcome (never raising: errors are outcomes)."""

@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
 def hot_fleet(ray_cluster, redis_server, checkpoint):
     cfg = FleetConfig(checkpoint=checkpoint, num_workers=2, redis_url=redis_server.url, namespace=f"hot-{uuid.uuid4().hex[:8]}",
                       static=True, http_port=None)
-    f = LocalFleet(cfg)
+    f = LocalFleet(cfg, worker_node_id=ray.get_runtime_context().get_node_id())  # beside this process: shared memory
     f.start()
     f.client = FleetClient(f.address)
     f.client.wait_ready(60)
@@ -106,7 +106,7 @@ def test_the_embedded_router_answers_bad_input_with_the_grpc_routers_codes(hot_f
     codes = hot_fleet.embedded.core.stats.codes
     assert codes.get("NOT_FOUND", 0) >= 1 and codes.get("INVALID_ARGUMENT", 0) >= 5
     p = hot_fleet.embedded.placement()
-    assert p.version == hot_fleet.client.placement().version and len(p.experts) == 8
+    assert p.version == hot_fleet.client.placement().version and len(p.experts) == 8 * len(model.moe_layers)
 
 
 def test_the_embedded_router_shows_as_a_router_and_follows_a_new_placement(hot_fleet):
@@ -143,7 +143,8 @@ def test_a_worker_on_another_node_receives_only_the_rows_it_computes(ray_cluster
 
     ns = f"rows-{uuid.uuid4().hex[:8]}"
     store = StateStore(redis_server.url, namespace=ns)
-    held = {"worker-0": [(0, e) for e in range(4)], "worker-1": [(0, e) for e in range(4, 8)]}
+    layers = MoEModel.from_pretrained(checkpoint).moe_layers
+    held = {"worker-0": [(la, e) for la in layers for e in range(4)], "worker-1": [(la, e) for la in layers for e in range(4, 8)]}
     nodes = {"worker-0": "node_a", "worker-1": "node_b"}
     workers = {w: start_worker(w, checkpoint, keys, ns, WorkerConfig(num_cpus=1), redis_url=redis_server.url,
                                resources={nodes[w]: 1}, detached=False) for w, keys in held.items()}
@@ -213,7 +214,7 @@ def test_a_graph_whose_router_died_is_closed_by_its_workers(ray_cluster, hot_fle
 def test_a_worker_killed_under_a_graph_fails_only_what_it_held_and_nothing_hangs(ray_cluster, redis_server, checkpoint):
     cfg = FleetConfig(checkpoint=checkpoint, num_workers=2, redis_url=redis_server.url, namespace=f"kill-{uuid.uuid4().hex[:8]}",
                       static=True, http_port=None)
-    f = LocalFleet(cfg)
+    f = LocalFleet(cfg, worker_node_id=ray.get_runtime_context().get_node_id())
     f.start()
     emb = EmbeddedRouter(checkpoint, redis_server.url, cfg.namespace)
     try:
