@@ -3,10 +3,13 @@
     python benchmarks/bench_pipeline.py [--sequences 8] [--tokens 32] [--rounds 3] [--layers 4] [--out FILE]
 
 A ``transformers`` Mixtral (random weights, H=1024, F=2816, E=8, top-2 by
-default, ``--layers`` layers) is saved as the fleet's checkpoint and ``attach()``-ed to
-a ``FleetClient``: attention runs here, every MoE block in the fleet, each
-call on the client's ``ForwardStream``. Two workers, each owning one core, a
-static placement (the experts of every layer spread over both).
+default, ``--layers`` layers) is saved as the fleet's checkpoint and ``attach()``-ed
+to the fleet: attention runs here, every MoE block in the fleet. Two workers,
+each owning one core, a static placement (the experts of every layer spread
+over both). Three ways to reach it: the **embedded** router in this process
+(``moefleet.connect(embedded=True)``: calls from every sequence's thread in
+flight together on its compiled graph), and the gRPC router over a
+``FleetClient``'s ``ForwardStream``, with its micro-batching and without.
 
 - *one in flight*: one thread runs the sequences one after another, so one
   layer call is in flight at any time and the workers idle while the client,
@@ -126,6 +129,7 @@ def main() -> None:
     from moefleet.local import LocalFleet
     from moefleet.router_service.actor import router_actor_class
     from moefleet.router_service.client import FleetClient
+    from moefleet.router_service.embedded import EmbeddedRouter
 
     results: dict = {"args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,11 +150,19 @@ def main() -> None:
             tmp, RouterConfig(batch_window_ms=0).model_dump(), redis.url, ns, "router-nobatch")
         address = ray.get(nobatch.start.remote())
         routers["no_batching"] = (address, ray.get(nobatch.stats.remote())["pid"])
+        routers["embedded"] = (None, os.getpid())  # the router core in this process: no gRPC hop
         cores = {d: s.get("cpus") for d, s in fleet.worker_stats().items()}
         print(f"worker cores: {cores}", flush=True)
         for name, (addr, pid) in routers.items():
-            client = FleetClient(addr, timeout=300)
-            client.wait_ready(60)
+            if addr is None:
+                client = EmbeddedRouter(tmp, redis.url, ns)
+                client.wait_ready(60)
+                deadline = time.monotonic() + 60
+                while not client.core.transport_report().get("graph") and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            else:
+                client = FleetClient(addr, timeout=300)
+                client.wait_ready(60)
             remote = copy.deepcopy(local)
             attach(remote, client)
             with torch.no_grad():
@@ -171,21 +183,24 @@ def main() -> None:
         fleet.stop()
         ray.shutdown()
         redis.stop()
-    ratio = results["batching"]["ratio"]
+    ratio = results["embedded"]["ratio"]
     results["goal"] = {"ratio": GOAL, "met": ratio >= GOAL}
-    print(f"\n{args.sequences} concurrent sequences / one call in flight: {ratio:.2f}x "
-          f"(goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}); without micro-batching {results['no_batching']['ratio']:.2f}x")
+    print(f"\n{args.sequences} concurrent sequences / one call in flight, embedded router: {ratio:.2f}x "
+          f"(goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}); gRPC router {results['batching']['ratio']:.2f}x, "
+          f"without micro-batching {results['no_batching']['ratio']:.2f}x")
     write_json("pipeline", results, args.out)
     figures = {}
-    for name in ("batching", "no_batching"):
+    for name in ("embedded", "batching", "no_batching"):
         r = results[name]
         figures[f"{name}: one call in flight"] = single(r["one_in_flight"]["tokens_per_s"], "tokens/s")
         figures[f"{name}: {args.sequences} sequences"] = single(r[f"{args.sequences}_sequences"]["tokens_per_s"], "tokens/s")
         figures[f"{name}: ratio"] = single(r["ratio"], "x")
-    goals = [goal(f"{args.sequences} concurrent sequences >= {GOAL}x one call in flight (2 workers, one core each)",
+    goals = [goal(f"embedded: {args.sequences} concurrent sequences >= {GOAL}x one call in flight (2 workers, one core each)",
                   ratio, ">=", GOAL, unit="x"),
+             goal(f"gRPC: {args.sequences} concurrent sequences >= {GOAL}x one call in flight (2 workers, one core each)",
+                  results["batching"]["ratio"], ">=", GOAL, unit="x"),
              goal("attached model = model in process (max abs diff of logits)",
-                  max(results[n]["max_abs_diff_vs_local"] for n in ("batching", "no_batching")), "<=", 1e-3)]
+                  max(results[n]["max_abs_diff_vs_local"] for n in ("embedded", "batching", "no_batching")), "<=", 1e-3)]
     flags = " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
     write_result("pipeline", title="Pipelined layer calls from concurrent sequences",
                  question="With 8 sequences' calls in flight on one ForwardStream, how much more does a 2-worker fleet serve "

@@ -33,10 +33,15 @@ def wait_for(pred, timeout: float, every: float = 0.05) -> bool:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hot-mixtral")
+def hf_model():
     model, _ = hf_models.build("mixtral", num_local_experts=8, num_experts_per_tok=2)
-    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, hf_model):
+    path = tmp_path_factory.mktemp("hot-mixtral")
+    hf_model.save_pretrained(path)
     return str(path)
 
 
@@ -174,6 +179,50 @@ def test_a_worker_on_another_node_receives_only_the_rows_it_computes(ray_cluster
         for w in workers.values():
             ray.kill(w)
         store.close()
+
+
+def test_a_transformers_model_attached_to_the_embedded_router_generates_what_it_generates_alone(hot_fleet, hf_model):
+    import copy
+
+    from moefleet import attach
+
+    prompt = torch.tensor([[5, 17, 42, 7, 3, 11]])
+    want = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    served = copy.deepcopy(hf_model)
+    assert attach(served, hot_fleet.embedded)
+    got = served.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(got, want)
+
+
+def test_connect_finds_the_local_fleet_for_grpc_and_embedded(hot_fleet, monkeypatch, tmp_path):
+    """``moefleet.connect()`` reads the state file ``moe-fleet up`` writes (here: one naming this test's fleet)."""
+    import json
+    import os
+
+    import moefleet
+
+    monkeypatch.setenv("MOEFLEET_CACHE", str(tmp_path))
+    with pytest.raises(ConnectionError, match="no local fleet is running"):
+        moefleet.connect()
+    state = {"pid": os.getpid(), "address": hot_fleet.address, "redis_url": hot_fleet.redis_url,
+             "namespace": hot_fleet.config.namespace, "checkpoint": hot_fleet.checkpoint,
+             "ray_address": ray.get_runtime_context().gcs_address, "dtype": None, "auth_token_file": None}
+    (tmp_path / "local-fleet.json").write_text(json.dumps(state))
+    model = MoEModel.from_pretrained(hot_fleet.checkpoint)
+    x = torch.randn(5, model.spec.layer.hidden_size)
+    want = model.layer(0)(x)
+    with moefleet.connect() as client:
+        assert (client.forward(0, x) - want).abs().max().item() <= 1e-5
+    router = moefleet.connect(embedded=True)
+    try:
+        router.wait_ready(30)
+        assert (router.forward(0, x) - want).abs().max().item() <= 1e-5
+        assert router.placement().version >= 1
+    finally:
+        router.close()
+    assert f"router:{router.router_id}" not in hot_fleet.store.workers()  # closed: deregistered
+    with pytest.raises(ConnectionError, match="pass redis_url"):
+        moefleet.connect("10.9.9.9:1", embedded=True)
 
 
 ORPHAN = textwrap.dedent("""

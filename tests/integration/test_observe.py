@@ -214,7 +214,7 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
     class Page(HTMLParser):
         def __init__(self):
             super().__init__()
-            self.body, self.chips, self.cards, self.canvases = {}, [], [], 0
+            self.body, self.chips, self.cards, self.canvases, self.routers = {}, [], [], 0, 0
 
         def handle_starttag(self, tag, attrs):
             a = dict(attrs)
@@ -225,6 +225,7 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
             if "device" in (a.get("class") or "").split() and "data-device" in a:
                 self.cards.append(a["data-device"])
             self.canvases += tag == "canvas"
+            self.routers += tag == "tr" and a.get("class") == "router"
 
     assert not errors, errors[:3]  # no request failed while the controller rebalanced
     page = Page()
@@ -238,6 +239,7 @@ def test_dashboard_in_chromium_shows_the_hot_experts_and_their_new_replicas(flee
     assert shown == {e: len(rendered.replicas()[(0, e)]) for e in hot}  # the replicas of the placement it rendered
     assert sum(shown.values()) > sum(before.values()) and max(shown.values()) >= 2, (shown, before)  # new replicas shown
     assert sorted(page.cards) == ["worker-0", "worker-1", "worker-2"] and page.canvases >= 5  # heatmaps, a map per device
+    assert page.routers >= 1  # the routers table: how calls reach the workers, bytes moved, overhead
     png = (tmp_path / "dashboard.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

@@ -279,3 +279,22 @@ def test_rows_only_a_stalled_worker_holds_wait_for_it_and_are_not_lost(mixtral):
 
     out = asyncio.run(scenario())
     assert (out - model.layer(0)(x)).abs().max().item() <= 1e-5
+
+
+def test_a_routers_metrics_export_its_bytes_and_call_overhead(mixtral):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from moefleet.router_service.metrics import RouterCollector
+
+    core = _local_core(mixtral)
+    for _ in range(3):
+        core.forward_blocking(0, torch.randn(4, core.spec.layer.hidden_size))
+    core.transport_bytes[("to_workers", "rows")] += 1234  # as a call to another node would count
+    reg = CollectorRegistry()
+    reg.register(RouterCollector(core, "r0"))
+    text = generate_latest(reg).decode()
+    assert 'moefleet_transport_bytes_total{direction="to_workers",router="r0",transport="rows"} 1234.0' in text
+    assert 'moefleet_transport_bytes_total{direction="from_workers",router="r0",transport="local"} 0.0' in text
+    assert 'moefleet_call_overhead_seconds_count{router="r0"} 3.0' in text
+    report = core.transport_report()
+    assert report["kind"] == "local" and report["bytes"]["to_workers:rows"] == 1234

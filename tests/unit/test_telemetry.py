@@ -189,3 +189,33 @@ def test_recent_counts_cover_exactly_the_complete_buckets_of_the_window():
     assert r.totals(now=30.0) == {}
     with pytest.raises(ValueError, match="window_s"):
         RecentCounts(window_s=0.5, bucket_s=1.0)
+
+
+def test_routers_transport_bytes_and_call_overhead_reach_the_snapshot_the_metrics_and_status():
+    from moefleet.core.stages import StageHistograms
+    from moefleet.views import router_table
+
+    st = StageHistograms()
+    for s in (0.001, 0.002, 0.003):
+        st.observe("call_overhead", s)
+    emb = {**_router({"OK": 3}, {}, 30), "kind": "embedded",
+           "transport": {"kind": "compiled_graph", "graph": {"id": "g"},
+                         "bytes": {"to_workers:shared_memory": 4096, "from_workers:shared_memory": 2048, "to_workers:rows": 512}},
+           "call_overhead": st.totals()["call_overhead"], "call_overhead_buckets": st.cumulative("call_overhead")}
+    inputs = _inputs()
+    inputs.heartbeats["router:e1"] = emb
+    snap = build_snapshot(inputs, TelemetryConfig())
+    assert snap["transport"]["bytes"] == {"to_workers": {"shared_memory": 4096, "rows": 512}, "from_workers": {"shared_memory": 2048}}
+    assert snap["transport"]["calls"] == 3 and snap["transport"]["call_overhead_mean_s"] == pytest.approx(0.002)
+    row = next(r for r in snap["routers"] if r["id"] == "e1")
+    assert row["kind"] == "embedded" and row["graph"] and row["transport"] == "compiled_graph"
+    families, text = _exposition(snap, TelemetryConfig())
+    assert 'moefleet_transport_bytes_total{direction="to_workers",router="e1",transport="rows"} 512.0' in text
+    assert 'moefleet_call_overhead_seconds_count{router="e1"} 3.0' in text
+    assert "moefleet_call_overhead_seconds_sum" in text
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(router_table(snap))
+    shown = console.export_text()
+    assert "e1" in shown and "embedded" in shown and "compiled_graph (graph)" in shown and "4.5 KiB" in shown and "2.0 ms" in shown
