@@ -39,18 +39,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import goal, percentiles, single, spread, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
+from common import goal, percentiles, single, spread, wait_until, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 GOAL_MS = 1.5
-
-
-def wait_until(pred, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def busy_work(seconds_hint: float = 0.5) -> float:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import goal, percentiles, single, spread, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
+from common import goal, percentiles, single, spread, wait_until, write_json, write_mixtral_checkpoint, write_result  # noqa: E402
 
 GOALS = {"grpc": (1.15, 1.10, 0.95), "embedded": (1.05, 1.05, 0.97)}
 """Per path: p50 ratio at 32 tokens, at 256 tokens (at most), throughput ratio at the large size (at least)."""
@@ -269,15 +269,6 @@ def main() -> None:
                           "over the same layer in process on the same cores, and where does the difference go?",
                  command=f"python benchmarks/bench_serving_cost.py {flags}" + (" --quick" if args.quick else ""),
                  figures=figures, goals=goals, details=results, elapsed_s=time.perf_counter() - t_start)
-
-
-def wait_until(pred, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def start_profiles(fleet, out_dir: str, tag: str) -> list:

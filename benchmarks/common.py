@@ -60,6 +60,16 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def wait_until(pred, timeout_s: float, every_s: float = 0.1) -> bool:
+    """Poll ``pred`` until it is true or ``timeout_s`` passed; returns whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every_s)
+    return True
+
+
 def machine() -> dict:
     return {
         "python": platform.python_version(),

@@ -294,15 +294,12 @@ class RayTransport:
                 plain, in_graph = sorted(plain + in_graph), []
         tasks = {i: asyncio.ensure_future(self._plain(batches[i].worker, prepared)) for i in plain}
         if graph_wait is not None:
-            limit = max((budgets or {}).get(batches[i].worker, 0.0) for i in in_graph) if budgets else None
+            limit = _graph_budget(budgets, batches, in_graph)
             done, _ = await asyncio.wait({graph_wait}, timeout=limit)
             if not done:
                 self._abandon(graph, limit)
             try:
-                values = await graph_wait
-                self.stats["graph_calls"] += 1
-                for i in in_graph:
-                    out[i] = outcome(batches[i].worker, values[graph.index[batches[i].worker]])
+                self._take(graph, await graph_wait, batches, in_graph, out)
             except GraphBrokenError as e:
                 self._fell_back(e)
                 for i in in_graph:
@@ -322,6 +319,12 @@ class RayTransport:
             return None, [], list(range(len(batches)))
         in_graph = [i for i, b in enumerate(batches) if b.worker in graph.index]
         return graph, in_graph, [i for i, b in enumerate(batches) if b.worker not in graph.index]
+
+    def _take(self, graph: WorkerGraph, values: list, batches: list[WorkerBatch], in_graph: list[int], out: list) -> None:
+        """A graph execution's replies into ``out`` at its batches' places."""
+        self.stats["graph_calls"] += 1
+        for i in in_graph:
+            out[i] = outcome(batches[i].worker, values[graph.index[batches[i].worker]])
 
     def _fell_back(self, e: BaseException) -> None:
         self.stats["graph_fallbacks"] += 1
@@ -351,16 +354,14 @@ class RayTransport:
         if meanwhile is not None:
             meanwhile()
         if fut is not None:
-            limit = max((budgets or {}).get(batches[i].worker, 0.0) for i in in_graph) if budgets else None
+            limit = _graph_budget(budgets, batches, in_graph)
             try:
                 try:
                     values = fut.result(limit)
                 except concurrent.futures.TimeoutError:
                     self._abandon(graph, limit)
                     values = fut.result()
-                self.stats["graph_calls"] += 1
-                for i in in_graph:
-                    out[i] = outcome(batches[i].worker, values[graph.index[batches[i].worker]])
+                self._take(graph, values, batches, in_graph, out)
             except GraphBrokenError as e:
                 self._fell_back(e)
                 for i in in_graph:
@@ -497,6 +498,11 @@ class LocalTransport:
 
     def close(self, wait: bool = False) -> None:
         pass
+
+
+def _graph_budget(budgets: dict[str, float] | None, batches: list[WorkerBatch], in_graph: list[int]) -> float | None:
+    """How long a graph execution may take: the largest budget of the workers it carries (None: no limit)."""
+    return max(budgets.get(batches[i].worker, 0.0) for i in in_graph) if budgets else None
 
 
 async def within_budgets(tasks: list, batches: list[WorkerBatch], budgets: dict[str, float] | None) -> list[Outcome]:
