@@ -567,11 +567,12 @@ class RouterCore:
                 batches, prepared = self._dispatch(call)
                 self._enter(call)
                 try:
-                    meanwhile = None
-                    if shared_mod is not None and shared_out is None:
-                        def meanwhile():  # the shared experts while the workers compute
-                            nonlocal shared_out
-                            shared_out = self._timed_shared(shared_mod, call.hidden_c)
+
+                    def shared_meanwhile():  # the shared experts while the workers compute
+                        nonlocal shared_out
+                        shared_out = self._timed_shared(shared_mod, call.hidden_c)
+
+                    meanwhile = shared_meanwhile if shared_mod is not None and shared_out is None else None
                     outcomes = self.transport.run_blocking(prepared, batches, call.budgets, meanwhile=meanwhile)
                     for i, r in enumerate(outcomes):
                         if isinstance(r, Stalled) and not self._hedge(call, batches[i], r):

@@ -9,13 +9,12 @@ import time
 import uuid
 
 import grpc
-import numpy as np
 import pytest
 import ray
 import torch
 
 from moefleet import FleetClient, FleetConfig, LocalFleet, MoEModel
-from moefleet.core.placement import Placement, worker_actor_name
+from moefleet.core.placement import Placement
 from moefleet.router_service.client import FleetError
 from moefleet.router_service.embedded import EmbeddedRouter
 from tests import hf_models
