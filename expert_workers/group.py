@@ -308,9 +308,9 @@ class ExpertGroupCore:
     def _inputs(self, source, call: WorkerCall) -> tuple[torch.Tensor, torch.Tensor | np.ndarray, torch.Tensor | None]:
         """(hidden states on this device, each row's index into them, each unique token's index into them or None).
 
-        Only the rows this worker computes reach its device: from a shared batch in host memory a device
-        other than the CPU gets the unique tokens' rows alone (gathered on the host, then copied); on the CPU
-        the shared batch is read in place.
+        Only the rows this worker computes reach its device: from a shared batch on another device (host
+        memory for a GPU worker, a peer GPU opened by CUDA IPC) the unique tokens' rows alone are gathered
+        where the batch is, then copied; a batch on this very device (the CPU, or this GPU) is read in place.
         """
         if isinstance(source, CudaTensorHandle):
             x = open_tensor(source)
@@ -319,8 +319,9 @@ class ExpertGroupCore:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         rows, token_index = call.rows, call.token_index
-        if token_index is not None and x.device.type == "cpu" and self.device.type != "cpu":
-            x = x.index_select(0, torch.from_numpy(np.ascontiguousarray(token_index)))  # [U, H]: this worker's tokens only
+        if token_index is not None and x.device != self.device:
+            idx = torch.from_numpy(np.ascontiguousarray(token_index, dtype=np.int64)).to(x.device)
+            x = x.index_select(0, idx)  # [U, H]: this worker's tokens only, gathered where the batch is
             rows, token_index = call.inverse, None
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
