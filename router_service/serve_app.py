@@ -102,13 +102,14 @@ class FleetIngress:
         ray.get([h.ready.remote() for h in handles])
         if self.store.placement_version() == 0:
             placement = self.store.publish_placement(placement, expected_version=0)
-        self.core = RouterCore(checkpoint, self.args.router, RayTransport(self.args.namespace), dtype=wc.dtype)
-        self.core.set_placement(self.store.get_placement() or placement)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (a test driving the class directly)
             replica = uuid.uuid4().hex[:8]
         self.ingress_id = f"ingress-{replica}"
+        transport = RayTransport(self.args.namespace, router_key=f"router:{self.ingress_id}")
+        self.core = RouterCore(checkpoint, self.args.router, transport, dtype=wc.dtype)
+        self.core.set_placement(self.store.get_placement() or placement)
         self.runtime = None
         self.server = None
         self.servicer = MoEFleetServicer(self.core)
