@@ -39,6 +39,9 @@ from .slots import LayerSlots, LayerView
 
 log = logging.getLogger(__name__)
 
+SMALL_COMBINE = 1 << 16
+"""A worker's combines of fewer elements run in numpy on its compute thread (see ``_experts_stepwise``)."""
+
 RECENT_WINDOW_S = 5.0
 """Workers report the rows they served per layer over this many seconds (measured device load)."""
 
@@ -378,9 +381,15 @@ class ExpertGroupCore:
         t1 = self._sync()
         y = grouped_ffn(x_rows, offsets, view.stack, self.backend)
         t2 = self._sync()
+        inv_np = np.ascontiguousarray(np.asarray(call.inverse)[perm])
+        weighted = y.float() * w[:, None]
+        if self.device.type == "cpu" and weighted.numel() < SMALL_COMBINE:
+            # small: numpy on this thread (torch's index_add_ opens a parallel region even for one row)
+            acc = np.zeros((call.num_unique, y.shape[-1]), dtype=np.float32)
+            np.add.at(acc, inv_np, weighted.numpy())
+            return t1, t2, torch.from_numpy(acc).to(self.dtype)
         out = torch.zeros(call.num_unique, y.shape[-1], dtype=torch.float32, device=self.device)
-        inv = torch.from_numpy(np.ascontiguousarray(np.asarray(call.inverse)[perm])).to(self.device)
-        out.index_add_(0, inv, y.float() * w[:, None])
+        out.index_add_(0, torch.from_numpy(inv_np).to(self.device), weighted)
         return t1, t2, out.to(self.dtype)
 
     # -- reporting -------------------------------------------------------

@@ -36,6 +36,10 @@ from .health import WorkerHealth, avoid
 log = logging.getLogger(__name__)
 
 
+SMALL_COMBINE = 1 << 16
+"""Outputs of fewer elements (64 tokens at H=1024) are summed with numpy on the calling thread (see ``_combine``)."""
+
+
 class RequestError(Exception):
     """A request refused or failed, with the gRPC status code it maps to.
 
@@ -722,6 +726,13 @@ class RouterCore:
         partials = call.partials
         if len(partials) == 1 and len(partials[0][0].unique_tokens) == num_tokens:
             out = self._partial_tensor(partials[0][1]).to(torch.float32, copy=True)  # its unique tokens are 0..T-1 in order
+        elif self.device.type == "cpu" and num_tokens * hidden_size < SMALL_COMBINE:
+            # small: numpy, on this thread (torch's index_add_ opens a parallel region for a single row, and its
+            # threads' wake-up costs more than the sum when the cores are busy with the workers)
+            acc = np.zeros((num_tokens, hidden_size), dtype=np.float32)
+            for b, reply in partials:
+                acc[b.unique_tokens] += self._partial_tensor(reply).float().numpy()  # a batch's tokens are unique
+            out = torch.from_numpy(acc)
         else:
             out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=self.device)
             for b, reply in partials:

@@ -58,12 +58,15 @@ def inline_limit() -> int:
 
 def serving_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """``runtime_env`` (Ray actor option) with the serving environment variables added (the caller's win)."""
+    import os
+
     env = dict(runtime_env or {})
-    env["env_vars"] = {**SERVING_ENV_VARS, **(env.get("env_vars") or {})}
+    passed = {k: os.environ[k] for k in ("MOEFLEET_POLL_PRIORITY",) if k in os.environ}  # this process's choice
+    env["env_vars"] = {**SERVING_ENV_VARS, **passed, **(env.get("env_vars") or {})}
     return env
 
 
-def polling_thread() -> str:
+def polling_thread(policy: str | None = None) -> str:
     """Run the calling thread only on CPU time nothing else wants (``SCHED_IDLE``; nice 19 where that is refused).
 
     A compiled graph's channels are polled, not waited on: Ray 2.60's shared-memory read spins (with
@@ -71,12 +74,18 @@ def polling_thread() -> str:
     graph loop between calls, a router's reader while its workers compute — keeps a core busy. At normal
     priority that spin takes CPU from the expert math beside it (a worker's own cores, a caller's model);
     in the idle class it runs only on cycles no one else wants, which is also when its answer matters.
-    Returns the policy set ("idle", "nice19" or "unchanged").
+    policy: "idle" (default), "nice19" or "normal" (leave the thread as it is); ``$MOEFLEET_POLL_PRIORITY``
+    overrides the default. Returns the policy set ("idle", "nice19" or "unchanged").
     """
     import os
     import threading
 
+    policy = policy or os.environ.get("MOEFLEET_POLL_PRIORITY", "idle")
+    if policy == "normal":
+        return "unchanged"
     try:
+        if policy == "nice19":
+            raise OSError("nice 19 asked for")
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread on Linux
         return "idle"
     except (AttributeError, OSError):
