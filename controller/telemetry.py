@@ -259,7 +259,7 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
             "memory_bytes": int(info.get("memory_bytes", 0)),
             "reserved_bytes": int(info.get("reserved_bytes", 0)),
             "queue_depth": int(info.get("queue_depth", 0)),
-            "tokens_total": int(sum((info.get("tokens_served") or {}).values())),
+            "tokens_total": int(info.get("tokens_total", 0)),
             "recent_window_s": float((info.get("recent_tokens") or {}).get("window_s", 0.0)),
             "recent_tokens": {int(k): int(v) for k, v in recent.items()},
             "experts": len(held),

@@ -29,7 +29,7 @@ def _big_snapshot() -> dict:
     load = {(layer, e): int(n) for layer in layers for e, n in enumerate(rng.zipf(1.3, E).clip(max=10_000))}
     heartbeats = {
         f"worker:{d}": {"kind": "worker", "memory_bytes": 40 << 30, "reserved_bytes": 60 << 30, "queue_depth": 2,
-                        "tokens_served": {"3:0": 10}, "cpus": [], "backend": "triton", "device": "cuda",
+                        "tokens_total": 10, "cpus": [], "backend": "triton", "device": "cuda",
                         "accelerator": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30},
                         "recent_tokens": {"window_s": 5.0, "layers": {str(layer): int(rng.integers(1, 1000)) for layer in layers}}}
         for d in devices
