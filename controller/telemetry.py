@@ -56,7 +56,8 @@ REBALANCE_COUNTERS = "rebalance"
 REBALANCE_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Upper bounds (seconds) of the ``moefleet_rebalance_seconds`` histogram; +Inf follows."""
 
-EVENT_KINDS = ("leader", "worker_down", "worker_restart", "converge", "placement_recovered", "rebalance_resumed")
+EVENT_KINDS = ("leader", "worker_down", "worker_restart", "device_lost", "converge", "placement_recovered", "rebalance_resumed",
+               "unload_deferred")
 """Event kinds listed for operators (published placements and the controller's per-step ``plan`` reports feed the rebalance log instead)."""
 
 

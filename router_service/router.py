@@ -150,7 +150,7 @@ class RouterCore:
         self.inflight_bytes = 0  # request message bytes of those (max_inflight_bytes)
         self._service_s = 0.05  # moving average of a request's time in the router: the retry hint
         self._placement_changed = asyncio.Event()
-        self._inflight_by_version: dict[int, int] = defaultdict(int)
+        self._inflight_by_version: dict[tuple[str, int], int] = defaultdict(int)  # (generation, version) -> calls
         self.dead: dict[str, float] = {}  # worker -> monotonic time it was found dead
         self._rng = np.random.default_rng()
 
@@ -175,14 +175,24 @@ class RouterCore:
         self._placement_changed.set()
         log.info("router: placement version %d", placement.version)
 
-    def oldest_inflight_version(self) -> int:
-        """The oldest placement version a dispatched, unfinished layer call still uses (current if none).
+    def oldest_inflight(self) -> tuple[str, int]:
+        """(generation, version) of the oldest placement a dispatched, unfinished layer call still uses (current if none).
 
-        The reconciler unloads an old replica only when every router reports a
-        value at or past the version that dropped it.
+        A call on another generation than the current one is the oldest: the
+        router follows a new table only after the store lost the old one. The
+        reconciler unloads an old replica only when every router reports the
+        table it published and a version at or past the one that dropped it.
         """
-        live = [v for v, n in self._inflight_by_version.items() if n > 0]
-        return min(live) if live else self.placement.version
+        current = self.placement.generation
+        live = [k for k, n in self._inflight_by_version.items() if n > 0]
+        older = [k for k in live if k[0] != current]
+        if older:
+            return min(older, key=lambda k: k[1])
+        return (current, min((v for _, v in live), default=self.placement.version))
+
+    def oldest_inflight_version(self) -> int:
+        """The version of ``oldest_inflight()``."""
+        return self.oldest_inflight()[1]
 
     def ready(self) -> bool:
         """Every expert of every MoE layer has a replica."""
@@ -359,8 +369,13 @@ class RouterCore:
         deadline = None if any(p.deadline is None for p in batch) else max(p.deadline for p in batch)
         try:
             result = await self.forward(layer, hidden, deadline=deadline)
-        except Exception as e:  # every waiting request gets the failure
-            for p in batch:
+        except Exception as e:
+            if len(batch) > 1 and isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE:
+                # Some request needed an expert no live worker holds: serve each on its own, so only the
+                # requests that cannot be served fail.
+                await asyncio.gather(*(self._run_alone(layer, p) for p in batch))
+                return
+            for p in batch:  # every waiting request gets the failure
                 if not p.future.done():
                     p.future.set_exception(e)
             return
@@ -377,6 +392,19 @@ class RouterCore:
                     )
                 )
             start += n
+
+    async def _run_alone(self, layer: int, p: _Pending) -> None:
+        """One request of a failed batch, served by itself; its own failure goes to it alone."""
+        if p.future.done():
+            return
+        try:
+            result = await self.forward(layer, p.hidden, deadline=p.deadline)
+        except Exception as e:  # noqa: BLE001 - delivered to the request it belongs to
+            if not p.future.done():
+                p.future.set_exception(e)
+            return
+        if not p.future.done():
+            p.future.set_result(result)
 
     async def forward(
         self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *, deadline: float | None = None
@@ -452,13 +480,14 @@ class RouterCore:
             t3 = time.perf_counter()
             st.observe("dispatch_plan", t3 - t2)
             version = self.placement.version
-            self._inflight_by_version[version] += 1
+            table = (self.placement.generation, version)
+            self._inflight_by_version[table] += 1
             try:
                 results = await asyncio.gather(*(self._call(layer, shared_ref, b, deadline) for b in batches), return_exceptions=True)
             finally:
-                self._inflight_by_version[version] -= 1
-                if not self._inflight_by_version[version]:
-                    del self._inflight_by_version[version]
+                self._inflight_by_version[table] -= 1
+                if not self._inflight_by_version[table]:
+                    del self._inflight_by_version[table]
             st.observe("workers", time.perf_counter() - t3)
             failed = []
             for b, r in zip(batches, results):
