@@ -258,7 +258,6 @@ class Controller:
         if not self.leader:
             self.token = self.store.try_acquire_lease(self.holder, ttl)
             self.leader = bool(self.token)
-            self.reconciler.fence = (self.holder, self.token) if self.leader else None
             if self.leader:
                 log.info("%s is the leader (fencing token %d)", self.holder, self.token)
                 self.emit("leader", {"holder": self.holder, "token": self.token})
