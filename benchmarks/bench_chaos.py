@@ -266,9 +266,12 @@ def worker_sigkill(fleet, store, load, args):
     pid = _worker_pid(fleet, victim)
     fault_at = time.time()
     os.kill(pid, signal.SIGKILL)
-    repaired = _wait(lambda: victim not in store.get_placement().assignments or f"worker:{victim}" in store.workers(), 60)
-    return fault_at, {"victim": victim, "experts_only_on_victim": len(only_there), "repaired_after_s": time.time() - fault_at
-                      if repaired else None, "_only_there": only_there}
+    repaired = _wait(lambda: victim not in store.get_placement().assignments, 60, 0.01)  # its experts re-placed
+    repaired_at = time.time()
+    back = _wait(lambda: store.workers().get(f"worker:{victim}", {}).get("pid") not in (None, pid), 60)  # a fresh worker
+    return fault_at, {"victim": victim, "experts_only_on_victim": len(only_there),
+                      "repaired_after_s": repaired_at - fault_at if repaired else None,
+                      "fresh_worker_after_s": time.time() - fault_at if back else None, "_only_there": only_there}
 
 
 def worker_sigstop(fleet, store, load, args):
@@ -316,8 +319,7 @@ def worker_sigkill_transfer(fleet, store, load, args):
     victim = rec["devices"][0]
     fault_at = time.time()
     os.kill(pids[victim], signal.SIGKILL)
-    repaired = _wait(lambda: f"worker:{victim}" in store.workers() and
-                     any(e.kind == "worker_restart" for e in store.events(300)), 60)
+    repaired = _wait(lambda: store.workers().get(f"worker:{victim}", {}).get("pid") not in (None, pids[victim]), 60)
     return fault_at, {"victim": victim, "loads_in_flight": rec.get("loads"),
                       "worker_back_after_s": time.time() - fault_at if repaired else None}
 
@@ -358,8 +360,7 @@ def clock_skew(fleet, store, load, args):
     from moefleet.controller.main import controller_actor_class
     from moefleet.local import CONTROLLER_NAME
 
-    ray.get(fleet.controller.shutdown.remote(), timeout=30)
-    ray.kill(fleet.controller, no_restart=True)
+    ray.kill(fleet.controller, no_restart=True)  # its lease lapses; the skewed controller takes it
     env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"+{args.skew_s:g}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     cfg = fleet.controller_config()
     fleet.controller = controller_actor_class().options(
@@ -373,7 +374,7 @@ def clock_skew(fleet, store, load, args):
     pid = _worker_pid(fleet, victim)
     fault_at = time.time()
     os.kill(pid, signal.SIGKILL)
-    repaired = _wait(lambda: victim not in store.get_placement().assignments or f"worker:{victim}" in store.workers(), 60)
+    repaired = _wait(lambda: victim not in store.get_placement().assignments, 60, 0.01)
     time.sleep(args.after)
     events = store.events(500)
     drains = [e.data.get("drained") for e in events if e.kind == "rebalance"]

@@ -229,6 +229,7 @@ class Reconciler:
         self.keepalive = None
         self.last_apply: dict = {}
         self.router_grace_s = ROUTER_GRACE_S
+        self.command_timeout_s = 300.0  # longest wait for workers' loads and unloads
         self.cut_off_routers: list[str] = []  # routers alive but not heartbeating at the last drain check
 
     # -- Ray -------------------------------------------------------------
@@ -250,6 +251,15 @@ class Reconciler:
             device, self.checkpoint, list(experts), self.namespace, self.worker, cpus=cpus, redis_url=self.redis_url,
             memory_bytes=None if spec is None else spec.memory_bytes, **options,
         )
+
+    def running(self, device: DeviceId):
+        """The worker actor of ``device`` if one is registered (never starts one), else None."""
+        import ray
+
+        try:
+            return ray.get_actor(worker_actor_name(device), namespace=self.namespace)
+        except ValueError:
+            return None
 
     def retire(self, device: DeviceId) -> None:
         import ray
@@ -319,10 +329,14 @@ class Reconciler:
         from moefleet.expert_workers.group import StaleCommandError
 
         pending = list(refs)
+        deadline = time.monotonic() + self.command_timeout_s
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             if pending:
                 self._check_lease(what)
+                if time.monotonic() > deadline:  # a worker that never started (no resources) or hangs
+                    raise TimeoutError(f"{len(pending)} worker command(s) unfinished after {self.command_timeout_s:.0f}s "
+                                       f"before {what}")
         try:
             return ray.get(list(refs))
         except ray.exceptions.RayTaskError as e:
@@ -486,14 +500,17 @@ class Reconciler:
         if diff.empty:
             return diff
         token = self._token()
-        loads = [self.handle(d).load.remote([list(k) for k in keys], token) for d, keys in diff.adds.items()]
+        handles = {d: self.running(d) for d in set(diff.adds) | set(diff.removes)}  # a worker gone since its report: skipped
+        diff.adds = {d: keys for d, keys in diff.adds.items() if handles[d] is not None}
+        diff.removes = {d: keys for d, keys in diff.removes.items() if handles[d] is not None}
+        loads = [handles[d].load.remote([list(k) for k in keys], token) for d, keys in diff.adds.items()]
         self._wait(loads, "the loads end")
         if diff.removes:
             if not routers_drained(self.live_routers(), placement.version, placement.generation):
                 diff.removes = {}  # next step
             else:
                 self._check_lease("unload")
-                self._wait([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()],
+                self._wait([handles[d].unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()],
                            "the unloads end")
         self._count(None, diff.num_loads, self._bytes(diff))
         if diff.adds or diff.removes:
