@@ -9,8 +9,10 @@ make the same decision from the same inputs:
    devices follows the workers' queue depth (``autoscale.autoscale_step``);
    the active devices are the first ``desired`` of the live ones;
 2. planning: skipped when no device is live, or when the load window saw
-   fewer than ``config.min_tokens`` tokens, a placement exists and no worker
-   is down; otherwise ``planner.plan`` from the load (all ones when nothing
+   fewer than ``config.min_tokens`` tokens, a placement exists, no worker is
+   down and every expert has the replicas ``min_replicas`` comes to (a fleet
+   below that floor is repaired before any traffic arrives); otherwise
+   ``planner.plan`` from the load (all ones when nothing
    was measured yet, so a repair after a fresh start treats experts alike),
    the active devices and the current placement. Whether the plan is applied
    is the plan's ``apply`` (gain at least ``min_gain``, or a repair).
@@ -27,7 +29,7 @@ import numpy as np
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
 
 from .autoscale import autoscale_step
-from .planner import Plan, plan
+from .planner import Plan, min_replicas, plan
 
 if TYPE_CHECKING:
     from .main import ControllerConfig
@@ -65,6 +67,21 @@ def _memory_floor(devices: Sequence[DeviceSpec], load, expert_bytes, headroom: f
         if have >= need:
             return i
     return len(devices)
+
+
+def _below_floor(current: Placement, devices, config, expert_bytes, shape, layers) -> bool:
+    """Whether some expert of ``current`` has fewer replicas than ``min_replicas`` comes to on ``devices``."""
+    floor = min_replicas(Inventory(devices=list(devices)), config.planner, expert_bytes=expert_bytes, shape=shape)["replicas"]
+    if floor <= 1:
+        return False
+    live = {d.device_id for d in devices}
+    counts = {}
+    for device, keys in current.assignments.items():
+        if device in live:
+            for k in keys:
+                counts[tuple(k)] = counts.get(tuple(k), 0) + 1
+    want = {(int(layer), e) for layer in layers for e in range(shape[1])}
+    return any(counts.get(k, 0) < floor for k in want)
 
 
 def decide(
@@ -113,7 +130,9 @@ def decide(
     result: Plan | None = None
     if not active:
         report["skipped"] = "no live device"
-    elif load.sum() < config.min_tokens and current.version > 0 and not down:
+    elif load.sum() < config.min_tokens and current.version > 0 and not down and not _below_floor(
+        current, active, config, expert_bytes, load.shape, layers
+    ):
         report["skipped"] = "too little load to plan from"
     else:
         if load.sum() == 0:

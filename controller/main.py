@@ -6,7 +6,12 @@ Each step of the leader (every ``interval_s``; liveness every ``health_interval_
    store's clock, confirmed by asking Ray) is down. The step then plans at
    once without it: its experts are re-placed on the survivors (a repair, made
    past the copy cap), routers already avoid it, and a fresh worker is started
-   for the device; once it heartbeats it is a device the planner can use again;
+   for the device; once it heartbeats it is a device the planner can use again.
+   A start that fails is tried again with backoff until ``restart_attempts``
+   have failed; then the device is declared lost (a ``device_lost`` event).
+   Ray's answer is asked in the workers' liveness concurrency group, beside
+   their forwards: a worker that does not answer in time is not dead but
+   stalled, and is taken for dead only after ``stalled_down_s``;
 2. convergence: live workers are made to hold what the placement says (what a
    leader that died mid-rebalance loaded but never published is unloaded;
    what a placement names but a worker lacks is loaded);
@@ -26,7 +31,9 @@ when the leader dies its lease lapses and the follower takes over within the
 lease time, continuing from the placement and records in Redis. While Redis
 is unreachable the leader pauses (it cannot renew, so it stops acting); when
 Redis is back it re-acquires, and if Redis lost its data it republishes the
-placement the workers actually hold as a new generation.
+placement the workers actually hold (with the devices' speeds) as a new
+generation. Every write a leader makes (placement, records, events, counters)
+lands only under its current holding: a deposed leader writes nothing.
 
     python -m moefleet.controller.main --config controller.yaml
 """
@@ -42,17 +49,17 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_actor_name
-from moefleet.core.state import StateStore, resolve_redis_url
+from moefleet.core.state import LeaseLostError, StateStore, resolve_redis_url
 from moefleet.kernels.experts import packed_kind
 
 from .autoscale import AutoscalingConfig
 from .decide import decide
-from .planner import Plan, PlannerKnobs
+from .planner import Plan, PlannerKnobs, min_replicas
 from .reconciler import LoadFailedError, Reconciler
 from .telemetry import TelemetryConfig
 
@@ -75,12 +82,39 @@ class ControllerConfig(BaseModel):
         default=0.25, gt=0, description="Seconds between liveness checks of the placement's workers (a death triggers a step)."
     )
     restart_workers: bool = Field(default=True, description="Start a fresh worker for a device whose worker died.")
+    restart_attempts: int = Field(
+        default=8, gt=0, description="Failed starts of a device's fresh worker after which the device is declared lost."
+    )
+    restart_backoff_s: float = Field(default=0.5, gt=0, description="Wait before the second start; doubled after each failure.")
+    restart_max_backoff_s: float = Field(default=30.0, gt=0, description="Longest wait between two starts.")
+    restart_timeout_s: float = Field(
+        default=120.0, gt=0, description="A fresh worker not ready within this (no resources, node gone) is a failed start."
+    )
+    stalled_down_s: float = Field(
+        default=10.0, gt=0,
+        description="A worker whose heartbeat lapsed and that does not answer Ray's liveness call (stalled, not dead) "
+        "counts as down after this long.",
+    )
     lease_ttl_s: float = Field(default=5.0, gt=0, description="Leader lease; a dead leader is replaced within this.")
     load_window_s: float = Field(default=1.0, gt=0, description="Width of the routers' load windows.")
     load_windows: int = Field(default=30, gt=0, description="Windows of load the planner looks at.")
     load_half_life_s: float = Field(default=10.0, gt=0, description="Half-life of the decayed load estimate.")
     min_tokens: float = Field(default=100.0, ge=0, description="Plan only when the window saw at least this many tokens.")
-    planner: PlannerKnobs = Field(default_factory=PlannerKnobs)
+    planner: PlannerKnobs = Field(
+        default_factory=lambda: PlannerKnobs(min_replicas="auto"),
+        description="The planner's knobs; ``min_replicas`` is 'auto' unless set (2 copies of every expert where the GPU "
+        "devices' memory holds them beside the headroom, else 1).",
+    )
+
+    @field_validator("planner", mode="before")
+    @classmethod
+    def _auto_min_replicas(cls, v):
+        """A fleet keeps two copies of every expert where memory allows unless ``planner.min_replicas`` says otherwise."""
+        if isinstance(v, dict) and "min_replicas" not in v:
+            return {**v, "min_replicas": "auto"}
+        if isinstance(v, PlannerKnobs) and "min_replicas" not in v.model_fields_set:
+            return v.model_copy(update={"min_replicas": "auto"})
+        return v
     autoscaling: AutoscalingConfig | None = Field(default=None, description="Active-device autoscaling; None keeps all devices.")
     devices: list[DeviceSpec] = Field(
         default_factory=list, description="Static inventory (local mode); empty reads the Ray cluster's nodes."
@@ -153,6 +187,9 @@ class Controller:
         self.last_report: dict = {}
         self.down: set[str] = set()  # devices of the placement whose worker is dead
         self._restarting: dict[str, tuple[object, object, float]] = {}  # device -> (handle, ready ref, started)
+        self._retry: dict[str, dict] = {}  # device -> {"failures", "next_at" (monotonic), "error"}: restarts to try again
+        self.lost: set[str] = set()  # devices declared lost (restarts gave up) until a worker of theirs heartbeats
+        self._unanswered: dict[str, float] = {}  # device -> monotonic time since its worker has not answered Ray
         # monotonic time since which the store has answered (None while it does not): heartbeats are
         # judged only once it has answered longer than a heartbeat lives (after an outage or a reset)
         self._store_ok_since: float | None = -float("inf")
@@ -223,9 +260,24 @@ class Controller:
             self.leader = bool(self.token)
             if self.leader:
                 log.info("%s is the leader (fencing token %d)", self.holder, self.token)
-                self.store.emit_event("leader", {"holder": self.holder, "token": self.token})
+                self.emit("leader", {"holder": self.holder, "token": self.token})
         self.reconciler.fence = (self.holder, self.token) if self.leader else None
         return self.leader
+
+    @property
+    def fence(self) -> tuple[str, int] | None:
+        return (self.holder, self.token) if self.leader else None
+
+    def emit(self, kind: str, data: dict) -> None:
+        """An event written under the lease (``LeaseLostError`` once it is lost: a deposed leader writes nothing)."""
+        self.store.emit_event(kind, data, fence=(self.holder, self.token))
+
+    def _lost_lease(self, why: str) -> None:
+        if self.leader:
+            log.warning("%s lost the leader lease (%s): stopping as leader", self.holder, why)
+        self.leader = False
+        self.token = 0
+        self.reconciler.fence = None
 
     def _keepalive(self) -> bool:
         """Renew the lease under our token (the reconciler calls this before publishing and unloading)."""
@@ -244,44 +296,85 @@ class Controller:
 
         return self._store_ok_since is not None and time.monotonic() - self._store_ok_since > HEARTBEAT_TTL_S + 0.25
 
-    def _ray_alive(self, device: str) -> bool:
-        """Ask Ray whether the device's worker answers (a lapsed heartbeat may be the worker's link to Redis)."""
+    def _ray_alive(self, device: str) -> bool | None:
+        """Ask Ray whether the device's worker answers (a lapsed heartbeat may be the worker's link to Redis).
+
+        True: it answered. False: dead (no actor of that name, or Ray says it
+        died). None: no answer in time; ``ready`` runs in the workers' liveness
+        concurrency group, beside the forwards, so this is a stalled process
+        (stopped, its node unreachable), not a busy one.
+        """
         import ray
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
         try:
             h = ray.get_actor(worker_actor_name(device), namespace=self.config.namespace)
+        except ValueError:  # no actor of that name
+            return False
+        try:
             ray.get(h.ready.remote(), timeout=0.5)
             return True
-        except Exception:  # no such actor, dead, or not answering within the timeout
+        except GetTimeoutError:
+            return None
+        except ActorDiedError:
             return False
+        except RayActorError as e:  # ActorUnavailableError (restarting, unreachable) is one: not known dead
+            return None if type(e).__name__ == "ActorUnavailableError" else False
+        except Exception as e:  # noqa: BLE001 - whatever else: not known dead
+            log.warning("liveness of %s unknown: %s", device, e)
+            return None
 
     def find_down(self, placement: Placement, records: dict[str, dict]) -> set[str]:
-        """Devices of ``placement`` whose worker is dead (no heartbeat, and Ray confirms)."""
+        """Devices of ``placement`` whose worker is dead (no heartbeat, and Ray confirms), or stalled past ``stalled_down_s``."""
         if not self._store_settled():
             return set()
         down = set()
+        now = time.monotonic()
         for d in placement.assignments:
             if d in records or d in self._restarting:
+                self._unanswered.pop(d, None)
                 continue
-            if not self._ray_alive(d):
-                down.add(d)
+            alive = self._ray_alive(d)
+            if alive is None:
+                since = self._unanswered.setdefault(d, now)
+                if now - since < self.config.stalled_down_s:
+                    continue
+                log.warning("worker of %s has not answered for %.1fs: taken for dead", d, now - since)
+            elif alive:
+                self._unanswered.pop(d, None)
+                continue
+            down.add(d)
         return down
 
-    def _restart(self, devices: set[str]) -> None:
-        """Start a fresh, empty worker for each device whose worker died, once Ray has released its name."""
+    def _restart(self, devices: set[str], records: dict[str, dict] | None = None) -> None:
+        """Start a fresh, empty worker for each device whose worker died, once Ray has released its name.
+
+        A device whose start failed is tried again (whether or not the placement
+        still names it) after a backoff that doubles with each failure, until
+        ``restart_attempts`` failed: then it is declared lost (``device_lost``).
+        """
         if not self.config.restart_workers:
             return
         import ray
 
-        for d in sorted(devices):
+        records = records or {}
+        now = time.monotonic()
+        for d in sorted((set(devices) | set(self._retry)) - self.lost):
             if d in self._restarting:
+                continue
+            if d in records:  # heartbeating after all
+                self._retry.pop(d, None)
+                continue
+            retry = self._retry.get(d)
+            if retry is not None and now < retry["next_at"]:
                 continue
             try:
                 old = ray.get_actor(worker_actor_name(d), namespace=self.config.namespace)
             except ValueError:
                 old = None
             if old is not None:
-                if self._ray_alive(d):
+                if self._ray_alive(d) is True:
+                    self._retry.pop(d, None)
                     continue  # it answers after all
                 ray.kill(old, no_restart=True)  # a dead actor can keep its name until killed: free it
                 time.sleep(0.05)
@@ -289,38 +382,73 @@ class Controller:
                 h = self.reconciler.handle(d, [])
                 self._restarting[d] = (h, h.ready.remote(), time.monotonic())
                 log.info("started a fresh worker for device %s", d)
-                self.store.emit_event("worker_restart", {"device": d})
-            except Exception as e:  # Ray refused (no resources, name taken): tried again next step
-                log.warning("could not restart the worker of %s: %s", d, e)
+                self.emit("worker_restart", {"device": d, "attempt": 1 + (retry or {}).get("failures", 0)})
+            except LeaseLostError:
+                raise
+            except Exception as e:  # Ray refused (no resources, name taken): tried again after a backoff
+                self._restart_failed(d, f"could not start: {e}")
+
+    def _restart_failed(self, device: str, why: str) -> None:
+        """Count a failed start of ``device``'s worker: schedule the next one, or declare the device lost."""
+        c = self.config
+        retry = self._retry.setdefault(device, {"failures": 0})
+        retry["failures"] += 1
+        retry["error"] = why[:300]
+        if retry["failures"] >= c.restart_attempts:
+            del self._retry[device]
+            self.lost.add(device)
+            log.error("device %s declared lost: %d starts of its worker failed (last: %s)", device, c.restart_attempts, why)
+            self.emit("device_lost", {"device": device, "attempts": c.restart_attempts, "error": retry["error"]})
+            return
+        wait = min(c.restart_max_backoff_s, c.restart_backoff_s * 2 ** (retry["failures"] - 1))
+        retry["next_at"] = time.monotonic() + wait
+        log.warning("worker of %s: start %d failed (%s); trying again in %.1fs", device, retry["failures"], why, wait)
 
     def _poll_restarts(self, records: dict[str, dict]) -> None:
         import ray
 
+        for d in list(self.lost):
+            if d in records:  # a worker of a lost device heartbeats (started by hand, node back): a device again
+                self.lost.discard(d)
         for d, (h, ref, t0) in list(self._restarting.items()):
             done, _ = ray.wait([ref], timeout=0)
             if done:
                 try:
                     ray.get(ref)
-                except Exception as e:  # it died while starting: try again
-                    log.warning("restarted worker of %s failed to start: %s", d, e)
+                except Exception as e:  # it died while starting: try again after a backoff
                     del self._restarting[d]
+                    self._restart_failed(d, f"died while starting: {e}")
                     continue
                 if d in records:  # heartbeating: a device again
                     del self._restarting[d]
+                    self._retry.pop(d, None)
                     log.info("worker of %s is back after %.1fs", d, time.monotonic() - t0)
+            elif time.monotonic() - t0 > self.config.restart_timeout_s:  # never scheduled (no resources, node gone)
+                del self._restarting[d]
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception as e:  # noqa: BLE001 - it may be gone already
+                    log.debug("could not kill the stuck worker of %s: %s", d, e)
+                self._restart_failed(d, f"not ready within {self.config.restart_timeout_s:.0f}s")
 
     # -- recovery ----------------------------------------------------------
-    def recover_placement(self, records: dict[str, dict]) -> Placement | None:
-        """The store lost the placement table: republish what the live workers hold, as a new generation."""
+    def recover_placement(self, records: dict[str, dict], inventory: Inventory | None = None) -> Placement | None:
+        """The store lost the placement table: republish what the live workers hold, as a new generation.
+
+        The devices' speeds come from the inventory (what the planner assumes),
+        so routers split rows between replicas by speed from the first request.
+        """
         held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()}
         held = {d: keys for d, keys in held.items() if keys}
         if not held:
             return None
-        recovered = Placement(assignments=held)
+        by_id = (inventory or self.inventory()).by_id()
+        speeds = {d: float(by_id[d].speed) for d in held if d in by_id}
+        recovered = Placement(assignments=held, speeds=speeds)
         published = self.store.publish_placement(recovered, expected_version=0, fence=(self.holder, self.token))
         log.warning("placement table was lost; republished what %d workers hold as v%d (generation %s)",
                     len(held), published.version, published.generation)
-        self.store.emit_event("placement_recovered", {"version": published.version, "generation": published.generation})
+        self.emit("placement_recovered", {"version": published.version, "generation": published.generation})
         return published
 
     # -- one step --------------------------------------------------------
@@ -354,14 +482,14 @@ class Controller:
                 report["skipped"] = "waiting for workers to report what they hold"
                 self.last_report = report
                 return report
-            current = self.recover_placement(records) or Placement()  # empty: a fleet with nothing placed yet
+            current = self.recover_placement(records, inventory) or Placement()  # empty: a fleet with nothing placed yet
         self._seen_generation = current.generation or self._seen_generation
         report["placement_version"] = current.version
         # liveness and repair
         down = self.find_down(current, records) if current.assignments else set()
         if down - self.down:
             log.warning("worker(s) down: %s", sorted(down - self.down))
-            self.store.emit_event("worker_down", {"devices": sorted(down - self.down)})
+            self.emit("worker_down", {"devices": sorted(down - self.down)})
         self.down = down
         report["down"] = sorted(down)
         unusable = down | set(self._restarting)
@@ -378,13 +506,15 @@ class Controller:
         if pending.get("phase") and pending.get("holder") != self.holder:
             what = "completing" if pending["phase"] == "published" else "rolling back"
             log.warning("%s a rebalance left at phase %r by %s", what, pending["phase"], pending.get("holder"))
-            self.store.emit_event("rebalance_resumed", {"action": what, **pending})
+            self.emit("rebalance_resumed", {"action": what, **pending})
         if current.version and not down:
             live_held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()
                          if d not in unusable and "experts" in info}
             diff = self.reconciler.converge(current, live_held)
             if pending.get("phase") and pending.get("holder") != self.holder and not diff.removes and not diff.adds:
-                self.store.put_record("rebalance", {"phase": None, "at": now, "holder": self.holder})
+                self.store.put_record("rebalance", {"phase": None, "at": now, "holder": self.holder}, fence=self.fence)
+        report["min_replicas"] = min_replicas(Inventory(devices=devices), self.config.planner, expert_bytes=self.expert_bytes,
+                                              shape=(len(self.layers), self.spec.layer.num_experts))
         depths = self.queue_depths(records) if self.config.autoscaling is not None else None
         decision = decide(
             self.config, record, devices, current, self.load(now), depths, now,
@@ -406,10 +536,11 @@ class Controller:
                 for d in e.errors:
                     self._full_until[d] = time.monotonic() + self.full_cooldown_s
             report["apply_seconds"] = time.monotonic() - t0
-        self._restart(down_or_idle)
+        self._restart(down_or_idle, records)
+        report["lost"] = sorted(self.lost)
         record["last_report"] = report
-        self.store.put_record(RECORD, record)
-        self.store.emit_event("plan", report)
+        self.store.put_record(RECORD, record, fence=self.fence)
+        self.emit("plan", report)
         self.last_report = report
         return report
 
@@ -433,6 +564,8 @@ class Controller:
                 if store_down:
                     log.info("%s: the store answers again; resuming", self.holder)
                 store_down = False
+            except LeaseLostError as e:  # a fenced write found the lease gone: follow from here
+                self._lost_lease(str(e))
             except StateStoreUnavailable as e:
                 if not store_down:
                     log.warning("%s: the store is unreachable (%s); pausing until it answers", self.holder, e)
@@ -484,6 +617,10 @@ def controller_actor_class():
             import os
 
             return os.getpid()
+
+        def wall_clock(self) -> float:
+            """This process's wall clock (``time.time()``): how far a host's clock is off shows here."""
+            return time.time()
 
         def shutdown(self) -> None:
             self.stop.set()

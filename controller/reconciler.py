@@ -13,8 +13,15 @@ The order of a step (each part safe to repeat):
 
 Every command to a worker carries the leader's fencing token, and the lease
 is checked (renewed under its token) before each publish and unload: a leader
-that lost its lease stops there, and workers refuse commands from a leader
-older than one they obeyed.
+that lost its lease stops there, and workers refuse a command whose token is
+not the lease's current one (checked in Redis). Every write the leader makes
+(placement, records, events, counters) is fenced by the same token.
+
+Drains count every router that may still dispatch: those heartbeating, and
+those whose heartbeat lapsed while their process lives (a router cut off from
+the store keeps serving from the placement it holds). When such a router has
+not drained by the drain timeout, the step leaves its unloads to
+``converge``, which makes them once every router has drained.
 
 ``converge`` makes the workers hold what the published placement says, from
 what they report holding: experts a crashed leader loaded but never published,
@@ -41,6 +48,9 @@ from moefleet.core.config import WorkerConfig
 from moefleet.core.placement import DeviceId, DeviceSpec, ExpertKey, Placement, worker_actor_name
 from moefleet.core.state import LeaseLostError, StateStore
 
+ROUTER_GRACE_S = 600.0
+"""How long after its last heartbeat a router whose process still lives counts in drains (a router cut off
+from the store); the registry forgets entries lapsed longer (``StateStore.worker_forget_after_s``)."""
 
 
 class LoadFailedError(RuntimeError):
@@ -90,18 +100,29 @@ def placement_diff(current: Placement, target: Placement) -> PlacementDiff:
     return diff
 
 
+def _inflight_drained(r: dict, version: int, generation: str | None) -> bool:
+    oldest = r.get("oldest_inflight")
+    if oldest is not None:  # [generation, version] of the oldest call in flight: a call of another table is older
+        gen, ver = oldest
+        return (generation is None or gen == generation) and int(ver) >= version
+    return r.get("oldest_inflight_version", -1) >= version
+
+
 def routers_drained(routers: dict[str, dict], version: int, generation: str | None = None) -> bool:
     """True when every live router serves ``version`` (of ``generation``) or later and has nothing older in flight.
 
     No router reporting is not drained: routers that cannot reach the store
     (or have not yet said anything) may still have old calls in flight.
+    In-flight calls count by (generation, version): after a store reset a
+    call still running on version 7 of the old table is older than version 1
+    of the new one.
     """
     if not routers:
         return False
     return all(
         (generation is None or r.get("placement_generation") == generation)
         and r.get("placement_version", -1) >= version
-        and r.get("oldest_inflight_version", -1) >= version
+        and _inflight_drained(r, version, generation)
         for r in routers.values()
     )
 
@@ -207,6 +228,9 @@ class Reconciler:
         self.fence: tuple[str, int] | None = None
         self.keepalive = None
         self.last_apply: dict = {}
+        self.router_grace_s = ROUTER_GRACE_S
+        self.command_timeout_s = 300.0  # longest wait for workers' loads and unloads
+        self.cut_off_routers: list[str] = []  # routers alive but not heartbeating at the last drain check
 
     # -- Ray -------------------------------------------------------------
     def handle(self, device: DeviceId, experts: list[ExpertKey] = ()):
@@ -228,6 +252,15 @@ class Reconciler:
             memory_bytes=None if spec is None else spec.memory_bytes, **options,
         )
 
+    def running(self, device: DeviceId):
+        """The worker actor of ``device`` if one is registered (never starts one), else None."""
+        import ray
+
+        try:
+            return ray.get_actor(worker_actor_name(device), namespace=self.namespace)
+        except ValueError:
+            return None
+
     def retire(self, device: DeviceId) -> None:
         import ray
 
@@ -236,6 +269,10 @@ class Reconciler:
         except ValueError:
             pass  # already gone
 
+    def emit(self, kind: str, data: dict) -> None:
+        """An event written under the leader's fence (``LeaseLostError`` once the lease is lost)."""
+        self.store.emit_event(kind, data, fence=self.fence)
+
     def _count(self, seconds: float | None, loads: int, bytes_moved: int) -> None:
         """Add a rebalance (``seconds``; None: copies made converging) to the fleet's counters (best effort)."""
         from .telemetry import REBALANCE_COUNTERS, rebalance_increments
@@ -243,9 +280,32 @@ class Reconciler:
         if seconds is None and not loads:
             return
         try:
-            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, bytes_moved))
+            self.store.add_counters(REBALANCE_COUNTERS, rebalance_increments(seconds, loads, bytes_moved), fence=self.fence)
+        except LeaseLostError:
+            raise
         except Exception as e:  # telemetry must not stop a rebalance
             log.warning("could not count the rebalance: %s", e)
+
+    # -- routers -----------------------------------------------------------
+    def live_routers(self) -> dict[str, dict]:
+        """Every router that may still dispatch: heartbeating, or lapsed while its process lives (cut off from the store).
+
+        A lapsed router's entry is its last report, marked ``"lapsed": True``;
+        whether its process lives is asked of Ray (the actor id it reported).
+        """
+        records = self.store.worker_records(lapsed_within_s=self.router_grace_s)
+        now = self.store.time()
+        out, cut_off = {}, []
+        for key, rec in records.items():
+            if not key.startswith("router:"):
+                continue
+            if now < rec.expires_at:
+                out[key] = rec.info
+            elif _actor_alive(rec.info.get("actor_id")):
+                out[key] = {**rec.info, "lapsed": True}
+                cut_off.append(key)
+        self.cut_off_routers = sorted(cut_off)
+        return out
 
     def _store_time(self) -> float:
         try:
@@ -266,20 +326,35 @@ class Reconciler:
         """``ray.get(refs)``, renewing the lease while waiting (loads on a worker that is starting take seconds)."""
         import ray
 
+        from moefleet.expert_workers.group import StaleCommandError
+
         pending = list(refs)
+        deadline = time.monotonic() + self.command_timeout_s
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             if pending:
                 self._check_lease(what)
-        return ray.get(list(refs))
+                if time.monotonic() > deadline:  # a worker that never started (no resources) or hangs
+                    raise TimeoutError(f"{len(pending)} worker command(s) unfinished after {self.command_timeout_s:.0f}s "
+                                       f"before {what}")
+        try:
+            return ray.get(list(refs))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.as_instanceof_cause(), StaleCommandError):  # a worker knows a newer leader
+                raise LeaseLostError(f"a worker refused the command before {what}: {e.as_instanceof_cause()}") from e
+            raise
 
     def _wait_loads(self, pending: dict, diff: PlacementDiff, token) -> None:
         """Wait for a step's loads; when any fails, take back what the step loaded and raise ``LoadFailedError``.
 
         Nothing is published before every load succeeded, so undoing the loads
-        leaves the fleet serving the current placement, untouched.
+        leaves the fleet serving the current placement, untouched. A worker that
+        refused the command as not the current leader's means the lease is lost:
+        ``LeaseLostError`` (the next leader converges).
         """
         import ray
+
+        from moefleet.expert_workers.group import StaleCommandError
 
         try:
             self._wait(list(pending.values()), "the loads end")
@@ -293,6 +368,9 @@ class Reconciler:
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001 - reported with the device it came from
+                cause = e.as_instanceof_cause() if isinstance(e, ray.exceptions.RayTaskError) else e
+                if isinstance(cause, StaleCommandError):
+                    raise LeaseLostError(f"worker of {d} refused the step's loads: {cause}") from e
                 failed[d] = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         undo = [self.handle(d).unload.remote([list(k) for k in diff.adds[d]], token) for d in pending]
         try:
@@ -301,7 +379,9 @@ class Reconciler:
             log.warning("could not take back every load of a failed step: %s", e)
         self._record(None)
         try:
-            self.store.emit_event("rebalance_failed", {"devices": sorted(failed), "errors": failed})
+            self.emit("rebalance_failed", {"devices": sorted(failed), "errors": failed})
+        except LeaseLostError:
+            raise
         except Exception as e:  # reporting only
             log.warning("could not record the failed rebalance: %s", e)
         raise LoadFailedError(failed)
@@ -311,11 +391,13 @@ class Reconciler:
             raise LeaseLostError(f"lease lost before {what}: stopping this rebalance (the next leader converges)")
 
     def _record(self, phase: str | None, **data) -> None:
-        """The rebalance in progress, for the next leader and for operators (best effort)."""
+        """The rebalance in progress, for the next leader and for operators (best effort, but fenced:
+        a leader that lost its lease writes nothing and stops)."""
         try:
-            rec = self.store.get_record("rebalance") or {}
             rec = {"phase": phase, "at": self.clock(), "holder": None if self.fence is None else self.fence[0], **data}
-            self.store.put_record("rebalance", rec)
+            self.store.put_record("rebalance", rec, fence=self.fence)
+        except LeaseLostError:
+            raise
         except Exception as e:  # never let bookkeeping stop a rebalance
             log.warning("could not record the rebalance phase %s: %s", phase, e)
 
@@ -352,7 +434,8 @@ class Reconciler:
         t0 = self.clock()
         started_at = self._store_time()
         token = self._token()
-        self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason)
+        self._record("loading", from_version=current.version, loads=diff.num_loads, reason=reason,
+                     devices=sorted(d for d in diff.adds if d not in skip))
         # 1. load what each device gains (new devices start with their experts)
         pending: dict[DeviceId, object] = {}
         for d, keys in diff.adds.items():
@@ -365,33 +448,37 @@ class Reconciler:
         self._check_lease("publish")
         published = self.store.publish_placement(target, expected_version=current.version, fence=self.fence)
         self._record("published", version=published.version, generation=published.generation)
-        self.store.emit_event(
-            "placement",
-            {"version": published.version, "loads": diff.num_loads, "bytes": self._bytes(diff), "reason": reason},
-        )
+        self.emit("placement", {"version": published.version, "loads": diff.num_loads, "bytes": self._bytes(diff), "reason": reason})
         # 3. drain what was dispatched under older versions (nothing to wait for when nothing is unloaded)
         removing = any(d not in skip for d in diff.removes)
         drained = self.wait_drained(published.version, published.generation) if removing else True
-        # 4. unload and retire
+        # 4. unload and retire; a router cut off from the store may still use what would go: converge unloads later
         self._check_lease("unload")
-        unloads = [
-            self.handle(d).unload.remote([list(k) for k in keys], token)
-            for d, keys in diff.removes.items()
-            if d not in diff.retired_devices and d not in skip
-        ]
-        self._wait(unloads, "the unloads end")
-        for d in diff.retired_devices:
-            if d not in skip:
-                self.retire(d)
+        if not drained and self.cut_off_routers:
+            log.warning("placement v%d: routers %s are cut off from the store and may still use the old replicas; "
+                        "their unloads wait until they drain", published.version, self.cut_off_routers)
+            self.emit("unload_deferred", {"version": published.version, "routers": self.cut_off_routers})
+        else:
+            unloads = [
+                self.handle(d).unload.remote([list(k) for k in keys], token)
+                for d, keys in diff.removes.items()
+                if d not in diff.retired_devices and d not in skip
+            ]
+            self._wait(unloads, "the unloads end")
+            for d in diff.retired_devices:
+                if d not in skip:
+                    self.retire(d)
         self._record(None, version=published.version)
         elapsed = self.clock() - t0
         self._count(elapsed, diff.num_loads, self._bytes(diff))
         try:
-            self.store.emit_event("rebalance", {
+            self.emit("rebalance", {
                 "version": published.version, "started_at": started_at, "ended_at": self._store_time(), "loads": diff.num_loads,
                 "unloads": sum(len(v) for d, v in diff.removes.items() if d not in skip), "bytes_moved": self._bytes(diff),
                 "drained": drained, "reason": reason,
             })
+        except LeaseLostError:
+            raise
         except Exception as e:  # reporting only
             log.warning("could not record the rebalance: %s", e)
         self.last_apply = {"version": published.version, "loads": diff.num_loads, "seconds": elapsed, "drained": drained}
@@ -409,39 +496,57 @@ class Reconciler:
         every router has drained ``placement`` (no call in flight may still use them).
         Returns what it did.
         """
-        import ray
-
         diff = worker_diff(placement, held)
         if diff.empty:
             return diff
         token = self._token()
-        loads = [self.handle(d).load.remote([list(k) for k in keys], token) for d, keys in diff.adds.items()]
+        handles = {d: self.running(d) for d in set(diff.adds) | set(diff.removes)}  # a worker gone since its report: skipped
+        diff.adds = {d: keys for d, keys in diff.adds.items() if handles[d] is not None}
+        diff.removes = {d: keys for d, keys in diff.removes.items() if handles[d] is not None}
+        loads = [handles[d].load.remote([list(k) for k in keys], token) for d, keys in diff.adds.items()]
         self._wait(loads, "the loads end")
         if diff.removes:
-            routers = self.store.workers()
-            routers = {k: v for k, v in routers.items() if k.startswith("router:")}
-            if not routers_drained(routers, placement.version, placement.generation):
+            if not routers_drained(self.live_routers(), placement.version, placement.generation):
                 diff.removes = {}  # next step
             else:
                 self._check_lease("unload")
-                ray.get([self.handle(d).unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()])
+                self._wait([handles[d].unload.remote([list(k) for k in keys], token) for d, keys in diff.removes.items()],
+                           "the unloads end")
         self._count(None, diff.num_loads, self._bytes(diff))
         if diff.adds or diff.removes:
             log.info("converged workers to placement v%d: loaded %s, unloaded %s", placement.version, diff.adds, diff.removes)
-            self.store.emit_event("converge", {"version": placement.version, "loaded": diff.num_loads,
-                                               "unloaded": sum(len(v) for v in diff.removes.values())})
+            self.emit("converge", {"version": placement.version, "loaded": diff.num_loads,
+                                   "unloaded": sum(len(v) for v in diff.removes.values())})
         return diff
 
     def wait_drained(self, version: int, generation: str | None = None, poll_s: float = 0.05) -> bool:
         deadline = time.monotonic() + self.drain_timeout_s
         last_renew = time.monotonic()
         while time.monotonic() < deadline:
-            routers = {k: v for k, v in self.store.workers().items() if k.startswith("router:")}
-            if routers_drained(routers, version, generation):
+            if routers_drained(self.live_routers(), version, generation):
                 return True
             if self.keepalive is not None and time.monotonic() - last_renew > 0.5:
                 self._check_lease("the drain ends")
                 last_renew = time.monotonic()
             time.sleep(poll_s)
-        log.warning("placement v%d: routers did not drain within %.0fs; unloading anyway (stale calls re-dispatch)", version, self.drain_timeout_s)
+        if not self.cut_off_routers:
+            log.warning("placement v%d: routers did not drain within %.0fs; unloading anyway (stale calls re-dispatch)",
+                        version, self.drain_timeout_s)
         return False
+
+
+def _actor_alive(actor_id: str | None) -> bool:
+    """Whether Ray's actor table says the actor ``actor_id`` (hex) is alive; False when unknown or unreadable."""
+    if not actor_id:
+        return False
+    try:
+        import ray
+        from ray._private import state
+
+        if not ray.is_initialized():
+            return False
+        info = state.actors(actor_id=actor_id)
+    except Exception as e:  # no Ray here, or its table unreadable: count the router as gone (the drain timeout bounds it)
+        log.debug("actor %s: state unknown: %s", actor_id, e)
+        return False
+    return bool(info) and info.get("State") == "ALIVE"

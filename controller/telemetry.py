@@ -56,7 +56,8 @@ REBALANCE_COUNTERS = "rebalance"
 REBALANCE_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Upper bounds (seconds) of the ``moefleet_rebalance_seconds`` histogram; +Inf follows."""
 
-EVENT_KINDS = ("leader", "worker_down", "worker_restart", "converge", "placement_recovered", "rebalance_resumed")
+EVENT_KINDS = ("leader", "worker_down", "worker_restart", "device_lost", "converge", "placement_recovered", "rebalance_resumed",
+               "unload_deferred")
 """Event kinds listed for operators (published placements and the controller's per-step ``plan`` reports feed the rebalance log instead)."""
 
 
@@ -259,7 +260,7 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
             "memory_bytes": int(info.get("memory_bytes", 0)),
             "reserved_bytes": int(info.get("reserved_bytes", 0)),
             "queue_depth": int(info.get("queue_depth", 0)),
-            "tokens_total": int(sum((info.get("tokens_served") or {}).values())),
+            "tokens_total": int(info.get("tokens_total", 0)),
             "recent_window_s": float((info.get("recent_tokens") or {}).get("window_s", 0.0)),
             "recent_tokens": {int(k): int(v) for k, v in recent.items()},
             "experts": len(held),

@@ -78,7 +78,7 @@ class ExpertNotLoadedError(LookupError):
 
 
 class StaleCommandError(RuntimeError):
-    """A load/unload carried a fencing token older than one this worker already obeyed (a deposed leader)."""
+    """A load/unload refused: its fencing token is not the current leader's (a deposed leader), or it carried none."""
 
 
 def pin_process_to_cpus(cpus: list[int]) -> list[int]:
@@ -125,8 +125,11 @@ class ExpertGroupCore:
         dtype: str | None = None,
         backend: str = "auto",
         memory_budget_bytes: int | None = None,
+        require_fence: bool = False,
     ):
         self.worker_id = worker_id
+        self.require_fence = require_fence  # refuse load/unload commands that carry no fencing token
+        self.fence_check = None  # token -> whether the lease is held under it now (the store's check_fence)
         self.memory_budget_bytes = memory_budget_bytes  # expert weights' cap on this device (slot stacks included)
         self.ckpt = MoECheckpoint(checkpoint)
         if device == "auto":
@@ -143,12 +146,14 @@ class ExpertGroupCore:
         self._in_flight = 0
         self._fence = 0  # highest fencing token a load/unload carried
         self._tokens: dict[ExpertKey, int] = {}
+        self._tokens_total = 0
         self._recent = RecentCounts(RECENT_WINDOW_S)  # rows served per layer over the last seconds (monotonic clock)
         self._calls = 0
         self._expired = 0  # calls refused because they arrived after their deadline
         self._busy_s = 0.0
         if experts:
-            self.load(list(experts))
+            with self._load_lock:
+                self._load_keys(list(experts))
         log.info("worker %s: %s path on %s", worker_id, self.backend, self.device)
 
     # -- weights ---------------------------------------------------------
@@ -171,32 +176,59 @@ class ExpertGroupCore:
         return slots
 
     def _check_fence(self, token: int | None) -> None:
-        """Refuse a command from a leader older than one already obeyed (callers hold ``_load_lock``)."""
+        """Refuse a command that is not the current leader's (callers hold ``_load_lock``).
+
+        Refused: a token older than one already obeyed; with ``fence_check`` (the
+        store), a token that is not the lease's current one, checked atomically
+        in Redis, so a deposed leader is refused even by a worker that never
+        saw its successor; with ``require_fence``, no token at all. One token
+        serves a whole step (its loads and unloads alike), so a replayed token
+        is obeyed.
+        """
         if token is None:
+            if self.require_fence:
+                raise StaleCommandError(f"worker {self.worker_id}: command without a fencing token refused (only the leader commands workers)")
             return
-        if int(token) < self._fence:
+        token = int(token)
+        if token < self._fence:
             raise StaleCommandError(
                 f"worker {self.worker_id}: command with fencing token {token} refused; token {self._fence} was already seen"
             )
-        self._fence = int(token)
+        if self.fence_check is not None:
+            try:
+                current = self.fence_check(token)
+            except Exception as e:  # the store cannot say who leads: obey no one
+                raise StaleCommandError(f"worker {self.worker_id}: command with fencing token {token} refused; "
+                                        f"the lease cannot be checked: {e}") from e
+            if not current:
+                raise StaleCommandError(
+                    f"worker {self.worker_id}: command with fencing token {token} refused; it is not the lease's current token"
+                )
+        self._fence = token
 
     def load(self, keys: list[ExpertKey], token: int | None = None) -> list[ExpertKey]:
         """Load experts (idempotent), at background priority: each copies into a free slot. Returns the experts held.
 
         token: the fencing token of the leader commanding it (see ``StaleCommandError``).
         """
-        with self._load_lock, background_priority():
+        with self._load_lock:
             self._check_fence(token)
+            return self._load_keys(keys)
+
+    def _load_keys(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+        with background_priority():
             for layer, expert in sorted({(int(l), int(e)) for l, e in keys}):
                 slots = self._layer_slots(layer)
                 if expert in slots.slot_of:
                     continue
                 slots.release(self._oldest_running(layer))
                 packed = slots.stack_kwargs.get("quant") is not None
-                room = None
-                if self.memory_budget_bytes is not None:
-                    room = self.memory_budget_bytes - sum(sl.nbytes()[1] for sl in self._slots.values())
-                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room)
+                room = spare = None
+                if self.memory_budget_bytes is not None:  # counted as the planner counts: the experts held
+                    sizes = [sl.nbytes() for sl in self._slots.values()]
+                    room = self.memory_budget_bytes - sum(h for h, _ in sizes)
+                    spare = self.memory_budget_bytes - sum(r for _, r in sizes)
+                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room, spare)
                 self._views = {**self._views, layer: slots.view()}
             return self.experts()
 
@@ -205,11 +237,15 @@ class ExpertGroupCore:
         with self._load_lock:
             self._check_fence(token)
             views = dict(self._views)
+            touched = set()
             for layer, expert in {(int(l), int(e)) for l, e in keys}:
                 slots = self._slots.get(layer)
                 if slots is not None and expert in slots.slot_of:
                     slots.drop(expert)
-                    views[layer] = slots.view()
+                    touched.add(layer)
+            for layer in touched:
+                self._slots[layer].shrink()  # emptied: freed; a quarter full or less: compacted
+                views[layer] = self._slots[layer].view()
             self._views = views  # one assignment: readers see the old or the new map
             return self.experts()
 
@@ -291,6 +327,7 @@ class ExpertGroupCore:
             with self._stats_lock:
                 for e, c in zip(call.experts, call.counts):
                     self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + int(c)
+                self._tokens_total += int(sum(call.counts))
                 self._recent.add(layer, int(sum(call.counts)), time.monotonic())
             partial = export_tensor(out) if call.reply_ipc and out.device.type == "cuda" else to_numpy(out)
             t3 = time.perf_counter()
@@ -395,6 +432,17 @@ class ExpertGroupCore:
     # -- reporting -------------------------------------------------------
     def stats(self) -> dict:
         """Queue depth, tokens served per expert, memory in use, device."""
+        with self._stats_lock:
+            tokens = {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())}
+        return {**self.heartbeat_info(), "tokens_served": tokens}
+
+    def heartbeat_info(self) -> dict:
+        """What the worker reports to the store every heartbeat: bounded whatever the model's size.
+
+        Counts are totals and per-layer windowed sums (``recent_tokens``), never
+        per expert; the experts listed are the ones held (bounded by the device's
+        memory). ``stats()`` adds the per-expert totals for direct callers.
+        """
         sizes = [slots.nbytes() for slots in list(self._slots.values())]  # no lock: a load may be in progress
         held, reserved = sum(h for h, _ in sizes), sum(r for _, r in sizes)
         with self._stats_lock:
@@ -404,7 +452,7 @@ class ExpertGroupCore:
                 "calls": self._calls,
                 "expired": self._expired,
                 "busy_s": self._busy_s,
-                "tokens_served": {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())},
+                "tokens_total": self._tokens_total,
                 "memory_bytes": held,
                 "reserved_bytes": reserved,
                 "expert_form": {str(layer): slots.stack_kwargs.get("quant") or "float" for layer, slots in list(self._slots.items())},
@@ -433,6 +481,11 @@ HEARTBEAT_INTERVAL_S = 0.25
 HEARTBEAT_TTL_S = 1.0
 """Workers beat every 0.25 s and count as live for 1 s after a beat (the store's clock): a dead
 worker is noticed within about 1.25 s plus the controller's poll."""
+
+LIVENESS_GROUP = "liveness"
+"""The actor's concurrency group for liveness checks (``ready``, ``pid``): they run on a thread of their
+own beside the forwards, so a worker busy with every call it may run at once still answers them. (Ray
+keeps ``_ray_system`` for compiled-graph loops; the default group serves forwards, loads and stats.)"""
 
 
 GRAPH_SLOTS = 4
@@ -471,6 +524,7 @@ class ExpertGroupActor(ExpertGroupCore):
     def __init__(self, *args, cpus: list[int] | None = None, redis_url: str | None = None, namespace: str = "moefleet", **kwargs):
         import ray
 
+        kwargs.setdefault("require_fence", True)  # only a leader's fenced commands load or unload
         self.cpus = pin_process_to_cpus(cpus or [])
         if self.cpus:
             torch.set_num_threads(len(self.cpus))
@@ -490,6 +544,7 @@ class ExpertGroupActor(ExpertGroupCore):
             from moefleet.core.state import StateStore
 
             self._store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
+            self.fence_check = self._store.check_fence  # a command's token against the lease's current holding
             self._beat()  # registered before ready() returns
             threading.Thread(target=self._beat_loop, name="moefleet-worker-heartbeat", daemon=True).start()
             threading.Thread(target=self._graph_reaper, name="moefleet-graph-reaper", daemon=True).start()
@@ -580,11 +635,11 @@ class ExpertGroupActor(ExpertGroupCore):
             with self._graph_lock:
                 self._reap_graphs()
 
-    def stats(self) -> dict:
-        return {**super().stats(), "pid": os.getpid(), "cpus": self.cpus, "torch_threads": torch.get_num_threads()}
+    def heartbeat_info(self) -> dict:
+        return {**super().heartbeat_info(), "pid": os.getpid(), "cpus": self.cpus, "torch_threads": torch.get_num_threads()}
 
     def _beat(self) -> None:
-        info = {"kind": "worker", **self.stats()}
+        info = {"kind": "worker", **self.heartbeat_info()}
         self._store.register_worker(f"worker:{self.worker_id}", info, None, HEARTBEAT_TTL_S)
 
     def _beat_loop(self) -> None:
@@ -626,12 +681,30 @@ class ExpertGroupActor(ExpertGroupCore):
         return {}
 
 
+_ACTOR_CLASS = None
+
+
 def expert_group_actor_class():
     """The Ray actor class (created on first use, so importing this module needs no Ray).
 
-    Ray runs each compiled graph's loop on a thread of the actor's ``_ray_system`` concurrency group, one
-    thread by default: sized ``GRAPH_SLOTS`` here, so that several routers (the gRPC router and embedded
-    ones) each hold a graph over the same workers."""
-    import ray
+    ``ready`` and ``pid`` run in the ``LIVENESS_GROUP`` concurrency group. Ray runs each compiled graph's
+    loop on a thread of the actor's ``_ray_system`` concurrency group, one thread by default: sized
+    ``GRAPH_SLOTS`` here, so that several routers (the gRPC router and embedded ones) each hold a graph
+    over the same workers.
+    """
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
 
-    return ray.remote(concurrency_groups={"_ray_system": GRAPH_SLOTS})(ExpertGroupActor)
+        class ExpertGroup(ExpertGroupActor):
+            @ray.method(concurrency_group=LIVENESS_GROUP)
+            def ready(self) -> bool:
+                return True
+
+            @ray.method(concurrency_group=LIVENESS_GROUP)
+            def pid(self) -> int:
+                return os.getpid()
+
+        ExpertGroup.__doc__ = ExpertGroupActor.__doc__
+        _ACTOR_CLASS = ray.remote(concurrency_groups={LIVENESS_GROUP: 1, "_ray_system": GRAPH_SLOTS})(ExpertGroup)
+    return _ACTOR_CLASS

@@ -143,6 +143,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _min_replicas(text: str):
+    """``--min-replicas``: 'auto' or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
+    return value
+
+
 def _fleet_config(args):
     from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
 
@@ -519,7 +532,8 @@ def cmd_trace_replay(args) -> int:
         from moefleet.controller.main import ControllerConfig
 
         knobs = {k: v for k, v in LOCAL_CONTROLLER_DEFAULTS.items() if k in ("load_windows", "load_half_life_s", "min_tokens")}
-        config = ControllerConfig(**knobs, ray_address=None, planner=PlannerKnobs(min_gain=args.min_gain))
+        config = ControllerConfig(**knobs, ray_address=None,
+                                  planner=PlannerKnobs(min_gain=args.min_gain, min_replicas=args.min_replicas))
     steps = replay(trace, inventory, expert_bytes=expert_bytes, config=config, window_s=args.window)
     if args.json:
         print(json.dumps({"devices": args.devices, "expert_bytes": expert_bytes, "layers": trace.layers,
@@ -773,8 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="gRPC port on 127.0.0.1 (0: any free port)")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--static", action="store_true", help="no controller: keep the starting placement, repair nothing")
-    p.add_argument("--min-replicas", type=int, default=1,
-                   help="replicas every expert keeps when memory allows (2: a worker's death loses no request)")
+    p.add_argument("--min-replicas", type=_min_replicas, default="auto",
+                   help="replicas every expert keeps when memory allows (2: a worker's death loses no request); "
+                   "'auto' (default): 2 where the devices' memory holds two copies of every expert, else 1")
     p.add_argument("--http-port", type=int, default=None,
                    help="telemetry endpoint on 127.0.0.1 (dashboard /, /metrics, /api/state); default 8470 "
                    "or $MOEFLEET_HTTP_PORT, 0: any free port, -1: none")
@@ -816,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert's weights (instead of --checkpoint)")
     t.add_argument("--window", type=float, default=None, help="window width in seconds (default: read from the trace)")
     t.add_argument("--min-gain", type=float, default=0.05, help="the planner's min_gain (local mode's default)")
+    t.add_argument("--min-replicas", type=_min_replicas, default="auto",
+                   help="replicas every expert keeps when memory allows ('auto', the default: 2 where it holds two copies)")
     t.add_argument("--config", help="a controller.yaml (ControllerConfig) to decide with instead of local mode's settings")
     t.add_argument("--json", action="store_true", help="print every window's decision and load as JSON")
     t.set_defaults(fn=cmd_trace_replay)

@@ -31,7 +31,7 @@ from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import DeviceSpec, Placement, assign_cores, spread_placement, worker_actor_name
 from moefleet.core.processes import serving_runtime_env
-from moefleet.core.redis_server import RedisServer
+from moefleet.core.redis_server import RedisServer, free_port
 from moefleet.core.state import StateStore
 from moefleet.router_service.actor import router_actor_class
 
@@ -131,7 +131,8 @@ class LocalFleet:
         n = self.config.num_workers
         total = per_expert * spec.layer.num_experts * len(spec.moe_layers)
         # room for every expert twice over the fleet (replicas; or a dead worker's experts on the survivors)
-        memory = max(int(max(2, self.config.min_replicas) * total / max(n - 1, 1) / 0.9) + per_expert, per_expert * 4)
+        copies = 2 if self.config.min_replicas == "auto" else max(2, self.config.min_replicas)
+        memory = max(int(copies * total / max(n - 1, 1) / 0.9) + per_expert, per_expert * 4)
         if self.config.worker.num_gpus or _local_cuda_devices() >= n:
             return [
                 DeviceSpec(device_id=f"worker-{i}", node_id="local", kind="gpu", accelerator_type="local-gpu", memory_bytes=memory)
@@ -188,12 +189,13 @@ class LocalFleet:
         self.routers = []
         for i in range(self.config.num_routers):
             router_cfg = rc.model_dump()
-            if rc.port and i:
-                router_cfg["port"] = rc.port + i
+            # a fixed port: a router Ray restarts after its process died serves again where clients look for it
+            router_cfg["port"] = rc.port + i if rc.port else free_port()
             self.routers.append(
                 cls.options(
                     name=f"{ROUTER_PREFIX}{i}", namespace=self.config.namespace, num_cpus=0, runtime_env=serving_runtime_env(),
                     **self._on_node(),
+                    max_restarts=-1,
                 ).remote(
                     self.checkpoint, router_cfg, self.redis_url, self.config.namespace, f"router-{i}", self.config.worker.dtype
                 )

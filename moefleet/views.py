@@ -84,6 +84,9 @@ def header(snap: dict, rates: dict | None) -> Text:
     phase = snap["controller"].get("rebalance_phase")
     if phase:
         t.append(f" · rebalance in progress: {phase}", style="yellow")
+    floor = (snap["controller"].get("last_report") or {}).get("min_replicas")
+    if floor:
+        t.append(f"\nreplicas per expert: at least {floor['replicas']} ({floor['why']})")
     if snap.get("store_error"):
         t.append(f"\nstore unreachable: {snap['store_error']}", style="bold red")
     for w in snap["warnings"]:

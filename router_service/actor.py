@@ -1,4 +1,9 @@
-"""The router as a Ray actor: a grpc.aio server in the actor's event loop, following the placement in Redis."""
+"""The router as a Ray actor: a grpc.aio server in the actor's event loop, following the placement in Redis.
+
+Ray restarts a router whose process died (local mode starts it with
+``max_restarts=-1``); the new incarnation starts serving by itself on the same
+address (the port is part of its config), so clients reconnect to it.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +36,20 @@ class RouterActor:
         self.core: RouterCore | None = None
         self.server: RouterServer | None = None
         self.runtime: RouterRuntime | None = None
+        self._starting = None
+        import ray
+
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # a restart after the process died: serve again
+            log.warning("router %s: restarted; serving again on port %s", router_id, self.config.port)
+            ray.get_runtime_context().current_actor.start.remote()
 
     async def start(self) -> str:
+        """Start serving (once; a second call returns the address)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> str:
         import torch
 
         # The router's own tensor work (gate, combine) is light; more threads would spin in
@@ -63,8 +80,9 @@ class RouterActor:
         log.info("router %s serving on %s", self.router_id, address)
         return address
 
-    async def address(self) -> str:
-        return self.server.address
+    async def address(self) -> str | None:
+        """The gRPC address once serving (None while starting)."""
+        return None if self.server is None or self.server.server is None else self.server.address
 
     async def stats(self) -> dict:
         s = self.core.stats

@@ -132,6 +132,7 @@ class _Call:
     deadline: float | None  # wall clock, for the workers
     started: float  # perf_counter at the gate
     version: int = 0
+    table: tuple[str, int] = ("", 0)  # (generation, version) the call was dispatched on
     sent: float = 0.0
     attempt: int = 0
     stale: bool = False
@@ -221,7 +222,7 @@ class RouterCore:
         self.inflight_bytes = 0  # request message bytes of those (max_inflight_bytes)
         self._service_s = 0.05  # moving average of a request's time in the router: the retry hint
         self._placement_changed = asyncio.Event()
-        self._inflight_by_version: dict[int, int] = defaultdict(int)
+        self._inflight_by_version: dict[tuple[str, int], int] = defaultdict(int)  # (generation, version) -> calls
         self.dead: dict[str, float] = {}  # worker -> monotonic time it was found dead
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()  # counters shared by callers on several threads (the embedded router)
@@ -282,14 +283,24 @@ class RouterCore:
             report["bytes"] = {f"{d}:{tr}": n for (d, tr), n in sorted(self.transport_bytes.items())}
         return report
 
-    def oldest_inflight_version(self) -> int:
-        """The oldest placement version a dispatched, unfinished layer call still uses (current if none).
+    def oldest_inflight(self) -> tuple[str, int]:
+        """(generation, version) of the oldest placement a dispatched, unfinished layer call still uses (current if none).
 
-        The reconciler unloads an old replica only when every router reports a
-        value at or past the version that dropped it.
+        A call on another generation than the current one is the oldest: the
+        router follows a new table only after the store lost the old one. The
+        reconciler unloads an old replica only when every router reports the
+        table it published and a version at or past the one that dropped it.
         """
-        live = [v for v, n in self._inflight_by_version.items() if n > 0]
-        return min(live) if live else self.placement.version
+        current = self.placement.generation
+        live = [k for k, n in self._inflight_by_version.items() if n > 0]
+        older = [k for k in live if k[0] != current]
+        if older:
+            return min(older, key=lambda k: k[1])
+        return (current, min((v for _, v in live), default=self.placement.version))
+
+    def oldest_inflight_version(self) -> int:
+        """The version of ``oldest_inflight()``."""
+        return self.oldest_inflight()[1]
 
     def ready(self) -> bool:
         """Every expert of every MoE layer has a replica."""
@@ -466,8 +477,13 @@ class RouterCore:
         deadline = None if any(p.deadline is None for p in batch) else max(p.deadline for p in batch)
         try:
             result = await self.forward(layer, hidden, deadline=deadline)
-        except Exception as e:  # every waiting request gets the failure
-            for p in batch:
+        except Exception as e:
+            if len(batch) > 1 and isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE:
+                # Some request needed an expert no live worker holds: serve each on its own, so only the
+                # requests that cannot be served fail.
+                await asyncio.gather(*(self._run_alone(layer, p) for p in batch))
+                return
+            for p in batch:  # every waiting request gets the failure
                 if not p.future.done():
                     p.future.set_exception(e)
             return
@@ -484,6 +500,19 @@ class RouterCore:
                     )
                 )
             start += n
+
+    async def _run_alone(self, layer: int, p: _Pending) -> None:
+        """One request of a failed batch, served by itself; its own failure goes to it alone."""
+        if p.future.done():
+            return
+        try:
+            result = await self.forward(layer, p.hidden, deadline=p.deadline)
+        except Exception as e:  # noqa: BLE001 - delivered to the request it belongs to
+            if not p.future.done():
+                p.future.set_exception(e)
+            return
+        if not p.future.done():
+            p.future.set_result(result)
 
     async def forward(
         self, layer: int, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *, deadline: float | None = None
@@ -639,19 +668,20 @@ class RouterCore:
         self.stages.observe("dispatch_plan", t1 - t0)
         prepared = self.transport.prepare(call.layer, call.hidden_c, batches, call.deadline)
         call.version = self.placement.version
+        call.table = (self.placement.generation, call.version)
         self.stages.observe("transport_prepare", time.perf_counter() - t1)
         return batches, prepared
 
     def _enter(self, call: _Call) -> None:
         with self._lock:
-            self._inflight_by_version[call.version] += 1
+            self._inflight_by_version[call.table] += 1
         call.sent = time.perf_counter()
 
     def _leave(self, call: _Call) -> None:
         with self._lock:
-            self._inflight_by_version[call.version] -= 1
-            if not self._inflight_by_version[call.version]:
-                del self._inflight_by_version[call.version]
+            self._inflight_by_version[call.table] -= 1
+            if not self._inflight_by_version[call.table]:
+                del self._inflight_by_version[call.table]
         self.stages.observe("workers", time.perf_counter() - call.sent)
 
     def _absorb(self, call: _Call, batches: list[WorkerBatch], prepared, outcomes: list) -> bool:

@@ -7,9 +7,11 @@ around it, which
 * follows the placement table in Redis (generation-aware: a table that was
   reset is followed from its first version);
 * heartbeats ``router:<id>`` every ``HEARTBEAT_INTERVAL_S`` with the placement
-  version (and generation) it serves and the oldest version a dispatched call
-  still uses — the reconciler unloads an old replica only when every router
-  reports past it;
+  version (and generation) it serves and the oldest (generation, version) a
+  dispatched call still uses — the reconciler unloads an old replica only when
+  every router reports past it — and its Ray actor id, so that a router whose
+  heartbeats stopped while its process lives (cut off from the store) still
+  holds up the drains;
 * flushes token counts per (layer, expert) to the load windows every
   ``telemetry_interval_s``, keeping the counts for the next flush when Redis
   is unreachable.
@@ -78,12 +80,15 @@ class RouterRuntime:
 
     def heartbeat_info(self) -> dict[str, Any]:
         core = self.core
+        oldest = core.oldest_inflight()
         return {
             "kind": self.kind,
             **self.info,
+            "actor_id": _actor_id(),
             "placement_version": core.placement.version,
             "placement_generation": core.placement.generation,
-            "oldest_inflight_version": core.oldest_inflight_version(),
+            "oldest_inflight": list(oldest),
+            "oldest_inflight_version": oldest[1],
             "stats": dict(core.stats.__dict__),
             "transport": core.transport_report(),
             "call_overhead": core.stages.totals().get("call_overhead"),
@@ -156,3 +161,13 @@ class RouterRuntime:
             self._watch.stop()
         if self._task is not None:
             self._task.cancel()
+
+
+def _actor_id() -> str | None:
+    """This process's Ray actor id (hex), None outside an actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - reporting only
+        return None

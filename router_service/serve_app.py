@@ -5,6 +5,10 @@ owns the same ``RouterCore`` as the grpc.aio router actor; on first start it
 creates the expert workers (detached, named actors, so a replica restart finds
 them) and publishes a starting placement unless Redis already holds one.
 
+Once a controller leads, only it publishes: a replica restarted after the store
+lost its table publishes nothing over the leader's (it follows what the leader
+republishes); with no leader it publishes what the running workers hold.
+
 The API reaches clients through the replica's own grpc.aio ``RouterServer`` on
 ``router.host:router.port`` (``serve_grpc``, the default): the same server as
 local mode, with its TLS / mutual TLS, bearer token, admission limits and
@@ -72,8 +76,8 @@ class FleetIngress:
 
         from moefleet.core.default_model import default_model_dir
         from moefleet.core.model import MoECheckpoint
-        from moefleet.core.placement import spread_placement
-        from moefleet.core.state import StateStore
+        from moefleet.core.placement import Placement, spread_placement, worker_actor_name
+        from moefleet.core.state import LeaseLostError, StaleVersionError, StateStore
         from moefleet.expert_workers.launch import start_worker
 
         from . import security
@@ -95,13 +99,26 @@ class FleetIngress:
             ids = [f"worker-{i}" for i in range(self.args.num_workers)]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
         wc = self.args.worker
-        handles = [
-            start_worker(d, checkpoint, keys, self.args.namespace, wc, redis_url=redis_url)
+        running = set()
+        for d in placement.assignments:
+            try:
+                ray.get_actor(worker_actor_name(d), namespace=self.args.namespace)
+                running.add(d)
+            except ValueError:
+                pass
+        handles = {
+            d: start_worker(d, checkpoint, keys, self.args.namespace, wc, redis_url=redis_url)
             for d, keys in placement.assignments.items()
-        ]
-        ray.get([h.ready.remote() for h in handles])
+        }
+        ray.get([h.ready.remote() for h in handles.values()])
         if self.store.placement_version() == 0:
-            placement = self.store.publish_placement(placement, expected_version=0)
+            if running:  # workers outlived the table (the store lost its data): what they hold is the placement
+                held = dict(zip(handles, ray.get([h.experts.remote() for h in handles.values()])))
+                placement = Placement(assignments={d: [tuple(k) for k in keys] for d, keys in held.items() if keys})
+            try:
+                placement = self.store.publish_placement(placement, expected_version=0)
+            except (LeaseLostError, StaleVersionError) as e:  # the leader (or another replica) publishes
+                log.info("ingress: not publishing a starting placement: %s", e)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (a test driving the class directly)
@@ -172,8 +189,12 @@ class FleetIngress:
             yield reply
 
     async def GetPlacement(self, request, grpc_context=None):
+        """The placement, under the same token as ``Forward``: through a DeploymentHandle (no gRPC context to
+        carry the token) a fleet that requires one refuses with ``RequestError`` UNAUTHENTICATED."""
         refused = self._refusal(grpc_context)
-        if refused and grpc_context is not None:
+        if refused:
+            if grpc_context is None:
+                raise refused
             from .proto import fleet_pb2 as pb
 
             grpc_context.set_code(refused.code)

@@ -61,12 +61,23 @@ import numpy as np
 from moefleet.core.placement import Inventory, Placement
 
 from .construction import construct
-from .model import Fleet, PlacementState, placement_stats
+from .model import Fleet, PlacementState, placement_stats, replica_floor
 from .repair import repair
 from .schema import Move, PlacementStats, Plan, PlannerKnobs, PlanningError
 from .search import search
 
-__all__ = ["Move", "Plan", "PlannerKnobs", "PlanningError", "PlacementStats", "plan", "predict"]
+__all__ = ["Move", "Plan", "PlannerKnobs", "PlanningError", "PlacementStats", "min_replicas", "plan", "predict"]
+
+
+def min_replicas(inventory: Inventory, knobs: PlannerKnobs, *, expert_bytes, shape: tuple[int, int]) -> dict:
+    """What ``knobs.min_replicas`` comes to on ``inventory``: ``{"setting", "replicas", "why"}``.
+
+    expert_bytes: one replica's bytes (a number or ``[L, E]``); shape: ``(L, E)``.
+    """
+    sizes = np.ceil(np.broadcast_to(np.asarray(expert_bytes, dtype=float), shape)).astype(np.int64)
+    capacities = [int(d.memory_bytes * (1.0 - knobs.headroom)) for d in inventory.devices if d.kind == "gpu"]
+    floor, why = replica_floor(knobs.min_replicas, capacities, sizes)
+    return {"setting": knobs.min_replicas, "replicas": floor, "why": why}
 
 
 def predict(load, inventory: Inventory, placement: Placement, *, layers: Sequence[int] | None = None) -> PlacementStats:

@@ -36,7 +36,44 @@ from moefleet.core.placement import DeviceId, ExpertKey, Inventory, Placement
 
 from .schema import PlacementStats, PlannerKnobs, PlanningError
 
-__all__ = ["Fleet", "PlacementState", "placement_stats"]
+__all__ = ["Fleet", "PlacementState", "placement_stats", "replica_floor"]
+
+
+def _gib(b: int) -> str:
+    if b >= 2**26:
+        return f"{b / 2**30:.4g} GiB"
+    return f"{b / 2**20:.3g} MiB" if b >= 2**20 else f"{b} bytes"
+
+
+def replica_floor(min_replicas: int | str, capacities, replica_bytes) -> tuple[int, str]:
+    """Replicas every expert keeps, and why: ``(floor, reason)``.
+
+    min_replicas: the knob (an integer, or 'auto': 2 where memory allows).
+    capacities: bytes of expert weights each GPU device may hold (its memory less the headroom).
+    replica_bytes: bytes of one replica of each expert (any shape).
+    A floor of ``n`` needs ``n`` copies of every expert on distinct devices: room
+    for them in all (``n`` x one copy of everything) and in slots (each device
+    holds ``capacity // largest replica`` experts, at most one copy of each).
+    """
+    want = 2 if min_replicas == "auto" else int(min_replicas)
+    setting = "auto" if min_replicas == "auto" else str(want)
+    caps = [int(c) for c in capacities]
+    sizes = np.asarray(replica_bytes, dtype=np.int64).ravel()
+    if want <= 1:
+        return 1, f"min_replicas {setting}"
+    floor = min(want, len(caps))
+    if floor < 2:
+        return 1, f"min_replicas {setting}: {len(caps)} GPU device(s), so one copy of each expert"
+    need, have = floor * int(sizes.sum()), sum(caps)
+    if need > have:
+        return 1, (f"min_replicas {setting}: {floor} copies of every expert take {_gib(need)}, more than the "
+                   f"{_gib(have)} the GPU devices hold beside the headroom")
+    slots = sum(min(c // max(1, int(sizes.max())), sizes.size) for c in caps)
+    if slots < floor * sizes.size:
+        return 1, (f"min_replicas {setting}: the GPU devices have room for {slots} experts, not {floor} copies of "
+                   f"each of {sizes.size} on distinct devices")
+    return floor, (f"min_replicas {setting}: the GPU devices hold {floor} copies of every expert ({_gib(need)} of "
+                   f"{_gib(have)} beside the headroom)")
 
 
 class Fleet:
@@ -72,9 +109,7 @@ class Fleet:
         self.cpu_tier = ~self.is_gpu & cpu_on  # [D] CPU devices that may take (cold) experts
         self.row_of = {layer: i for i, layer in enumerate(self.layers)}
         # replicas every expert keeps: min_replicas where GPU memory holds every expert that often
-        gpu_cap = int(self.capacity[self.is_gpu].sum())
-        floor = min(knobs.min_replicas, int(self.is_gpu.sum()))
-        self.replica_floor = floor if floor > 1 and int(self.replica_bytes.sum()) * floor <= gpu_cap else 1
+        self.replica_floor, self.replica_floor_why = replica_floor(knobs.min_replicas, self.capacity[self.is_gpu], self.replica_bytes)
 
     @property
     def shape(self) -> tuple[int, int, int]:

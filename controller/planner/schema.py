@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moefleet.core.placement import DeviceId, ExpertKey, Placement
 
@@ -61,15 +61,23 @@ class PlannerKnobs(BaseModel):
     max_search_steps: int = Field(
         default=4000, ge=1, description="Safety cap on improvement steps of one plan (each step is one move)."
     )
-    min_replicas: int = Field(
+    min_replicas: int | Literal["auto"] = Field(
         default=1,
-        ge=1,
         description=(
             "Replicas every expert keeps on distinct GPU devices when GPU memory can hold every expert this many "
             "times (else 1). 2 trades memory for zero loss when a worker dies: its experts keep serving elsewhere. "
+            "'auto': 2 where the GPU devices' memory, less the headroom, holds two copies of every expert, else 1 "
+            "(a fleet's controller plans with 'auto' unless told otherwise: ``ControllerConfig.planner``). "
             "Capped at the number of GPU devices. Restoring the floor is a repair (made past the copy cap)."
         ),
     )
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _min_replicas(cls, v):
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"min_replicas: must be 'auto' or an integer >= 1, got {v!r}")
+        return v
 
 
 class Move(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scoring = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"]
@@ -349,9 +349,18 @@ class FleetConfig(BaseModel):
     static: bool = Field(
         default=False, description="No controller: the starting placement stays, and a dead worker is not repaired."
     )
-    min_replicas: int = Field(
-        default=1, ge=1, description="Replicas every expert keeps when memory allows (2: a worker's death loses no request)."
+    min_replicas: int | Literal["auto"] = Field(
+        default="auto",
+        description="Replicas every expert keeps when memory allows (2: a worker's death loses no request); 'auto': 2 "
+        "where the devices' memory holds two copies of every expert beside the planner's headroom, else 1.",
     )
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _min_replicas(cls, v):
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"min_replicas: must be 'auto' or an integer >= 1, got {v!r}")
+        return v
     pin_cores: bool = Field(
         default=True,
         description="Local mode on a CPU machine: each worker owns a disjoint set of cores (affinity and torch threads).",

@@ -112,7 +112,7 @@ def test_the_next_leader_finishes_or_rolls_back_a_rebalance_whose_leader_died(fl
         current = store.get_placement()
         target = _replicate_all_on_worker_1(current)
         target.assignments["worker-0"] = current.assignments["worker-0"][: len(current.assignments["worker-0"]) // 2]
-        a = _reconciler(fleet, "leader-a", ttl=0.5)
+        a = _reconciler(fleet, "leader-a", ttl=3.0)
         # leader A runs the rebalance's first phases by the book, then its process dies
         a._record("loading", from_version=current.version)
         adds = {tuple(k) for k in target.assignments["worker-1"]} - {tuple(k) for k in current.assignments["worker-1"]}
@@ -124,7 +124,7 @@ def test_the_next_leader_finishes_or_rolls_back_a_rebalance_whose_leader_died(fl
         assert all(store.get_placement().replicas().get(k) for k in current.replicas())
         # B takes over once A's lease lapses, and converges the workers to the published placement
         ctl = Controller(fleet.controller_config(min_tokens=1e12), holder="leader-b", store=store)  # repairs only
-        assert wait_for(lambda: ctl.step() is not None, 5, 0.2)
+        assert wait_for(lambda: ctl.step() is not None, 10, 0.2)
         assert wait_for(lambda: (ctl.step(), _held(fleet) == {d: set(map(tuple, k)) for d, k in expected.assignments.items()})[1], 20, 0.3), \
             (_held(fleet), expected.assignments)
         action = [e.data["action"] for e in store.events(200) if e.kind == "rebalance_resumed"]
@@ -224,13 +224,14 @@ def test_the_serve_ingress_reports_what_it_has_in_flight_and_holds_up_the_drain(
         (key, info), = routers().items()
         assert info["kind"] == "ingress" and key == f"router:{ingress.ingress_id}"
         old = store.get_placement()
-        ingress.core._inflight_by_version[old.version] += 1  # a call dispatched on the old placement, not yet back
+        table = (old.generation, old.version)
+        ingress.core._inflight_by_version[table] += 1  # a call dispatched on the old placement, not yet back
         new = store.publish_placement(Placement(assignments=old.assignments), old.version)
         await asyncio.sleep(0.5)
         assert ingress.core.placement.version == new.version
         assert not routers_drained(routers(), new.version, new.generation)
-        ingress.core._inflight_by_version[old.version] -= 1
-        del ingress.core._inflight_by_version[old.version]
+        ingress.core._inflight_by_version[table] -= 1
+        del ingress.core._inflight_by_version[table]
         await asyncio.sleep(0.5)
         assert routers_drained(routers(), new.version, new.generation)
         await ingress.runtime.stop()

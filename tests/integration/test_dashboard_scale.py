@@ -91,7 +91,7 @@ def _fill(store) -> dict:
             served[layer] += n
             tokens[f"{layer}:{e}"] = n
         store.register_worker(f"worker:{d}", {
-            "worker_id": d, "queue_depth": int(rng.integers(0, 4)), "tokens_served": tokens,
+            "worker_id": d, "queue_depth": int(rng.integers(0, 4)), "tokens_total": sum(tokens.values()),
             "memory_bytes": len(held[d]) * EXPERT_BYTES, "reserved_bytes": (len(held[d]) + 32) * EXPERT_BYTES,
             "device": "cuda:0", "backend": "triton", "accelerator": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30},
             "recent_tokens": {"window_s": 5.0, "layers": {str(layer): n for layer, n in served.items()}},

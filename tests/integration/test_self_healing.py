@@ -125,7 +125,7 @@ def _events(store: StateStore, kind: str) -> list:
 
 
 def test_a_killed_worker_is_repaired_and_only_its_experts_fail_fast_meanwhile(checkpoint, redis_server):
-    fleet = _fleet(checkpoint, redis_server.url)
+    fleet = _fleet(checkpoint, redis_server.url, min_replicas=1)  # one copy of each expert: some must fail
     store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
     model = MoEModel.from_pretrained(checkpoint)
     traffic = Traffic(fleet.address, model).start()

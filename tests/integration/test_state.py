@@ -270,6 +270,46 @@ def test_a_fenced_publish_lands_only_under_the_current_holding(store):
         store.publish_placement(placement("gpu0"), 2, fence=("ctl-a", token_a))
 
 
+def test_an_unfenced_publish_lands_only_while_no_one_holds_the_lease(store):
+    """A fleet's starting publish carries no fence; once a leader holds the lease, only its fenced writes land
+    (a restarted Serve replica cannot publish a placement of its own over the controller's)."""
+    store.publish_placement(placement("gpu0"), 0)  # no leader yet: the fleet's starting placement
+    token = store.try_acquire_lease("ctl-a", ttl_s=5.0)
+    with pytest.raises(LeaseLostError, match="held by 'ctl-a'"):
+        store.publish_placement(placement("gpu1"), 1)
+    assert store.placement_version() == 1
+    assert store.publish_placement(placement("gpu1"), 1, fence=("ctl-a", token)).version == 2
+
+
+def test_a_leaders_records_events_and_counters_land_only_under_its_current_holding(store):
+    token_a = store.try_acquire_lease("ctl-a", ttl_s=0.2)
+    store.put_record("rebalance", {"phase": "loading"}, fence=("ctl-a", token_a))
+    store.emit_event("plan", {"by": "a"}, fence=("ctl-a", token_a))
+    store.add_counters("rebalance", {"count": 1}, fence=("ctl-a", token_a))
+    assert store.get_record("rebalance") == {"phase": "loading"} and store.counters("rebalance") == {"count": 1.0}
+    assert wait_until(lambda: store.lease() is None, timeout_s=2.0)  # A stalls; B leads
+    token_b = store.try_acquire_lease("ctl-b", ttl_s=5.0)
+    store.put_record("rebalance", {"phase": None}, fence=("ctl-b", token_b))
+    for write in (lambda: store.put_record("rebalance", {"phase": "published"}, fence=("ctl-a", token_a)),
+                  lambda: store.emit_event("plan", {"by": "a"}, fence=("ctl-a", token_a)),
+                  lambda: store.add_counters("rebalance", {"count": 1}, fence=("ctl-a", token_a)),
+                  lambda: store.put_record("rebalance", {"phase": "published"}, fence=("ctl-a", token_b))):
+        with pytest.raises(LeaseLostError):
+            write()
+    assert store.get_record("rebalance") == {"phase": None}
+    assert [e.data["by"] for e in store.events()] == ["a"] and store.counters("rebalance") == {"count": 1.0}
+
+
+def test_a_fence_check_accepts_only_the_current_holdings_token(store):
+    assert not store.check_fence(1)  # no lease
+    token_a = store.try_acquire_lease("ctl-a", ttl_s=0.2)
+    assert store.check_fence(token_a) and not store.check_fence(token_a + 1) and not store.check_fence(token_a - 1)
+    assert wait_until(lambda: store.lease() is None, timeout_s=2.0)
+    assert not store.check_fence(token_a)  # lapsed
+    token_b = store.try_acquire_lease("ctl-b", ttl_s=5.0)
+    assert store.check_fence(token_b) and not store.check_fence(token_a)
+
+
 def test_fencing_tokens_keep_growing_when_the_store_loses_its_data(store):
     t1 = store.try_acquire_lease("ctl-a", ttl_s=5.0)
     store._client.delete(store.keys.lease, store.keys.lease_token)  # a Redis restarted without data

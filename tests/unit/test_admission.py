@@ -77,6 +77,22 @@ def test_bytes_in_flight_are_admitted_up_to_the_limit(checkpoint):
     assert _settled(core) == (0, 0, 0)
 
 
+def test_bytes_in_flight_are_admitted_exactly_up_to_the_limit(checkpoint):
+    """At the boundary: requests that fill max_inflight_bytes to the byte are admitted; one byte more is refused."""
+    model, _, core = _core(checkpoint, batch_window_ms=100, max_inflight_bytes=4096, max_message_bytes=4096)
+    layer, h = model.moe_layers[0], model.spec.layer.hidden_size
+
+    async def run():
+        x = torch.randn(2, h)
+        return await asyncio.gather(*(core.submit(layer, x, request_bytes=n) for n in (2048, 2048, 1)), return_exceptions=True)
+
+    first, second, third = asyncio.run(run())
+    assert not isinstance(first, BaseException) and not isinstance(second, BaseException)  # 4096 bytes: at the limit
+    assert isinstance(third, RequestError) and third.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4096 bytes in flight + 1 exceed max_inflight_bytes=4096" in third.message
+    assert core.stats.rejected_full == 1 and _settled(core) == (0, 0, 0)
+
+
 def test_cancelled_requests_release_what_they_held(checkpoint):
     model, _, core = _core(checkpoint, batch_window_ms=200, dispatch_when_idle=False)  # all five wait in the window
     layer, h = model.moe_layers[0], model.spec.layer.hidden_size

@@ -21,3 +21,17 @@ def test_autoscaling_stops_at_the_devices_memory_needs():
                       expert_bytes=1, layers=[0])
     assert decision.report["active_devices"] == 3
     assert decision.plan is not None and set(decision.plan.target.assignments) <= {"d0", "d1", "d2"}
+
+
+def test_a_fleet_below_its_replica_floor_is_repaired_before_any_traffic():
+    """min_replicas auto comes to 2 on devices that hold every expert twice: a fresh fleet with one copy of each
+    expert is planned up to two at once, without waiting for min_tokens of load; at the floor, little load skips."""
+    devices = [DeviceSpec(device_id=f"d{i}", node_id="n", kind="gpu", memory_bytes=20) for i in range(3)]
+    config = ControllerConfig(ray_address=None, min_tokens=100)  # planner min_replicas: auto
+    one_copy = spread_placement([0], 8, [d.device_id for d in devices]).model_copy(update={"version": 1})
+    idle = np.zeros((1, 8))
+    decision = decide(config, {}, devices, one_copy, idle, None, 0.0, expert_bytes=1, layers=[0])
+    assert "skipped" not in decision.report and decision.plan.apply and decision.plan.repaired
+    assert all(len(ws) >= 2 for ws in decision.plan.target.replicas().values())
+    at_floor = decision.plan.target.model_copy(update={"version": 2})
+    assert decide(config, {}, devices, at_floor, idle, None, 1.0, expert_bytes=1, layers=[0]).report["skipped"]

@@ -444,3 +444,37 @@ def test_planned_placements_carry_the_device_speeds():
     devices = gpus(2, 8) + gpus(1, 8, speed=3.0, prefix="big")
     p = plan(zipf(1, 8), Inventory(devices=devices), Placement(), NO_HEADROOM, expert_bytes=1).target
     assert p.speeds["big0"] == 3.0 and p.speeds["gpu0"] == 1.0
+
+
+def test_min_replicas_auto_is_two_where_memory_holds_two_copies_with_the_headroom_and_says_why():
+    from moefleet.controller.planner import min_replicas
+
+    knobs = PlannerKnobs(min_replicas="auto")  # headroom 0.1
+    roomy = min_replicas(Inventory(devices=gpus(2, 10)), knobs, expert_bytes=1, shape=(1, 8))  # 2 x 9 slots for 16 copies
+    assert roomy["setting"] == "auto" and roomy["replicas"] == 2 and "hold 2 copies" in roomy["why"]
+    tight = min_replicas(Inventory(devices=gpus(2, 8)), knobs, expert_bytes=1, shape=(1, 8))  # 2 x 7 slots: 14 < 16
+    assert tight["replicas"] == 1 and "more than" in tight["why"]
+    alone = min_replicas(Inventory(devices=gpus(1, 100)), knobs, expert_bytes=1, shape=(1, 8))
+    assert alone["replicas"] == 1 and "1 GPU device" in alone["why"]
+    lopsided = min_replicas(Inventory(devices=gpus(1, 100) + gpus(1, 1, prefix="small")), knobs, expert_bytes=1, shape=(1, 8))
+    assert lopsided["replicas"] == 1 and "distinct devices" in lopsided["why"]  # 16 copies fit in bytes, not on 2 devices
+    # the plan keeps the floor auto resolved to
+    p = plan(zipf(1, 8), Inventory(devices=gpus(2, 10)), Placement(), knobs, expert_bytes=1).target
+    assert all(len(ws) == 2 for ws in p.replicas().values())
+    p = plan(zipf(1, 8), Inventory(devices=gpus(2, 8)), Placement(), knobs, expert_bytes=1).target
+    assert min(len(ws) for ws in p.replicas().values()) == 1
+
+
+def test_the_fleet_controller_plans_with_min_replicas_auto_unless_told_otherwise():
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.core.config import FleetConfig
+
+    assert ControllerConfig(ray_address=None).planner.min_replicas == "auto"
+    assert ControllerConfig(ray_address=None, planner={"headroom": 0.2}).planner.min_replicas == "auto"
+    assert ControllerConfig(ray_address=None, planner=PlannerKnobs(headroom=0.2)).planner.min_replicas == "auto"
+    assert ControllerConfig(ray_address=None, planner={"min_replicas": 1}).planner.min_replicas == 1
+    assert FleetConfig().min_replicas == "auto"
+    with pytest.raises(ValidationError, match="min_replicas"):
+        FleetConfig(min_replicas=0)
+    with pytest.raises(ValidationError):
+        PlannerKnobs(min_replicas="twice")

@@ -41,6 +41,17 @@ def test_drained_needs_the_routers_to_serve_the_same_table():
     assert routers_drained(new, 2, "new")
 
 
+def test_drained_counts_calls_in_flight_by_generation_and_version():
+    """A call still out on version 7 of the old table, the router already on version 1 of the new: not drained."""
+    still_out = {"r1": {"placement_version": 1, "placement_generation": "new", "oldest_inflight": ["old", 7],
+                        "oldest_inflight_version": 7}}
+    assert not routers_drained(still_out, 1, "new")
+    done = {"r1": {"placement_version": 1, "placement_generation": "new", "oldest_inflight": ["new", 1],
+                   "oldest_inflight_version": 1}}
+    assert routers_drained(done, 1, "new")
+    assert not routers_drained({"r1": {**done["r1"], "oldest_inflight": ["new", 0]}}, 1, "new")
+
+
 def test_worker_diff_unloads_what_no_placement_names_and_loads_what_is_missing():
     placement = Placement(version=4, assignments={"a": [(0, 0), (0, 1)], "b": [(0, 2)], "dead": [(0, 3)]})
     held = {"a": [(0, 0), (0, 5)], "b": [(0, 2)], "spare": [(0, 6)]}  # "dead" reports nothing: it is not live

@@ -144,8 +144,8 @@ def test_decide_plans_from_scratch_on_every_device_without_autoscaling():
 
 def test_decide_skips_planning_on_too_little_load_once_a_placement_exists():
     current = Placement(version=3, assignments={"d0": [(0, e) for e in range(8)]})
-    decision = decide(ControllerConfig(ray_address=None, min_tokens=100), {}, _devices(2), current, np.ones((1, 8)),
-                      None, 5.0, expert_bytes=1000, layers=[0])
+    config = ControllerConfig(ray_address=None, min_tokens=100, planner={"min_replicas": 1})  # no floor to restore
+    decision = decide(config, {}, _devices(2), current, np.ones((1, 8)), None, 5.0, expert_bytes=1000, layers=[0])
     assert decision.plan is None and decision.report["skipped"]
 
 

@@ -28,7 +28,7 @@ LAYERS, E = [1, 2], 4
 
 
 def _worker(device: str, recent: dict[int, int], served: dict[str, int], memory: int = 1000) -> dict:
-    return {"kind": "worker", "worker_id": device, "queue_depth": 0, "tokens_served": served, "memory_bytes": memory,
+    return {"kind": "worker", "worker_id": device, "queue_depth": 0, "tokens_total": sum(served.values()), "memory_bytes": memory,
             "reserved_bytes": 2 * memory, "experts": [], "device": "cpu", "backend": "torch", "cpus": [0],
             "accelerator": {"name": "cpu", "memory_bytes": None},
             "recent_tokens": {"window_s": 5.0, "layers": {str(k): v for k, v in recent.items()}}}

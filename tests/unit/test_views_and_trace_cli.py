@@ -29,7 +29,7 @@ def _big_snapshot() -> dict:
     load = {(layer, e): int(n) for layer in layers for e, n in enumerate(rng.zipf(1.3, E).clip(max=10_000))}
     heartbeats = {
         f"worker:{d}": {"kind": "worker", "memory_bytes": 40 << 30, "reserved_bytes": 60 << 30, "queue_depth": 2,
-                        "tokens_served": {"3:0": 10}, "cpus": [], "backend": "triton", "device": "cuda",
+                        "tokens_total": 10, "cpus": [], "backend": "triton", "device": "cuda",
                         "accelerator": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30},
                         "recent_tokens": {"window_s": 5.0, "layers": {str(layer): int(rng.integers(1, 1000)) for layer in layers}}}
         for d in devices
@@ -59,6 +59,22 @@ def test_status_of_a_big_model_fits_100_columns_and_summarises_instead_of_listin
     assert len(all_rows) > len(lines) + 40  # --all-layers lists every layer
 
 
+def test_status_says_how_many_replicas_every_expert_keeps_and_why():
+    from moefleet.controller.planner import PlannerKnobs, min_replicas
+    from moefleet.core.placement import DeviceSpec, Inventory
+
+    devices = Inventory(devices=[DeviceSpec(device_id=f"g{i}", node_id="n", kind="gpu", memory_bytes=80 << 30) for i in range(8)])
+    # DeepSeek-V3's routed experts (58 x 256, 44 MiB each in fp8) twice take 1276 GiB: eight H100s hold one copy
+    floor = min_replicas(devices, PlannerKnobs(min_replicas="auto"), expert_bytes=44 << 20, shape=(L, E))
+    assert floor["replicas"] == 1
+    snap = _big_snapshot()
+    snap["controller"]["last_report"] = {"min_replicas": floor}
+    lines = _render(status_view(snap))
+    assert max(len(x) for x in lines) <= 100
+    text = " ".join(x.strip() for x in lines)
+    assert "replicas per expert: at least 1 (min_replicas auto: 2 copies of every expert take 1276 GiB, more than the 576 GiB" in text
+
+
 def test_demo_view_fits_100_columns():
     snap = _big_snapshot()
     rows = [{"at_s": 12.0, "version": 7, "planned": "0.55 → 0.97", "measured_before": 0.52, "measured_after": 0.91,
@@ -82,14 +98,15 @@ def _write(tmp_path, windows: int = 8) -> str:
 
 def test_trace_replay_prints_each_windows_decision_as_json(tmp_path, capsys):
     path = _write(tmp_path)
-    assert main(["trace", "replay", path, "--devices", "2", "--json"]) == 0  # expert sizes from the built-in model
+    # one copy floor: with every expert on both devices (min_replicas auto, memory for two copies) nothing would move
+    assert main(["trace", "replay", path, "--devices", "2", "--min-replicas", "1", "--json"]) == 0  # sizes: built-in model
     out = json.loads(capsys.readouterr().out)
     assert [w["t"] for w in out["windows"]] == [float(k) for k in range(8)]
     assert [w["tokens"] for w in out["windows"]] == [3 * 160 + (3 * 2000 if k >= 2 else 0) for k in range(8)]
     applied = [w for w in out["windows"] if w["decision"] == "applied"]
     assert applied and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
     assert all(w["balancedness_after"] >= w["balancedness_before"] for w in applied)
-    assert main(["trace", "replay", path, "--devices", "2"]) == 0
+    assert main(["trace", "replay", path, "--devices", "2", "--min-replicas", "1"]) == 0
     table = capsys.readouterr().out
     assert "applied" in table and "8 windows" in table
 
@@ -143,7 +160,7 @@ def test_replay_decides_as_the_controller_from_the_decayed_load_of_the_last_wind
 
     lines = [TraceLine(float(k), 1, (400, 0, 0, 0) if k >= 2 else (5, 5, 5, 5)) for k in range(6)]
     inventory = Inventory(devices=[DeviceSpec(device_id=f"d{i}", node_id="n", kind="gpu", memory_bytes=1 << 30) for i in range(2)])
-    cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50)
+    cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50, planner={"min_replicas": 1})
     steps = replay(Trace.from_lines(lines), inventory, expert_bytes=1 << 20, config=cfg)
     assert [s.tokens for s in steps] == [20, 20, 400, 400, 400, 400]
     assert steps[1].estimate_tokens == pytest.approx(20 + 0.5 * 20)  # this window, the one before at half weight

@@ -148,20 +148,73 @@ def test_commands_from_an_older_leader_are_refused(checkpoint):
     assert worker.experts() == [(0, 1)]
 
 
+def test_one_token_serves_a_whole_step_and_a_command_without_one_is_refused_where_required(checkpoint):
+    """A rebalance loads and then unloads under one token: the replay is obeyed (a ``<=`` check would refuse
+    every unload of every rebalance). A worker that requires a fence refuses a command that carries none."""
+    from moefleet.expert_workers.group import StaleCommandError
+
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, 0)], backend="torch", require_fence=True)
+    worker.load([(0, 1)], token=300)
+    worker.unload([(0, 0)], token=300)  # the same step's unload
+    worker.load([(0, 2)], token=300)
+    assert worker.experts() == [(0, 1), (0, 2)]
+    with pytest.raises(StaleCommandError, match="without a fencing token"):
+        worker.unload([(0, 1)])
+    with pytest.raises(StaleCommandError, match="without a fencing token"):
+        worker.load([(0, 3)])
+    assert worker.experts() == [(0, 1), (0, 2)]
+
+
 def test_a_load_past_the_memory_budget_is_refused_and_changes_nothing(checkpoint):
     from moefleet.expert_workers.slots import MemoryBudgetError
 
     probe = ExpertGroupCore("p", str(checkpoint), [(0, 0)], backend="torch")
     slot = probe._slots[0].slot_bytes({})  # bytes of one slot
-    # room for a stack of 4 slots (the first allocation) but not for growing it beside the old one
-    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=6 * slot)
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=4 * slot)
     assert worker.stats()["reserved_bytes"] == 4 * slot
-    with pytest.raises(MemoryBudgetError, match="no room"):
+    with pytest.raises(MemoryBudgetError, match="no room"):  # a fifth expert passes the budget
         worker.load([(0, 4)])
-    assert worker.experts() == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert worker.experts() == [(0, 0), (0, 1), (0, 2), (0, 3)] and worker.stats()["reserved_bytes"] == 4 * slot
     roomy = ExpertGroupCore("r", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=10 * slot)
     roomy.load([(0, 4)])  # grows to 6 slots, not 8: 4 + 6 fit in 10 while the copy runs
     assert roomy.stats()["reserved_bytes"] == 6 * slot
+
+
+def test_worker_and_planner_count_memory_the_same_way(checkpoint):
+    """What the planner places on a device (experts x the bytes the controller counts per replica, within the
+    budget less its headroom) the worker takes, whatever its slot stacks reserve: a full stack that cannot double
+    beside itself still grows by the slot wanted."""
+    from moefleet.controller.main import held_expert_bytes
+    from moefleet.core.config import WorkerConfig
+    from moefleet.core.model import MoECheckpoint
+
+    ckpt = MoECheckpoint(str(checkpoint))
+    per_expert = held_expert_bytes(ckpt, list(ckpt.spec.moe_layers), WorkerConfig())
+    budget = 6 * per_expert  # the planner (10 % headroom) places up to 5 experts here
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(4)], backend="torch", memory_budget_bytes=budget)
+    assert worker.stats()["memory_bytes"] == 4 * per_expert
+    worker.load([(0, 4)])  # the stack of 4 is full and 4 + 8 slots do not fit in 6: it grows by one
+    assert worker.experts() == [(0, e) for e in range(5)]
+    assert worker.stats()["memory_bytes"] == 5 * per_expert <= budget * 0.9
+
+
+def test_slot_stacks_shrink_when_emptied_and_results_stay_exact(checkpoint):
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    worker = ExpertGroupCore("w", str(checkpoint), [(0, e) for e in range(8)], backend="torch")
+    slot = worker._slots[0].slot_bytes({})
+    assert worker.stats()["reserved_bytes"] == 8 * slot
+    hidden = torch.randn(40, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(5))
+    worker.unload([(0, e) for e in (0, 1, 2, 4, 5, 7)])  # 2 of 8 slots left in use: compacted
+    assert worker.experts() == [(0, 3), (0, 6)] and worker.stats()["reserved_bytes"] == 4 * slot
+    got, want = _call(worker, model, 0, hidden, [3, 6])
+    assert (got - want).abs().max() <= 1e-5
+    worker.unload([(0, 3), (0, 6)])  # emptied: freed
+    assert worker.experts() == [] and worker.stats()["reserved_bytes"] == 0
+    with pytest.raises(ExpertNotLoadedError):
+        _call(worker, model, 0, hidden, [3])
+    worker.load([(0, 1), (0, 6)])
+    got, want = _call(worker, model, 0, hidden, [1, 6])
+    assert (got - want).abs().max() <= 1e-5
 
 
 def _rows_of(model, layer, hidden):
@@ -275,3 +328,30 @@ def test_input_weighted_layers_keep_the_stepwise_path_on_triton(tmp_path):
     args = _rows_of(m, layer, torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(1)))
     want = ExpertGroupCore("t", str(tmp_path), keys, backend="torch").forward(*args)
     assert np.abs(w.forward(*args) - want).max() <= 1e-4
+
+
+def _leaves(value) -> int:
+    if isinstance(value, dict):
+        return sum(_leaves(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_leaves(v) for v in value)
+    return 1
+
+
+def test_heartbeat_payload_does_not_grow_with_the_experts_served(checkpoint):
+    """At DeepSeek-V3 scale (58 layers x 256 experts) per-expert totals in every 0.25 s heartbeat would be a large
+    payload per worker: the heartbeat carries totals and per-layer windowed sums, and lists only the experts held."""
+    import json
+
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    hidden = torch.randn(64, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(6))
+    busy = ExpertGroupCore("busy", str(checkpoint), [(0, e) for e in range(8)], backend="torch")
+    _call(busy, model, 0, hidden, list(range(8)))  # served every expert of the layer
+    busy.unload([(0, e) for e in range(1, 8)])
+    quiet = ExpertGroupCore("quiet", str(checkpoint), [(0, 0)], backend="torch")
+    _call(quiet, model, 0, hidden, [0])
+    a, b = busy.heartbeat_info(), quiet.heartbeat_info()
+    assert _leaves(a) == _leaves(b) and a["experts"] == b["experts"] == [[0, 0]]
+    assert a["tokens_total"] == 64 * model.spec.layer.top_k  # every routed row, as one number
+    assert len(busy.stats()["tokens_served"]) == 8  # a direct stats() call still has the per-expert totals
+    json.dumps(a)

@@ -42,6 +42,17 @@ class LeaseLostError(StateStoreError):
     """A fenced write was refused: the writer no longer holds the lease with its token."""
 
 
+Fence = tuple[str, int]
+"""``(holder, token)`` of a lease holding: a write made under it lands only while that holding is current."""
+
+
+def _fence_args(fence: Fence) -> list[str]:
+    holder, token = fence
+    if not holder:
+        raise ValueError("fence: the holder must be a non-empty id")
+    return [str(holder), str(int(token))]
+
+
 class StaleVersionError(StateStoreError):
     """``publish_placement`` lost a compare-and-set: someone published first."""
 

@@ -78,3 +78,12 @@ class LeaseOps(StoreBase):
             return None
         return record.holder
 
+    def check_fence(self, token: int) -> bool:
+        """True when the lease is held now under fencing ``token`` (one atomic read in Redis).
+
+        Workers check each command's token with this: a command from a leader
+        whose holding is over (a higher token than any the worker has seen does
+        not make it current) is refused.
+        """
+        with self._redis("check_fence") as r:
+            return bool(self._check_fence_script(keys=[self.keys.lease], args=[str(int(token))], client=r))

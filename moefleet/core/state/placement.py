@@ -70,13 +70,17 @@ class PlacementOps(StoreBase):
 
         Args:
             fence: ``(holder, token)`` of the lease this write is made under; the
-                publish lands only while that holding is current.
+                publish lands only while that holding is current. Without one
+                (a fleet publishing its starting placement) it lands only while
+                no one holds the lease: a leader's table is written by the
+                leader alone.
 
         Returns:
             The stored placement, with its new version and the table's generation.
         Raises:
             StaleVersionError: the stored version is not ``expected_version``.
-            LeaseLostError: ``fence`` was given and no longer holds.
+            LeaseLostError: ``fence`` was given and no longer holds, or none was
+                given and the lease is held.
         """
         import uuid
 
@@ -95,6 +99,10 @@ class PlacementOps(StoreBase):
             )
         if ok == -1:
             raise LeaseLostError(f"publish_placement: lease holder {holder!r} with token {token} no longer holds the lease")
+        if ok == -2:
+            raise LeaseLostError(
+                f"publish_placement: the lease is held by {generation!r}: only the leader publishes (under its fence)"
+            )
         if not ok:
             raise StaleVersionError(expected, int(version))
         return stored.model_copy(update={"generation": generation})

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moefleet.core.state.base import StoreBase, _check_positive, _dumps
+from moefleet.core.state.base import Fence, LeaseLostError, StoreBase, _check_positive, _dumps, _fence_args
 
 
 class WorkerRecord(BaseModel):
@@ -38,15 +38,24 @@ class Event(BaseModel):
 class RecordOps(StoreBase):
     """Record, counter, registry and event operations of ``StateStore``."""
 
-    def put_record(self, name: str, value: dict[str, Any]) -> None:
-        """Store a JSON object under ``name`` (replacing any previous value)."""
+    def put_record(self, name: str, value: dict[str, Any], *, fence: Fence | None = None) -> None:
+        """Store a JSON object under ``name`` (replacing any previous value).
+
+        fence: ``(holder, token)`` of the lease a leader writes under: the write
+        lands only while that holding is current (``LeaseLostError`` otherwise).
+        """
         if not name:
             raise ValueError("name: must be non-empty")
         if not isinstance(value, dict):
             raise TypeError(f"record {name!r}: value must be a dict, got {type(value).__name__}")
         payload = _dumps(f"record {name!r}", value)
         with self._redis("put_record") as r:
-            r.set(self.keys.record(name), payload)
+            if fence is None:
+                r.set(self.keys.record(name), payload)
+                return
+            ok = self._put_record_fenced(keys=[self.keys.lease, self.keys.record(name)], args=[*_fence_args(fence), payload], client=r)
+        if ok == -1:
+            raise LeaseLostError(f"put_record {name!r}: {fence[0]!r} with token {fence[1]} no longer holds the lease")
 
     def get_record(self, name: str) -> dict[str, Any] | None:
         """The JSON object stored under ``name``, or None."""
@@ -56,11 +65,11 @@ class RecordOps(StoreBase):
 
     # ---------------------------------------------------------------- counters
 
-    def add_counters(self, name: str, increments: Mapping[str, float]) -> None:
+    def add_counters(self, name: str, increments: Mapping[str, float], *, fence: Fence | None = None) -> None:
         """Add to the running totals of counter hash ``name`` (one round trip; totals only grow).
 
         A negative or non-finite increment is refused: counters are exported
-        as Prometheus counters, which never go down.
+        as Prometheus counters, which never go down. ``fence``: as ``put_record``.
         """
         if not name:
             raise ValueError("name: must be non-empty")
@@ -74,6 +83,13 @@ class RecordOps(StoreBase):
         if not values:
             return
         with self._redis("add_counters") as r:
+            if fence is not None:
+                pairs = [str(x) for field, v in values.items() for x in (field, repr(v))]
+                ok = self._add_counters_fenced(keys=[self.keys.lease, self.keys.counters(name)],
+                                               args=[*_fence_args(fence), *pairs], client=r)
+                if ok == -1:
+                    raise LeaseLostError(f"add_counters {name!r}: {fence[0]!r} with token {fence[1]} no longer holds the lease")
+                return
             pipe = r.pipeline(transaction=True)
             for field, v in values.items():
                 pipe.hincrbyfloat(self.keys.counters(name), field, v)
@@ -115,13 +131,17 @@ class RecordOps(StoreBase):
             removed, _ = pipe.execute()
         return bool(removed)
 
-    def worker_records(self, now: float | None = None) -> dict[str, WorkerRecord]:
-        """Registry entries whose heartbeat has not expired by ``now`` (None: the store's clock)."""
+    def worker_records(self, now: float | None = None, *, lapsed_within_s: float = 0.0) -> dict[str, WorkerRecord]:
+        """Registry entries whose heartbeat has not expired by ``now`` (None: the store's clock).
+
+        lapsed_within_s: also those that expired less than this long before
+        ``now`` (a process that may still run but cannot reach the store).
+        """
         now = self._now(now)
         with self._redis("workers") as r:
             raw = r.hgetall(self.keys.workers)
         records = (WorkerRecord.model_validate_json(v) for v in raw.values())
-        return {rec.worker_id: rec for rec in records if now < rec.expires_at}
+        return {rec.worker_id: rec for rec in records if now < rec.expires_at + max(0.0, lapsed_within_s)}
 
     def workers(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         """``{worker_id: info}`` of the workers whose heartbeat has not expired by ``now``."""
@@ -140,12 +160,21 @@ class RecordOps(StoreBase):
 
     # ---------------------------------------------------------------- events
 
-    def emit_event(self, kind: str, data: dict[str, Any], now: float | None = None) -> str:
-        """Append an event to the capped stream (``XADD MAXLEN ~ events_maxlen``); returns its id."""
+    def emit_event(self, kind: str, data: dict[str, Any], now: float | None = None, *, fence: Fence | None = None) -> str:
+        """Append an event to the capped stream (``XADD MAXLEN ~ events_maxlen``); returns its id.
+
+        fence: as ``put_record`` (a leader's events are written under its lease).
+        """
         event = Event(kind=kind, at=self._now(now), data=data)
         payload = _dumps(f"event {kind!r} data", event.model_dump(exclude={"id"}))
         with self._redis("emit_event") as r:
-            return r.xadd(self.keys.events, {"event": payload}, maxlen=self.events_maxlen, approximate=True)
+            if fence is None:
+                return r.xadd(self.keys.events, {"event": payload}, maxlen=self.events_maxlen, approximate=True)
+            eid = self._emit_event_fenced(keys=[self.keys.lease, self.keys.events],
+                                          args=[*_fence_args(fence), self.events_maxlen, payload], client=r)
+        if eid == -1:
+            raise LeaseLostError(f"emit_event {kind!r}: {fence[0]!r} with token {fence[1]} no longer holds the lease")
+        return eid
 
     def events(self, count: int = 100) -> list[Event]:
         """The last ``count`` events, oldest first."""

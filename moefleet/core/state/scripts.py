@@ -5,7 +5,8 @@
 # ARGV: expected version, new JSON, history size, channel, generation for a new table,
 #       fence holder ('' = unfenced), fence token.
 # Returns {1, new_version, generation} on success, {0, current_version, ''} when the
-# version moved, {-1, 0, ''} when the fence (lease holder and token) does not hold.
+# version moved, {-1, 0, ''} when the fence (lease holder and token) does not hold,
+# {-2, 0, holder} when an unfenced publish finds the lease held (only its holder publishes).
 PUBLISH_PLACEMENT = """
 if ARGV[6] ~= '' then
   local cur = redis.call('GET', KEYS[5])
@@ -15,6 +16,11 @@ if ARGV[6] ~= '' then
   local rec = cjson.decode(cur)
   if rec.holder ~= ARGV[6] or string.format('%d', rec.token or 0) ~= ARGV[7] then
     return {-1, 0, ''}
+  end
+else
+  local cur = redis.call('GET', KEYS[5])
+  if cur then
+    return {-2, 0, cjson.decode(cur).holder}
   end
 end
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -106,3 +112,48 @@ end
 return #old
 """
 
+
+
+# The fence of a leader's write: the lease (KEYS[1]) is held by ARGV[1] with token ARGV[2].
+_FENCE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return -1
+end
+local rec = cjson.decode(cur)
+if rec.holder ~= ARGV[1] or string.format('%d', rec.token or 0) ~= ARGV[2] then
+  return -1
+end
+"""
+
+# KEYS: lease. ARGV: token. 1 when the lease is held under that token now, else 0.
+# (A worker checks the token a command carries against the lease's current holding.)
+CHECK_FENCE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return 0
+end
+if string.format('%d', cjson.decode(cur).token or 0) ~= ARGV[1] then
+  return 0
+end
+return 1
+"""
+
+# KEYS: lease, record. ARGV: holder, token, JSON. Returns 1, or -1 when the fence does not hold.
+PUT_RECORD_FENCED = _FENCE + """
+redis.call('SET', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: lease, stream. ARGV: holder, token, maxlen, JSON. Returns the entry id, or -1.
+EMIT_EVENT_FENCED = _FENCE + """
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[4])
+"""
+
+# KEYS: lease, counter hash. ARGV: holder, token, then field, increment pairs. Returns 1, or -1.
+ADD_COUNTERS_FENCED = _FENCE + """
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""

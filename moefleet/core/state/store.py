@@ -82,6 +82,10 @@ class StateStore(PlacementOps, LoadOps, LeaseOps, RecordOps):
         self._renew_script = self._client.register_script(scripts.RENEW_LEASE)
         self._release_script = self._client.register_script(scripts.RELEASE_LEASE)
         self._register_script = self._client.register_script(scripts.REGISTER_WORKER)
+        self._check_fence_script = self._client.register_script(scripts.CHECK_FENCE)
+        self._put_record_fenced = self._client.register_script(scripts.PUT_RECORD_FENCED)
+        self._emit_event_fenced = self._client.register_script(scripts.EMIT_EVENT_FENCED)
+        self._add_counters_fenced = self._client.register_script(scripts.ADD_COUNTERS_FENCED)
 
     def __repr__(self) -> str:
         return f"StateStore({self._safe_url!r}, namespace={self.namespace!r})"
