@@ -71,11 +71,12 @@ def test_demo_view_fits_100_columns():
 
 
 def _write(tmp_path, windows: int = 8) -> str:
+    """Expert 0 of each layer turns hot at window 2 and stays hot."""
     lines = []
     for k in range(windows):
         for layer in (1, 2, 3):
             counts = [10] * 16
-            counts[k % 16] += 2000 if k >= 2 else 0
+            counts[0] += 2000 if k >= 2 else 0
             lines.append(TraceLine(float(k), layer, tuple(counts)))
     return str(write_trace(tmp_path / "t.jsonl", lines))
 
@@ -87,7 +88,10 @@ def test_trace_replay_prints_each_windows_decision_as_json(tmp_path, capsys):
     assert [w["t"] for w in out["windows"]] == [float(k) for k in range(8)]
     assert [w["tokens"] for w in out["windows"]] == [3 * 160 + (3 * 2000 if k >= 2 else 0) for k in range(8)]
     applied = [w for w in out["windows"] if w["decision"] == "applied"]
-    assert applied and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
+    assert len(applied) == 1 and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
+    # the plan is held while it confirms (three steps in a row by default), then applied once
+    decisions = [w["decision"] for w in out["windows"]]
+    assert decisions[decisions.index("applied") - 2:decisions.index("applied")] == ["held: confirming"] * 2
     assert all(w["balancedness_after"] >= w["balancedness_before"] for w in applied)
     assert main(["trace", "replay", path, "--devices", "2"]) == 0
     table = capsys.readouterr().out
@@ -146,8 +150,10 @@ def test_replay_decides_as_the_controller_from_the_decayed_load_of_the_last_wind
     cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50)
     steps = replay(Trace.from_lines(lines), inventory, expert_bytes=1 << 20, config=cfg)
     assert [s.tokens for s in steps] == [20, 20, 400, 400, 400, 400]
-    assert steps[1].estimate_tokens == pytest.approx(20 + 0.5 * 20)  # this window, the one before at half weight
-    assert steps[4].estimate_tokens == pytest.approx(400 + 200 + 100)  # only the last load_windows = 3 windows
+    # each step reads at its window's end: a window weighs 0.5 ** (age of its middle / half-life)
+    assert steps[1].estimate_tokens == pytest.approx(20 * 0.5**0.5 + 20 * 0.5**1.5)
+    assert steps[4].estimate_tokens == pytest.approx(400 * (0.5**0.5 + 0.5**1.5 + 0.5**2.5))  # the last 3 windows
     assert steps[0].decision == "skipped: too little load to plan from" and steps[0].version == 1
-    assert steps[2].decision == "applied" and steps[2].copies >= 1 and steps[2].bytes == steps[2].copies << 20
-    assert steps[2].balancedness_after > steps[2].balancedness_before and steps[2].version == 2
+    assert [s.decision for s in steps[2:4]] == ["held: confirming"] * 2  # it must win three steps in a row
+    assert steps[4].decision == "applied" and steps[4].copies >= 1 and steps[4].bytes == steps[4].copies << 20
+    assert steps[4].balancedness_after > steps[4].balancedness_before and steps[4].version == 2
