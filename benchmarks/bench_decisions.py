@@ -83,6 +83,9 @@ def run_scenario(name: str, hot_at, duration_s: float, args, redis_url: str) -> 
     fleet.start()
     store = StateStore(redis_url, namespace=ns)
     telemetry = TelemetryConfig()
+    deadline = time.time() + 120
+    while not (store.get_record("controller") or {}).get("last_report") and time.time() < deadline:
+        time.sleep(0.25)  # traffic starts once the controller leads and steps
     skew = store.time() - time.time()
     stop = threading.Event()
     log: dict = {"start": time.time(), "calls": []}
@@ -120,6 +123,9 @@ def run_scenario(name: str, hot_at, duration_s: float, args, redis_url: str) -> 
         "skip_reasons": {r: sum(1 for s in skipped if s.get("reason") == r) for r in {s.get("reason") for s in skipped}},
         "predictions": predictions, "prediction_misses": len(misses),
         "balancedness": samples,
+        "steps": [{"at_s": r.get("at", 0) - skew - start, **{k: r.get(k) for k in (
+            "skipped", "tokens", "gain", "apply", "balancedness_before", "balancedness_after", "horizon_s",
+            "applied_version", "apply_error", "plan_skipped", "cost", "copies")}} for r in reports],
         "bytes_moved": sum(int(d.get("bytes") or 0) for _, d in placements),
     }
 
@@ -159,7 +165,7 @@ def main() -> None:
     }
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     t_begin = time.time()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     redis = RedisServer()
     results = {}
     try:

@@ -742,10 +742,11 @@ def _trace_rate(trace, config) -> float:
 def _slo_figures(trace, devices, shape, config, results, args, history_s) -> dict:
     """Per strategy: capacity at the SLO (highest load scale meeting p99 <= --slo-p99, times the trace's rate) and the
     fraction of windows meeting it at the trace's own volume."""
-    from moefleet.controller.sim import baseline_placement, capacity_at_slo, simulate, slo_met_fraction
+    from moefleet.controller.sim import after_history, baseline_placement, capacity_at_slo, simulate, slo_met_fraction
 
     initial = baseline_placement("history", trace, devices, shape.weight_bytes, config, history_s)
     static = baseline_placement(args.baseline, trace, devices, shape.weight_bytes, config, history_s)
+    trace = after_history(trace, history_s)
     rate = _trace_rate(trace, config)
     out = {}
     for name, start, elastic in (("elastic", initial, True), ("static", static, False)):
@@ -938,7 +939,8 @@ def main(argv: list[str] | None = None) -> int:
                         "first --history-s seconds with the slots elastic's memory allows; 'history' the planner on "
                         "the same seconds; 'first' the planner's first plan (its first interval)")
     p.add_argument("--history-s", type=float, default=None, metavar="S",
-                   help="seconds of the trace's start the baselines (and elastic's first plan) are planned on (default 30)")
+                   help="seconds of the trace's start the baselines (and elastic's first plan) are planned on; the "
+                        "strategies are measured on the rest of the trace (default 30)")
     p.add_argument("--slo-p99", type=float, metavar="MS",
                    help="add each strategy's capacity: the highest sustainable tokens/s with p99 call latency <= MS "
                         "(capacity_tokens_per_s), and the fraction of windows meeting it (slo_met_fraction)")

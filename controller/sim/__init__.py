@@ -16,7 +16,16 @@ copied). Its modules:
 * ``search``: the smallest fleet mix that meets a p99 target.
 """
 
-from .baselines import BASELINES, baseline_placement, capacity_at_slo, compare_strategies, eplb_placement, slo_met_fraction
+from .baselines import (
+    BASELINES,
+    after_history,
+    baseline_placement,
+    capacity_at_slo,
+    compare_strategies,
+    eplb_placement,
+    eplb_slots,
+    slo_met_fraction,
+)
 from .devices import (
     DEVICE_TYPES,
     MODEL_SHAPES,
@@ -55,10 +64,10 @@ from .traffic import (
 )
 
 __all__ = [
-    "BASELINES", "Candidate", "Cores", "CpuCalibration", "DEVICE_TYPES", "DeviceType", "Diurnal", "DriftTraffic",
+    "BASELINES", "after_history", "Candidate", "Cores", "CpuCalibration", "DEVICE_TYPES", "DeviceType", "Diurnal", "DriftTraffic",
     "ExpertShape", "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "MAX_LINES", "MODEL_SHAPES",
     "PhaseCpu", "SimConfig", "SimDevice", "SimResult", "ZipfTraffic", "balanced_capacity", "baseline_placement",
-    "calibrate_cpu", "capacity_at_slo", "compare", "compare_strategies", "eplb_placement", "fit_local_costs",
+    "calibrate_cpu", "capacity_at_slo", "compare", "compare_strategies", "eplb_placement", "eplb_slots", "fit_local_costs",
     "fleet_devices", "format_fleet", "inclusion_probabilities", "initial_placement", "local_devices",
     "local_memory_bytes", "parse_diurnal", "parse_fleet", "parse_traffic", "predict_local", "returned_rows",
     "search_fleet", "simulate", "slo_met_fraction", "topk_inclusion",

@@ -8,14 +8,19 @@ Baselines (``baseline_placement``), each planned once and kept for the whole run
 * ``eplb``: DeepSeek EPLB's ``rebalance_experts`` (``controller/eplb.py``, the
   entry vLLM and SGLang call) run once on the first ``history_s`` seconds, with
   as many slots as the memory elastic placement may use allows -- equal memory:
-  every GPU gets ``slots = min over GPUs of capacity // (bytes x layers)``
-  slots per layer (EPLB gives every GPU the same number), ``capacity`` being
-  the device memory less the planner's ``headroom``. The global policy (one
-  group, one node); two slots of one expert on one GPU (EPLB allows it) are one
-  replica here, as they would serve as one. EPLB places on GPUs only.
+  a GPU holds ``capacity // (bytes x layers)`` slots per layer, ``capacity``
+  being its memory less the planner's ``headroom``. EPLB gives every rank the
+  same number of slots: on a homogeneous fleet a rank is a GPU; on a mixed one
+  each GPU is cut into ranks of the largest size that still uses 90% of the
+  slots (``eplb_slots``), so a larger GPU counts as several ranks and takes
+  their share of the load. The global policy (one group, one node); two slots of one
+  expert on one GPU (EPLB allows it) are one replica here, as they would serve
+  as one. EPLB places on GPUs only and knows no device speeds.
 
 The elastic run starts from the ``history`` plan: the same information the
-baselines were planned on, so what differs is re-planning alone.
+baselines were planned on, so what differs is re-planning alone. Both are
+measured on the trace after the history window (``after_history``): the
+history is the past they were planned on, not part of the comparison.
 
 Figures at an SLO (``capacity_at_slo``, ``slo_met_fraction``): the highest
 load scale whose p99 call latency meets the SLO, times the trace's rate (the
@@ -40,9 +45,24 @@ from ..planner import PlanningError, plan
 from .devices import SimDevice
 from .engine import SimConfig, SimResult
 
-__all__ = ["BASELINES", "baseline_placement", "capacity_at_slo", "compare_strategies", "eplb_placement", "slo_met_fraction"]
+__all__ = ["BASELINES", "baseline_placement", "capacity_at_slo", "compare_strategies", "eplb_placement", "eplb_slots",
+           "slo_met_fraction"]
 
 BASELINES = ("first", "history", "eplb")
+
+
+def eplb_slots(slots_per_device: Sequence[int], keep: float = 0.9) -> int:
+    """Slots per EPLB rank: the largest size whose ranks use at least ``keep`` of the devices' slots.
+
+    On a homogeneous fleet it is every device's slot count (one rank per GPU, EPLB as deployed); on a mixed
+    one a larger device is cut into several ranks of that size. Larger ranks let EPLB's packing balance
+    within a GPU; smaller ones waste fewer slots.
+    """
+    total = sum(slots_per_device)
+    for size in range(max(slots_per_device), 0, -1):
+        if sum(size * (n // size) for n in slots_per_device) >= keep * total:
+            return size
+    return 1
 
 
 def eplb_placement(load: np.ndarray, devices: Sequence[SimDevice], expert_bytes: float, headroom: float,
@@ -52,15 +72,19 @@ def eplb_placement(load: np.ndarray, devices: Sequence[SimDevice], expert_bytes:
     num_layers, num_experts = load.shape
     if not gpus:
         raise PlanningError("eplb: no GPU devices (EPLB places experts on GPUs only)")
-    slots = min(int(d.spec.memory_bytes * (1.0 - headroom)) // int(math.ceil(expert_bytes * num_layers)) for d in gpus)
-    num_replicas = slots * len(gpus)
+    per_device = [int(d.spec.memory_bytes * (1.0 - headroom)) // int(math.ceil(expert_bytes * num_layers)) for d in gpus]
+    size = eplb_slots(per_device) if max(per_device) > 0 else 0
+    ranks = [] if size == 0 else [g for g, n in enumerate(per_device) for _ in range(n // size)]
+    num_replicas = size * len(ranks)
     if num_replicas < num_experts:
-        raise PlanningError(f"eplb: {len(gpus)} GPUs x {slots} slots per layer cannot hold {num_experts} experts once")
-    phy2log, _, _ = rebalance_experts(torch.from_numpy(np.asarray(load, dtype=np.float64)), num_replicas, 1, 1, len(gpus))
+        raise PlanningError(f"eplb: {len(gpus)} GPUs with {sum(per_device)} slots per layer ({len(ranks)} ranks of "
+                            f"{size}) cannot hold {num_experts} experts once")
+    phy2log, _, _ = rebalance_experts(torch.from_numpy(np.asarray(load, dtype=np.float64)), num_replicas, 1, 1,
+                                      len(ranks))
     assignments: dict[str, set] = {}
     for row, layer in enumerate(layers):
         for slot, expert in enumerate(phy2log[row].tolist()):
-            assignments.setdefault(gpus[slot // slots].device_id, set()).add((int(layer), int(expert)))
+            assignments.setdefault(gpus[ranks[slot // size]].device_id, set()).add((int(layer), int(expert)))
     speeds = {d.device_id: d.spec.speed for d in gpus if d.device_id in assignments}
     return Placement(version=1, assignments={d: sorted(k) for d, k in assignments.items()}, speeds=speeds)
 
@@ -140,7 +164,17 @@ def compare_strategies(
     initial = baseline_placement("history", trace, devices, expert_bytes, config, history_s)
     static = initial if baseline == "history" else baseline_placement(baseline, trace, devices, expert_bytes, config,
                                                                      history_s)
+    served = after_history(trace, history_s)
     return {
-        "elastic": simulate(trace, devices, expert_bytes=expert_bytes, config=config, elastic=True, initial=initial),
-        "static": simulate(trace, devices, expert_bytes=expert_bytes, config=config, elastic=False, initial=static),
+        "elastic": simulate(served, devices, expert_bytes=expert_bytes, config=config, elastic=True, initial=initial),
+        "static": simulate(served, devices, expert_bytes=expert_bytes, config=config, elastic=False, initial=static),
     }
+
+
+def after_history(trace: Trace, history_s: float) -> Trace:
+    """The part of ``trace`` after its first ``history_s`` seconds: what the strategies are measured on (the history
+    is the past they were planned on). The whole trace when the history covers it (then it is no longer history)."""
+    keep = trace.t >= float(trace.t[0]) + history_s
+    if not keep.any():
+        return trace
+    return Trace(t=trace.t[keep], layer=trace.layer[keep], counts=trace.counts[keep])

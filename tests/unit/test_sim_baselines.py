@@ -16,6 +16,7 @@ from moefleet.controller.sim import (
     baseline_placement,
     capacity_at_slo,
     eplb_placement,
+    eplb_slots,
     parse_traffic,
     topk_inclusion,
 )
@@ -38,10 +39,18 @@ def test_eplb_gets_the_slots_equal_memory_allows_and_places_deepseeks_answer():
     assert len(replicas[(0, 0)]) >= 2
 
 
-def test_eplb_on_a_mixed_fleet_gets_the_smallest_devices_slots():
-    fleet = devices(2, 6) + devices(2, 2, prefix="small")
-    placement = eplb_placement(np.ones((1, 8)), fleet, EXPERT_BYTES, HEADROOM, [0])
-    assert all(len(keys) <= 2 for keys in placement.assignments.values())  # 2 slots each: EPLB's uniform layout
+def test_eplb_on_a_mixed_fleet_cuts_larger_devices_into_ranks():
+    assert eplb_slots([4, 4, 4]) == 4  # homogeneous: one rank a GPU
+    assert eplb_slots([15, 15, 4, 4]) == 3  # 5 + 5 + 1 + 1 ranks of 3: 36 of 38 slots (4 would use 32)
+    fleet = devices(1, 6) + devices(2, 3, prefix="small")  # 6 + 3 + 3 slots: ranks of 3, the large device is two
+    load = np.array([[600.0, 100, 90, 80, 70, 60, 50, 40]])
+    placement = eplb_placement(load, fleet, EXPERT_BYTES, HEADROOM, [0])
+    phy2log, _, _ = rebalance_experts(torch.from_numpy(load), 12, 1, 1, 4)
+    ranks = ["d0", "d0", "small0", "small1"]
+    expected: dict = {}
+    for slot, e in enumerate(phy2log[0].tolist()):
+        expected.setdefault(ranks[slot // 3], set()).add((0, e))
+    assert placement.assignments == {d: sorted(k) for d, k in expected.items()}
 
 
 def test_eplb_that_cannot_hold_every_expert_is_a_planning_error():
