@@ -27,6 +27,7 @@ fleet's start) not counted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -79,7 +80,7 @@ def run_scenario(name: str, hot_at, duration_s: float, args, redis_url: str) -> 
     gates = {layer: GateWeights(**ckpt.gate(layer)) for layer in layers}
     ns = f"decisions-{name}-{uuid.uuid4().hex[:6]}"
     fleet = LocalFleet(FleetConfig(num_workers=args.workers, redis_url=redis_url, namespace=ns,
-                                   router=RouterConfig(telemetry_interval_s=0.25)))
+                                   router=RouterConfig(telemetry_interval_s=0.25), controller=json.loads(args.controller)))
     fleet.start()
     store = StateStore(redis_url, namespace=ns)
     telemetry = TelemetryConfig()
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--controller", default="{}", help="JSON overrides of the local controller's settings")
     ap.add_argument("--out")
     args = ap.parse_args()
     import ray
@@ -203,6 +205,11 @@ def main() -> None:
         figures["moving: bytes moved"] = single(r["bytes_moved"], "bytes")
         figures["moving: balancedness, time-weighted mean"] = single(bal["mean"], "")
         figures["moving: balancedness, 10th percentile over time"] = single(bal["p10"], "")
+        after_first = time_weighted(r["balancedness"], t_from=args.shift_s)
+        r["balancedness_after_first_shift"] = after_first
+        figures["moving: balancedness after the first hot set, time-weighted mean"] = single(
+            after_first["mean"], "", f"from {args.shift_s:g} s on: the fleet's start (spread placement) left out")
+        figures["moving: balancedness after the first hot set, 10th percentile"] = single(after_first["p10"], "")
         if errors:
             figures["moving: |measured - predicted| balancedness after a rebalance"] = spread(errors, "", "each check")
         goals += [
@@ -223,7 +230,10 @@ def main() -> None:
     for g in goals:
         print(f"{'MET ' if g['met'] else 'MISS' if g['met'] is False else '--  '} {g['name']}: {g['measured']}")
     write_json("decisions", results, args.out)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                     if v is not None and k not in ("out", "controller"))
+    if args.controller != "{}":
+        flags += f" --controller '{args.controller}'"
     write_result("decisions", title="Decisions that pay for themselves (local fleet)",
                  question="Does the controller move weights only when it pays, once per real shift, and predict what it gets?",
                  command=f"python benchmarks/bench_decisions.py {flags}", figures=figures, goals=goals,

@@ -19,7 +19,9 @@ make the same decision from the same inputs:
    is down; otherwise ``planner.plan`` from the load (all ones when nothing
    was measured yet, so a repair after a fresh start treats experts alike),
    the active devices and the current placement;
-5. the decision: a repair is applied at once. Any other plan the planner
+5. the decision: a repair is applied at once, and so is a plan that fills
+   devices autoscaling just added (uncapped by ``max_moves_per_step``: new
+   capacity that takes no load helps no one). Any other plan the planner
    marks ``apply`` (its gain at least ``min_gain``) is applied only when it
    pays for itself -- ``gain x horizon > kappa x cost`` (``planner.gate``) --,
    no plan was applied within ``cooldown_s``, and the same plan (moves at
@@ -275,8 +277,14 @@ def decide(
     else:
         if load.sum() == 0:
             load = np.ones_like(load)  # nothing measured yet (a repair after a fresh start): treat experts alike
-        result = plan(load, Inventory(devices=planned_on), current, config.planner, expert_bytes=expert_bytes,
-                      layers=layers)
+        # devices autoscaling just added hold nothing: filling them is a capacity action, made at once and uncapped
+        added = [d.device_id for d in planned_on if d.device_id not in current.assignments] \
+            if config.autoscaling is not None and current.assignments else []
+        knobs = config.planner
+        if added:
+            report["scaled_up"] = added
+            knobs = knobs.model_copy(update={"max_moves_per_step": max(knobs.max_moves_per_step, int(load.size))})
+        result = plan(load, Inventory(devices=planned_on), current, knobs, expert_bytes=expert_bytes, layers=layers)
         report.update(
             balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
             gain=result.gain, copies=result.copies, apply=result.apply, repaired=result.repaired,
@@ -295,6 +303,8 @@ def decide(
         reason = None
         if result.repaired or not result.moves:
             pass  # a repair is applied at once; no move, nothing to decide
+        elif added and result.apply:
+            pass  # new devices take load at once
         elif now < float(record.get("cooldown_until", -np.inf)):
             reason = "cooldown"
         else:

@@ -14,9 +14,14 @@ Each step of the leader (every ``interval_s``; liveness every ``health_interval_
    (pure policy in ``autoscale.py``; its state is returned and stored in Redis);
 4. plan (pure, ``planner.plan``) from the decayed load, the active live
    devices and the current placement; the plan's predicted gain is recorded
-   whether or not it is applied;
-5. if the plan says so, the reconciler applies it without pausing requests,
-   fenced by the lease.
+   whether or not it is applied; a plan is applied only when it pays for its
+   move over the measured hot-set horizon, outside the cooldown, after it kept
+   winning ``confirm_steps`` steps (a ``plan_skipped`` event says why not);
+   after a rebalance the balancedness the devices measure is checked against
+   the prediction (``moefleet_prediction_error``, ``prediction_miss`` events);
+5. if the decision says so, the reconciler applies the plan without pausing
+   requests, fenced by the lease; the rebalance's measured seconds correct the
+   cost model.
 
 Steps 3 and 4 are ``decide.decide``, a pure function the fleet simulator calls
 too, so a simulated controller decides exactly as this one does.
