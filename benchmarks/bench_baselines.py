@@ -144,9 +144,10 @@ def main() -> None:
     ap.add_argument("--volume-peak", type=float, default=0.5, help="peak rate as a share of the fleet's ideal capacity")
     ap.add_argument("--slo-volume-ms", type=float, default=100.0)
     ap.add_argument("--window-s", type=float, default=5.0, help="windows the SLO is judged in (volume)")
-    ap.add_argument("--target-queue-depth", type=float, default=1.0)
-    ap.add_argument("--downscale-delay-s", type=float, default=20.0)
-    ap.add_argument("--downscaling-factor", type=float, default=0.5)
+    ap.add_argument("--target-queue-depth", type=float, default=3.0,
+                    help="autoscaling's target calls in flight per device (a call fans out to every device it touches)")
+    ap.add_argument("--downscale-delay-s", type=float, default=30.0)
+    ap.add_argument("--downscaling-factor", type=float, default=0.3)
     ap.add_argument("--controller", default="{}", help="JSON overrides of ControllerConfig")
     ap.add_argument("--cases", default="", help="only these capacity cases, e.g. shifting/homogeneous,stable/mixed")
     ap.add_argument("--bisect", type=int, default=7, help="bisection steps of the capacity search (resolution 2^-steps)")
@@ -212,7 +213,7 @@ def main() -> None:
         print(f"{'MET ' if g['met'] else 'MISS' if g['met'] is False else '--  '} {g['name']}: {g['measured']}")
     write_json("baselines", details, args.out)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                     if v not in (None, False) and k not in ("out", "controller"))
+                     if v not in (None, False, "") and k not in ("out", "controller"))
     if args.controller != "{}":
         flags += f" --controller '{args.controller}'"
     write_result("baselines", title="Elastic against EPLB on history at a p99 SLO, and in volume (simulator)",
