@@ -205,7 +205,11 @@ def demo_view(
     top.append(f"balancedness {fmt2(snap['balancedness'])} {sparkline(history, 40)}")
     for w in snap["warnings"]:
         top.append(f"\n⚠ {w}", style="bold red")
-    measured = sorted({h["expert"] for st in snap["layer_stats"] for h in st["hot"][:len(driving)]})
+    counts: dict[int, int] = {}
+    for st in snap["layer_stats"]:  # the experts most often among each layer's hottest: the hot set counted
+        for h in st["hot"][:len(driving)]:
+            counts[h["expert"]] = counts.get(h["expert"], 0) + 1
+    measured = sorted(sorted(counts, key=lambda e: (-counts[e], e))[:len(driving)])
     lag = "" if set(measured) == set(driving) else f" — still {measured}, not yet {driving}"
     layers = layer_table(snap, max_layers=8, title=f"Hot experts the routers counted over the last {snap['recent_s']:.0f}s"
                          f"{lag} (share ×replicas), each layer's balancedness")

@@ -32,8 +32,8 @@ def hot_load(hot: list[int], num_experts: int = 8, heat: float = 8.0) -> np.ndar
     return load
 
 
-def step(cfg, record, devices, current, load, now, **kw):
-    return decide(cfg, record, devices, current, load, None, now, expert_bytes=10, layers=[0], **kw)
+def step(cfg, record, devices, current, load, now, queue_depths=None, **kw):
+    return decide(cfg, record, devices, current, load, queue_depths, now, expert_bytes=10, layers=[0], **kw)
 
 
 # --------------------------------------------------------------------------- autoscaling
@@ -279,3 +279,18 @@ def test_a_new_placement_before_the_check_drops_it():
     served = _served_as_predicted(placement, load, devices)
     d = step(cfg, record, devices, other, load, 20.0, served=served, served_load=load, served_window_s=5.0)
     assert "pending_prediction" not in d.record and "prediction" not in d.report
+
+
+def test_devices_autoscaling_adds_take_load_at_once_past_the_cooldown_and_the_copy_cap():
+    devices = gpus(3, 80)
+    current = spread_placement([0], 8, ["d0", "d1"]).model_copy(update={"version": 4})
+    cfg = config(cooldown_s=1e6, confirm_steps=5, planner=PlannerKnobs(headroom=0.0, max_moves_per_step=1),
+                 autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=3, target_queue_depth=1.0,
+                                               upscale_delay_s=0, metrics_interval_s=1))
+    record = {"active_devices": 2, "cooldown_until": 1e9}
+    decision = step(cfg, record, devices, current, hot_load([0, 1]), 10.0, links=FAST,
+                    queue_depths={"d0": 6.0, "d1": 6.0})
+    assert decision.report["active_devices"] == 3 and decision.report["scaled_up"] == ["d2"]
+    assert decision.plan.apply and "plan_skipped" not in decision.report
+    assert decision.plan.copies > 1  # uncapped by max_moves_per_step
+    assert decision.plan.target.assignments.get("d2")

@@ -70,6 +70,32 @@ def test_demo_view_fits_100_columns():
     assert any("0.55 → 0.97" in x and "0.52 → 0.91" in x for x in lines)
 
 
+def test_demo_header_names_the_hot_set_driven_and_the_one_the_table_shows():
+    snap = _big_snapshot()
+    for st in snap["layer_stats"]:  # the routers counted experts 7, 8, 9 hottest in every layer
+        st["hot"] = [{"expert": e, "tokens": 100 - e, "share": 0.2, "replicas": 1} for e in (7, 8, 9)] + st["hot"][3:]
+    view = demo_view(snap, {}, elapsed_s=12.0, duration_s=30.0, driving=[3, 4, 5], shift_s=10.0, history=[0.5],
+                     rebalances=[])
+    text = " ".join(_render(view))
+    assert "shift 2: traffic leans on experts [3, 4, 5] for 2s" in text
+    assert "still [7, 8, 9], not yet [3, 4, 5]" in text
+    caught_up = demo_view(snap, {}, elapsed_s=12.0, duration_s=30.0, driving=[7, 8, 9], shift_s=10.0, history=[0.5],
+                          rebalances=[])
+    assert "not yet" not in " ".join(_render(caught_up))
+
+
+def test_time_weighted_balancedness_holds_each_sample_until_the_next():
+    from moefleet.demo import time_weighted
+
+    samples = [(0.0, 0.5), (2.0, 1.0), (10.0, None), (11.0, 0.9), (12.0, None)]
+    out = time_weighted(samples)  # 0.5 for 2 s, 1.0 for 8 s, 0.9 for 1 s; the None second left out
+    assert out["seconds"] == pytest.approx(11.0)
+    assert out["mean"] == pytest.approx((1.0 + 8.0 + 0.9) / 11.0)
+    assert out["p10"] == 0.5  # the lowest 10% of the time (1.1 s of 11) is at 0.5
+    assert time_weighted([(0.0, 0.5), (1.0, 1.0), (11.0, None)])["p10"] == 1.0  # 0.5 held for under 10% of the time
+    assert time_weighted([(0.0, None), (1.0, None)])["mean"] is None
+
+
 def _write(tmp_path, windows: int = 8) -> str:
     """Expert 0 of each layer turns hot at window 2 and stays hot."""
     lines = []
