@@ -2,8 +2,10 @@
 
     python benchmarks/bench_sim.py [--quick] [--repeats 3]
 
-1. **The claim** (issue 13): ``moe-fleet plan`` on a Zipf 1.2 trace whose hot
-   set moves every 15 s, 16 H100 + 16 L4, DeepSeek-V3's expert shape (4 of its
+1. **The claim** (issue 13): ``moe-fleet plan --baseline first`` (elastic
+   against the planner's first plan kept -- the weak baseline; the fair one,
+   EPLB on history at a p99 SLO, is ``bench_baselines.py``) on a Zipf 1.2
+   trace whose hot set moves every 15 s, 16 H100 + 16 L4, DeepSeek-V3's expert shape (4 of its
    58 MoE layers simulated, each device offering them 4/58 of its memory),
    offered above capacity so tokens/s is what each placement sustains. Goals:
    elastic >= 1.5x static tokens/s in every repeat (seeds), and a lower
@@ -88,7 +90,7 @@ def main() -> None:
     # 1. the claim, through the command line
     claim = []
     for seed in range(args.repeats):
-        argv = ["--trace", claim_trace(seed, args.duration, 1.25), "--fleet", FLEET]
+        argv = ["--trace", claim_trace(seed, args.duration, 1.25), "--fleet", FLEET, "--baseline", "first"]
         t0 = time.perf_counter()
         out = plan_json(argv)
         e, s = out["elastic"], out["static"]

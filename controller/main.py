@@ -19,9 +19,14 @@ Each step of the leader (every ``interval_s``; liveness every ``health_interval_
    (pure policy in ``autoscale.py``; its state is returned and stored in Redis);
 4. plan (pure, ``planner.plan``) from the decayed load, the active live
    devices and the current placement; the plan's predicted gain is recorded
-   whether or not it is applied;
-5. if the plan says so, the reconciler applies it without pausing requests,
-   fenced by the lease.
+   whether or not it is applied; a plan is applied only when it pays for its
+   move over the measured hot-set horizon, outside the cooldown, after it kept
+   winning ``confirm_steps`` steps (a ``plan_skipped`` event says why not);
+   after a rebalance the balancedness the devices measure is checked against
+   the prediction (``moefleet_prediction_error``, ``prediction_miss`` events);
+5. if the decision says so, the reconciler applies the plan without pausing
+   requests, fenced by the lease; the rebalance's measured seconds correct the
+   cost model.
 
 Steps 3 and 4 are ``decide.decide``, a pure function the fleet simulator calls
 too, so a simulated controller decides exactly as this one does.
@@ -58,7 +63,7 @@ from moefleet.core.state import LeaseLostError, StateStore, resolve_redis_url
 from moefleet.kernels.experts import packed_kind
 
 from .autoscale import AutoscalingConfig
-from .decide import decide
+from .decide import decide, record_apply_seconds
 from .planner import Plan, PlannerKnobs, min_replicas
 from .reconciler import LoadFailedError, Reconciler
 from .telemetry import TelemetryConfig
@@ -115,6 +120,48 @@ class ControllerConfig(BaseModel):
         if isinstance(v, PlannerKnobs) and "min_replicas" not in v.model_fields_set:
             return v.model_copy(update={"min_replicas": "auto"})
         return v
+    kappa: float = Field(
+        default=2.0, ge=0,
+        description="The cost-benefit gate: a plan (a repair excepted) is applied only when its predicted gain over the "
+        "horizon exceeds kappa x its cost, gain x horizon_s > kappa x the move's seconds (planner/gate.py).",
+    )
+    horizon_s: float = Field(
+        default=60.0, gt=0,
+        description="How long a hot set is taken to last until the controller has measured hot-set lifetimes; then the "
+        "median of the last eight measured, capped at max_horizon_s.",
+    )
+    max_horizon_s: float = Field(default=600.0, gt=0, description="Longest horizon a plan's gain is counted over.")
+    hot_fraction: float = Field(
+        default=0.125, gt=0, le=1,
+        description="Share of each layer's experts (the most loaded; at least 2) that make its hot set; the hot set has "
+        "moved when fewer than half of them are still hot.",
+    )
+    cooldown_s: float = Field(
+        default=10.0, ge=0, description="After an applied plan, no other is applied for this long (repairs excepted)."
+    )
+    confirm_steps: int = Field(
+        default=3, ge=1,
+        description="A plan is applied only after the same plan (moves at least 80% alike) passed the gate this many "
+        "steps in a row: a plan born of one window's noise does not keep winning.",
+    )
+    copy_bytes_per_s: float = Field(
+        default=1.25e9, gt=0, description="Link bandwidth a weight copy crosses to reach a device (the move's cost)."
+    )
+    load_bytes_per_s: float = Field(
+        default=25e9, gt=0, description="Bandwidth of loading copied weights into a device's memory (the move's cost)."
+    )
+    rebalance_overhead_s: float = Field(
+        default=1.0, ge=0, description="Fixed seconds of a rebalance besides its copies (publish, drain, unload)."
+    )
+    prediction_checks: int = Field(
+        default=3, ge=1,
+        description="Steps whose measured balancedness is compared with the prediction after a rebalance (averaged).",
+    )
+    prediction_miss: float = Field(
+        default=0.1, gt=0,
+        description="A prediction is a miss when |measured - predicted| balancedness exceeds this: a prediction_miss "
+        "event, and the devices' speeds as the planner sees them are corrected from the measured split.",
+    )
     autoscaling: AutoscalingConfig | None = Field(default=None, description="Active-device autoscaling; None keeps all devices.")
     devices: list[DeviceSpec] = Field(
         default_factory=list, description="Static inventory (local mode); empty reads the Ray cluster's nodes."
@@ -237,6 +284,35 @@ class Controller:
             return np.asarray(step["load"], dtype=float)
         raw = self.store.read_load(None, c.load_window_s, c.load_windows, c.load_half_life_s)
         return load_matrix(raw, self.layers, self.spec.layer.num_experts)
+
+    def served(self, now: float, records: dict[str, dict]) -> tuple[dict | None, np.ndarray | None, float]:
+        """What the devices measured they served over their last seconds, and what the routers sent meanwhile.
+
+        Returns ``(served, served_load, window_s)``: device -> layer -> rows
+        (the workers' ``recent_tokens``), the routers' ``[L, E]`` counts over
+        the store's complete windows of the same length, and how far back the
+        devices' count reaches (their window, one bucket and a heartbeat).
+        ``(None, None, 0)`` when replaying a trace or nothing was reported.
+        """
+        if self._trace is not None:
+            return None, None, 0.0
+        served, window = {}, 0.0
+        for d, info in records.items():
+            recent = info.get("recent_tokens") or {}
+            if "layers" in recent:
+                served[d] = {int(k): float(v) for k, v in recent["layers"].items()}
+                window = max(window, float(recent.get("window_s", 0.0)))
+        if not served or window <= 0:
+            return None, None, 0.0
+        c = self.config
+        count = max(1, int(round(window / c.load_window_s)))
+        windows = self.store.read_windows(now, c.load_window_s, count + 1)[:-1]  # complete windows only
+        raw: dict = {}
+        for _, counts in windows:
+            for key, n in counts.items():
+                raw[key] = raw.get(key, 0) + n
+        served_load = load_matrix(raw, self.layers, self.spec.layer.num_experts)
+        return served, served_load, window + 1.0 + 0.25
 
     def worker_records(self) -> dict[str, dict]:
         """Live workers' heartbeat info by device id (the store's clock)."""
@@ -516,9 +592,11 @@ class Controller:
         report["min_replicas"] = min_replicas(Inventory(devices=devices), self.config.planner, expert_bytes=self.expert_bytes,
                                               shape=(len(self.layers), self.spec.layer.num_experts))
         depths = self.queue_depths(records) if self.config.autoscaling is not None else None
+        served, served_load, served_window_s = self.served(now, records)
         decision = decide(
             self.config, record, devices, current, self.load(now), depths, now,
             expert_bytes=self.expert_bytes, layers=self.layers, down=down,
+            served=served, served_load=served_load, served_window_s=served_window_s,
         )
         report.update(decision.report)
         record = decision.record
@@ -529,10 +607,17 @@ class Controller:
             try:
                 published = self.reconciler.apply(result.target, reason=reason, skip=down)
                 report["applied_version"] = published.version
+                seconds = time.monotonic() - t0
+                record = record_apply_seconds(record, decision.cost_s, seconds)
+                pending = record.get("pending_prediction")
+                if pending is not None:  # the placement serves from now on (the store's clock)
+                    record["pending_prediction"] = {**pending, "version": published.version,
+                                                    "switched_at": now + seconds}
             except LoadFailedError as e:
                 # the step was undone; a device that refused its loads takes no new experts for a while
                 log.warning("%s", e)
                 report["apply_error"] = str(e)
+                record.pop("pending_prediction", None)
                 for d in e.errors:
                     self._full_until[d] = time.monotonic() + self.full_cooldown_s
             report["apply_seconds"] = time.monotonic() - t0
@@ -540,6 +625,13 @@ class Controller:
         report["lost"] = sorted(self.lost)
         record["last_report"] = report
         self.store.put_record(RECORD, record, fence=self.fence)
+        if "plan_skipped" in report:
+            self.emit("plan_skipped", {"at": now, "placement_version": current.version, **report["plan_skipped"]})
+        prediction = report.get("prediction")
+        if prediction is not None and prediction.get("miss"):
+            log.warning("prediction missed after v%s: measured balancedness %.3f, predicted %.3f",
+                        prediction["version"], prediction["measured"], prediction["predicted"])
+            self.emit("prediction_miss", prediction)
         self.emit("plan", report)
         self.last_report = report
         return report

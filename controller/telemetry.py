@@ -57,8 +57,9 @@ REBALANCE_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 """Upper bounds (seconds) of the ``moefleet_rebalance_seconds`` histogram; +Inf follows."""
 
 EVENT_KINDS = ("leader", "worker_down", "worker_restart", "device_lost", "converge", "placement_recovered", "rebalance_resumed",
-               "unload_deferred")
-"""Event kinds listed for operators (published placements and the controller's per-step ``plan`` reports feed the rebalance log instead)."""
+               "unload_deferred", "prediction_miss")
+"""Event kinds listed for operators (published placements and the controller's per-step ``plan`` reports feed the
+rebalance log instead; ``plan_skipped`` events, one per step a plan is held back, are not listed)."""
 
 
 class TelemetryConfig(BaseModel):
@@ -379,7 +380,8 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
         "transport": transport_summary(router_rows),
         "requests": requests,
         "rebalances": rebalances,
-        "controller": {"leader": inputs.leader, "last_report": record.get("last_report"), "rebalance_phase": phase},
+        "controller": {"leader": inputs.leader, "last_report": record.get("last_report"), "rebalance_phase": phase,
+                       "prediction": record.get("prediction")},
         "rebalance_log": log[-50:],
         "events": events,
         "warnings": warnings,
@@ -497,6 +499,13 @@ def metric_families(snap: dict, config: TelemetryConfig):
         buckets.append(("+Inf", float(hist["count"])))
         lat.add_metric([str(layer)], buckets=buckets, sum_value=hist["sum"])
     yield lat
+    prediction = (snap.get("controller") or {}).get("prediction")
+    if prediction is not None and prediction.get("error") is not None:
+        yield GaugeMetricFamily(
+            "moefleet_prediction_error",
+            "Measured minus predicted balancedness after the last rebalance (the planner's model on the same load)",
+            value=float(prediction["error"]),
+        )
     yield GaugeMetricFamily("moefleet_placement_version", "Version of the current placement",
                             value=float(snap["placement"]["version"]))
     tb = CounterMetricFamily("moefleet_transport_bytes", "Bytes layer calls moved between routers and workers, per router "

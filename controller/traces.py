@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moefleet.core.decay import window_weights
 from moefleet.core.placement import Inventory, Placement, spread_placement
 from moefleet.core.trace import Trace, TraceLine
 
@@ -156,8 +157,8 @@ def replay(
     steps = []
     for k, (t0, load) in enumerate(windows):
         recent = windows[max(0, k - config.load_windows + 1): k + 1]
-        ages = range(len(recent) - 1, -1, -1)
-        est = sum(0.5 ** (age * window_s / config.load_half_life_s) * w for age, (_, w) in zip(ages, recent))
+        weights = window_weights(t0 + window_s, window_s, [start for start, _ in recent], config.load_half_life_s)
+        est = sum(weight * w for weight, (_, w) in zip(weights, recent))
         queue = {d: 0.0 for d in devices} if config.autoscaling is not None else None
         decision = decide(config, record, inventory.devices, current, est, queue, t0, expert_bytes=expert_bytes, layers=layers)
         record = decision.record
@@ -175,6 +176,8 @@ def replay(
                 step.bytes = int(result.copies * expert_bytes)
                 current = result.target.model_copy(update={"version": current.version + 1})
                 step.decision = "applied"
+            elif "plan_skipped" in decision.report:
+                step.decision = f"held: {decision.report['plan_skipped']['reason']}"
             else:
                 step.decision = "kept"
         step.version = current.version

@@ -619,12 +619,15 @@ def _plan_inputs(args):
     import yaml
 
     from moefleet.controller.main import ControllerConfig
+    import math
+
     from moefleet.controller.sim import (
         MODEL_SHAPES,
         ExpertShape,
         SimConfig,
         balanced_capacity,
         fleet_devices,
+        parse_diurnal,
         parse_fleet,
         parse_traffic,
     )
@@ -659,51 +662,67 @@ def _plan_inputs(args):
         return fleet_devices(fleet_entries, shape, simulated_layers=layers, efficiency=args.efficiency,
                              remote_activations=not args.local_activations, planner_speed=args.planner_speed)
 
-    synthetic = None
-    if args.trace.startswith("zipf"):
-        synthetic = parse_traffic(args.trace)
+    text = args.trace
+    diurnal = None
+    if text.startswith("diurnal:"):
+        diurnal, text = parse_diurnal(text)
+    if text.startswith(("zipf", "drift")):
+        synthetic = parse_traffic(text)
         top_k = synthetic.top_k
         if synthetic.load is not None:
             if args.target_p99 is not None:
-                raise _PlanArgError("trace: with --target-p99 the traffic must not depend on the fleet: give zipf rate=TOKENS_PER_S, not load=")
+                raise _PlanArgError("trace: with --target-p99 the traffic must not depend on the fleet: give rate=TOKENS_PER_S, not load=")
             capacity = balanced_capacity(build(entries, synthetic.layers), top_k, synthetic.layers)
             synthetic = synthetic.with_rate(synthetic.load * capacity)
         trace = synthetic.trace()
     else:
-        path = Path(args.trace)
+        path = Path(text)
         if path.suffix in (".pt", ".pth", ".json"):
             trace = counts_to_trace(load_expert_counts(path), period_s=args.period)
         else:
             trace = read_trace(path)
         top_k = args.top_k or model_top_k
+    if diurnal is not None:
+        trace = diurnal.apply(trace)
     if args.top_k is not None:
         top_k = args.top_k
+    if args.load_scale is None or not args.load_scale > 0 or not math.isfinite(args.load_scale):
+        raise _PlanArgError(f"load-scale: must be > 0, got {args.load_scale}")
+    if args.history_s is not None and not args.history_s > 0:
+        raise _PlanArgError(f"history-s: must be > 0 seconds, got {args.history_s}")
+    if args.slo_p99 is not None and not args.slo_p99 > 0:
+        raise _PlanArgError(f"slo-p99: must be > 0 ms, got {args.slo_p99}")
     if args.router_call_ms < 0:
         raise _PlanArgError(f"router-call-ms: must be >= 0, got {args.router_call_ms}")
     config = SimConfig(controller=controller, mode=args.mode, concurrency=args.concurrency, top_k=top_k,
-                       load_scale=args.load_scale, static_from=args.static_from, router_call_s=args.router_call_ms / 1000,
+                       load_scale=args.load_scale, router_call_s=args.router_call_ms / 1000,
                        weight_source=args.load_from)
     return trace, (lambda fleet_entries: build(fleet_entries, len(trace.layers))), entries, shape, config
 
 
 def cmd_plan(args) -> int:
-    """Simulate elastic vs static placement of a routing trace on a fleet (``moefleet.controller.sim``)."""
+    """Simulate elastic placement against a baseline on a routing trace and a fleet (``moefleet.controller.sim``)."""
     import json
 
     from moefleet.controller.planner import PlanningError
-    from moefleet.controller.sim import FleetError, compare, format_fleet, search_fleet
+    from moefleet.controller.sim import FleetError, compare_strategies, format_fleet, search_fleet
     from moefleet.core.trace import TraceError
 
     try:
         trace, build, entries, shape, config = _plan_inputs(args)
+        history_s = args.history_s or 30.0
+        found = None
+        fleet = entries
         if args.target_p99 is not None:
             found = search_fleet(trace, entries, build, args.target_p99, expert_bytes=shape.weight_bytes, config=config)
-            results = None
-            if found.met:
-                results = compare(trace, build(found.best), expert_bytes=shape.weight_bytes, config=config)
-        else:
-            found = None
-            results = compare(trace, build(entries), expert_bytes=shape.weight_bytes, config=config)
+            fleet = found.best if found.met else None
+        results = slo = None
+        if fleet is not None:
+            devices = build(fleet)
+            results = compare_strategies(trace, devices, expert_bytes=shape.weight_bytes, config=config,
+                                         baseline=args.baseline, history_s=history_s)
+            if args.slo_p99 is not None:
+                slo = _slo_figures(trace, devices, shape, config, results, args, history_s)
     except (FleetError, TraceError, _PlanArgError) as e:
         print(f"moe-fleet: {e}", file=sys.stderr)
         return 2
@@ -711,20 +730,51 @@ def cmd_plan(args) -> int:
         print(f"moe-fleet: fleet: {e} (the fleet cannot hold every expert once)", file=sys.stderr)
         return 2
     if args.json:
-        out: dict = {}
+        out: dict = {"baseline": args.baseline, "history_s": history_s}
         if found is not None:
-            out = {"target_p99_ms": args.target_p99, "met": found.met,
-                   "fleet": format_fleet(found.best) if found.met else None,
-                   "candidates": [c.__dict__ for c in found.candidates]}
+            out.update({"target_p99_ms": args.target_p99, "met": found.met,
+                        "fleet": format_fleet(found.best) if found.met else None,
+                        "candidates": [c.__dict__ for c in found.candidates]})
         if results is not None:
             out.update({k: r.summary() for k, r in results.items()})
+            if slo is not None:
+                out["slo_p99_ms"] = args.slo_p99
+                for k, figures in slo.items():
+                    out[k].update(figures)
         print(json.dumps(out, indent=2))
         return 0 if found is None or found.met else 1
-    _print_plan(args, trace, config, results, found)
+    _print_plan(args, trace, config, results, found, slo)
     return 0 if found is None or found.met else 1
 
 
-def _print_plan(args, trace, config, results, found) -> None:
+def _trace_rate(trace, config) -> float:
+    """The trace's model tokens per second at its own volume (times ``--load-scale``)."""
+    rows = float(trace.counts.sum()) * config.load_scale
+    return rows / (config.top_k * len(trace.layers)) / max(trace.duration_s, 1e-9)
+
+
+def _slo_figures(trace, devices, shape, config, results, args, history_s) -> dict:
+    """Per strategy: capacity at the SLO (highest load scale meeting p99 <= --slo-p99, times the trace's rate) and the
+    fraction of windows meeting it at the trace's own volume."""
+    from moefleet.controller.sim import after_history, baseline_placement, capacity_at_slo, simulate, slo_met_fraction
+
+    initial = baseline_placement("history", trace, devices, shape.weight_bytes, config, history_s)
+    static = baseline_placement(args.baseline, trace, devices, shape.weight_bytes, config, history_s)
+    trace = after_history(trace, history_s)
+    rate = _trace_rate(trace, config)
+    out = {}
+    for name, start, elastic in (("elastic", initial, True), ("static", static, False)):
+        def run(scale, start=start, elastic=elastic):
+            scaled = config.model_copy(update={"load_scale": config.load_scale * scale})
+            return simulate(trace, devices, expert_bytes=shape.weight_bytes, config=scaled, elastic=elastic, initial=start)
+
+        cap = capacity_at_slo(run, rate, args.slo_p99)
+        out[name] = {"capacity_tokens_per_s": cap["capacity_tokens_per_s"], "capacity_load_scale": cap["scale"],
+                     "slo_met_fraction": slo_met_fraction(results[name], args.slo_p99)}
+    return out
+
+
+def _print_plan(args, trace, config, results, found, slo=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -744,15 +794,29 @@ def _print_plan(args, trace, config, results, found) -> None:
             return
         console.print(f"[bold]smallest fleet meeting it: {format_fleet(found.best)}[/bold]")
     e, s = results["elastic"], results["static"]
-    table = Table("", "elastic", "static", "elastic / static", title=f"fleet {args.fleet if found is None else format_fleet(found.best)}")
+    history = args.history_s or 30.0
+    baseline = {"first": "static: first plan", "history": f"static: plan on first {history:g} s",
+                "eplb": f"EPLB on first {history:g} s"}[args.baseline]
+    title = f"fleet {args.fleet if found is None else format_fleet(found.best)}; tokens/s at the trace's volume"
+    if slo is not None:
+        title += f"; SLO: p99 latency <= {args.slo_p99:g} ms"
+    table = Table("", "elastic", baseline, "elastic / baseline", title=title)
     rows = [
         ("tokens/s", e.tokens_per_s, s.tokens_per_s, "{:,.0f}"),
-        ("max/mean device busy time", e.max_over_mean, s.max_over_mean, "{:.2f}"),
-        ("p99 queueing delay (ms)", e.p99_ms, s.p99_ms, "{:,.1f}"),
+        ("max/mean busy time", e.max_over_mean, s.max_over_mean, "{:.2f}"),
+        ("p99 queueing (ms)", e.p99_ms, s.p99_ms, "{:,.1f}"),
         ("p99 latency (ms)", e.p99_latency_ms, s.p99_latency_ms, "{:,.1f}"),
-        ("weight bytes moved", e.bytes_moved, s.bytes_moved, "{:,.0f}"),
-        ("plans applied / copies", f"{e.plans_applied} / {e.copies}", f"{s.plans_applied} / {s.copies}", None),
+        ("bytes moved", e.bytes_moved, s.bytes_moved, "{:,.0f}"),
+        ("device-hours", e.device_hours, s.device_hours, "{:,.3f}"),
+        ("plans applied/skipped", f"{e.plans_applied} / {e.plans_skipped}", f"{s.plans_applied} / -", None),
     ]
+    if slo is not None:
+        rows += [
+            ("capacity at SLO", slo["elastic"]["capacity_tokens_per_s"], slo["static"]["capacity_tokens_per_s"],
+             "{:,.0f}"),
+            ("windows meeting SLO", slo["elastic"]["slo_met_fraction"] or 0.0, slo["static"]["slo_met_fraction"] or 0.0,
+             "{:.1%}"),
+        ]
     for name, a, b, fmt in rows:
         if fmt is None:
             table.add_row(name, a, b, "")
@@ -866,15 +930,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
     p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser(
-        "plan", help="simulate elastic vs static placement of a routing trace on a fleet of GPUs (no Ray needed)",
-        description="Replay a routing trace on a simulated fleet, re-planned by the real planner and autoscaling policy "
-                    "(elastic) or kept on the first plan (static). See controller/sim/engine.py for the model.",
+        "plan", help="simulate elastic placement against EPLB (or another baseline) on a routing trace and a fleet (no Ray)",
+        description="Replay a routing trace on a simulated fleet, re-planned by the real controller's decisions "
+                    "(elastic) or kept on a baseline planned once on the trace's first --history-s seconds (static: "
+                    "EPLB by default). See controller/sim/engine.py for the model.",
     )
     p.add_argument("--trace", required=True,
                    help="JSONL routing trace ({t, layer, counts} a line); an SGLang/vLLM expert-count dump (.pt, .pth, "
-                        ".json); or synthetic 'zipf:s=1.2,experts=64,layers=4,top_k=2,duration=120,shift=15,tokens=4096,load=1.25'")
+                        ".json); synthetic 'zipf:s=1.2,experts=64,layers=4,top_k=2,duration=120,shift=15,tokens=4096,load=1.25' "
+                        "or 'drift:experts=64,layers=4,duration=600,...' (popularity on a log-AR(1) walk under a drifting "
+                        "mix of workloads); any of them behind 'diurnal:ratio=5,period=600:' scales its volume by a "
+                        "daily curve")
     p.add_argument("--fleet", required=True, help="device types and counts, e.g. h100:16,l4:16 (TYPE:COUNT[:field=value])")
-    p.add_argument("--json", action="store_true", help="print {elastic: {...}, static: {...}} as JSON")
+    p.add_argument("--json", action="store_true", help="print {baseline, elastic: {...}, static: {...}} as JSON")
     p.add_argument("--target-p99", type=float, metavar="MS",
                    help="search the smallest fleet mix (at most --fleet's counts) whose elastic p99 queueing delay is <= MS")
     p.add_argument("--model", default="deepseek-v3", help="expert shape: deepseek-v3, mixtral-8x7b, qwen2-57b-a14b")
@@ -886,7 +954,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["open", "closed"], default="open",
                    help="open: calls arrive at the trace's times; closed: --concurrency clients back to back")
     p.add_argument("--concurrency", type=int, default=8, help="clients in closed mode")
-    p.add_argument("--load-scale", type=float, default=1.0, help="multiply every count of the trace")
+    p.add_argument("--load-scale", type=float, default=1.0,
+                   help="multiply every count of the trace (the volume every figure but the capacity is taken at)")
+    p.add_argument("--baseline", choices=["first", "history", "eplb"], default="eplb",
+                   help="what elastic is compared with, planned once and kept: 'eplb' (default) DeepSeek EPLB on the "
+                        "first --history-s seconds with the slots elastic's memory allows; 'history' the planner on "
+                        "the same seconds; 'first' the planner's first plan (its first interval)")
+    p.add_argument("--history-s", type=float, default=None, metavar="S",
+                   help="seconds of the trace's start the baselines (and elastic's first plan) are planned on; the "
+                        "strategies are measured on the rest of the trace (default 30)")
+    p.add_argument("--slo-p99", type=float, metavar="MS",
+                   help="add each strategy's capacity: the highest sustainable tokens/s with p99 call latency <= MS "
+                        "(capacity_tokens_per_s), and the fraction of windows meeting it (slo_met_fraction)")
     p.add_argument("--efficiency", type=float, default=0.5, help="fraction of the tensor-core peak an expert GEMM reaches")
     p.add_argument("--planner-speed", choices=["measured", "spec"], default="measured",
                    help="device speed the planner sees: as measured under the model (default) or the spec-sheet ratio")
@@ -897,8 +976,6 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the router's own time per layer call (gate, dispatch, transport, combine; default {ROUTER_CALL_MS} ms)")
     p.add_argument("--load-from", choices=["checkpoint", "peer"], default="checkpoint",
                    help="where added replicas' weights come from: the checkpoint (what the reconciler does) or a peer")
-    p.add_argument("--static-from", choices=["first", "mean"], default="first",
-                   help="the first plan from the trace's first interval (default) or its whole load")
     p.add_argument("--config", help="YAML ControllerConfig with the controller's knobs (interval_s, planner, autoscaling, ...)")
     p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)

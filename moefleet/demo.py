@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import torch
@@ -53,6 +54,26 @@ def terminal():
 
     probe = Console()
     return Console(width=min(100, probe.width) if probe.is_terminal else 100)
+
+
+def time_weighted(samples: list[tuple[float, float | None]]) -> dict[str, float | None]:
+    """Mean and 10th percentile of a measured series over time: each sample holds until the next.
+
+    samples: ``(t, value)`` in time order; ``None`` values (nothing measured)
+    are left out, with their time. Returns ``{"mean", "p10", "seconds"}``.
+    """
+    spans = [(v, t1 - t0) for (t0, v), (t1, _) in zip(samples, samples[1:]) if v is not None and t1 > t0]
+    total = sum(w for _, w in spans)
+    if total <= 0:
+        return {"mean": None, "p10": None, "seconds": 0.0}
+    mean = sum(v * w for v, w in spans) / total
+    acc, p10 = 0.0, None
+    for v, w in sorted(spans):
+        acc += w
+        if acc >= 0.1 * total:
+            p10 = v
+            break
+    return {"mean": mean, "p10": p10, "seconds": total}
 
 
 class RebalanceTracker:
@@ -190,10 +211,13 @@ async def run_demo(
     first_measured = next((b for _, b in tracker.samples if b is not None), None)
     rb = last["rebalances"]["total"] - first["rebalances"]["total"]
     moved = last["rebalances"]["bytes_moved"] - first["rebalances"]["bytes_moved"]
+    shifts = max(1, math.ceil(duration_s / shift_s))
+    balance = time_weighted(tracker.samples)
     console.print(f"the fleet counted {answered} requests answered, {failed} failed"
-                  + (f" {dict(sorted(codes.items()))}" if failed else "")
-                  + f"; {rb} rebalances, {fmt_bytes(moved)} of weights moved; "
-                  f"balancedness {fmt2(first_measured)} when first measured, {fmt2(last['balancedness'])} at the end")
+                  + (f" {dict(sorted(codes.items()))}" if failed else ""))
+    console.print(f"{rb} rebalances over {shifts} hot sets ({rb / shifts:.1f} per shift), {fmt_bytes(moved)} of weights "
+                  f"moved; balancedness {fmt2(first_measured)} when first measured, {fmt2(last['balancedness'])} at the "
+                  f"end, {fmt2(balance['mean'])} on average over time (10th percentile {fmt2(balance['p10'])})")
     if client_errors:
         console.print(f"this client saw {sum(client_errors.values())} failed requests: {client_errors}")
     return 0 if answered and not failed and not client_errors else 1

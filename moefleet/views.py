@@ -219,15 +219,25 @@ def demo_view(
     rebalances: rows of ``{"at_s", "version", "planned", "measured_before", "measured_after", "copies", "bytes", "seconds"}``.
     """
     req = snap["requests"]
+    phase = int(elapsed_s // shift_s) if shift_s > 0 else 0
+    since = elapsed_s - phase * shift_s
     top = Text()
     top.append("MoE Fleet demo ", style="bold")
-    top.append(f"{elapsed_s:5.1f}s / {duration_s:.0f}s · traffic leans on experts {driving} (shifts every {shift_s:.0f}s)\n")
+    top.append(f"{elapsed_s:5.1f}s / {duration_s:.0f}s · shift {phase + 1}: traffic leans on experts {driving} "
+               f"for {since:.0f}s (moves every {shift_s:.0f}s)\n")
     top.append(f"fleet measured: {fmt_num(rates.get('tokens_per_s'))} tokens/s · p50 {fmt_ms(rates.get('p50_s'))} · "
                f"p99 {fmt_ms(rates.get('p99_s'))} · {req['errors']:,} errors · placement v{snap['placement']['version']}\n")
     top.append(f"balancedness {fmt2(snap['balancedness'])} {sparkline(history, 40)}")
     for w in snap["warnings"]:
         top.append(f"\n⚠ {w}", style="bold red")
-    layers = layer_table(snap, max_layers=8, title="Hot experts now (measured share, ×replicas) and each layer's balancedness")
+    counts: dict[int, int] = {}
+    for st in snap["layer_stats"]:  # the experts most often among each layer's hottest: the hot set counted
+        for h in st["hot"][:len(driving)]:
+            counts[h["expert"]] = counts.get(h["expert"], 0) + 1
+    measured = sorted(sorted(counts, key=lambda e: (-counts[e], e))[:len(driving)])
+    lag = "" if set(measured) == set(driving) else f" — still {measured}, not yet {driving}"
+    layers = layer_table(snap, max_layers=8, title=f"Hot experts the routers counted over the last {snap['recent_s']:.0f}s"
+                         f"{lag} (share ×replicas), each layer's balancedness")
     rb = Table(box=None, padding=(0, 1))
     for c in ("at", "v", "planned", "measured", "copies", "bytes", "s"):
         rb.add_column(c, justify="right")

@@ -24,8 +24,9 @@ Load model (what "balanced" means here)
   expert weights; a replica costs ``expert_bytes`` (one value or one per
   expert). A device holds at most one replica of an expert (a second copy on
   the same device cannot take traffic off it).
-* Assumed, not modelled: the cost of a weight copy beyond counting it, the
-  routers' per-replica batching effects, and network transfer time.
+* Assumed, not modelled here: the cost of a weight copy beyond counting it
+  (``gate.py`` prices a plan's moves for the controller's cost-benefit gate),
+  the routers' per-replica batching effects, and network transfer time.
 """
 
 from __future__ import annotations

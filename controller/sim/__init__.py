@@ -8,12 +8,24 @@ copied). Its modules:
 * ``engine``: the discrete-event run (``SimConfig``, ``SimResult``,
   ``simulate``, ``compare``); what is and is not modelled is its docstring;
 * ``devices``: device types from spec sheets, fleet strings, each device's timing;
-* ``traffic``: synthetic routing traces (``zipf:``);
+* ``traffic``: synthetic routing traces (``zipf:``, ``drift:``) and the ``diurnal:`` volume curve;
+* ``baselines``: what elastic placement is compared with (the first plan, a
+  plan on history, EPLB on history at equal memory) and capacity at an SLO;
 * ``host``: local mode's host CPU on the workers' own cores;
 * ``local``: the model of a local CPU fleet, timed by a calibration;
 * ``search``: the smallest fleet mix that meets a p99 target.
 """
 
+from .baselines import (
+    BASELINES,
+    after_history,
+    baseline_placement,
+    capacity_at_slo,
+    compare_strategies,
+    eplb_placement,
+    eplb_slots,
+    slo_met_fraction,
+)
 from .devices import (
     DEVICE_TYPES,
     MODEL_SHAPES,
@@ -40,12 +52,23 @@ from .local import (
     predict_local,
 )
 from .search import Candidate, FleetSearch, search_fleet
-from .traffic import MAX_LINES, ZipfTraffic, inclusion_probabilities, parse_traffic
+from .traffic import (
+    MAX_LINES,
+    Diurnal,
+    DriftTraffic,
+    ZipfTraffic,
+    inclusion_probabilities,
+    parse_diurnal,
+    parse_traffic,
+    topk_inclusion,
+)
 
 __all__ = [
-    "DEVICE_TYPES", "MAX_LINES", "MODEL_SHAPES", "Candidate", "Cores", "CpuCalibration", "DeviceType", "ExpertShape",
-    "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "PhaseCpu", "SimConfig", "SimDevice",
-    "SimResult", "balanced_capacity", "calibrate_cpu", "compare", "fit_local_costs", "fleet_devices", "format_fleet",
-    "inclusion_probabilities", "initial_placement", "local_devices", "local_memory_bytes", "parse_fleet",
-    "parse_traffic", "predict_local", "returned_rows", "search_fleet", "simulate",
+    "BASELINES", "after_history", "Candidate", "Cores", "CpuCalibration", "DEVICE_TYPES", "DeviceType", "Diurnal", "DriftTraffic",
+    "ExpertShape", "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "MAX_LINES", "MODEL_SHAPES",
+    "PhaseCpu", "SimConfig", "SimDevice", "SimResult", "ZipfTraffic", "balanced_capacity", "baseline_placement",
+    "calibrate_cpu", "capacity_at_slo", "compare", "compare_strategies", "eplb_placement", "eplb_slots", "fit_local_costs",
+    "fleet_devices", "format_fleet", "inclusion_probabilities", "initial_placement", "local_devices",
+    "local_memory_bytes", "parse_diurnal", "parse_fleet", "parse_traffic", "predict_local", "returned_rows",
+    "search_fleet", "simulate", "slo_met_fraction", "topk_inclusion",
 ]

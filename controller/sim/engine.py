@@ -31,7 +31,8 @@ What is modelled
   idle time later work fills, instead of a FIFO server.
 * **Telemetry** counts each call's rows, at dispatch, into windows of
   ``load_window_s``; the controller reads them decayed exactly as
-  ``StateStore.read_load`` does (``load_windows`` windows, ``load_half_life_s``).
+  ``StateStore.read_load`` does (``load_windows`` windows, ``load_half_life_s``,
+  the filling window by its filled fraction: ``core.decay``).
 * **The controller** steps every ``interval_s``: ``controller.decide.decide`` -- the
   function ``Controller.step`` calls -- with the simulated load, the workers'
   queue depths (calls in flight, read only with autoscaling), the devices and
@@ -83,18 +84,23 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from moefleet.core.decay import window_weights
 from moefleet.core.placement import DeviceSpec, Inventory, Placement
 from moefleet.core.trace import Trace
 from moefleet.core.cost_model import weight_load_seconds
 from moefleet.router_service.dispatch import NoReplicaError, split_rows
 
-from ..decide import decide
+from ..decide import decide, record_apply_seconds
 from ..main import ControllerConfig
 from ..planner import PlanningError, plan
+from ..planner.gate import LinkSpeeds
 from .devices import SimDevice, returned_rows
 from .host import Cores, HostCpu
 
 __all__ = ["SimConfig", "SimResult", "balanced_capacity", "compare", "initial_placement", "simulate"]
+
+SERVED_WINDOWS = 5
+"""Load windows of rows served per device that a prediction check compares (the workers' heartbeats carry 5 s)."""
 
 
 class SimConfig(BaseModel):
@@ -155,14 +161,18 @@ class SimResult:
     busy_s_by_type: dict[str, float]
     latency_percentiles_ms: dict[str, float] = field(default_factory=dict)
     host_cpu_s: float = 0.0
+    plans_skipped: int = 0
+    device_hours: float = 0.0
+    prediction_errors: list[float] = field(default_factory=list)
     timeline: dict[str, list] = field(default_factory=dict)
     reports: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The four headline figures (``moe-fleet plan --json``)."""
+        """The headline figures (``moe-fleet plan --json``)."""
         return {
             "tokens_per_s": self.tokens_per_s, "max_over_mean": self.max_over_mean,
-            "p99_ms": self.p99_ms, "bytes_moved": self.bytes_moved,
+            "p99_ms": self.p99_ms, "bytes_moved": self.bytes_moved, "p99_latency_ms": self.p99_latency_ms,
+            "plans_applied": self.plans_applied, "plans_skipped": self.plans_skipped, "device_hours": self.device_hours,
         }
 
     def to_dict(self, timeline: bool = True) -> dict[str, Any]:
@@ -237,7 +247,13 @@ class _Run:
         self.published = initial
         self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
         self.ever_active = set(self.routing.devices)
+        self.active_since = [(float(trace.t[0]), len(self.routing.devices))]  # (time, devices holding replicas)
         self.windows: dict[int, np.ndarray] = {}
+        self.served_windows: dict[int, np.ndarray] = {}  # per load window: [D, L] rows each device was given
+        self.links = {d.device_id: LinkSpeeds(copy_bytes_per_s=d.copy_bytes_per_s, load_bytes_per_s=math.inf,
+                                              overhead_s=config.reconcile_overhead_s) for d in self.devices}
+        self.skipped = 0
+        self.prediction_errors: list[float] = []
         self.rng = np.random.default_rng(config.seed)
         self.record: dict = {}
         self.reports: list[dict] = []
@@ -273,6 +289,7 @@ class _Run:
             if switch_at == first:
                 self.routing = self.switch[1]
                 self.ever_active |= self.routing.devices
+                self.active_since.append((switch_at, len(self.routing.devices)))
                 self.switch = None
             elif self.next_step == first:
                 self._step(self.next_step)
@@ -286,14 +303,16 @@ class _Run:
         return self.cores.place(self.cores.host_core(now, seconds), now, seconds)[-1][1]
 
     def _load(self, now: float) -> np.ndarray:
-        """Decayed ``[L, E]`` load, as ``StateStore.read_load``: window ``k`` ages ``(current - k) * window_s``."""
+        """Decayed ``[L, E]`` load, as ``StateStore.read_load``: windows weighed by ``core.decay.window_weights``."""
         c = self.ctl
         current = int(now // c.load_window_s)
+        indices = [current - age for age in range(c.load_windows)]
+        weights = window_weights(now, c.load_window_s, [i * c.load_window_s for i in indices], c.load_half_life_s)
         out = np.zeros((len(self.layers), self.trace.num_experts))
-        for age in range(c.load_windows):
-            w = self.windows.get(current - age)
-            if w is not None:
-                out += 0.5 ** (age * c.load_window_s / c.load_half_life_s) * w
+        for index, weight in zip(indices, weights):
+            w = self.windows.get(index)
+            if w is not None and weight > 0:
+                out += weight * w
         return out
 
     def _step(self, now: float) -> None:
@@ -308,9 +327,11 @@ class _Run:
                     self._drain(d, now)
                     depths[device_id] = float(len(self.inflight[d]))
         wall = time.perf_counter()
+        served, served_load, served_window = self._served(now)
         try:
             decision = decide(self.ctl, self.record, self.specs, self.published, self._load(now), depths, now,
-                              expert_bytes=self.expert_bytes, layers=self.layers)
+                              expert_bytes=self.expert_bytes, layers=self.layers, links=self.links,
+                              served=served, served_load=served_load, served_window_s=served_window)
         except PlanningError as e:  # the controller logs a failed step and tries again next interval
             self.failed += 1
             self.reports.append({"at": now, "failed": str(e)})
@@ -318,6 +339,9 @@ class _Run:
             return
         self.record = decision.record
         report = dict(decision.report, decide_wall_s=time.perf_counter() - wall)  # this machine's planning time
+        self.skipped += "plan_skipped" in report
+        if "prediction" in report:
+            self.prediction_errors.append(report["prediction"]["error"])
         duration = 0.0
         result = decision.plan
         if result is not None and result.apply:
@@ -332,9 +356,32 @@ class _Run:
             self.bytes_moved += sum(added.values())
             self.copies += result.copies
             self.applied += 1
+            self.record = record_apply_seconds(self.record, decision.cost_s, duration)
+            pending = self.record.get("pending_prediction")
+            if pending is not None:
+                self.record["pending_prediction"] = {**pending, "switched_at": now + duration}
             report.update(applied_at=now + duration, reconcile_s=duration)
         self.reports.append(report)
         self.next_step = now + max(self.ctl.interval_s, duration)
+
+    def _served(self, now: float):
+        """Rows each device was given per layer over the last ``SERVED_WINDOWS`` complete load windows, and the
+        routed load of the same windows: what the workers' heartbeats and the store give the real controller."""
+        c = self.ctl
+        current = int(now // c.load_window_s)
+        indices = range(current - SERVED_WINDOWS, current)
+        rows = np.zeros((len(self.devices), len(self.layers)))
+        load = np.zeros((len(self.layers), self.trace.num_experts))
+        for i in indices:
+            if i in self.served_windows:
+                rows += self.served_windows[i]
+            if i in self.windows:
+                load += self.windows[i]
+        if rows.sum() <= 0:
+            return None, None, 0.0
+        served = {d.device_id: {int(layer): float(rows[k, r]) for r, layer in enumerate(self.layers)}
+                  for k, d in enumerate(self.devices)}
+        return served, load, now - current * c.load_window_s + SERVED_WINDOWS * c.load_window_s
 
     # -- calls ----------------------------------------------------------------
     def _dispatch(self, i: int, now: float) -> float:
@@ -373,6 +420,11 @@ class _Run:
             for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
                 if n:
                     per_device.setdefault(holder, []).append(n)
+        served = self.served_windows.get(key)
+        if served is None:
+            served = self.served_windows[key] = np.zeros((len(self.devices), len(self.layers)))
+        for holder, rows in per_device.items():
+            served[self.index[holder], row] += sum(rows)
         ready = now  # when the call's rows reach the devices
         if self.host is not None:
             self.cores.forget_before(now)  # calls arrive in time order; nothing is placed before now any more
@@ -436,6 +488,12 @@ class _Run:
         latency = done - arrival
         t0 = float(arrival.min())
         makespan = max(float(done.max()) - t0, 1e-12)
+        if self.elastic:  # devices holding replicas over time; a static fleet is the whole fleet all along
+            ends = [t for t, _ in self.active_since[1:]] + [t0 + makespan]
+            device_s = sum(n * max(0.0, min(end, t0 + makespan) - max(t, t0))
+                           for (t, n), end in zip(self.active_since, ends))
+        else:
+            device_s = len(self.devices) * makespan
         rows = float(np.sum(self.call_rows))
         tokens = rows / (cfg.top_k * len(self.layers))
         job_dev = np.asarray(self.job_dev, dtype=np.int64)
@@ -467,6 +525,9 @@ class _Run:
             busy_s_by_type=by_type,
             latency_percentiles_ms={f"p{q:g}": float(np.percentile(latency, q) * 1000) for q in (50, 90, 99, 99.9)},
             host_cpu_s=self.host_cpu_s,
+            plans_skipped=self.skipped,
+            device_hours=device_s / 3600.0,
+            prediction_errors=self.prediction_errors,
             timeline=timeline,
             reports=self.reports,
         )

@@ -69,11 +69,28 @@ def test_rebalance_under_load_loses_no_request_and_replicates_hot_experts(fleet)
                 break
             time.sleep(0.2)
         v0 = store.placement_version()
-        report = ctl.step()
+        first = ctl.step()  # the plan must win confirm_steps steps in a row: held the first time, as an event says
+        assert not first["apply"] and first["plan_skipped"]["reason"] == "confirming", first
+        skipped = [e.data for e in store.events(50) if e.kind == "plan_skipped"]
+        assert skipped and skipped[-1]["reason"] == "confirming" and skipped[-1]["gain"] == first["gain"]
+        report = first
+        for _ in range(ctl.config.confirm_steps + 2):
+            time.sleep(0.5)
+            report = ctl.step()
+            if report["apply"]:
+                break
         assert report["apply"], report
         assert report["applied_version"] == v0 + 1
         assert report["balancedness_after"] > report["balancedness_before"]
-        time.sleep(1.0)  # traffic keeps flowing on the new placement
+        # then the balancedness the devices measure is checked against the prediction, and exported
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "prediction" not in (store.get_record("controller") or {}):
+            time.sleep(1.0)
+            ctl.step()
+        outcome = (store.get_record("controller") or {}).get("prediction")
+        assert outcome is not None and outcome["version"] == v0 + 1, outcome
+        assert outcome["error"] == pytest.approx(outcome["measured"] - outcome["predicted"])
+        assert abs(outcome["error"]) < 0.25, outcome
     finally:
         stop.set()
         t.join(timeout=60)

@@ -23,6 +23,7 @@ import torch
 
 from moefleet import MoEModel
 from moefleet.controller.main import Controller, ControllerConfig
+from moefleet.core.calls import WorkerCall, WorkerReply
 from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
 from moefleet.core.placement import DeviceSpec, Placement, spread_placement
 from moefleet.core.state import LeaseLostError, StateStore
@@ -155,7 +156,9 @@ def _batch(model, layer: int, tokens: int):
     experts = [int(e) for e in np.flatnonzero(counts)]
     uniq, inverse = np.unique(rows, return_inverse=True)
     weights = routing.topk_weights.reshape(-1)[perm.slot_index].numpy().astype(np.float32)
-    return (layer, hidden.numpy(), rows, weights, experts, [int(counts[e]) for e in experts], inverse, len(uniq))
+    call = WorkerCall(layer, rows, weights, tuple(experts), tuple(int(counts[e]) for e in experts), inverse, len(uniq),
+                      token_index=uniq)
+    return call, hidden.numpy()
 
 
 @pytest.mark.slow
@@ -178,8 +181,8 @@ def test_liveness_is_answered_beside_busy_forwards_and_a_stalled_worker_is_not_t
     try:
         ray.get(w.ready.remote(), timeout=60)
         args = _batch(model, layer, 2048)
-        ray.get(w.forward_timed.remote(*args))
-        long = w.forward_timed.remote(*_batch(model, layer, 32768))  # seconds of work on the worker's one thread
+        assert isinstance(ray.get(w.serve.remote(*args)), WorkerReply)
+        long = w.serve.remote(*_batch(model, layer, 32768))  # seconds of work on the worker's one thread
         assert wait_for(lambda: store.workers().get("worker:d0", {}).get("queue_depth", 0) >= 1, 30, 0.01)  # it runs
         assert ray.get(w.ready.remote(), timeout=60)
         answered = time.time()
@@ -188,7 +191,7 @@ def test_liveness_is_answered_beside_busy_forwards_and_a_stalled_worker_is_not_t
                 ray.get(w.unload.remote([list(keys[0])]))
             except ray.exceptions.RayTaskError as e:
                 raise e.as_instanceof_cause()
-        _, times = ray.get(long)
+        times = ray.get(long).times
         assert answered < times["end"], "ready waited for the forward to end"  # one machine: one wall clock
 
         ctl = _controller(store, big_checkpoint, "ctl", _devices(1.0))
@@ -205,8 +208,8 @@ def test_liveness_is_answered_beside_busy_forwards_and_a_stalled_worker_is_not_t
         finally:
             os.kill(pid, signal.SIGCONT)
         assert wait_for(lambda: ctl._ray_alive("d0") is True, 10)
-        out, _ = ray.get(w.forward_timed.remote(*args), timeout=60)
-        assert out.shape[0] > 0
+        reply = ray.get(w.serve.remote(*args), timeout=60)
+        assert isinstance(reply, WorkerReply) and reply.partial.shape[0] > 0
     finally:
         ray.kill(w)
         store.close()

@@ -391,16 +391,17 @@ def test_window_sizes_do_not_mix(store):
 
 
 def test_read_load_decays_by_window_age(store):
-    store.record_load({(0, 0): 100, (0, 1): 10}, now=T0 + 0.5)  # age 2 windows at read time
-    store.record_load({(0, 0): 100}, now=T0 + 1.5)  # age 1
-    store.record_load({(0, 0): 100, (2, 5): 1}, now=T0 + 2.5)  # current window
+    store.record_load({(0, 0): 100, (0, 1): 10}, now=T0 + 0.5)  # complete, its middle 2.2 s before the read
+    store.record_load({(0, 0): 100}, now=T0 + 1.5)  # complete, middle 1.2 s before
+    store.record_load({(0, 0): 100, (2, 5): 1}, now=T0 + 2.5)  # current window: 0.7 filled, middle 0.35 s before
     load = store.read_load(now=T0 + 2.7, window_s=1.0, num_windows=3, half_life_s=1.0)
-    assert load[(0, 0)] == pytest.approx(100 + 50 + 25)
-    assert load[(0, 1)] == pytest.approx(10 * 0.25)
-    assert load[(2, 5)] == pytest.approx(1.0)
+    current = 0.7 * 0.5**0.35
+    assert load[(0, 0)] == pytest.approx(100 * (0.5**2.2 + 0.5**1.2 + current))
+    assert load[(0, 1)] == pytest.approx(10 * 0.5**2.2)
+    assert load[(2, 5)] == pytest.approx(current)
     assert set(load) == {(0, 0), (0, 1), (2, 5)}
     flat = store.read_load(now=T0 + 2.7, window_s=1.0, num_windows=3, half_life_s=math.inf)
-    assert flat[(0, 0)] == pytest.approx(300)
+    assert flat[(0, 0)] == pytest.approx(100 + 100 + 70)
 
 
 def test_windows_older_than_num_windows_drop_out_of_reads(store):

@@ -125,57 +125,97 @@ def test_rebalance_is_consistent_for_any_shape(layers, groups, nodes, gpus_per_n
     _check_consistent(weight, phy2log, log2phy, logcnt, num_replicas, num_gpus)
 
 
-# --- The cases of vLLM's tests/distributed/test_eplb_algo.py (DeepSeek's README example and edge cases) ----------
-# Facts carried over: each case's inputs and what vLLM asserts of DeepSeek's algorithm on them.
+# --- The cases of vLLM's tests/distributed/test_eplb_algo.py, with DeepSeek's exact answers ----------------------
+# vLLM runs DeepSeek's algorithm on these inputs and checks shapes and sums (and, for the README example, the exact
+# map). The expected maps below are what DeepSeek's own eplb.py (github.com/deepseek-ai/EPLB, commit d52c72d) returns
+# for each case: phy2log, logcnt and log2phy must match them exactly, tie order included.
+
+VLLM_CASES = {
+    "readme": (  # DeepSeek's README example (vLLM's test_basic_rebalance)
+        README_WEIGHT, 16, (4, 2, 8),
+        [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]],
+        [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]],
+        [[[12, -1], [15, 13], [11, -1], [6, -1], [7, 5], [0, 2], [1, -1], [3, -1], [4, -1], [9, -1], [8, 10], [14, -1]], [[13, -1], [15, 11], [8, -1], [14, -1], [9, -1], [10, 12], [2, 4], [0, -1], [6, 3], [7, -1], [1, -1], [5, -1]]],
+    ),
+    "single_gpu": (  # one GPU holds every expert once
+        [[10, 20, 30, 40]], 4, (1, 1, 1),
+        [[3, 2, 1, 0]],
+        [[1, 1, 1, 1]],
+        [[[3], [2], [1], [0]]],
+    ),
+    "equal_weights": (  # equal weights, no redundant slot: one replica each
+        [[50] * 8], 8, (2, 2, 4),
+        [[0, 2, 1, 3, 4, 6, 5, 7]],
+        [[1, 1, 1, 1, 1, 1, 1, 1]],
+        [[[0], [2], [1], [3], [4], [6], [5], [7]]],
+    ),
+    "extreme_imbalance": (  # the hot expert takes the redundant slots
+        [[1000, 1, 1, 1, 1, 1, 1, 1]], 12, (2, 2, 4),
+        [[0, 0, 3, 0, 1, 2, 6, 4, 4, 7, 5, 5]],
+        [[3, 1, 1, 1, 2, 2, 1, 1]],
+        [[[0, 3, 1], [4, -1, -1], [5, -1, -1], [2, -1, -1], [7, 8, -1], [10, 11, -1], [6, -1, -1], [9, -1, -1]]],
+    ),
+    "multiple_layers": (  # each layer gets every slot
+        [[10, 20, 30, 40, 50, 60], [60, 50, 40, 30, 20, 10], [25] * 6], 8, (2, 2, 4),
+        [[1, 0, 2, 2, 4, 5, 3, 5], [1, 0, 2, 0, 4, 5, 3, 3], [1, 0, 2, 0, 4, 3, 5, 3]],
+        [[1, 1, 2, 1, 1, 2], [2, 1, 1, 2, 1, 1], [2, 1, 1, 2, 1, 1]],
+        [[[1, -1], [0, -1], [2, 3], [6, -1], [4, -1], [7, 5]], [[3, 1], [0, -1], [2, -1], [6, 7], [4, -1], [5, -1]], [[1, 3], [0, -1], [2, -1], [5, 7], [4, -1], [6, -1]]],
+    ),
+    "groups_not_dividing_nodes": (  # 3 groups on 2 nodes: the global policy
+        [[10, 20, 30, 40]], 8, (3, 2, 4),
+        [[2, 1, 2, 1, 3, 3, 3, 0]],
+        [[1, 2, 2, 3]],
+        [[[7, -1, -1], [1, 3, -1], [0, 2, -1], [4, 6, 5]]],
+    ),
+    "small_hierarchical": (  # hierarchical: groups packed onto nodes first
+        [[100, 50, 200, 75, 150, 25, 300, 80]], 12, (4, 2, 4),
+        [[6, 6, 7, 0, 6, 1, 2, 3, 4, 2, 4, 5]],
+        [[1, 1, 2, 1, 2, 1, 3, 1]],
+        [[[3, -1, -1], [5, -1, -1], [6, 9, -1], [7, -1, -1], [10, 8, -1], [11, -1, -1], [0, 1, 4], [2, -1, -1]]],
+    ),
+    "global_fallback": (  # global fallback with six experts
+        [[10, 20, 30, 40, 50, 60]], 8, (3, 2, 4),
+        [[3, 0, 2, 4, 5, 4, 5, 1]],
+        [[1, 1, 1, 1, 2, 2]],
+        [[[1, -1], [7, -1], [2, -1], [0, -1], [3, 5], [4, 6]]],
+    ),
+    "integer_cpu_tensor": (  # an int64 CPU tensor, converted internally
+        [[10, 20, 30, 40]], 6, (2, 1, 2),
+        [[3, 3, 0, 1, 2, 2]],
+        [[1, 1, 2, 2]],
+        [[[2, -1], [3, -1], [4, 5], [0, 1]]],
+    ),
+    "additional_1": (  # eight groups on four nodes
+        [[50, 100, 75, 120, 90, 60, 80, 110, 40, 70, 95, 85, 65, 55, 45, 35]], 24, (8, 4, 8),
+        [[3, 14, 15, 3, 2, 2, 9, 6, 8, 7, 7, 6, 12, 10, 11, 13, 10, 11, 5, 1, 4, 0, 1, 4]],
+        [[1, 2, 2, 2, 2, 1, 2, 2, 1, 1, 2, 2, 1, 1, 1, 1]],
+        [[[21, -1], [22, 19], [4, 5], [0, 3], [23, 20], [18, -1], [7, 11], [9, 10], [8, -1], [6, -1], [16, 13], [17, 14], [12, -1], [15, -1], [1, -1], [2, -1]]],
+    ),
+    "additional_2": (  # decreasing and increasing weights
+        [[200, 150, 100, 50, 25, 12], [12, 25, 50, 100, 150, 200]], 10, (3, 1, 2),
+        [[1, 0, 0, 2, 5, 1, 0, 2, 3, 4], [4, 5, 5, 3, 0, 4, 5, 2, 3, 1]],
+        [[3, 2, 2, 1, 1, 1], [1, 1, 1, 2, 2, 3]],
+        [[[1, 6, 2], [0, 5, -1], [7, 3, -1], [8, -1, -1], [9, -1, -1], [4, -1, -1]], [[4, -1, -1], [9, -1, -1], [7, -1, -1], [8, 3, -1], [0, 5, -1], [1, 6, 2]]],
+    ),
+}
 
 
-def _counts_add_up(weight, num_replicas, groups_nodes_gpus):
-    """rebalance_experts(weight, num_replicas, *groups_nodes_gpus), checked for consistency."""
+@pytest.mark.parametrize("case", sorted(VLLM_CASES))
+def test_vllm_case_matches_deepseek_exactly(case):
+    weight, num_replicas, groups_nodes_gpus, phy2log_expected, logcnt_expected, log2phy_expected = VLLM_CASES[case]
+    weight = weight if isinstance(weight, torch.Tensor) else torch.tensor(weight)
     phy2log, log2phy, logcnt = rebalance_experts(weight, num_replicas, *groups_nodes_gpus)
     _check_consistent(weight, phy2log, log2phy, logcnt, num_replicas, groups_nodes_gpus[-1])
-    return phy2log, log2phy, logcnt
-
-
-def test_vllm_case_readme_example_matches_deepseek_exactly():
-    phy2log, _, logcnt = _counts_add_up(README_WEIGHT, 16, (4, 2, 8))
-    assert phy2log.tolist() == [
-        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-    ]
-    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
-
-
-def test_vllm_case_single_gpu_holds_every_expert_once():
-    phy2log, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40]]), 4, (1, 1, 1))
-    assert sorted(phy2log[0].tolist()) == [0, 1, 2, 3]
-    assert logcnt.tolist() == [[1, 1, 1, 1]]
-
-
-def test_vllm_case_equal_weights_without_redundancy_give_one_replica_each():
-    _, _, logcnt = _counts_add_up(torch.full((1, 8), 50), 8, (2, 2, 4))
-    assert (logcnt == 1).all()
-
-
-def test_vllm_case_extreme_imbalance_replicates_the_hot_expert():
-    _, _, logcnt = _counts_add_up(torch.tensor([[1000, 1, 1, 1, 1, 1, 1, 1]]), 12, (2, 2, 4))
-    assert logcnt[0, 0] > logcnt[0, 1]
-
-
-def test_vllm_case_multiple_layers_each_get_all_replicas():
-    weight = torch.tensor([[10, 20, 30, 40, 50, 60], [60, 50, 40, 30, 20, 10], [25] * 6])
-    phy2log, _, logcnt = _counts_add_up(weight, 8, (2, 2, 4))
-    assert phy2log.shape == (3, 8) and logcnt.shape == (3, 6)
-    assert ((phy2log >= 0) & (phy2log < 6)).all()
-    assert logcnt.sum(dim=1).tolist() == [8, 8, 8]
+    assert phy2log.tolist() == phy2log_expected
+    assert logcnt.tolist() == logcnt_expected
+    assert log2phy.tolist() == log2phy_expected
 
 
 def test_vllm_case_groups_that_do_not_divide_among_nodes_fall_back_to_global():
     # 4 experts in 3 groups on 2 nodes: 3 groups cannot be split over 2 nodes, so DeepSeek balances globally
-    # and never asks whether 3 divides 4.
+    # and never asks whether 3 divides 4: the global policy is the one-group, one-node hierarchy.
     weight = torch.tensor([[10, 20, 30, 40]])
-    phy2log, _, logcnt = _counts_add_up(weight, 8, (3, 2, 4))
-    assert phy2log.shape == (1, 8) and logcnt.shape == (1, 4)
-    # the global policy is the one-group, one-node hierarchy
+    phy2log, _, logcnt = rebalance_experts(weight, 8, 3, 2, 4)
     flat, _, flat_cnt = rebalance_experts(weight, 8, 1, 1, 4)
     assert torch.equal(phy2log, flat) and torch.equal(logcnt, flat_cnt)
 
@@ -183,35 +223,6 @@ def test_vllm_case_groups_that_do_not_divide_among_nodes_fall_back_to_global():
 def test_vllm_case_replicas_not_a_multiple_of_gpus_is_refused():
     with pytest.raises(ValueError, match="num_replicas"):
         rebalance_experts(torch.tensor([[10, 20, 30, 40]]), 7, 2, 2, 4)
-
-
-def test_vllm_case_small_hierarchical_gives_the_hottest_two_replicas():
-    weight = torch.tensor([[100, 50, 200, 75, 150, 25, 300, 80]])
-    _, _, logcnt = _counts_add_up(weight, 12, (4, 2, 4))
-    assert int(logcnt.sum()) == 12 and (logcnt >= 1).all()
-    assert logcnt[0, int(weight[0].argmax())] >= 2
-
-
-def test_vllm_case_global_fallback_with_six_experts():
-    _, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40, 50, 60]]), 8, (3, 2, 4))
-    assert logcnt.shape == (1, 6) and int(logcnt.sum()) == 8
-
-
-def test_vllm_case_integer_cpu_tensor_input():
-    # vLLM runs this case on CPU and (when present) CUDA; here: an int64 CPU tensor, converted internally
-    phy2log, _, logcnt = _counts_add_up(torch.tensor([[10, 20, 30, 40]], dtype=torch.int64), 6, (2, 1, 2))
-    assert phy2log.shape == (1, 6) and logcnt.shape == (1, 4)
-
-
-def test_vllm_case_additional_shapes():
-    weight1 = torch.tensor([[50, 100, 75, 120, 90, 60, 80, 110, 40, 70, 95, 85, 65, 55, 45, 35]])
-    phy2log1, _, logcnt1 = _counts_add_up(weight1, 24, (8, 4, 8))
-    assert phy2log1.shape == (1, 24) and int(logcnt1.sum()) == 24
-    weight2 = torch.tensor([[200, 150, 100, 50, 25, 12], [12, 25, 50, 100, 150, 200]])
-    phy2log2, _, logcnt2 = _counts_add_up(weight2, 10, (3, 1, 2))
-    assert phy2log2.shape == (2, 10) and logcnt2.shape == (2, 6)
-    for layer in range(2):
-        assert logcnt2[layer, int(weight2[layer].argmax())] >= 2
 
 
 def _deepseek_accepts(num_experts, num_replicas, num_groups, num_nodes, num_gpus) -> bool:

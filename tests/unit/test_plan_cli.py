@@ -18,14 +18,52 @@ def _json(capsys, argv):
     return rc, json.loads(out)
 
 
-def test_plan_json_has_elastic_and_static_with_the_four_figures(capsys):
-    rc, out = _json(capsys, ["--trace", SMALL + ",rate=300000", "--fleet", "h100:2,l4:2", *MODEL])
+FIGURES = {"tokens_per_s", "max_over_mean", "p99_ms", "bytes_moved", "p99_latency_ms", "plans_applied",
+           "plans_skipped", "device_hours"}
+
+
+def test_plan_json_compares_elastic_with_eplb_on_history_by_default(capsys):
+    rc, out = _json(capsys, ["--trace", SMALL + ",rate=300000", "--fleet", "h100:2,l4:2", *MODEL, "--history-s", "4"])
     assert rc == 0
-    assert set(out) == {"elastic", "static"}
-    for side in out.values():
-        assert set(side) == {"tokens_per_s", "max_over_mean", "p99_ms", "bytes_moved"}
-        assert side["tokens_per_s"] > 0 and side["max_over_mean"] >= 1.0
-    assert out["static"]["bytes_moved"] == 0
+    assert set(out) == {"baseline", "history_s", "elastic", "static"}
+    assert out["baseline"] == "eplb" and out["history_s"] == 4
+    for side in ("elastic", "static"):
+        assert set(out[side]) == FIGURES
+        assert out[side]["tokens_per_s"] > 0 and out[side]["max_over_mean"] >= 1.0
+    assert out["static"]["bytes_moved"] == 0 and out["static"]["plans_applied"] == 0
+    # static is the whole fleet all the time, over the 6 s after the history window the strategies are measured on
+    assert out["static"]["device_hours"] == pytest.approx(4 * 6 / 3600, rel=0.05)
+
+
+@pytest.mark.parametrize("baseline", ["first", "history", "eplb"])
+def test_every_baseline_runs(capsys, baseline):
+    rc, out = _json(capsys, ["--trace", SMALL + ",rate=300000", "--fleet", "h100:4", *MODEL, "--baseline", baseline])
+    assert rc == 0 and out["baseline"] == baseline and out["static"]["bytes_moved"] == 0
+
+
+def test_slo_adds_capacity_so_a_fleet_with_spare_capacity_does_not_read_one(capsys):
+    argv = ["--trace", SMALL + ",rate=20000,duration=6", *MODEL, "--slo-p99", "300"]
+    rc, small = _json(capsys, [*argv, "--fleet", "l4:2"])
+    rc2, large = _json(capsys, [*argv, "--fleet", "l4:4"])
+    assert rc == rc2 == 0 and small["slo_p99_ms"] == 300
+    for out in (small, large):
+        for side in ("elastic", "static"):
+            assert out[side]["slo_met_fraction"] is not None and 0 <= out[side]["slo_met_fraction"] <= 1
+    # the offered volume is served either way, but twice the devices sustain about twice the tokens/s
+    assert large["static"]["tokens_per_s"] == pytest.approx(small["static"]["tokens_per_s"], rel=0.02)
+    ratio = large["static"]["capacity_tokens_per_s"] / small["static"]["capacity_tokens_per_s"]
+    assert 1.6 < ratio < 2.4
+    assert small["static"]["capacity_tokens_per_s"] > small["static"]["tokens_per_s"]
+
+
+def test_drift_and_diurnal_traces_run(capsys):
+    drift = "drift:experts=16,layers=2,top_k=2,duration=20,tokens=2048,rate=200000"
+    rc, out = _json(capsys, ["--trace", drift, "--fleet", "h100:2", *MODEL])
+    assert rc == 0 and out["elastic"]["tokens_per_s"] > 0
+    rc, daily = _json(capsys, ["--trace", "diurnal:ratio=5:" + drift, "--fleet", "h100:2", *MODEL])
+    assert rc == 0
+    # thinned to between 1/5 and all of the calls: about 60% on average over one period
+    assert 0.45 < daily["static"]["tokens_per_s"] / out["static"]["tokens_per_s"] < 0.75
 
 
 def test_plan_reads_a_jsonl_trace_file(tmp_path, capsys):
@@ -41,7 +79,8 @@ def test_plan_reads_a_jsonl_trace_file(tmp_path, capsys):
 def test_plan_prints_a_table(capsys):
     assert main(["plan", "--trace", SMALL + ",rate=100000", "--fleet", "h100:2", *MODEL]) == 0
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "elastic / static" in out and "max/mean device busy time" in out
+    assert "tokens/s" in out and "elastic / baseline" in out and "EPLB on first 30 s" in out
+    assert "max/mean busy time" in out and "device-hours" in out
 
 
 def test_target_p99_finds_a_smaller_fleet_that_meets_it(capsys):
@@ -71,7 +110,15 @@ def test_target_p99_that_no_fleet_meets_exits_1(capsys):
         (["--trace", "/nonexistent/t.jsonl", "--fleet", "h100:2"], "trace: cannot read"),
         (["--trace", SMALL, "--fleet", "h100:2", "--model", "gpt"], "model: unknown 'gpt'"),
         (["--trace", SMALL, "--fleet", "h100:2", "--efficiency", "2"], "efficiency: must be in"),
-        (["--trace", SMALL + ",experts=4096", "--fleet", "l4:1", *MODEL], "fleet: inventory: not enough"),
+        (["--trace", SMALL + ",experts=4096", "--fleet", "l4:1", *MODEL, "--baseline", "history"],
+         "fleet: inventory: not enough"),
+        (["--trace", SMALL, "--fleet", "h100:2", "--history-s", "-1"], "history-s: must be > 0"),
+        (["--trace", SMALL, "--fleet", "h100:2", "--slo-p99", "0"], "slo-p99: must be > 0"),
+        (["--trace", SMALL, "--fleet", "h100:2", "--load-scale", "0"], "load-scale: must be > 0"),
+        (["--trace", "drift:tau=x", "--fleet", "h100:2"], "trace: drift tau must be float"),
+        (["--trace", "drift:skew=-1", "--fleet", "h100:2"], "drift: skew must be >= 0"),
+        (["--trace", "diurnal:ratio=0.5:" + SMALL, "--fleet", "h100:2"], "diurnal: ratio must be >= 1"),
+        (["--trace", "diurnal:ratio=5", "--fleet", "h100:2"], "diurnal needs a trace"),
     ],
 )
 def test_bad_plan_flags_give_a_message_naming_the_field(capsys, argv, message):

@@ -71,10 +71,10 @@ class GatedTransport(LocalTransport):
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def forward(self, *args, **kwargs):
+    async def run(self, *args, **kwargs):
         self.entered.set()
         await self.gate.wait()
-        return await super().forward(*args, **kwargs)
+        return await super().run(*args, **kwargs)
 
 
 def test_a_call_in_flight_on_the_old_table_holds_up_the_drain_of_the_new_one(checkpoint):

@@ -86,33 +86,62 @@ def _drift(duration_s=30.0, shift_s=6.0):
                        tokens_per_call=512, seed=3)
 
 
+def _following(**kw) -> ControllerConfig:
+    """A controller that follows a hot set moving every 6 s: steps each second, short cooldown."""
+    return ControllerConfig(ray_address=None, interval_s=1.0, load_windows=3, cooldown_s=2.0, confirm_steps=2, **kw)
+
+
 def test_elastic_beats_static_when_the_hot_set_moves_and_pays_in_bytes_moved():
     fleet = devices(8, 4)
     trace = _drift().trace(rate=12000)  # ~24,000 rows/s offered; the 8 devices serve 80,000 when balanced
-    config = SimConfig(top_k=2, controller=ControllerConfig(ray_address=None, interval_s=1.0, load_windows=3))
+    config = SimConfig(top_k=2, controller=_following())
     runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=config)
     elastic, static = runs["elastic"], runs["static"]
     assert static.bytes_moved == 0 and static.plans_applied == 0
     assert elastic.plans_applied > 0
     assert elastic.bytes_moved == elastic.copies * EXPERT_BYTES
     assert elastic.max_over_mean < static.max_over_mean
-    assert elastic.p99_ms < static.p99_ms
+    # most seconds are faster (a shift right after a rebalance may catch either placement out for a few seconds)
+    seconds = [(e, s) for e, s in zip(elastic.timeline["p99_latency_ms"], static.timeline["p99_latency_ms"]) if e and s]
+    assert np.median([e for e, _ in seconds]) < np.median([s for _, s in seconds])
+    assert np.nanmean(np.array(elastic.timeline["balancedness"], dtype=float)) > \
+        np.nanmean(np.array(static.timeline["balancedness"], dtype=float)) + 0.1
 
 
-def test_elastic_and_static_match_when_the_hot_set_never_moves():
-    fleet = devices(8, 4)
+def test_a_saturated_fleet_serves_as_much_elastic_as_on_the_best_static_placement_when_nothing_moves():
+    # closed loop: clients send back to back, so tokens/s is what the placement lets the fleet sustain; 24 slots for
+    # 16 experts, so where the replicas go matters
+    fleet = devices(8, 3)
     trace = _drift(shift_s=0).trace(rate=12000)
-    config = SimConfig(top_k=2, static_from="mean")
+    # every plan that passes the gate is applied at once (confirm_steps=1): elastic's plans alone decide
+    controller = ControllerConfig(ray_address=None, confirm_steps=1)
+    config = SimConfig(top_k=2, static_from="mean", mode="closed", concurrency=16, controller=controller)
     runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=config)
     assert runs["elastic"].tokens_per_s == pytest.approx(runs["static"].tokens_per_s, rel=0.02)
+    assert runs["elastic"].max_over_mean <= runs["static"].max_over_mean * 1.02
+    assert runs["elastic"].plans_applied <= 1  # at most one plan's bytes on a load that does not move
+
+
+def test_a_plan_whose_copies_outlast_its_horizon_is_not_applied():
+    # copies at a byte per millisecond take far longer than the gain could repay: the gate holds every plan
+    fleet = devices(8, 4, copy_bytes_per_s=1e-3)
+    trace = _drift().trace(rate=12000)
+    runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=SimConfig(top_k=2, controller=_following()))
+    elastic = runs["elastic"]
+    assert elastic.plans_applied == 0 and elastic.bytes_moved == 0
+    skipped = [r["plan_skipped"] for r in elastic.reports if "plan_skipped" in r]
+    assert skipped and elastic.plans_skipped == len(skipped)
+    assert {s["reason"] for s in skipped} == {"cost"}
+    assert all(s["gain"] * s["horizon_s"] <= s["kappa"] * s["cost_s"] for s in skipped)
 
 
 @pytest.mark.parametrize("source", ["peer", "checkpoint"])
 def test_a_new_placement_serves_only_after_its_weights_arrive(source):
-    # loads so slow that no applied plan finishes within the trace: elastic routes exactly as static
+    # loads so slow that no applied plan finishes within the trace (kappa 0: the gate lets it through):
+    # elastic routes exactly as static
     fleet = devices(8, 4, copy_bytes_per_s=1e-3 if source == "peer" else 1e9)
     trace = _drift().trace(rate=12000)
-    config = SimConfig(top_k=2, controller=ControllerConfig(ray_address=None, interval_s=1.0), weight_source=source,
+    config = SimConfig(top_k=2, controller=_following(kappa=0.0), weight_source=source,
                        checkpoint_bytes_per_s=1e-3 if source == "checkpoint" else 2e9)
     runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=config)
     assert runs["elastic"].plans_applied >= 1
@@ -122,6 +151,31 @@ def test_a_new_placement_serves_only_after_its_weights_arrive(source):
     # and the controller stepped no more once a reconcile began: it waits for it, as Controller.run does
     reports = runs["elastic"].reports
     assert reports[-1]["apply"] and sum(bool(r.get("apply")) for r in reports) == 1
+
+
+def test_predictions_are_checked_against_what_the_devices_served():
+    fleet = devices(8, 4)
+    trace = _drift(duration_s=40.0, shift_s=20.0).trace(rate=12000)
+    runs = compare(trace, fleet, expert_bytes=EXPERT_BYTES, config=SimConfig(top_k=2, controller=_following()))
+    elastic = runs["elastic"]
+    assert elastic.plans_applied >= 1
+    assert elastic.prediction_errors, "no prediction was checked after a rebalance"
+    checks = [r["prediction"] for r in elastic.reports if "prediction" in r]
+    assert all(abs(c["measured"] - c["predicted"]) == pytest.approx(abs(c["error"])) for c in checks)
+    assert float(np.median(np.abs(elastic.prediction_errors))) < 0.05
+
+
+def test_device_hours_count_the_devices_in_use():
+    trace = steady_trace([8] * 16, 5, 15)
+    fleet = devices(8, 16)
+    static = simulate(trace, fleet, expert_bytes=EXPERT_BYTES, elastic=False)
+    assert static.device_hours == pytest.approx(8 * static.makespan_s / 3600)  # the whole fleet, all the time
+    config = SimConfig(controller=ControllerConfig(
+        ray_address=None, interval_s=1.0, min_tokens=0,
+        autoscaling={"min_replicas": 1, "max_replicas": 8, "target_queue_depth": 2.0, "downscale_delay_s": 2.0},
+    ))
+    elastic = simulate(trace, fleet, expert_bytes=EXPERT_BYTES, elastic=True, config=config)
+    assert elastic.device_hours < 0.5 * static.device_hours
 
 
 def test_too_little_load_skips_planning():

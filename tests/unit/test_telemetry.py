@@ -156,13 +156,16 @@ def test_prometheus_exposition_has_every_metric_the_readme_names():
     counters = {"count": 2, "seconds": 0.9, "bytes": 4096, "loads": 4, **{f"le:{b!r}": 2 for b in REBALANCE_BUCKETS_S[2:]}}
     codes, lat = {}, {}
     observe_request(codes, lat, "OK", 2, 0.02)
-    inputs = _inputs(counters=counters)
+    prediction = {"at": 2.0, "version": 3, "measured": 0.91, "predicted": 0.97, "error": -0.06, "miss": False}
+    inputs = _inputs(counters=counters, controller={"prediction": prediction})
     inputs.heartbeats["router:r0"] = _router(codes, lat, 64)
     families, text = _exposition(build_snapshot(inputs, TelemetryConfig()), TelemetryConfig())
     for name in ("moefleet_expert_tokens", "moefleet_expert_replicas", "moefleet_layer_balancedness", "moefleet_device_tokens",
                  "moefleet_device_memory_bytes", "moefleet_rebalances", "moefleet_rebalance_seconds", "moefleet_weight_bytes_moved",
-                 "moefleet_requests", "moefleet_layer_latency_seconds", "moefleet_routing_entropy"):
+                 "moefleet_requests", "moefleet_layer_latency_seconds", "moefleet_routing_entropy", "moefleet_prediction_error"):
         assert name in families, name
+    assert "moefleet_prediction_error -0.06" in text
+    assert "moefleet_prediction_error" not in _exposition(build_snapshot(_inputs(), TelemetryConfig()), TelemetryConfig())[1]
     assert 'moefleet_expert_tokens_total{expert="0",layer="1"} 5000.0' in text
     assert 'moefleet_expert_replicas{expert="0",layer="1"} 2.0' in text
     assert "moefleet_rebalances_total 2.0" in text and "moefleet_weight_bytes_moved_total 4096.0" in text

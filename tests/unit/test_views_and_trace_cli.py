@@ -86,12 +86,39 @@ def test_demo_view_fits_100_columns():
     assert any("0.55 → 0.97" in x and "0.52 → 0.91" in x for x in lines)
 
 
+def test_demo_header_names_the_hot_set_driven_and_the_one_the_table_shows():
+    snap = _big_snapshot()
+    for st in snap["layer_stats"]:  # the routers counted experts 7, 8, 9 hottest in every layer
+        st["hot"] = [{"expert": e, "tokens": 100 - e, "share": 0.2, "replicas": 1} for e in (7, 8, 9)] + st["hot"][3:]
+    view = demo_view(snap, {}, elapsed_s=12.0, duration_s=30.0, driving=[3, 4, 5], shift_s=10.0, history=[0.5],
+                     rebalances=[])
+    text = " ".join(_render(view))
+    assert "shift 2: traffic leans on experts [3, 4, 5] for 2s" in text
+    assert "still [7, 8, 9], not yet [3, 4, 5]" in text
+    caught_up = demo_view(snap, {}, elapsed_s=12.0, duration_s=30.0, driving=[7, 8, 9], shift_s=10.0, history=[0.5],
+                          rebalances=[])
+    assert "not yet" not in " ".join(_render(caught_up))
+
+
+def test_time_weighted_balancedness_holds_each_sample_until_the_next():
+    from moefleet.demo import time_weighted
+
+    samples = [(0.0, 0.5), (2.0, 1.0), (10.0, None), (11.0, 0.9), (12.0, None)]
+    out = time_weighted(samples)  # 0.5 for 2 s, 1.0 for 8 s, 0.9 for 1 s; the None second left out
+    assert out["seconds"] == pytest.approx(11.0)
+    assert out["mean"] == pytest.approx((1.0 + 8.0 + 0.9) / 11.0)
+    assert out["p10"] == 0.5  # the lowest 10% of the time (1.1 s of 11) is at 0.5
+    assert time_weighted([(0.0, 0.5), (1.0, 1.0), (11.0, None)])["p10"] == 1.0  # 0.5 held for under 10% of the time
+    assert time_weighted([(0.0, None), (1.0, None)])["mean"] is None
+
+
 def _write(tmp_path, windows: int = 8) -> str:
+    """Expert 0 of each layer turns hot at window 2 and stays hot."""
     lines = []
     for k in range(windows):
         for layer in (1, 2, 3):
             counts = [10] * 16
-            counts[k % 16] += 2000 if k >= 2 else 0
+            counts[0] += 2000 if k >= 2 else 0
             lines.append(TraceLine(float(k), layer, tuple(counts)))
     return str(write_trace(tmp_path / "t.jsonl", lines))
 
@@ -104,7 +131,10 @@ def test_trace_replay_prints_each_windows_decision_as_json(tmp_path, capsys):
     assert [w["t"] for w in out["windows"]] == [float(k) for k in range(8)]
     assert [w["tokens"] for w in out["windows"]] == [3 * 160 + (3 * 2000 if k >= 2 else 0) for k in range(8)]
     applied = [w for w in out["windows"] if w["decision"] == "applied"]
-    assert applied and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
+    assert len(applied) == 1 and all(w["bytes"] == w["copies"] * out["expert_bytes"] for w in applied)
+    # the plan is held while it confirms (three steps in a row by default), then applied once
+    decisions = [w["decision"] for w in out["windows"]]
+    assert decisions[decisions.index("applied") - 2:decisions.index("applied")] == ["held: confirming"] * 2
     assert all(w["balancedness_after"] >= w["balancedness_before"] for w in applied)
     assert main(["trace", "replay", path, "--devices", "2", "--min-replicas", "1"]) == 0
     table = capsys.readouterr().out
@@ -163,8 +193,10 @@ def test_replay_decides_as_the_controller_from_the_decayed_load_of_the_last_wind
     cfg = ControllerConfig(ray_address=None, load_windows=3, load_half_life_s=1.0, min_tokens=50, planner={"min_replicas": 1})
     steps = replay(Trace.from_lines(lines), inventory, expert_bytes=1 << 20, config=cfg)
     assert [s.tokens for s in steps] == [20, 20, 400, 400, 400, 400]
-    assert steps[1].estimate_tokens == pytest.approx(20 + 0.5 * 20)  # this window, the one before at half weight
-    assert steps[4].estimate_tokens == pytest.approx(400 + 200 + 100)  # only the last load_windows = 3 windows
+    # each step reads at its window's end: a window weighs 0.5 ** (age of its middle / half-life)
+    assert steps[1].estimate_tokens == pytest.approx(20 * 0.5**0.5 + 20 * 0.5**1.5)
+    assert steps[4].estimate_tokens == pytest.approx(400 * (0.5**0.5 + 0.5**1.5 + 0.5**2.5))  # the last 3 windows
     assert steps[0].decision == "skipped: too little load to plan from" and steps[0].version == 1
-    assert steps[2].decision == "applied" and steps[2].copies >= 1 and steps[2].bytes == steps[2].copies << 20
-    assert steps[2].balancedness_after > steps[2].balancedness_before and steps[2].version == 2
+    assert [s.decision for s in steps[2:4]] == ["held: confirming"] * 2  # it must win three steps in a row
+    assert steps[4].decision == "applied" and steps[4].copies >= 1 and steps[4].bytes == steps[4].copies << 20
+    assert steps[4].balancedness_after > steps[4].balancedness_before and steps[4].version == 2

@@ -7,6 +7,7 @@ import math
 import operator
 from collections.abc import Mapping
 
+from moefleet.core.decay import window_weights
 from moefleet.core.placement import ExpertKey
 from moefleet.core.state.base import StoreBase, _check_positive, _expert_field, _parse_expert_field
 
@@ -88,17 +89,20 @@ class LoadOps(StoreBase):
     def read_load(self, now: float | None, window_s: float, num_windows: int, half_life_s: float) -> dict[ExpertKey, float]:
         """Exponentially decayed token counts per ``(layer, expert)`` over the last ``num_windows`` windows.
 
-        A window's age is counted in whole windows from the current one
-        (``age_s = (current_index - index) * window_s``), and its counts weigh
-        ``0.5 ** (age_s / half_life_s)``: the current, partial window weighs 1.
-        ``half_life_s=math.inf`` gives a plain sum. Experts with no tokens are absent.
+        Each window weighs ``moefleet.core.decay.window_weights``: ``0.5 **
+        (age_s / half_life_s)`` with the age from the middle of the span it
+        covered to ``now``, and the current window, still filling, that times
+        its filled fraction. ``half_life_s=math.inf`` gives a plain sum of the
+        complete windows (plus the filled fraction of the current one's).
+        Experts with no tokens are absent.
         """
         if not half_life_s > 0:
             raise ValueError(f"half_life_s: must be > 0, got {half_life_s}")
+        now = self._now(now)
         windows = self.read_windows(now, window_s, num_windows)
+        weights = window_weights(now, window_s, [start for start, _ in windows], half_life_s)
         out: dict[ExpertKey, float] = {}
-        for age, (_, counts) in enumerate(reversed(windows)):
-            weight = 0.5 ** (age * window_s / half_life_s)
+        for weight, (_, counts) in zip(weights, windows):
             for key, tokens in counts.items():
                 out[key] = out.get(key, 0.0) + weight * tokens
         return out
