@@ -282,6 +282,15 @@ def cmd_down(args) -> int:
         time.sleep(0.2)
     if _alive(state["pid"]):
         os.kill(state["pid"], signal.SIGKILL)
+    # return once the fleet's ports can be bound again (a router process may outlive the fleet's for a moment)
+    from moefleet.core.ports import wait_bindable
+
+    ports = [a for a in (state.get("address"), state.get("http_address")) if a]
+    busy = wait_bindable(ports, max(1.0, deadline - time.monotonic()))
+    if busy:
+        print(f"moe-fleet: fleet at {state['address']} stopped, but still listened on: "
+              + ", ".join(f"{a} ({e.strerror})" for a, e in busy.items()), file=sys.stderr)
+        return 1
     print(f"fleet at {state['address']} stopped")
     return 0
 
@@ -298,17 +307,16 @@ def _address(args) -> tuple[str, dict | None]:
 def _check_http_port(port: int) -> None:
     """Fail before anything starts when the telemetry port is taken, saying what to do."""
     import errno
-    import socket
+
+    from moefleet.core.ports import bind_error
 
     if port <= 0:
         return
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as e:
-            hint = "another fleet's dashboard?" if e.errno == errno.EADDRINUSE else e.strerror
-            raise SystemExit(f"moe-fleet: port {port} on 127.0.0.1 is not free ({hint}): pass --http-port with a free port, "
-                             "0 for any, or -1 to serve no telemetry endpoint")
+    e = bind_error("127.0.0.1", port)  # as the endpoint binds it: connections left in TIME_WAIT do not count
+    if e is not None:
+        hint = "another fleet's dashboard?" if e.errno == errno.EADDRINUSE else e.strerror
+        raise SystemExit(f"moe-fleet: port {port} on 127.0.0.1 is not free ({hint}): pass --http-port with a free port, "
+                         "0 for any, or -1 to serve no telemetry endpoint")
 
 
 def _snapshot_source(args):
