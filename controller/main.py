@@ -160,6 +160,7 @@ class Controller:
         self._last_step = -float("inf")
         self._full_until: dict[str, float] = {}  # device -> monotonic time until which it takes no new experts
         self.full_cooldown_s = 60.0
+        self.status: dict = {}  # {"state", "reason", "detail", "since"}: step_state of the last step
 
     def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
         """A device whose worker refused loads lately, capped at what it holds now (the planner adds nothing there)."""
@@ -180,13 +181,53 @@ class Controller:
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
+        """The static devices of the config, else the cluster's: its nodes' and the fleet's own workers'.
+
+        Workers a deployment started where Ray placed them (``moe-fleet deploy``: the Serve
+        application's starting workers, recorded in the store) are devices too, and a fresh worker
+        for one of them is started as the deployment started it.
+        """
         if self.config.devices:
             return Inventory(devices=self.config.devices)
         import ray
 
-        from .inventory import inventory_from_nodes
+        from .inventory import FLEET_DEVICES_RECORD, cluster_inventory, fleet_worker_options
 
-        return inventory_from_nodes(ray.nodes())
+        fleet = (self.store.get_record(FLEET_DEVICES_RECORD) or {}).get("devices") or {}
+        total = int(np.sum(np.broadcast_to(np.asarray(self.expert_bytes, dtype=float), (len(self.layers), self.spec.layer.num_experts))))
+        self.reconciler.start_options = {d: fleet_worker_options(e) for d, e in fleet.items()}
+        return cluster_inventory(ray.nodes(), fleet, total_expert_bytes=total,
+                                 expert_bytes=int(np.max(np.asarray(self.expert_bytes, dtype=float))))
+
+    def model_mismatch(self, heartbeats: dict[str, dict]) -> tuple[str, str] | None:
+        """(reason, detail) when the routers serve another model than this controller's checkpoint; else None.
+
+        A controller planning another model's experts would place what the fleet does not have: it
+        stays out of the way and says why.
+        """
+        served = next((info["model"] for key, info in heartbeats.items() if key.startswith("router:") and info.get("model")), None)
+        if not served:
+            return None
+        theirs = ([int(x) for x in served.get("moe_layers") or []], int(served.get("num_experts") or 0))
+        if theirs == (self.layers, self.spec.layer.num_experts):
+            return None
+        fleet = f"{served.get('family', '?')}, {len(theirs[0])} MoE layers × {theirs[1]} experts"
+        mine = f"{self.spec.family}, {len(self.layers)} MoE layers × {self.spec.layer.num_experts} experts"
+        if self.config.checkpoint is None:
+            return ("no checkpoint", f"the fleet serves {fleet}; this controller's config names no checkpoint, so it took "
+                                     f"the built-in model ({mine}): set checkpoint to the fleet's checkpoint directory")
+        return ("checkpoint mismatch", f"the fleet serves {fleet}; this controller's checkpoint {self.config.checkpoint} "
+                                       f"is {mine}: set checkpoint to the fleet's checkpoint directory")
+
+    def set_status(self, state: str, reason: str, detail: str = "") -> dict:
+        """The controller's state and why (shown by ``status``); logged once each time it changes."""
+        if (state, reason) != (self.status.get("state"), self.status.get("reason")):
+            level = logging.WARNING if state in ("blocked", "failing") else logging.INFO
+            log.log(level, "controller %s: %s%s", state, reason, f" ({detail})" if detail else "")
+            self.status = {"state": state, "reason": reason, "detail": detail, "since": time.time()}
+        else:
+            self.status = {**self.status, "detail": detail}
+        return self.status
 
     def load(self, now: float | None) -> np.ndarray:
         c = self.config
@@ -201,9 +242,10 @@ class Controller:
         raw = self.store.read_load(None, c.load_window_s, c.load_windows, c.load_half_life_s)
         return load_matrix(raw, self.layers, self.spec.layer.num_experts)
 
-    def worker_records(self) -> dict[str, dict]:
+    def worker_records(self, heartbeats: dict[str, dict] | None = None) -> dict[str, dict]:
         """Live workers' heartbeat info by device id (the store's clock)."""
-        return {k.split(":", 1)[1]: v for k, v in self.store.workers().items() if k.startswith("worker:")}
+        heartbeats = self.store.workers() if heartbeats is None else heartbeats
+        return {k.split(":", 1)[1]: v for k, v in heartbeats.items() if k.startswith("worker:")}
 
     def queue_depths(self, records: dict[str, dict] | None = None) -> dict[str, float]:
         """Workers' queue depth (in-flight calls), by device id, from their heartbeats."""
@@ -340,12 +382,17 @@ class Controller:
         if not self.hold_lease():
             return None
         record = self.store.get_record(RECORD) or {}
+        heartbeats = self.store.workers()
+        report: dict = {"at": now, "holder": self.holder}
+        mismatch = self.model_mismatch(heartbeats)
+        if mismatch is not None:  # another model's fleet: touch nothing
+            report["skipped"], report["detail"] = mismatch
+            return self._finish(report, record)
         inventory = self.inventory()
         self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
-        records = self.worker_records()
+        records = self.worker_records(heartbeats)
         self._poll_restarts(records)
         current = self.store.get_placement()
-        report: dict = {"at": now, "holder": self.holder}
         if current is None and self._seen_generation and self._store_settled():
             self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
             self._seen_generation = ""
@@ -353,6 +400,7 @@ class Controller:
             if not self._store_settled():  # workers have not had time to heartbeat into the store yet
                 report["skipped"] = "waiting for workers to report what they hold"
                 self.last_report = report
+                self.set_status(*step_state(report))
                 return report
             current = self.recover_placement(records) or Placement()  # empty: a fleet with nothing placed yet
         self._seen_generation = current.generation or self._seen_generation
@@ -391,6 +439,8 @@ class Controller:
             expert_bytes=self.expert_bytes, layers=self.layers, down=down,
         )
         report.update(decision.report)
+        if report.get("skipped") == "no live device":
+            report["detail"] = no_device_detail(inventory.devices, unusable)
         record = decision.record
         result: Plan | None = decision.plan
         if result is not None and result.apply:
@@ -407,11 +457,27 @@ class Controller:
                     self._full_until[d] = time.monotonic() + self.full_cooldown_s
             report["apply_seconds"] = time.monotonic() - t0
         self._restart(down_or_idle)
+        return self._finish(report, record)
+
+    def _finish(self, report: dict, record: dict) -> dict:
+        """Store the step's report and the controller's state (with why), emit the ``plan`` event."""
         record["last_report"] = report
+        record["status"] = self.set_status(*step_state(report))
         self.store.put_record(RECORD, record)
         self.store.emit_event("plan", report)
         self.last_report = report
         return report
+
+    def _store_status(self) -> None:
+        """Best effort: put the controller's state into its record outside a step (a step that raised)."""
+        if not self.leader:
+            return
+        try:
+            record = self.store.get_record(RECORD) or {}
+            record["status"] = self.status
+            self.store.put_record(RECORD, record)
+        except Exception as e:  # the store is down: the state shows once it answers
+            log.debug("could not store the controller's state: %s", e)
 
     def run(self, stop: threading.Event) -> None:
         """Step every ``interval_s`` (at once when a worker dies) until ``stop`` is set; followers poll for the lease."""
@@ -440,14 +506,51 @@ class Controller:
                 self.leader = False  # cannot renew: stop acting as leader
                 self.reconciler.fence = None
                 self._store_ok_since = None
-            except Exception:  # a failed step is logged with its cause and retried next interval
-                log.exception("controller step failed")
+            except Exception as e:  # a failed step is logged with its cause (once while it repeats) and retried
+                if self.status.get("reason") != "step failed":
+                    log.exception("controller step failed")
+                self.set_status("failing", "step failed", f"{type(e).__name__}: {e}")
+                self._store_status()
             stop.wait(max(0.0, c.health_interval_s - (time.monotonic() - t0)))
         if self.leader:
             try:
                 self.store.release_lease(self.holder)
             except Exception as e:  # it lapses by itself
                 log.warning("%s: could not release the lease: %s", self.holder, e)
+
+
+BLOCKING_REASONS = ("no live device", "no checkpoint", "checkpoint mismatch")
+"""Reasons a controller cannot plan at all until someone acts (its state is then ``blocked``)."""
+
+
+def step_state(report: dict) -> tuple[str, str, str]:
+    """(state, reason, detail) of a step's report, for ``status`` and the log. Pure.
+
+    States: ``blocked`` (cannot plan: no live device, another model's fleet), ``waiting`` (for workers
+    to report, for load), ``failing`` (a rebalance was undone), ``repairing`` (workers down),
+    ``rebalanced`` (this step applied a plan) and ``steady`` (planned; no move pays).
+    """
+    detail = str(report.get("detail") or "")
+    skipped = report.get("skipped")
+    if skipped:
+        return ("blocked" if skipped in BLOCKING_REASONS else "waiting"), str(skipped), detail
+    if report.get("apply_error"):
+        return "failing", "rebalance undone", str(report["apply_error"])
+    if report.get("down"):
+        return "repairing", "workers down", ", ".join(report["down"])
+    if report.get("applied_version"):
+        gain = report.get("gain")
+        return "rebalanced", f"placement v{report['applied_version']}", "" if gain is None else f"gain {gain:.3f}"
+    gain = report.get("gain")
+    return "steady", "no move pays", "" if gain is None else f"best gain {gain:.3f}"
+
+
+def no_device_detail(devices: list[DeviceSpec], unusable: set[str]) -> str:
+    """Why a step found no live device: none in the inventory, or every one down or restarting."""
+    if not devices:
+        return ("the inventory is empty: no node declares a GPU or a CPU-tier slot (moefleet_cpu_tier), and no worker "
+                "of the fleet is recorded (moe-fleet deploy records the workers it starts; see deploy/README.md)")
+    return f"every device is down or restarting: {', '.join(sorted(unusable))}"
 
 
 def controller_actor_class():
