@@ -10,7 +10,7 @@ server's config file and in ``password_file``, both readable by this user only
 ``rediss://`` URL that names the CA.
 
 It speaks to Redis over a raw socket, so this module does not import ``redis``
-(only ``moefleet.core.state`` does).
+(only the ``moefleet.core.state`` package does).
 
     with RedisServer() as server:
         store = StateStore(server.url)
