@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
 from .deploy_check import Demand, actor_resources, deployment_demands, free_resources, pending_report, shortfall
 
 
@@ -91,6 +89,11 @@ def check(address: str, config: dict) -> str | None:
     return shortfall(demands, free_resources(nodes, actors, reusable=_ours(namespace, apps)))
 
 
+def _deployed_at(details: dict, apps: list[str]) -> dict[str, float | None]:
+    """When Serve last took a config for each application (None: no such application)."""
+    return {name: ((details.get("applications") or {}).get(name) or {}).get("last_deployed_time_s") for name in apps}
+
+
 def _not_healthy(details: dict, apps: list[str]) -> list[str]:
     lines = []
     for name in apps:
@@ -126,6 +129,7 @@ def deploy(address: str, config: dict, *, timeout_s: float = 300.0, check_resour
                                          "adds nodes by itself"], time.monotonic() - t0)
     try:
         client = ServeSubmissionClient(address)
+        before = _deployed_at(client.get_serve_details(), apps)
         client.deploy_applications(ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True))
     except Exception as e:
         raise _dashboard_error(address, e) from e
@@ -137,9 +141,11 @@ def deploy(address: str, config: dict, *, timeout_s: float = 300.0, check_resour
         except Exception as e:
             raise _dashboard_error(address, e) from e
         statuses = {name: ((details.get("applications") or {}).get(name) or {}).get("status") for name in apps}
-        if all(s == "RUNNING" for s in statuses.values()):
+        now_at = _deployed_at(details, apps)
+        fresh = all(now_at[name] is not None and now_at[name] != before[name] for name in apps)  # not the last deploy's
+        if fresh and all(s == "RUNNING" for s in statuses.values()):
             return DeployOutcome(True, [f"{name} RUNNING" for name in apps], time.monotonic() - t0)
-        if any(s == "DEPLOY_FAILED" for s in statuses.values()):
+        if fresh and any(s == "DEPLOY_FAILED" for s in statuses.values()):
             return DeployOutcome(False, ["the deploy failed:"] + _not_healthy(details, apps), time.monotonic() - t0)
         if time.monotonic() >= deadline:
             nodes, actors = cluster_state(address)
@@ -150,10 +156,3 @@ def deploy(address: str, config: dict, *, timeout_s: float = 300.0, check_resour
                                                                                        "for resources"]
             return DeployOutcome(False, lines, time.monotonic() - t0)
         time.sleep(poll_s)
-
-
-def app_config(config: dict) -> dict[str, Any]:
-    """The fleet application's args in ``config``."""
-    from moefleet.controller.serve_app import APP_NAME as CONTROLLER_APP
-
-    return next(a for a in config["applications"] if a["name"] != CONTROLLER_APP).get("args", {})
