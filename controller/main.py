@@ -439,7 +439,10 @@ class Controller:
             expert_bytes=self.expert_bytes, layers=self.layers, down=down,
         )
         report.update(decision.report)
-        if report.get("skipped") == "no live device":
+        if report.get("skipped") == "no live device" and not current.assignments and not inventory.devices:
+            report["skipped"] = "no fleet yet"  # a deploy in progress: its application starts workers, then publishes
+            report["detail"] = "no placement is published and no device is known yet"
+        elif report.get("skipped") == "no live device":
             report["detail"] = no_device_detail(inventory.devices, unusable)
         record = decision.record
         result: Plan | None = decision.plan
@@ -526,8 +529,8 @@ BLOCKING_REASONS = ("no live device", "no checkpoint", "checkpoint mismatch")
 def step_state(report: dict) -> tuple[str, str, str]:
     """(state, reason, detail) of a step's report, for ``status`` and the log. Pure.
 
-    States: ``blocked`` (cannot plan: no live device, another model's fleet), ``waiting`` (for workers
-    to report, for load), ``failing`` (a rebalance was undone), ``repairing`` (workers down),
+    States: ``blocked`` (cannot plan: no live device, another model's fleet), ``waiting`` (for a fleet,
+    for workers to report, for load), ``failing`` (a rebalance was undone), ``repairing`` (workers down),
     ``rebalanced`` (this step applied a plan) and ``steady`` (planned; no move pays).
     """
     detail = str(report.get("detail") or "")

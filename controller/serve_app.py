@@ -38,6 +38,12 @@ class FleetController:
         from .http import TelemetryServer
         from .main import Controller, ControllerConfig
 
+        moefleet_log = logging.getLogger("moefleet")  # the controller's state changes (INFO) reach the replica's log
+        if not moefleet_log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            moefleet_log.addHandler(handler)
+            moefleet_log.setLevel(logging.INFO)
         cfg = ControllerConfig(**{**config, "ray_address": None})
         self.controller = Controller(cfg)
         self.stop_event = threading.Event()

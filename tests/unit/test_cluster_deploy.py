@@ -162,6 +162,7 @@ def test_a_cpu_worker_on_a_cpu_tier_slot_is_that_slot():
     ({"skipped": "no live device", "detail": "the inventory is empty"}, "blocked", "no live device"),
     ({"skipped": "no checkpoint", "detail": "the fleet serves mixtral"}, "blocked", "no checkpoint"),
     ({"skipped": "too little load to plan from"}, "waiting", "too little load to plan from"),
+    ({"skipped": "no fleet yet"}, "waiting", "no fleet yet"),
     ({"apply_error": "loads failed"}, "failing", "rebalance undone"),
     ({"down": ["worker-1"], "gain": 0.5, "applied_version": 4}, "repairing", "workers down"),
     ({"gain": 0.4, "applied_version": 4}, "rebalanced", "placement v4"),
