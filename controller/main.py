@@ -59,6 +59,9 @@ from .telemetry import TelemetryConfig
 log = logging.getLogger(__name__)
 
 RECORD = "controller"
+RECOVER_PARTIAL_AFTER_S = 30.0
+"""With no placement published, what live workers hold is republished once it covers every expert, or after this
+long (a store that lost its table while a worker was down)."""
 
 
 class ControllerConfig(BaseModel):
@@ -161,6 +164,7 @@ class Controller:
         self._full_until: dict[str, float] = {}  # device -> monotonic time until which it takes no new experts
         self.full_cooldown_s = 60.0
         self.status: dict = {}  # {"state", "reason", "detail", "since"}: step_state of the last step
+        self._partial_since: float | None = None  # since when live workers hold part of the experts and no placement exists
 
     def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
         """A device whose worker refused loads lately, capped at what it holds now (the planner adds nothing there)."""
@@ -352,6 +356,21 @@ class Controller:
                     log.info("worker of %s is back after %.1fs", d, time.monotonic() - t0)
 
     # -- recovery ----------------------------------------------------------
+    def _recoverable(self, records: dict[str, dict]) -> bool:
+        """Whether what the live workers hold may be republished as the placement (no placement is published).
+
+        Only once they hold every expert, or have held only part of them for ``RECOVER_PARTIAL_AFTER_S``: a fleet's
+        application publishes its first placement after its workers start, and a controller that republished the
+        first worker's experts in between would publish a placement missing the others'.
+        """
+        held = {(int(k[0]), int(k[1])) for info in records.values() for k in info.get("experts", [])}
+        if not held or held >= {(layer, e) for layer in self.layers for e in range(self.spec.layer.num_experts)}:
+            self._partial_since = None
+            return True
+        if self._partial_since is None:
+            self._partial_since = time.monotonic()
+        return time.monotonic() - self._partial_since >= RECOVER_PARTIAL_AFTER_S
+
     def recover_placement(self, records: dict[str, dict]) -> Placement | None:
         """The store lost the placement table: republish what the live workers hold, as a new generation."""
         held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()}
@@ -399,6 +418,12 @@ class Controller:
         if current is None:
             if not self._store_settled():  # workers have not had time to heartbeat into the store yet
                 report["skipped"] = "waiting for workers to report what they hold"
+                self.last_report = report
+                self.set_status(*step_state(report))
+                return report
+            if not self._recoverable(records):  # a fleet still starting its workers, not a store that lost its table
+                report["skipped"] = "waiting for workers to report what they hold"
+                report["detail"] = "the live workers do not hold every expert yet, and no placement is published"
                 self.last_report = report
                 self.set_status(*step_state(report))
                 return report

@@ -94,3 +94,26 @@ def test_a_controller_with_no_device_is_blocked_and_says_what_the_inventory_lack
     assert report["detail"] == "every device is down or restarting: elsewhere"
     assert ctl.status["state"] == "blocked"
     store.release_lease("no-device")
+
+
+def test_a_starting_fleet_is_not_republished_from_its_first_worker(store, checkpoint):
+    """No placement published yet and the first of two workers heartbeating: its experts are not the fleet's
+    placement (the application publishes its own once both are up); once the live workers hold every expert,
+    a controller that finds no placement republishes theirs."""
+    from moefleet.core.model import MoECheckpoint
+
+    spec = MoECheckpoint(checkpoint).spec
+    starting = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ["w0", "w1"])
+    workers = {d: ExpertGroupCore(d, checkpoint, keys, backend="torch") for d, keys in starting.assignments.items()}
+    cfg = ControllerConfig(checkpoint=checkpoint, redis_url=store.url, namespace=store.namespace, ray_address=None,
+                           devices=_devices(), restart_workers=False)
+    ctl = Controller(cfg, holder="starting", store=store)
+    store.register_worker("worker:w0", {"kind": "worker", **workers["w0"].stats()}, None, 120.0)
+    report = ctl.step()
+    assert report["skipped"] == "waiting for workers to report what they hold", report
+    assert store.get_placement() is None
+    store.register_worker("worker:w1", {"kind": "worker", **workers["w1"].stats()}, None, 120.0)
+    ctl.step()
+    recovered = store.get_placement()
+    assert recovered is not None and recovered.experts() == starting.experts()
+    store.release_lease("starting")
