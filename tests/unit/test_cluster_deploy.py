@@ -242,3 +242,5 @@ def test_the_guides_deploy_command_makes_the_fleet_and_its_controller(tmp_path, 
     assert fleet["args"]["router"]["tls_cert"] == f"{tmp_path}/.config/moefleet/tls/tls.crt"
     assert ctl["args"]["checkpoint"] == fleet["args"]["checkpoint"] == "/models/mixtral-8x7b-v0.1"
     assert ctl["args"]["http_port"] == 8470 and "ray_address" not in ctl["args"]
+    assert main(argv[1:] + ["--dry-run", "--static"]) == 0  # the opt-out: the fleet alone
+    assert [a["name"] for a in yaml.safe_load(capsys.readouterr().out)["applications"]] == ["moefleet"]
