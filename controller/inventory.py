@@ -66,7 +66,7 @@ from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefleet.core.placement import DeviceSpec, Inventory
+from moefleet.core.placement import FLEET_DEVICES_RECORD, DeviceSpec, Inventory  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -498,3 +498,112 @@ def worker_resources(device: DeviceSpec) -> dict[str, Any]:
     if device.kind == "gpu":
         return {"num_gpus": 1}
     return {"num_gpus": 0, "resources": {CPU_TIER_RESOURCE: 1}}
+
+
+# -- The fleet's own workers as devices --------------------------------------------------------
+# FLEET_DEVICES_RECORD (moefleet.core.placement): the workers a deployment started, which the controller counts as devices
+
+
+def fleet_cpu_memory_bytes(total_expert_bytes: int, expert_bytes: int, num_workers: int,
+                           node_memory_bytes: float | None = None, workers_on_node: int = 1) -> int:
+    """Memory for expert weights of a CPU worker a deployment started (not on a CPU-tier slot).
+
+    Room for every expert twice over the fleet's CPU workers (as local mode gives its workers:
+    replicas, or a dead worker's experts on the survivors), at most the node's Ray ``memory``
+    divided among the fleet's workers on it, and never less than the worker's share of one copy
+    of every expert (what the starting placement gives it).
+    """
+    n = max(1, num_workers)
+    twice = int(2 * total_expert_bytes / max(n - 1, 1) / 0.9) + expert_bytes
+    share = int(total_expert_bytes / n / 0.9) + 2 * expert_bytes
+    memory = max(twice, 4 * expert_bytes)
+    if node_memory_bytes:
+        memory = min(memory, int(node_memory_bytes / max(1, workers_on_node)))
+    return max(memory, share)
+
+
+def _fleet_device(device_id: str, entry: Mapping[str, Any], node: Mapping[str, Any] | None, cpu_memory_bytes: int,
+                  accelerators: Mapping[str, AcceleratorSpec]) -> DeviceSpec:
+    resources: Mapping[str, float] = (node or {}).get("Resources") or {}
+    labels: Mapping[str, str] = (node or {}).get("Labels") or {}
+    node_id = str(entry.get("node_id") or (node or {}).get("NodeID") or "")
+    reported = entry.get("accelerator") or {}
+    if float(entry.get("num_gpus") or 0) >= 1:
+        accel = _accelerator_type(resources, labels) or reported.get("name")
+        spec = accelerators.get(accel) if accel else None
+        mem_gib = resources.get(GPU_MEMORY_RESOURCE) or (spec.memory_gib if spec else None)
+        memory = int(mem_gib * GIB) if mem_gib else int(reported.get("memory_bytes") or 0)
+        if memory <= 0:
+            raise InventoryError(f"worker {device_id}: a GPU of unknown type {accel!r} and unknown memory: "
+                                 f"declare the {GPU_MEMORY_RESOURCE!r} resource on node {node_id}")
+        declared = resources.get(SPEED_RESOURCE)
+        speed = declared / SPEED_SCALE if declared else (spec.speed if spec else 1.0)
+        return DeviceSpec(device_id=device_id, node_id=node_id, kind="gpu", accelerator_type=accel, memory_bytes=memory,
+                          speed=speed)
+    on_tier_slot = float((entry.get("resources") or {}).get(CPU_TIER_RESOURCE, 0)) >= 1
+    tier_gib = resources.get(CPU_TIER_MEMORY_RESOURCE) if on_tier_slot else None
+    declared = resources.get(SPEED_RESOURCE) if on_tier_slot else None
+    return DeviceSpec(device_id=device_id, node_id=node_id, kind="cpu",
+                      memory_bytes=int(tier_gib * GIB) if tier_gib else int(cpu_memory_bytes),
+                      speed=declared / SPEED_SCALE if declared else CPU_TIER_SPEED)
+
+
+def cluster_inventory(
+    nodes: Iterable[Mapping[str, Any]],
+    fleet_devices: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    total_expert_bytes: int = 0,
+    expert_bytes: int = 1,
+    accelerators: Mapping[str, AcceleratorSpec] = ACCELERATORS,
+    strict: bool = False,
+) -> Inventory:
+    """The devices of a cluster: its nodes' (``inventory_from_nodes``) and the fleet's own workers'.
+
+    ``fleet_devices``: the ``FLEET_DEVICES_RECORD`` entries by device id. Each is a device: a GPU
+    worker as its node's GPU type (memory and speed as the node declares them or the accelerator
+    table gives them), a CPU worker as a CPU-tier device whose memory is its CPU-tier slot's when
+    it reserved one, else ``fleet_cpu_memory_bytes`` (from ``total_expert_bytes``, the bytes of one
+    replica of every expert, and ``expert_bytes``, of one). A node slot a fleet worker holds (a GPU,
+    the CPU-tier slot) is not a second device. Fleet devices come first, in id order.
+    """
+    nodes = list(nodes)
+    fleet_devices = dict(fleet_devices or {})
+    by_node = {str(n.get("NodeID")): n for n in nodes if n.get("Alive", False)}
+    cpu_workers = [d for d, e in fleet_devices.items() if float(e.get("num_gpus") or 0) < 1]
+    devices: list[DeviceSpec] = []
+    gpus_held: dict[str, int] = {}
+    tier_held: set[str] = set()
+    for device_id in sorted(fleet_devices):
+        entry = fleet_devices[device_id]
+        node_id = str(entry.get("node_id") or "")
+        node = by_node.get(node_id)
+        on_node = sum(1 for d in cpu_workers if str(fleet_devices[d].get("node_id") or "") == node_id)
+        node_memory = ((node or {}).get("Resources") or {}).get("memory")
+        cpu_memory = fleet_cpu_memory_bytes(total_expert_bytes, expert_bytes, len(cpu_workers), node_memory, on_node)
+        try:
+            devices.append(_fleet_device(device_id, entry, node, cpu_memory, accelerators))
+        except InventoryError as e:
+            if strict:
+                raise
+            log.warning("inventory: skipping a fleet worker: %s", e)
+            continue
+        if float(entry.get("num_gpus") or 0) >= 1:
+            gpus_held[node_id] = gpus_held.get(node_id, 0) + int(float(entry["num_gpus"]))
+        if float((entry.get("resources") or {}).get(CPU_TIER_RESOURCE, 0)) >= 1:
+            tier_held.add(node_id)
+    held_ids: set[str] = set()
+    node_devices = inventory_from_nodes(nodes, accelerators=accelerators, strict=strict).devices
+    for node_id, count in gpus_held.items():
+        gpus = [d for d in node_devices if d.node_id == node_id and d.kind == "gpu"]
+        held_ids |= {d.device_id for d in gpus[len(gpus) - min(count, len(gpus)):]}
+    held_ids |= {d.device_id for d in node_devices if d.node_id in tier_held and d.kind == "cpu"}
+    taken = {d.device_id for d in devices}
+    devices += [d for d in node_devices if d.device_id not in held_ids and d.device_id not in taken]
+    return Inventory(devices=devices)
+
+
+def fleet_worker_options(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fresh worker for a fleet device reserves (as the deployment started it): num_cpus, num_gpus,
+    resources, and its node (a hint: a worker whose node is gone starts where Ray finds room)."""
+    return {"num_cpus": float(entry.get("num_cpus") or 0), "num_gpus": float(entry.get("num_gpus") or 0),
+            "resources": dict(entry.get("resources") or {}), "node_id": entry.get("node_id") or None}

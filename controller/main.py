@@ -71,6 +71,9 @@ from .telemetry import TelemetryConfig
 log = logging.getLogger(__name__)
 
 RECORD = "controller"
+RECOVER_PARTIAL_AFTER_S = 30.0
+"""With no placement published, what live workers hold is republished once it covers every expert, or after this
+long (a store that lost its table while a worker was down)."""
 
 
 class ControllerConfig(BaseModel):
@@ -244,6 +247,8 @@ class Controller:
         self._last_step = -float("inf")
         self._full_until: dict[str, float] = {}  # device -> monotonic time until which it takes no new experts
         self.full_cooldown_s = 60.0
+        self.status: dict = {}  # {"state", "reason", "detail", "since"}: step_state of the last step
+        self._partial_since: float | None = None  # since when live workers hold part of the experts and no placement exists
 
     def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
         """A device whose worker refused loads lately, capped at what it holds now (the planner adds nothing there)."""
@@ -264,13 +269,53 @@ class Controller:
 
     # -- inputs ----------------------------------------------------------
     def inventory(self) -> Inventory:
+        """The static devices of the config, else the cluster's: its nodes' and the fleet's own workers'.
+
+        Workers a deployment started where Ray placed them (``moe-fleet deploy``: the Serve
+        application's starting workers, recorded in the store) are devices too, and a fresh worker
+        for one of them is started as the deployment started it.
+        """
         if self.config.devices:
             return Inventory(devices=self.config.devices)
         import ray
 
-        from .inventory import inventory_from_nodes
+        from .inventory import FLEET_DEVICES_RECORD, cluster_inventory, fleet_worker_options
 
-        return inventory_from_nodes(ray.nodes())
+        fleet = (self.store.get_record(FLEET_DEVICES_RECORD) or {}).get("devices") or {}
+        total = int(np.sum(np.broadcast_to(np.asarray(self.expert_bytes, dtype=float), (len(self.layers), self.spec.layer.num_experts))))
+        self.reconciler.start_options = {d: fleet_worker_options(e) for d, e in fleet.items()}
+        return cluster_inventory(ray.nodes(), fleet, total_expert_bytes=total,
+                                 expert_bytes=int(np.max(np.asarray(self.expert_bytes, dtype=float))))
+
+    def model_mismatch(self, heartbeats: dict[str, dict]) -> tuple[str, str] | None:
+        """(reason, detail) when the routers serve another model than this controller's checkpoint; else None.
+
+        A controller planning another model's experts would place what the fleet does not have: it
+        stays out of the way and says why.
+        """
+        served = next((info["model"] for key, info in heartbeats.items() if key.startswith("router:") and info.get("model")), None)
+        if not served:
+            return None
+        theirs = ([int(x) for x in served.get("moe_layers") or []], int(served.get("num_experts") or 0))
+        if theirs == (self.layers, self.spec.layer.num_experts):
+            return None
+        fleet = f"{served.get('family', '?')}, {len(theirs[0])} MoE layers × {theirs[1]} experts"
+        mine = f"{self.spec.family}, {len(self.layers)} MoE layers × {self.spec.layer.num_experts} experts"
+        if self.config.checkpoint is None:
+            return ("no checkpoint", f"the fleet serves {fleet}; this controller's config names no checkpoint, so it took "
+                                     f"the built-in model ({mine}): set checkpoint to the fleet's checkpoint directory")
+        return ("checkpoint mismatch", f"the fleet serves {fleet}; this controller's checkpoint {self.config.checkpoint} "
+                                       f"is {mine}: set checkpoint to the fleet's checkpoint directory")
+
+    def set_status(self, state: str, reason: str, detail: str = "") -> dict:
+        """The controller's state and why (shown by ``status``); logged once each time it changes."""
+        if (state, reason) != (self.status.get("state"), self.status.get("reason")):
+            level = logging.WARNING if state in ("blocked", "failing") else logging.INFO
+            log.log(level, "controller %s: %s%s", state, reason, f" ({detail})" if detail else "")
+            self.status = {"state": state, "reason": reason, "detail": detail, "since": time.time()}
+        else:
+            self.status = {**self.status, "detail": detail}
+        return self.status
 
     def load(self, now: float | None) -> np.ndarray:
         c = self.config
@@ -314,9 +359,10 @@ class Controller:
         served_load = load_matrix(raw, self.layers, self.spec.layer.num_experts)
         return served, served_load, window + 1.0 + 0.25
 
-    def worker_records(self) -> dict[str, dict]:
+    def worker_records(self, heartbeats: dict[str, dict] | None = None) -> dict[str, dict]:
         """Live workers' heartbeat info by device id (the store's clock)."""
-        return {k.split(":", 1)[1]: v for k, v in self.store.workers().items() if k.startswith("worker:")}
+        heartbeats = self.store.workers() if heartbeats is None else heartbeats
+        return {k.split(":", 1)[1]: v for k, v in heartbeats.items() if k.startswith("worker:")}
 
     def queue_depths(self, records: dict[str, dict] | None = None) -> dict[str, float]:
         """Workers' queue depth (in-flight calls), by device id, from their heartbeats."""
@@ -508,6 +554,21 @@ class Controller:
                 self._restart_failed(d, f"not ready within {self.config.restart_timeout_s:.0f}s")
 
     # -- recovery ----------------------------------------------------------
+    def _recoverable(self, records: dict[str, dict]) -> bool:
+        """Whether what the live workers hold may be republished as the placement (no placement is published).
+
+        Only once they hold every expert, or have held only part of them for ``RECOVER_PARTIAL_AFTER_S``: a fleet's
+        application publishes its first placement after its workers start, and a controller that republished the
+        first worker's experts in between would publish a placement missing the others'.
+        """
+        held = {(int(k[0]), int(k[1])) for info in records.values() for k in info.get("experts", [])}
+        if not held or held >= {(layer, e) for layer in self.layers for e in range(self.spec.layer.num_experts)}:
+            self._partial_since = None
+            return True
+        if self._partial_since is None:
+            self._partial_since = time.monotonic()
+        return time.monotonic() - self._partial_since >= RECOVER_PARTIAL_AFTER_S
+
     def recover_placement(self, records: dict[str, dict], inventory: Inventory | None = None) -> Placement | None:
         """The store lost the placement table: republish what the live workers hold, as a new generation.
 
@@ -544,12 +605,17 @@ class Controller:
         if not self.hold_lease():
             return None
         record = self.store.get_record(RECORD) or {}
+        heartbeats = self.store.workers()
+        report: dict = {"at": now, "holder": self.holder}
+        mismatch = self.model_mismatch(heartbeats)
+        if mismatch is not None:  # another model's fleet: touch nothing
+            report["skipped"], report["detail"] = mismatch
+            return self._finish(report, record)
         inventory = self.inventory()
         self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
-        records = self.worker_records()
+        records = self.worker_records(heartbeats)
         self._poll_restarts(records)
         current = self.store.get_placement()
-        report: dict = {"at": now, "holder": self.holder}
         if current is None and self._seen_generation and self._store_settled():
             self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
             self._seen_generation = ""
@@ -557,6 +623,13 @@ class Controller:
             if not self._store_settled():  # workers have not had time to heartbeat into the store yet
                 report["skipped"] = "waiting for workers to report what they hold"
                 self.last_report = report
+                self.set_status(*step_state(report))
+                return report
+            if not self._recoverable(records):  # a fleet still starting its workers, not a store that lost its table
+                report["skipped"] = "waiting for workers to report what they hold"
+                report["detail"] = "the live workers do not hold every expert yet, and no placement is published"
+                self.last_report = report
+                self.set_status(*step_state(report))
                 return report
             current = self.recover_placement(records, inventory) or Placement()  # empty: a fleet with nothing placed yet
         self._seen_generation = current.generation or self._seen_generation
@@ -599,6 +672,11 @@ class Controller:
             served=served, served_load=served_load, served_window_s=served_window_s,
         )
         report.update(decision.report)
+        if report.get("skipped") == "no live device" and not current.assignments and not inventory.devices:
+            report["skipped"] = "no fleet yet"  # a deploy in progress: its application starts workers, then publishes
+            report["detail"] = "no placement is published and no device is known yet"
+        elif report.get("skipped") == "no live device":
+            report["detail"] = no_device_detail(inventory.devices, unusable)
         record = decision.record
         result: Plan | None = decision.plan
         if result is not None and result.apply:
@@ -623,10 +701,17 @@ class Controller:
             report["apply_seconds"] = time.monotonic() - t0
         self._restart(down_or_idle, records)
         report["lost"] = sorted(self.lost)
+        return self._finish(report, record)
+
+    def _finish(self, report: dict, record: dict) -> dict:
+        """Store the step's report and the controller's state (with why); emit ``plan_skipped``, ``prediction_miss``
+        and the ``plan`` event, under the lease."""
         record["last_report"] = report
+        record["status"] = self.set_status(*step_state(report))
         self.store.put_record(RECORD, record, fence=self.fence)
         if "plan_skipped" in report:
-            self.emit("plan_skipped", {"at": now, "placement_version": current.version, **report["plan_skipped"]})
+            self.emit("plan_skipped", {"at": report["at"], "placement_version": report.get("placement_version"),
+                                       **report["plan_skipped"]})
         prediction = report.get("prediction")
         if prediction is not None and prediction.get("miss"):
             log.warning("prediction missed after v%s: measured balancedness %.3f, predicted %.3f",
@@ -635,6 +720,17 @@ class Controller:
         self.emit("plan", report)
         self.last_report = report
         return report
+
+    def _store_status(self) -> None:
+        """Best effort: put the controller's state into its record outside a step (a step that raised)."""
+        if not self.leader:
+            return
+        try:
+            record = self.store.get_record(RECORD) or {}
+            record["status"] = self.status
+            self.store.put_record(RECORD, record, fence=self.fence)
+        except Exception as e:  # the store is down: the state shows once it answers
+            log.debug("could not store the controller's state: %s", e)
 
     def run(self, stop: threading.Event) -> None:
         """Step every ``interval_s`` (at once when a worker dies) until ``stop`` is set; followers poll for the lease."""
@@ -665,14 +761,56 @@ class Controller:
                 self.leader = False  # cannot renew: stop acting as leader
                 self.reconciler.fence = None
                 self._store_ok_since = None
-            except Exception:  # a failed step is logged with its cause and retried next interval
-                log.exception("controller step failed")
+            except Exception as e:  # a failed step is logged with its cause (once while it repeats) and retried
+                if self.status.get("reason") != "step failed":
+                    log.exception("controller step failed")
+                self.set_status("failing", "step failed", f"{type(e).__name__}: {e}")
+                self._store_status()
             stop.wait(max(0.0, c.health_interval_s - (time.monotonic() - t0)))
         if self.leader:
             try:
                 self.store.release_lease(self.holder)
             except Exception as e:  # it lapses by itself
                 log.warning("%s: could not release the lease: %s", self.holder, e)
+
+
+BLOCKING_REASONS = ("no live device", "no checkpoint", "checkpoint mismatch")
+"""Reasons a controller cannot plan at all until someone acts (its state is then ``blocked``)."""
+
+
+def step_state(report: dict) -> tuple[str, str, str]:
+    """(state, reason, detail) of a step's report, for ``status`` and the log. Pure.
+
+    States: ``blocked`` (cannot plan: no live device, another model's fleet), ``waiting`` (for a fleet,
+    for workers to report, for load), ``failing`` (a rebalance was undone), ``repairing`` (workers down),
+    ``rebalanced`` (this step applied a plan) and ``steady`` (planned; no move pays).
+    """
+    detail = str(report.get("detail") or "")
+    skipped = report.get("skipped")
+    if skipped:
+        return ("blocked" if skipped in BLOCKING_REASONS else "waiting"), str(skipped), detail
+    if report.get("apply_error"):
+        return "failing", "rebalance undone", str(report["apply_error"])
+    if report.get("down"):
+        return "repairing", "workers down", ", ".join(report["down"])
+    if report.get("applied_version"):
+        gain = report.get("gain")
+        return "rebalanced", f"placement v{report['applied_version']}", "" if gain is None else f"gain {gain:.3f}"
+    held = report.get("plan_skipped")
+    if held:  # a plan with a gain, held back by the gate (cost, cooldown, confirming)
+        return "steady", f"plan held: {held.get('reason')}", (
+            f"gain {held.get('gain', 0):.3f} x horizon {held.get('horizon_s', 0):.0f}s vs cost {held.get('cost_s', 0):.1f}s"
+        )
+    gain = report.get("gain")
+    return "steady", "no move pays", "" if gain is None else f"best gain {gain:.3f}"
+
+
+def no_device_detail(devices: list[DeviceSpec], unusable: set[str]) -> str:
+    """Why a step found no live device: none in the inventory, or every one down or restarting."""
+    if not devices:
+        return ("the inventory is empty: no node declares a GPU or a CPU-tier slot (moefleet_cpu_tier), and no worker "
+                "of the fleet is recorded (moe-fleet deploy records the workers it starts; see deploy/README.md)")
+    return f"every device is down or restarting: {', '.join(sorted(unusable))}"
 
 
 def controller_actor_class():

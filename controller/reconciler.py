@@ -226,6 +226,8 @@ class Reconciler:
         self.redis_url = redis_url
         self.clock = clock
         self.fence: tuple[str, int] | None = None
+        # devices whose worker starts as the deployment started it (inventory.fleet_worker_options), not as its node type
+        self.start_options: dict[DeviceId, dict] = {}
         self.keepalive = None
         self.last_apply: dict = {}
         self.router_grace_s = ROUTER_GRACE_S
@@ -240,15 +242,19 @@ class Reconciler:
         spec = self.devices.get(device)
         options: dict = {}
         cpus = None
+        worker = self.worker
         if spec is not None and self.local:
             cpus = spec.cpus
+        elif device in self.start_options:
+            options = dict(self.start_options[device])
+            worker = worker.model_copy(update={"num_cpus": options.pop("num_cpus")})
         elif spec is not None:
             from .inventory import worker_resources
 
             need = worker_resources(spec)
             options = dict(num_gpus=need.get("num_gpus"), resources=need.get("resources"), node_id=spec.node_id or None)
         return start_worker(
-            device, self.checkpoint, list(experts), self.namespace, self.worker, cpus=cpus, redis_url=self.redis_url,
+            device, self.checkpoint, list(experts), self.namespace, worker, cpus=cpus, redis_url=self.redis_url,
             memory_bytes=None if spec is None else spec.memory_bytes, **options,
         )
 

@@ -120,6 +120,15 @@ def read_inputs(store, config: TelemetryConfig) -> FleetInputs:
     )
 
 
+def controller_status(leader: str | None, record: dict) -> dict:
+    """``state``, ``reason`` and ``detail`` of the controller as its leader last stored them (``Controller.set_status``);
+    with no leader, state ``none``: no controller runs (a static fleet), or none holds the lease."""
+    if not leader:
+        return {"state": "none", "reason": "no controller holds the lease", "detail": ""}
+    status = record.get("status") or {}
+    return {"state": status.get("state", "starting"), "reason": status.get("reason", ""), "detail": status.get("detail", "")}
+
+
 def rebalance_increments(seconds: float | None, loads: int, bytes_moved: int) -> dict[str, float]:
     """What one rebalance adds to the store's ``REBALANCE_COUNTERS``.
 
@@ -381,7 +390,7 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
         "requests": requests,
         "rebalances": rebalances,
         "controller": {"leader": inputs.leader, "last_report": record.get("last_report"), "rebalance_phase": phase,
-                       "prediction": record.get("prediction")},
+                       "prediction": record.get("prediction"), **controller_status(inputs.leader, record)},
         "rebalance_log": log[-50:],
         "events": events,
         "warnings": warnings,

@@ -292,6 +292,15 @@ def cmd_down(args) -> int:
         time.sleep(0.2)
     if _alive(state["pid"]):
         os.kill(state["pid"], signal.SIGKILL)
+    # return once the fleet's ports can be bound again (a router process may outlive the fleet's for a moment)
+    from moefleet.core.ports import wait_bindable
+
+    ports = [a for a in (state.get("address"), state.get("http_address")) if a]
+    busy = wait_bindable(ports, max(1.0, deadline - time.monotonic()))
+    if busy:
+        print(f"moe-fleet: fleet at {state['address']} stopped, but still listened on: "
+              + ", ".join(f"{a} ({e.strerror})" for a, e in busy.items()), file=sys.stderr)
+        return 1
     print(f"fleet at {state['address']} stopped")
     return 0
 
@@ -308,17 +317,16 @@ def _address(args) -> tuple[str, dict | None]:
 def _check_http_port(port: int) -> None:
     """Fail before anything starts when the telemetry port is taken, saying what to do."""
     import errno
-    import socket
+
+    from moefleet.core.ports import bind_error
 
     if port <= 0:
         return
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as e:
-            hint = "another fleet's dashboard?" if e.errno == errno.EADDRINUSE else e.strerror
-            raise SystemExit(f"moe-fleet: port {port} on 127.0.0.1 is not free ({hint}): pass --http-port with a free port, "
-                             "0 for any, or -1 to serve no telemetry endpoint")
+    e = bind_error("127.0.0.1", port)  # as the endpoint binds it: connections left in TIME_WAIT do not count
+    if e is not None:
+        hint = "another fleet's dashboard?" if e.errno == errno.EADDRINUSE else e.strerror
+        raise SystemExit(f"moe-fleet: port {port} on 127.0.0.1 is not free ({hint}): pass --http-port with a free port, "
+                         "0 for any, or -1 to serve no telemetry endpoint")
 
 
 def _snapshot_source(args):
@@ -570,36 +578,60 @@ def cmd_demo(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    """Start the fleet on an existing Ray cluster: generate the Serve config and ``serve deploy`` it."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
+    """Start the fleet on an existing Ray cluster: check its resources, deploy the Serve config, wait until it serves."""
     import yaml
 
-    from moefleet.deploy_config import serve_config
+    from moefleet.deploy import DeployError, deploy
+    from moefleet.deploy_config import ServeConfigError, serve_config
 
-    app_args = {"num_workers": args.workers}
-    if args.checkpoint:
-        app_args["checkpoint"] = args.checkpoint
-    if args.redis_url:
-        app_args["redis_url"] = args.redis_url
+    if args.workers < 1 or args.worker_cpus < 0 or args.timeout <= 0:
+        raise SystemExit("moe-fleet: --workers must be >= 1, --worker-cpus >= 0 and --timeout > 0 seconds")
+    app_args: dict = {"num_workers": args.workers}
+    for key in ("checkpoint", "redis_url", "namespace"):
+        if getattr(args, key):
+            app_args[key] = getattr(args, key)
+    if args.worker_cpus != 1.0:
+        app_args["worker"] = {"num_cpus": args.worker_cpus}
     router = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file") if getattr(args, k)}
     if router:
         app_args["router"] = router  # paths on the head node
-    config = serve_config(app_args)
-    text = yaml.safe_dump(config, sort_keys=False)
+    controller = None
+    if not args.static:
+        controller = {}
+        if args.controller_config:
+            from pathlib import Path
+
+            try:
+                controller = yaml.safe_load(Path(args.controller_config).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise SystemExit(f"moe-fleet: --controller-config {args.controller_config}: {e}") from None
+            if not isinstance(controller, dict):
+                raise SystemExit(f"moe-fleet: --controller-config {args.controller_config}: expected a mapping of "
+                                 "ControllerConfig fields")
+        controller.update(http_host=args.http_host, http_port=args.http_port)
+    try:
+        config = serve_config(app_args, grpc_port=args.grpc_port, controller=controller, host=args.host,
+                              http_port=args.serve_http_port)
+    except ServeConfigError as e:
+        raise SystemExit(f"moe-fleet: {e}") from None
     if args.dry_run:
-        sys.stdout.write(text)
+        sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
         return 0
-    serve_bin = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
-    if serve_bin is None:
-        print("moe-fleet: Ray's 'serve' command is not installed", file=sys.stderr)
-        return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
-    return subprocess.call([serve_bin, "deploy", f.name, "--address", args.address])
+    try:
+        outcome = deploy(args.address, config, timeout_s=args.timeout, check_resources=not args.skip_resource_check,
+                         progress=lambda line: print(line, flush=True))
+    except DeployError as e:
+        print(f"moe-fleet: {e}", file=sys.stderr)
+        return 1
+    if not outcome.ok:
+        print("moe-fleet: " + "\n".join(outcome.lines), file=sys.stderr)
+        return 1
+    tls = " (TLS)" if args.tls_cert else ""
+    print(f"fleet RUNNING in {outcome.elapsed_s:.0f}s: gRPC on {args.host}:{args.grpc_port}{tls}, {args.workers} workers, "
+          + (f"controller on, telemetry http://{args.http_host}:{args.http_port} on the head "
+             f"(moe-fleet status --url http://{args.http_host}:{args.http_port})" if controller is not None
+             else "controller off (--static)"))
+    return 0
 
 
 def _client_flags(p) -> None:
@@ -918,15 +950,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift", type=float, default=10.0, help="seconds between shifts of the hot experts")
     _client_flags(p)
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("deploy", help="start the fleet on an existing Ray cluster (serve deploy of the generated config)")
+    p = sub.add_parser("deploy", help="start the fleet and its controller on an existing Ray cluster (Serve applications)")
     p.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's dashboard address")
     p.add_argument("--checkpoint", help="checkpoint directory present on every node (default: built-in model)")
     p.add_argument("--workers", type=int, default=2, help="workers of the starting placement")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs each worker reserves (also its torch threads)")
+    p.add_argument("--namespace", help="Ray namespace and Redis key prefix of the fleet (default: moefleet)")
     p.add_argument("--redis-url", help="Redis URL (default: MOEFLEET_REDIS_URL on the cluster)")
     p.add_argument("--tls-cert", help="on the head: PEM certificate of the gRPC port (TLS)")
     p.add_argument("--tls-key", help="on the head: its PEM key")
     p.add_argument("--tls-client-ca", help="on the head: CA bundle of the client certificates to require (mutual TLS)")
     p.add_argument("--auth-token-file", help="on the head: the API's bearer token (default: MOEFLEET_AUTH_TOKEN on the head)")
+    p.add_argument("--host", default="0.0.0.0", help="address the gRPC port and Serve's HTTP proxy bind on the head")
+    p.add_argument("--grpc-port", type=int, default=9000, help="the fleet's gRPC port")
+    p.add_argument("--serve-http-port", type=int, default=8000, help="Serve's HTTP proxy port (health checks)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--controller", dest="static", action="store_false", default=False,
+                       help="start the controller beside the fleet (the default)")
+    group.add_argument("--static", dest="static", action="store_true",
+                       help="no controller: keep the starting placement, repair nothing")
+    p.add_argument("--controller-config", help="YAML ControllerConfig with the controller's knobs (checkpoint, namespace "
+                                               "and worker are the fleet's)")
+    p.add_argument("--http-host", default="127.0.0.1", help="address the controller's telemetry endpoint binds on the head")
+    p.add_argument("--http-port", type=int, default=8470, help="the telemetry endpoint's port (/metrics, dashboard, /api/state)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the fleet to serve before reporting why not")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="deploy even when the live nodes lack the resources (a cluster whose autoscaler adds nodes)")
     p.add_argument("--dry-run", action="store_true", help="print the Serve config instead of deploying it")
     p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser(

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from moefleet.controller.serve_app import APP_NAME as CONTROLLER_APP_NAME
+from moefleet.controller.serve_app import IMPORT_PATH as CONTROLLER_IMPORT_PATH
 from moefleet.router_service.serve_app import SERVICER_FUNCTIONS
 from moefleet.controller.inventory import GIB, NODE_TYPES, NodeType, node_labels, node_resources, ray_start_command
 
@@ -60,7 +62,8 @@ class ServeConfigError(ValueError):
 
 
 def serve_config(
-    args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = FLEET_GRPC_PORT
+    args: dict[str, Any] | None = None, *, app_name: str = APP_NAME, grpc_port: int = FLEET_GRPC_PORT,
+    controller: dict[str, Any] | None = None, host: str = CLUSTER_BIND_HOST, http_port: int = SERVE_HTTP_PORT,
 ) -> dict:
     """A Serve deploy config (``ServeDeploySchema``) that runs the fleet's application in a cluster.
 
@@ -77,6 +80,14 @@ def serve_config(
             TLS from ``tls_cert``/``tls_key``/``tls_client_ca``.
         app_name: the Serve application's name.
         grpc_port: the fleet's gRPC port (the ingress replica's own server).
+        controller: when given, a second application, ``moefleet-controller``
+            (``controller/serve_app.py``): the controller with these
+            ``ControllerConfig`` settings on the head node, serving the fleet's
+            telemetry; ``checkpoint``, ``namespace`` and ``worker`` default to
+            the fleet's (and must equal them). None: no controller (static).
+        host: the address the router and Serve's HTTP proxy bind (all
+            interfaces; 127.0.0.1 for a one-machine cluster).
+        http_port: Serve's HTTP proxy port.
 
     Returns the config as plain data (dump it with ``yaml.safe_dump``); it is
     validated with ``check_serve_config`` first.
@@ -88,7 +99,7 @@ def serve_config(
     args = dict(args or {})
     router = args.get("router")
     if router is None or isinstance(router, dict):
-        args["router"] = {"host": CLUSTER_BIND_HOST, "port": grpc_port, **(router or {})}
+        args["router"] = {"host": host, "port": grpc_port, **(router or {})}
     try:
         ServeAppArgs(**args)
     except ValidationError as e:
@@ -102,11 +113,52 @@ def serve_config(
         raise ServeConfigError("args.serve_grpc: false would leave the cluster without the fleet's gRPC API")
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": CLUSTER_BIND_HOST, "port": SERVE_HTTP_PORT},
+        "http_options": {"host": host, "port": http_port},
         "applications": [{"name": app_name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args}],
     }
+    if controller is not None:
+        config["applications"].append({
+            "name": CONTROLLER_APP_NAME, "route_prefix": None, "import_path": CONTROLLER_IMPORT_PATH,
+            "args": controller_args(controller, args),
+        })
     check_serve_config(config)
     return config
+
+
+def controller_args(controller: dict[str, Any], app_args: dict[str, Any]) -> dict[str, Any]:
+    """The controller application's args: ``controller`` (ControllerConfig fields), with the fleet's checkpoint,
+    namespace and worker settings filled in; refused when they differ from the fleet's or hold a password."""
+    from pydantic import ValidationError
+
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.router_service.serve_app import ServeAppArgs
+
+    app = ServeAppArgs(**app_args)
+    out = {k: v for k, v in controller.items() if k != "ray_address"}
+    fleet = {"checkpoint": app.checkpoint, "namespace": app.namespace}
+    if "worker" in app_args or "worker" in out:  # a worker as the fleet starts them (restarts, new devices)
+        fleet["worker"] = app.worker.model_dump(mode="json", exclude_defaults=True)
+    for key, value in fleet.items():
+        if key not in out:
+            if value is not None:
+                out[key] = value
+            continue
+        mine = out[key]
+        if key == "worker":
+            mine, value = ControllerConfig(worker=out[key]).worker.model_dump(mode="json"), app.worker.model_dump(mode="json")
+        if mine != value:
+            raise ServeConfigError(f"controller.{key}: {mine!r} differs from the fleet's {value!r}; leave it out "
+                                   "(the controller takes the fleet's)")
+    if out.get("redis_url") and urlsplit(str(out["redis_url"])).password:
+        raise ServeConfigError(f"controller.redis_url: holds a password; set it in ${REDIS_URL_ENV} and leave redis_url out")
+    if out.get("devices"):
+        raise ServeConfigError("controller.devices: a static inventory is for local mode; in a cluster the controller "
+                               "reads the nodes and the fleet's workers")
+    try:
+        ControllerConfig(**out)
+    except ValidationError as e:
+        raise ServeConfigError(f"controller: not a valid ControllerConfig: {e}") from e
+    return out
 
 
 def _unknown_keys(data: dict, model: type, where: str) -> list[str]:

@@ -84,6 +84,7 @@ def header(snap: dict, rates: dict | None) -> Text:
     phase = snap["controller"].get("rebalance_phase")
     if phase:
         t.append(f" · rebalance in progress: {phase}", style="yellow")
+    t.append_text(controller_line(snap["controller"]))
     floor = (snap["controller"].get("last_report") or {}).get("min_replicas")
     if floor:
         t.append(f"\nreplicas per expert: at least {floor['replicas']} ({floor['why']})")
@@ -91,6 +92,22 @@ def header(snap: dict, rates: dict | None) -> Text:
         t.append(f"\nstore unreachable: {snap['store_error']}", style="bold red")
     for w in snap["warnings"]:
         t.append(f"\n⚠ {w}", style="bold red")
+    return t
+
+
+CONTROLLER_STYLES = {"blocked": "bold red", "failing": "bold red", "repairing": "yellow", "waiting": "yellow"}
+
+
+def controller_line(ctl: dict) -> Text:
+    """'\ncontroller blocked: no live device — the inventory is empty: ...' (state, reason, detail)."""
+    state = ctl.get("state")
+    t = Text()
+    if not state:
+        return t
+    t.append("\ncontroller ")
+    t.append(f"{state}: {ctl.get('reason') or ''}".rstrip(": "), style=CONTROLLER_STYLES.get(state, ""))
+    if ctl.get("detail"):
+        t.append(f" — {ctl['detail']}")
     return t
 
 

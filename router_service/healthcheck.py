@@ -1,6 +1,7 @@
 """Container health probe: ``python -m moefleet.router_service.healthcheck [ADDRESS] [--service NAME] [--tls-ca CA]``.
 
-Exits 0 when the standard ``grpc.health.v1`` service answers SERVING, 1 otherwise.
+Prints ``SERVING`` and exits 0 when the standard ``grpc.health.v1`` service answers
+SERVING; otherwise prints the status (or the error) to stderr and exits 1.
 Health checks need no token; on a TLS port pass the CA bundle (and, for mutual
 TLS, a client certificate and key).
 """
@@ -28,7 +29,9 @@ def check(address: str, service: str = "", timeout: float = 3.0, *, tls_ca=None,
             print(f"{address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return False
     ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-    if not ok:
+    if ok:
+        print("SERVING")
+    else:
         print(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", file=sys.stderr)
     return ok
 

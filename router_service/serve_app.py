@@ -52,6 +52,10 @@ class ServeAppArgs(BaseModel):
         default=True,
         description="Serve the API from this replica's own gRPC server on router.host:router.port (TLS, token, limits).",
     )
+    start_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="Longest wait for the starting workers; past it the replica fails naming the workers still pending.",
+    )
 
     def resolved_redis_url(self) -> str:
         from moefleet.core.state import resolve_redis_url
@@ -76,7 +80,7 @@ class FleetIngress:
 
         from moefleet.core.default_model import default_model_dir
         from moefleet.core.model import MoECheckpoint
-        from moefleet.core.placement import Placement, spread_placement, worker_actor_name
+        from moefleet.core.placement import FLEET_DEVICES_RECORD, Placement, spread_placement, worker_actor_name
         from moefleet.core.state import LeaseLostError, StaleVersionError, StateStore
         from moefleet.expert_workers.launch import start_worker
 
@@ -94,7 +98,8 @@ class FleetIngress:
         redis_url = self.args.resolved_redis_url()
         self.store = StateStore(redis_url, namespace=self.args.namespace, socket_timeout_s=1.0)
         placement = self.store.get_placement()
-        if placement is None:
+        starting = placement is None
+        if starting:
             spec = MoECheckpoint(checkpoint).spec
             ids = [f"worker-{i}" for i in range(self.args.num_workers)]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)
@@ -110,7 +115,9 @@ class FleetIngress:
             d: start_worker(d, checkpoint, keys, self.args.namespace, wc, redis_url=redis_url)
             for d, keys in placement.assignments.items()
         }
-        ray.get([h.ready.remote() for h in handles.values()])
+        wait_for_workers(handles, wc, self.args.start_timeout_s)
+        if starting or self.store.get_record(FLEET_DEVICES_RECORD) is None:
+            record_fleet_devices(self.store, handles, wc)
         if self.store.placement_version() == 0:
             if running:  # workers outlived the table (the store lost its data): what they hold is the placement
                 held = dict(zip(handles, ray.get([h.experts.remote() for h in handles.values()])))
@@ -219,6 +226,43 @@ class FleetIngress:
     async def __del__(self):
         if self.server is not None:
             await self.server.stop()
+
+
+def wait_for_workers(handles: dict, worker: WorkerConfig, timeout_s: float) -> None:
+    """Wait until every worker answers; past ``timeout_s`` raise naming those pending and what each reserves."""
+    import ray
+
+    refs = {d: h.ready.remote() for d, h in handles.items()}
+    _, waiting = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if waiting:
+        stuck = sorted(d for d, r in refs.items() if r in waiting)
+        asks = {"CPU": worker.num_cpus, "GPU": worker.num_gpus, **worker.resources}
+        asks_text = ", ".join(f"{k}: {v:g}" for k, v in asks.items() if v)
+        free = ray.available_resources()
+        free_text = ", ".join(f"{k}: {free.get(k, 0):g}" for k, v in asks.items() if v)
+        raise RuntimeError(
+            f"workers {stuck} did not start within {timeout_s:g}s: each reserves {{{asks_text}}} and the cluster has "
+            f"{{{free_text}}} free; add nodes, deploy fewer workers, or ask less per worker (worker.num_cpus, "
+            "worker.num_gpus, worker.resources)"
+        )
+    ray.get(list(refs.values()))
+
+
+def record_fleet_devices(store, handles: dict, worker: WorkerConfig) -> None:
+    """Record the started workers as the fleet's devices (``FLEET_DEVICES_RECORD``): where each runs, what it reserves."""
+    import ray
+
+    from moefleet.core.placement import FLEET_DEVICES_RECORD
+
+    ids = sorted(handles)
+    nodes = ray.get([handles[d].node_id.remote() for d in ids])
+    stats = ray.get([handles[d].stats.remote() for d in ids])
+    devices = {
+        d: {"node_id": node, "num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus, "resources": dict(worker.resources),
+            "accelerator": st.get("accelerator") or {}}
+        for d, node, st in zip(ids, nodes, stats)
+    }
+    store.put_record(FLEET_DEVICES_RECORD, {"devices": devices})
 
 
 def build_app(args: dict):

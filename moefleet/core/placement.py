@@ -39,6 +39,14 @@ def worker_actor_name(device_id: DeviceId) -> str:
     return WORKER_PREFIX + device_id
 
 
+FLEET_DEVICES_RECORD = "fleet_devices"
+"""Store record of the workers a deployment started where Ray placed them (the Serve application's
+starting workers): ``{"devices": {device_id: entry}}``, each entry ``node_id`` (the Ray node it runs
+on), ``num_cpus``, ``num_gpus``, ``resources`` (what it reserves) and ``accelerator`` (the worker's
+own ``{"name", "memory_bytes"}``). The controller counts each as a device of its inventory
+(``controller.inventory.cluster_inventory``) and restarts it as it was started."""
+
+
 class DeviceSpec(BaseModel):
     """One device that can host an ``ExpertGroup`` worker."""
 

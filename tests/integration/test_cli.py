@@ -81,6 +81,14 @@ def test_up_status_demo_down_on_the_default_model(tmp_path):
     finally:
         down = _cli("down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
+    # `down` returns once the fleet's ports can be bound again, as its servers bind them (status fetched the
+    # telemetry port: its closed connections wait out TIME_WAIT, which `up`'s check must not count)
+    from moefleet.cli import _check_http_port
+    from moefleet.core.ports import bind_error, split_address
+
+    http_address = http.split()[0].removeprefix("http://").rstrip("/")
+    assert bind_error(*split_address(address)) is None and bind_error(*split_address(http_address)) is None
+    _check_http_port(split_address(http_address)[1])
     assert "no local fleet" in _cli("down", env=env).stdout
     log = (tmp_path / "local-fleet.log").read_text()
     assert "redis://:***@127.0.0.1:" in log

@@ -235,12 +235,47 @@ def test_the_serve_ingress_reports_what_it_has_in_flight_and_holds_up_the_drain(
         await asyncio.sleep(0.5)
         assert routers_drained(routers(), new.version, new.generation)
         await ingress.runtime.stop()
-        return list(old.assignments)
+        await ingress.server.stop(0)  # in its own loop: a grpc.aio server left to the collector after the loop closed
+        return list(old.assignments)  # shuts gRPC's poller down from a finaliser, where it can hang the process
 
     devices = asyncio.run(scenario())
-    from moefleet.core.placement import worker_actor_name
+    from moefleet.controller.main import ControllerConfig
+    from moefleet.core.placement import FLEET_DEVICES_RECORD, worker_actor_name
+
+    # the workers it started are the fleet's devices: recorded where Ray placed them, counted by a controller
+    # of the cluster (not only its nodes' GPUs and CPU-tier slots), and restarted as they were started
+    recorded = store.get_record(FLEET_DEVICES_RECORD)["devices"]
+    assert sorted(recorded) == sorted(devices) == ["worker-0", "worker-1"]
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert all(e["node_id"] in alive and e["num_cpus"] == 0 and e["accelerator"]["name"] == "cpu" for e in recorded.values())
+    ctl = Controller(ControllerConfig(checkpoint=checkpoint, redis_url=redis_server.url, namespace=ns, ray_address=None),
+                     holder="ingress-test", store=store)
+    by_id = ctl.inventory().by_id()
+    for d in devices:
+        assert by_id[d].kind == "cpu" and by_id[d].node_id == recorded[d]["node_id"]
+        assert by_id[d].memory_bytes * 0.9 >= sum(ctl._replica_bytes(k) for k in store.get_placement().assignments[d])
+        assert ctl.reconciler.start_options[d]["num_cpus"] == 0
+    assert len(by_id) == len(devices) + 4  # beside the session cluster's own devices (2 H100s, an L4, a CPU tier)
 
     for d in devices:
+        ray.kill(ray.get_actor(worker_actor_name(d), namespace=ns))
+
+
+def test_the_serve_ingress_fails_naming_the_workers_it_waited_for_past_its_deadline(ray_cluster, redis_server, checkpoint):
+    """Workers that cannot be placed (a resource no node has) fail the ingress's start at its deadline, naming
+    them and what each asks, instead of leaving the replica in its constructor for ever."""
+    from moefleet.core.placement import worker_actor_name
+    from moefleet.router_service.serve_app import FleetIngress
+
+    ns = f"ingress-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RuntimeError) as e:
+        FleetIngress.func_or_class({"checkpoint": checkpoint, "num_workers": 2, "redis_url": redis_server.url,
+                                    "namespace": ns, "start_timeout_s": 1.0,
+                                    "worker": {"num_cpus": 0, "resources": {"no_such_node_type": 1}}})
+    said = str(e.value)
+    assert "workers ['worker-0', 'worker-1'] did not start within 1s" in said
+    assert "no_such_node_type: 1" in said and "no_such_node_type: 0} free" in said
+    for d in ("worker-0", "worker-1"):
         ray.kill(ray.get_actor(worker_actor_name(d), namespace=ns))
 
 

@@ -177,13 +177,17 @@ def test_mutual_tls_round_trip_and_a_client_without_its_certificate_is_refused(c
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_healthcheck_probe_speaks_tls(checkpoint, pki):
+def test_healthcheck_probe_speaks_tls(checkpoint, pki, capsys):
     from moefleet.router_service.healthcheck import main
 
     cfg = RouterConfig(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca)
     with InProcessRouter(checkpoint, cfg) as router:
+        capsys.readouterr()
         assert main([router.address, "--tls-ca", pki.ca, "--tls-cert", pki.client.cert, "--tls-key", pki.client.key]) == 0
+        assert capsys.readouterr().out == "SERVING\n"  # what the guide's comment promises
         assert main([router.address, "--tls-ca", pki.ca, "--timeout", "3"]) == 1  # no client certificate
+        out = capsys.readouterr()
+        assert out.out == "" and router.address in out.err
 
 
 # -- overload and flow control ------------------------------------------------------------------
