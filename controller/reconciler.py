@@ -243,7 +243,9 @@ class Reconciler:
         options: dict = {}
         cpus = None
         worker = self.worker
-        if spec is not None and self.local:
+        if spec is not None and spec.emulated is not None:  # computes on this machine's CPU and owns no core
+            worker = worker.model_copy(update={"num_cpus": 0})
+        elif spec is not None and self.local:
             cpus = spec.cpus
         elif device in self.start_options:
             options = dict(self.start_options[device])
@@ -255,7 +257,8 @@ class Reconciler:
             options = dict(num_gpus=need.get("num_gpus"), resources=need.get("resources"), node_id=spec.node_id or None)
         return start_worker(
             device, self.checkpoint, list(experts), self.namespace, worker, cpus=cpus, redis_url=self.redis_url,
-            memory_bytes=None if spec is None else spec.memory_bytes, **options,
+            memory_bytes=None if spec is None else spec.memory_bytes, emulate=None if spec is None else spec.emulated,
+            **options,
         )
 
     def running(self, device: DeviceId):

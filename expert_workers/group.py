@@ -27,6 +27,7 @@ import torch
 
 from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
 from moefleet.core.cuda_ipc import CudaTensorHandle, export_tensor, open_tensor
+from moefleet.core.emulation import EmulatedDevice, emulated_call_s
 from moefleet.core.model import MoECheckpoint
 from moefleet.core.placement import ExpertKey
 from moefleet.core.processes import polling_thread
@@ -113,6 +114,8 @@ class ExpertGroupCore:
     dtype: compute dtype name; default the checkpoint's.
     memory_budget_bytes: the most this worker's slot stacks may reserve (its device's
         memory for experts); a load past it raises ``MemoryBudgetError``.
+    emulate: an emulated device (``moefleet.core.emulation``): computed on the CPU, each call
+        then lasts at least the modelled device's time for it, times the slowdown.
     """
 
     def __init__(
@@ -126,8 +129,13 @@ class ExpertGroupCore:
         backend: str = "auto",
         memory_budget_bytes: int | None = None,
         require_fence: bool = False,
+        emulate: EmulatedDevice | dict | None = None,
     ):
         self.worker_id = worker_id
+        # an emulated device computes on the CPU and takes its modelled device's time per call (core/emulation.py)
+        self.emulate = EmulatedDevice.model_validate(emulate) if isinstance(emulate, dict) else emulate
+        if self.emulate is not None:
+            device = "cpu"
         self.require_fence = require_fence  # refuse load/unload commands that carry no fencing token
         self.fence_check = None  # token -> whether the lease is held under it now (the store's check_fence)
         self.memory_budget_bytes = memory_budget_bytes  # expert weights' cap on this device (slot stacks included)
@@ -331,7 +339,13 @@ class ExpertGroupCore:
                 self._recent.add(layer, int(sum(call.counts)), time.monotonic())
             partial = export_tensor(out) if call.reply_ipc and out.device.type == "cuda" else to_numpy(out)
             t3 = time.perf_counter()
-            times = {"worker_gather": t1 - t0, "expert_ffn": t2 - t1, "worker_combine": t3 - t2, "start": start, "end": time.time()}
+            ffn = t2 - t1
+            if self.emulate is not None:  # the modelled device's time for this call, counted as its expert FFN
+                wait = emulated_call_s(self.emulate, call.counts) - (t3 - t0)
+                if wait > 0:
+                    time.sleep(wait)
+                    ffn += time.perf_counter() - t3
+            times = {"worker_gather": t1 - t0, "expert_ffn": ffn, "worker_combine": t3 - t2, "start": start, "end": time.time()}
             return WorkerReply(partial, self.dtype_name, times)
         except (ValueError, IndexError, TypeError, RuntimeError) as e:  # a malformed call, or the kernels refused it
             log.warning("worker %s: layer %d call failed: %s", self.worker_id, layer, e)
@@ -468,6 +482,8 @@ class ExpertGroupCore:
 
     def _accelerator(self) -> dict:
         """What the device is: its name and, on a GPU, its total memory (None where there is no fixed budget)."""
+        if self.emulate is not None:
+            return {"name": self.emulate.label, "memory_bytes": self.memory_budget_bytes, "emulated": self.emulate.type_name}
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             return {"name": props.name, "memory_bytes": int(props.total_memory)}

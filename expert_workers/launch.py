@@ -61,12 +61,14 @@ def start_worker(
     cpus: list[int] | tuple[int, ...] | None = None,
     redis_url: str | None = None,
     memory_bytes: int | None = None,
+    emulate=None,
     **options,
 ):
     """Start (or find, if it runs) the worker of ``device_id``; returns its handle without waiting for it.
 
     cpus: local mode, the cores it owns. redis_url: where it heartbeats.
     memory_bytes: the device's memory for expert weights (the worker refuses loads past it).
+    emulate: an emulated device's ``EmulatedDevice`` (the worker computes on the CPU and takes its modelled time).
     options: ``worker_options`` keywords (num_gpus, resources, node_id, detached).
     """
     from .group import expert_group_actor_class
@@ -75,4 +77,5 @@ def start_worker(
     return expert_group_actor_class().options(**opts).remote(
         device_id, checkpoint, [tuple(k) for k in experts], dtype=worker.dtype, backend=worker.backend,
         cpus=list(cpus) if cpus else None, redis_url=redis_url, namespace=namespace, memory_budget_bytes=memory_bytes,
+        emulate=emulate,
     )

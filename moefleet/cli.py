@@ -163,6 +163,7 @@ def _fleet_config(args):
         checkpoint=args.checkpoint, num_workers=args.workers, redis_url=args.redis_url,
         router=RouterConfig(port=args.port, **_security_settings(args)), worker=WorkerConfig(num_cpus=args.worker_cpus),
         static=args.static, min_replicas=args.min_replicas, http_port=None if args.http_port < 0 else args.http_port,
+        emulate=args.emulate, emulate_slowdown=args.emulate_slowdown, emulate_model=args.emulate_model,
     )
 
 
@@ -216,6 +217,10 @@ def cmd_up(args) -> int:
     if args.static:
         argv += ["--static"]
     argv += ["--min-replicas", str(args.min_replicas), "--http-port", str(args.http_port)]
+    if args.emulate:
+        argv += ["--emulate", args.emulate, "--emulate-slowdown", repr(args.emulate_slowdown)]
+        if args.emulate_model:
+            argv += ["--emulate-model", args.emulate_model]
     with open(log_path, "wb") as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
@@ -894,6 +899,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    p.add_argument("--emulate", metavar="TYPE:COUNT,...",
+                   help="emulated devices instead of --workers, e.g. h100:16,l4:16: real workers computing on the CPU, "
+                   "owning no cores, each taking its device type's modelled time per call and holding its memory")
+    p.add_argument("--emulate-slowdown", type=float, default=1.0,
+                   help="emulated devices take this many times their modelled time (time dilation; default 1)")
+    p.add_argument("--emulate-model", help="time and size emulated devices for this model's experts "
+                   "(deepseek-v3, mixtral-8x7b, qwen2-57b-a14b; default the checkpoint's own)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the fleet to come up")
     p.set_defaults(fn=cmd_up)
     p = sub.add_parser("down", help="stop the local fleet")

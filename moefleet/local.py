@@ -130,7 +130,10 @@ class LocalFleet:
 
     # -- devices -----------------------------------------------------------
     def local_devices(self) -> list[DeviceSpec]:
-        """The fleet's devices: a GPU each when the machine has one per worker, else a set of cores each."""
+        """The fleet's devices: a GPU each when the machine has one per worker, else a set of cores each;
+        with ``config.emulate``, the emulated devices it names (``emulated_devices``)."""
+        if self.config.emulate:
+            return self.emulated_devices()
         spec = MoECheckpoint(self.checkpoint).spec
         per_expert = spec.layer.expert_params * 4
         n = self.config.num_workers
@@ -150,6 +153,24 @@ class LocalFleet:
             for i in range(n)
         ]
 
+    def emulated_devices(self) -> list[DeviceSpec]:
+        """``config.emulate``'s devices: the simulator's device catalogue timed for the checkpoint's expert shape
+        (or ``config.emulate_model``'s), ids ``h100-0``, ``l4-3``, ... Each worker computes on the CPU, owns no
+        core, takes its device's modelled time per call times ``config.emulate_slowdown`` and holds what that
+        device's memory holds."""
+        from moefleet.controller.sim.devices import MODEL_SHAPES, ExpertShape, emulated_specs
+
+        spec = MoECheckpoint(self.checkpoint).spec
+        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}
+        held = spec.layer.expert_params * dtype_bytes[self.config.worker.dtype or spec.dtype]
+        if self.config.emulate_model:
+            shape = MODEL_SHAPES[self.config.emulate_model][0]
+        else:
+            shape = ExpertShape(spec.layer.hidden_size, spec.layer.intermediate_size, spec.layer.expert_kind == "gated",
+                                dtype_bytes[spec.dtype])
+        return emulated_specs(self.config.emulate, shape, simulated_layers=len(spec.moe_layers), fleet_expert_bytes=held,
+                              slowdown=self.config.emulate_slowdown)
+
     def controller_config(self, device_memory_bytes: int | None = None, **overrides):
         """The local controller's config: this fleet's devices as a static inventory, local defaults.
 
@@ -166,7 +187,8 @@ class LocalFleet:
             devices = [d.model_copy(update={"memory_bytes": device_memory_bytes}) for d in devices]
         cfg = dict(
             LOCAL_CONTROLLER_DEFAULTS, checkpoint=self.checkpoint, redis_url=self.redis_url, namespace=self.config.namespace,
-            ray_address=None, devices=devices, worker=self.worker_config(devices[0].cpus if devices else None), local=True,
+            ray_address=None, devices=devices, local=True,
+            worker=self.worker_config(devices[0].cpus if devices else None, emulated=bool(self.config.emulate)),
             planner=PlannerKnobs(min_replicas=self.config.min_replicas, min_gain=0.05),
         )
         cfg.update(self.config.controller)
@@ -223,15 +245,17 @@ class LocalFleet:
         from moefleet.expert_workers.launch import start_worker
 
         by_id = {d.device_id: d for d in self.devices}
-        gpu = self.config.worker.num_gpus or (_local_cuda_devices() >= len(placement.assignments))
+        gpu = not self.config.emulate and (self.config.worker.num_gpus or (_local_cuda_devices() >= len(placement.assignments)))
         new = {}
         for device_id, keys in placement.assignments.items():
             if device_id in self.workers:
                 continue
             dev = by_id.get(device_id)
             cpus = None if gpu or dev is None else dev.cpus
+            emulated = None if dev is None else dev.emulated
             new[device_id] = start_worker(
-                device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace, self.worker_config(cpus),
+                device_id, self.checkpoint, [tuple(k) for k in keys], self.config.namespace,
+                self.worker_config(cpus, emulated=emulated is not None), emulate=emulated,
                 cpus=cpus, redis_url=self.redis_url, num_gpus=1 if gpu and not self.config.worker.num_gpus else None,
                 memory_bytes=None if dev is None else dev.memory_bytes,
                 resources=(resources or {}).get(device_id), detached=False, node_id=self.worker_node_id,
@@ -248,9 +272,10 @@ class LocalFleet:
         ray.get(ready)
         self.workers.update(new)
 
-    def worker_config(self, cpus=None):
-        """A worker that owns pinned cores reserves none of Ray's CPUs (its cores are its own by affinity)."""
-        return self.config.worker.model_copy(update={"num_cpus": 0}) if cpus else self.config.worker
+    def worker_config(self, cpus=None, emulated: bool = False):
+        """A worker that owns pinned cores reserves none of Ray's CPUs (its cores are its own by affinity); an
+        emulated one none either (its device's time is modelled, not its cores')."""
+        return self.config.worker.model_copy(update={"num_cpus": 0}) if cpus or emulated else self.config.worker
 
     def start_controller(self, **overrides):
         """Start the controller as a Ray actor (Ray restarts it if its process dies); returns its handle."""

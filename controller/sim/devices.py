@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from moefleet.core.emulation import device_service_s
 from moefleet.core.placement import DeviceSpec
 
 from ..inventory import ACCELERATORS, CPU_TIER_SPEED, GIB, NODE_TYPES, REFERENCE_BF16_TFLOPS, SPEED_SCALE
@@ -64,6 +65,7 @@ __all__ = [
     "FleetEntry",
     "SimDevice",
     "fleet_devices",
+    "emulated_specs",
     "parse_fleet",
 ]
 
@@ -209,12 +211,7 @@ class SimDevice:
 
     def service_s(self, rows_per_expert) -> float:
         """Seconds this device is busy with one call that brings ``rows_per_expert`` (rows, one entry per expert)."""
-        compute = 0.0
-        top = 0
-        for r in rows_per_expert:
-            compute += max(r * self.row_s, self.floor_s)
-            top = max(top, r)  # returned_rows
-        return self.overhead_s + compute + top * self.out_row_s
+        return device_service_s(rows_per_expert, self.row_s, self.floor_s, self.overhead_s, self.out_row_s)
 
     def transfer_s(self, rows_per_expert) -> tuple[float, float]:
         """(seconds for the call's rows to reach the device, seconds for its partials to come back)."""
@@ -357,3 +354,37 @@ def fleet_devices(
                 overhead_s=overhead_s, copy_bytes_per_s=t.network_gbps * 1e9 / 8,
             ))
     return devices
+
+
+def emulated_specs(
+    text: str,
+    shape: ExpertShape,
+    *,
+    simulated_layers: int,
+    fleet_expert_bytes: int,
+    slowdown: float = 1.0,
+    efficiency: float = 0.5,
+    overhead_s: float = 50e-6,
+) -> list[DeviceSpec]:
+    """The devices of ``--emulate TEXT`` as the controller sees them, each with its worker's emulation.
+
+    Timing and memory as this module's ``fleet_devices`` gives the simulator for ``shape`` (every device on the
+    router's machine: activations read in place). fleet_expert_bytes: one expert's bytes as the fleet's workers
+    hold it; when the modelled shape is another (a tiny checkpoint timed as a real model), each device's memory is
+    scaled by their ratio, so it holds as many of the fleet's experts as the real device would hold of the model's.
+    """
+    from moefleet.core.emulation import EmulatedDevice, parse_emulate
+
+    parse_emulate(text)  # the stricter reading of a fleet string: counts >= 1, no field overrides
+    if fleet_expert_bytes <= 0:
+        raise ValueError(f"fleet_expert_bytes: must be > 0, got {fleet_expert_bytes}")
+    devices = fleet_devices(parse_fleet(text), shape, simulated_layers=simulated_layers, efficiency=efficiency,
+                            overhead_s=overhead_s, remote_activations=False)
+    scale = fleet_expert_bytes / shape.weight_bytes
+    out = []
+    for d in devices:
+        emu = EmulatedDevice(type_name=d.type_name, accelerator_type=d.spec.accelerator_type, row_s=d.row_s,
+                             floor_s=d.floor_s, overhead_s=d.overhead_s, out_row_s=d.out_row_s, slowdown=slowdown)
+        memory = max(fleet_expert_bytes, int(d.spec.memory_bytes * scale))
+        out.append(d.spec.model_copy(update={"memory_bytes": memory, "emulated": emu}))
+    return out

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .emulation import EMULATED_MODELS, parse_emulate
+
 Scoring = Literal["softmax", "sigmoid"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"]
 ExpertKind = Literal["gated", "mlp"]
@@ -361,6 +363,37 @@ class FleetConfig(BaseModel):
         if v != "auto" and int(v) < 1:
             raise ValueError(f"min_replicas: must be 'auto' or an integer >= 1, got {v!r}")
         return v
+    emulate: str | None = Field(
+        default=None,
+        description="Emulated devices instead of num_workers local ones, e.g. 'h100:16,l4:16' (TYPE:COUNT of the "
+        "simulator's device catalogue): each a real worker computing on this machine's CPU, owning no cores, that "
+        "takes the modelled device's time per call (times emulate_slowdown) and has its memory.",
+    )
+    emulate_slowdown: float = Field(
+        default=1.0, gt=0, le=1e6,
+        description="Emulated devices take this many times their modelled device time (time dilation: large enough "
+        "that modelled time dominates this machine's overheads; figures then read in device time divided by it).",
+    )
+    emulate_model: str | None = Field(
+        default=None,
+        description="Expert shape emulated devices are timed and sized for: None, the checkpoint's own; or a public "
+        f"model's ({', '.join(EMULATED_MODELS)}), so a tiny checkpoint runs with a real model's device times and memory.",
+    )
+
+    @field_validator("emulate")
+    @classmethod
+    def _emulate(cls, v):
+        if v is not None:
+            parse_emulate(v, "emulate")
+        return v
+
+    @field_validator("emulate_model")
+    @classmethod
+    def _emulate_model(cls, v):
+        if v is not None and v not in EMULATED_MODELS:
+            raise ValueError(f"emulate_model: unknown model {v!r} (known: {', '.join(EMULATED_MODELS)})")
+        return v
+
     pin_cores: bool = Field(
         default=True,
         description="Local mode on a CPU machine: each worker owns a disjoint set of cores (affinity and torch threads).",

@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .emulation import EmulatedDevice
+
 ExpertKey = tuple[int, int]
 """A logical expert: ``(layer index, expert index)``."""
 
@@ -66,6 +68,11 @@ class DeviceSpec(BaseModel):
         default=None,
         description="Local mode: the CPU cores this device's worker owns (pinned, as many torch threads); None on GPU "
         "nodes and Ray-scheduled CPU workers.",
+    )
+    emulated: EmulatedDevice | None = Field(
+        default=None,
+        description="An emulated device (``--emulate``): its worker computes on this machine's CPU, owns no cores, and "
+        "takes the modelled device's time per call.",
     )
 
 
