@@ -270,6 +270,8 @@ def _up_foreground(cfg, args) -> int:
         f = state_file()
         write_private_file(f, json.dumps(state, indent=2))  # the Redis URL holds its password: this user only
         owned = ", ".join(f"{d.device_id} cores {list(d.cpus)}" for d in fleet.devices if d.cpus)
+        if cfg.emulate:
+            owned = f"emulated {cfg.emulate} at {cfg.emulate_slowdown:g}x device time"
         print(f"fleet up: gRPC {address}, {len(fleet.workers)} workers{' (' + owned + ')' if owned else ''}, "
               f"controller {'off (--static)' if cfg.static else 'on'}, Redis {redact_url(fleet.redis_url)}, "
               f"telemetry {'http://' + fleet.http_address if fleet.http_address else 'off'}", flush=True)
