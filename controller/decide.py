@@ -37,6 +37,8 @@ inputs.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -302,7 +304,9 @@ def decide(
         if added:
             report["scaled_up"] = added
             knobs = knobs.model_copy(update={"max_moves_per_step": max(knobs.max_moves_per_step, int(load.size))})
+        t_plan = time.perf_counter()
         result = plan(load, Inventory(devices=planned_on), current, knobs, expert_bytes=expert_bytes, layers=layers)
+        report["planner_s"] = time.perf_counter() - t_plan
         report.update(
             balancedness_before=result.balancedness_before, balancedness_after=result.balancedness_after,
             gain=result.gain, copies=result.copies, apply=result.apply, repaired=result.repaired,

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moefleet.core.config import WorkerConfig
 from moefleet.core.model import MoECheckpoint
-from moefleet.core.placement import DeviceSpec, Inventory, Placement, worker_actor_name
+from moefleet.core.placement import DeviceSpec, Inventory, Placement, held_experts, worker_actor_name
 from moefleet.core.state import LeaseLostError, StateStore, resolve_redis_url
 from moefleet.kernels.experts import packed_kind
 
@@ -248,6 +248,8 @@ class Controller:
         self._full_until: dict[str, float] = {}  # device -> monotonic time until which it takes no new experts
         self.full_cooldown_s = 60.0
         self.status: dict = {}  # {"state", "reason", "detail", "since"}: step_state of the last step
+        self._health_version = None  # (version, generation) of the placement health() last read, and that placement
+        self._health_placement: Placement | None = None
         self._partial_since: float | None = None  # since when live workers hold part of the experts and no placement exists
 
     def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
@@ -561,7 +563,7 @@ class Controller:
         application publishes its first placement after its workers start, and a controller that republished the
         first worker's experts in between would publish a placement missing the others'.
         """
-        held = {(int(k[0]), int(k[1])) for info in records.values() for k in info.get("experts", [])}
+        held = {k for info in records.values() for k in held_experts(info) or ()}
         if not held or held >= {(layer, e) for layer in self.layers for e in range(self.spec.layer.num_experts)}:
             self._partial_since = None
             return True
@@ -575,7 +577,7 @@ class Controller:
         The devices' speeds come from the inventory (what the planner assumes),
         so routers split rows between replicas by speed from the first request.
         """
-        held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()}
+        held = {d: held_experts(info) or [] for d, info in records.items()}
         held = {d: keys for d, keys in held.items() if keys}
         if not held:
             return None
@@ -593,14 +595,22 @@ class Controller:
         """Quick liveness check; True when a placement worker is newly down (the caller steps at once)."""
         if not self.leader:
             return False
-        current = self.store.get_placement()
+        # four times a second: the placement read again only when its version moved, and of the workers only
+        # whether each heartbeat is current (their expiry times), never their records
+        version = self.store.placement_stamp()
+        if version != self._health_version:
+            self._health_placement, self._health_version = self.store.get_placement(), version
+        current = self._health_placement
         if current is None:
             return False
-        newly = self.find_down(current, self.worker_records()) - self.down
+        keys = [f"worker:{d}" for d in current.assignments]
+        alive = {k.split(":", 1)[1]: {} for k in self.store.alive_keys(keys)} if keys else {}
+        newly = self.find_down(current, alive) - self.down
         return bool(newly)
 
     def step(self, now: float | None = None) -> dict | None:
         """One control step if leader; returns the report (also stored in Redis), or None as follower."""
+        self._step_t0 = time.perf_counter()
         now = self.store.time() if now is None else now
         if not self.hold_lease():
             return None
@@ -657,8 +667,8 @@ class Controller:
             log.warning("%s a rebalance left at phase %r by %s", what, pending["phase"], pending.get("holder"))
             self.emit("rebalance_resumed", {"action": what, **pending})
         if current.version and not down:
-            live_held = {d: [tuple(k) for k in info.get("experts", [])] for d, info in records.items()
-                         if d not in unusable and "experts" in info}
+            live_held = {d: keys for d, info in records.items()
+                         if d not in unusable and (keys := held_experts(info)) is not None}
             diff = self.reconciler.converge(current, live_held)
             if pending.get("phase") and pending.get("holder") != self.holder and not diff.removes and not diff.adds:
                 self.store.put_record("rebalance", {"phase": None, "at": now, "holder": self.holder}, fence=self.fence)
@@ -706,6 +716,8 @@ class Controller:
     def _finish(self, report: dict, record: dict) -> dict:
         """Store the step's report and the controller's state (with why); emit ``plan_skipped``, ``prediction_miss``
         and the ``plan`` event, under the lease."""
+        if getattr(self, "_step_t0", None) is not None:  # the step's seconds so far (its publish of the record aside)
+            report["step_s"] = time.perf_counter() - self._step_t0
         record["last_report"] = report
         record["status"] = self.set_status(*step_state(report))
         self.store.put_record(RECORD, record, fence=self.fence)

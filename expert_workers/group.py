@@ -29,7 +29,7 @@ from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
 from moefleet.core.cuda_ipc import CudaTensorHandle, export_tensor, open_tensor
 from moefleet.core.emulation import EmulatedDevice, emulated_call_s
 from moefleet.core.model import MoECheckpoint
-from moefleet.core.placement import ExpertKey
+from moefleet.core.placement import ExpertKey, expert_runs
 from moefleet.core.processes import polling_thread
 from moefleet.core.recent import RecentCounts
 from moefleet.core.tensors import DTYPES, from_numpy, to_numpy
@@ -45,6 +45,13 @@ SMALL_COMBINE = 1 << 16
 
 RECENT_WINDOW_S = 5.0
 """Workers report the rows they served per layer over this many seconds (measured device load)."""
+
+
+def _forms(slots: dict) -> dict[str, str]:
+    """The form of each layer's experts (``float`` or a packed kind); ``{"*": form}`` when every layer has the same."""
+    forms = {str(layer): sl.stack_kwargs.get("quant") or "float" for layer, sl in list(slots.items())}
+    kinds = set(forms.values())
+    return {"*": kinds.pop()} if len(kinds) == 1 and len(forms) > 1 else forms
 
 
 @contextlib.contextmanager
@@ -448,14 +455,19 @@ class ExpertGroupCore:
         """Queue depth, tokens served per expert, memory in use, device."""
         with self._stats_lock:
             tokens = {f"{l}:{e}": n for (l, e), n in sorted(self._tokens.items())}
-        return {**self.heartbeat_info(), "tokens_served": tokens}
+        info = self.heartbeat_info()
+        info.pop("expert_runs", None)
+        forms = {str(layer): slots.stack_kwargs.get("quant") or "float" for layer, slots in list(self._slots.items())}
+        return {**info, "experts": [list(k) for k in self.experts()], "expert_form": forms, "tokens_served": tokens}
 
     def heartbeat_info(self) -> dict:
         """What the worker reports to the store every heartbeat: bounded whatever the model's size.
 
         Counts are totals and per-layer windowed sums (``recent_tokens``), never
-        per expert; the experts listed are the ones held (bounded by the device's
-        memory). ``stats()`` adds the per-expert totals for direct callers.
+        per expert; the experts held are listed as runs per layer (``expert_runs``;
+        ``core.placement.held_experts`` reads them), the expert form once when every
+        layer has the same. ``stats()`` adds the per-expert totals, the held experts
+        as pairs and the form per layer for direct callers.
         """
         sizes = [slots.nbytes() for slots in list(self._slots.values())]  # no lock: a load may be in progress
         held, reserved = sum(h for h, _ in sizes), sum(r for _, r in sizes)
@@ -469,8 +481,8 @@ class ExpertGroupCore:
                 "tokens_total": self._tokens_total,
                 "memory_bytes": held,
                 "reserved_bytes": reserved,
-                "expert_form": {str(layer): slots.stack_kwargs.get("quant") or "float" for layer, slots in list(self._slots.items())},
-                "experts": [list(k) for k in self.experts()],
+                "expert_form": _forms(self._slots),
+                "expert_runs": expert_runs(self.experts()),  # blocks per layer: a few dozen runs for hundreds of experts
                 "device": str(self.device),
                 "backend": self.backend,
                 "accelerator": self._accelerator(),

@@ -29,7 +29,9 @@ from pathlib import Path
 from moefleet.core.config import FleetConfig
 from moefleet.core.default_model import default_model_dir
 from moefleet.core.model import MoECheckpoint
-from moefleet.core.placement import DeviceSpec, Placement, assign_cores, spread_placement, worker_actor_name
+from moefleet.core.placement import (
+    DeviceSpec, Placement, assign_cores, proportional_placement, spread_placement, worker_actor_name,
+)
 from moefleet.core.processes import serving_runtime_env
 from moefleet.core.redis_server import RedisServer, free_port
 from moefleet.core.state import StateStore
@@ -205,6 +207,9 @@ class LocalFleet:
         self.store = StateStore(self.redis_url, namespace=self.config.namespace)
         spec = MoECheckpoint(self.checkpoint).spec
         self.devices = self.local_devices()
+        if placement is None and self.config.emulate:  # heterogeneous: shares by speed, within each device's memory
+            held = spec.layer.expert_params * {"float32": 4, "bfloat16": 2, "float16": 2}[self.config.worker.dtype or spec.dtype]
+            placement = proportional_placement(list(spec.moe_layers), spec.layer.num_experts, self.devices, held)
         if placement is None:
             ids = [d.device_id for d in self.devices]
             placement = spread_placement(list(spec.moe_layers), spec.layer.num_experts, ids)

@@ -21,6 +21,7 @@ placement
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -145,6 +146,78 @@ def spread_placement(layers: list[int], num_experts: int, device_ids: list[Devic
         for e in range(num_experts):
             assignments[device_ids[e * n // num_experts]].append((layer, e))
     return Placement(version=version, assignments=assignments)
+
+
+def proportional_placement(
+    layers: list[int], num_experts: int, devices: list[DeviceSpec], expert_bytes: int, *, fill: float = 0.9, version: int = 1
+) -> Placement:
+    """Each layer's experts in contiguous blocks over the devices, one replica each, a device's share of every layer
+    in proportion to its speed but within ``fill`` of its memory (a starting placement for a heterogeneous fleet:
+    a slow device with little memory gets fewer experts). Raises ``ValueError`` when the devices cannot hold one
+    copy of every expert."""
+    if not devices:
+        raise ValueError("devices: at least one device is needed")
+    total = len(layers) * num_experts
+    cap = [max(0.0, fill * d.memory_bytes / expert_bytes / total) for d in devices]  # most of a layer each may hold
+    if sum(cap) < 1.0:
+        raise ValueError(f"devices: {len(devices)} devices hold {sum(cap) * total:.0f} of {total} experts at {fill:.0%} "
+                         "of their memory")
+    share = [0.0] * len(devices)
+    free = list(range(len(devices)))
+    left = 1.0
+    while free and left > 1e-12:  # water-filling: speed-proportional, capped by memory, the rest to the others
+        speed = sum(devices[i].speed for i in free)
+        over = [i for i in free if share[i] + left * devices[i].speed / speed > cap[i]]
+        if not over:
+            for i in free:
+                share[i] += left * devices[i].speed / speed
+            left = 0.0
+            break
+        for i in over:
+            left -= cap[i] - share[i]
+            share[i] = cap[i]
+        free = [i for i in free if i not in over]
+    cum = [0.0]
+    for sh in share:
+        cum.append(cum[-1] + sh)
+    assignments: dict[DeviceId, list[ExpertKey]] = {d.device_id: [] for d in devices}
+    for j, layer in enumerate(layers):
+        # a layer's block edges rounded with a phase that moves from layer to layer, so that rounding averages out
+        # over the layers (each device holds its share of the whole table, within an expert or two)
+        phase = (j * 0.6180339887) % 1.0
+        bounds = [min(num_experts, max(0, math.floor(c * num_experts + phase))) for c in cum]
+        bounds[0], bounds[-1] = 0, num_experts
+        for i, d in enumerate(devices):
+            assignments[d.device_id].extend((layer, e) for e in range(bounds[i], bounds[i + 1]))
+    return Placement(version=version, assignments=assignments)
+
+
+def expert_runs(keys) -> dict[str, list[list[int]]]:
+    """Experts as runs per layer, ``{"layer": [[first, stop), ...]}``: what a worker's heartbeat lists (held experts
+    come in blocks, so a DeepSeek-V3 device's hundreds of experts take a few dozen runs)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in keys:
+        by_layer.setdefault(int(layer), []).append(int(e))
+    out: dict[str, list[list[int]]] = {}
+    for layer in sorted(by_layer):
+        runs: list[list[int]] = []
+        for e in sorted(set(by_layer[layer])):
+            if runs and runs[-1][1] == e:
+                runs[-1][1] = e + 1
+            else:
+                runs.append([e, e + 1])
+        out[str(layer)] = runs
+    return out
+
+
+def held_experts(info: dict) -> list[ExpertKey] | None:
+    """The experts a worker's heartbeat says it holds (``expert_runs``, or a list of pairs ``experts``); None when
+    it says nothing of them."""
+    if "expert_runs" in info:
+        return [(int(layer), e) for layer, runs in info["expert_runs"].items() for a, b in runs for e in range(int(a), int(b))]
+    if "experts" in info:
+        return [(int(k[0]), int(k[1])) for k in info["experts"]]
+    return None
 
 
 def assign_cores(num_workers: int, cores: list[int]) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:

@@ -152,3 +152,39 @@ def test_an_emulated_worker_refuses_loads_past_its_devices_memory():
     with pytest.raises(MemoryBudgetError):
         w.load([(layer, e) for e in range(spec.layer.num_experts)])
     assert isinstance(w.emulate, EmulatedDevice) and w.device.type == "cpu"
+
+
+def test_expert_runs_round_trip_and_stay_small_for_a_deepseek_device():
+    from moefleet.core.placement import expert_runs, held_experts, proportional_placement
+
+    keys = [(3, 0), (3, 1), (3, 2), (3, 7), (5, 255)]
+    runs = expert_runs(keys)
+    assert runs == {"3": [[0, 3], [7, 8]], "5": [[255, 256]]}
+    assert held_experts({"expert_runs": runs}) == keys
+    assert held_experts({"experts": [[3, 0]]}) == [(3, 0)] and held_experts({}) is None
+    tiny = 3 * 16 * 32 * 4
+    specs = emulated_specs("h100:16,l4:16", DEEPSEEK, simulated_layers=58, fleet_expert_bytes=tiny)
+    placement = proportional_placement(list(range(3, 61)), 256, specs, tiny)
+    import json
+
+    held = placement.assignments["h100-0"]
+    assert len(held) > 700 and len(json.dumps(expert_runs(held))) < len(json.dumps([list(k) for k in held])) / 6
+
+
+def test_proportional_placement_shares_by_speed_within_memory():
+    from moefleet.core.placement import proportional_placement
+
+    tiny = 3 * 16 * 32 * 4
+    specs = emulated_specs("h100:16,l4:16", DEEPSEEK, simulated_layers=58, fleet_expert_bytes=tiny)
+    layers = list(range(3, 61))
+    placement = proportional_placement(layers, 256, specs, tiny)
+    held = {d: len(k) for d, k in placement.assignments.items()}
+    assert sum(held.values()) == 58 * 256
+    assert sorted({k for ks in placement.assignments.values() for k in ks}) == [(l, e) for l in layers for e in range(256)]
+    for d in specs:
+        assert held[d.device_id] * tiny <= d.memory_bytes  # within memory
+    # an L4 holds no more than its memory allows, an H100 takes the rest: about 8x the L4's experts (speed 1 vs 0.122
+    # would give 8.2x; memory caps the H100s at 90 %, so the L4s take a little more)
+    assert 6 < held["h100-0"] / held["l4-0"] < 9
+    with pytest.raises(ValueError, match="hold"):
+        proportional_placement(layers, 256, specs[16:], tiny)  # L4s alone cannot hold one copy

@@ -10,6 +10,7 @@ import torch
 
 from moefleet import MoEModel
 from moefleet.core.calls import WorkerCall, WorkerFailure, WorkerReply
+from moefleet.core.placement import held_experts
 from moefleet.expert_workers.group import ExpertGroupCore, ExpertNotLoadedError
 from moefleet.expert_workers.slots import LayerSlots
 from moefleet.kernels.permute import permute
@@ -351,7 +352,8 @@ def test_heartbeat_payload_does_not_grow_with_the_experts_served(checkpoint):
     quiet = ExpertGroupCore("quiet", str(checkpoint), [(0, 0)], backend="torch")
     _call(quiet, model, 0, hidden, [0])
     a, b = busy.heartbeat_info(), quiet.heartbeat_info()
-    assert _leaves(a) == _leaves(b) and a["experts"] == b["experts"] == [[0, 0]]
+    assert _leaves(a) == _leaves(b) and a["expert_runs"] == b["expert_runs"] == {"0": [[0, 1]]}
+    assert held_experts(a) == [(0, 0)]
     assert a["tokens_total"] == 64 * model.spec.layer.top_k  # every routed row, as one number
     assert len(busy.stats()["tokens_served"]) == 8  # a direct stats() call still has the per-expert totals
     json.dumps(a)

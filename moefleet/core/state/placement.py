@@ -53,6 +53,10 @@ class PlacementOps(StoreBase):
             raw, generation = r.mget(self.keys.placement_version, self.keys.placement_generation)
         return (0 if raw is None else int(raw)), generation or ""
 
+    def placement_stamp(self) -> tuple[int, str]:
+        """``(version, generation)`` of the stored placement in one read: whether it changed, without reading it."""
+        return self._version_and_generation()
+
     def placement_generation(self) -> str:
         """Generation id of the placement table ('' before the first publish)."""
         with self._redis("placement_generation") as r:

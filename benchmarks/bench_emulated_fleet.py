@@ -1,0 +1,296 @@
+"""The control plane at 32 devices: an emulated fleet (``--emulate h100:16,l4:16``) over a DeepSeek-V3-shaped
+expert table (58 MoE layers x 256 experts, top-8; tiny weights, hidden 16, ffn 32) on this machine.
+
+Measures: seconds from start to every device serving exact outputs; the controller's step time without the
+planner's search and the planner's time; Redis operations and bytes per second at steady state (INFO stats
+deltas); the placement's size and publish time; a worker heartbeat's size; how long routers take to follow a
+placement change; the snapshot, ``status`` and ``/api/state`` render times with that table.
+
+    python benchmarks/bench_emulated_fleet.py [--emulate h100:16,l4:16] [--slowdown 50] [--steady-s 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import threading
+import time
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import goal, single, spread, write_result  # noqa: E402
+
+DSV3_TINY = {
+    "hidden_size": 16, "intermediate_size": 32, "moe_intermediate_size": 32, "num_hidden_layers": 61,
+    "first_k_dense_replace": 3, "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
+    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+}
+"""DeepSeek-V3's expert table (61 layers, the first 3 dense: 58 MoE layers of 256 routed experts, top-8 in 4 of 8
+groups, one shared expert) with tiny experts."""
+
+
+def redis_stats(url: str) -> dict:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        info = r.info("stats")
+    finally:
+        r.close()
+    return {k: int(info[k]) for k in ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--emulate", default="h100:16,l4:16")
+    ap.add_argument("--slowdown", type=float, default=50.0)
+    ap.add_argument("--steady-s", type=float, default=20.0, help="seconds of steady traffic for step times and Redis rates")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per request of the steady traffic")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    t_begin = time.perf_counter()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("MOEFLEET_HTTP_PORT", "0")
+
+    import ray
+    import torch
+
+    from moefleet import MoEModel
+    from moefleet.controller.main import Controller
+    from moefleet.controller.telemetry import TelemetryConfig, build_snapshot, read_inputs
+    from moefleet.core.config import FleetConfig
+    from moefleet.core.default_model import default_model_dir
+    from moefleet.core.state import StateStore
+    from moefleet.local import LocalFleet, init_local_ray
+    from moefleet.router_service.client import FleetClient
+    from moefleet.views import status_view
+
+    ckpt = str(default_model_dir(DSV3_TINY))
+    model = MoEModel.from_pretrained(ckpt, backend="torch")
+    spec = model.spec
+    layers = list(spec.moe_layers)
+    figures: dict = {}
+    details: dict = {"emulate": args.emulate, "slowdown": args.slowdown, "layers": len(layers),
+                     "experts": spec.layer.num_experts, "top_k": spec.layer.top_k, "hidden": spec.layer.hidden_size}
+
+    # -- 1. start to every device serving exact outputs ------------------------------------------------
+    t0 = time.perf_counter()
+    init_local_ray(num_cpus=2)
+    t_ray = time.perf_counter() - t0
+    cfg = FleetConfig(checkpoint=ckpt, emulate=args.emulate, emulate_model="deepseek-v3", emulate_slowdown=args.slowdown,
+                      static=True, namespace=f"emu-{uuid.uuid4().hex[:6]}", http_port=0)
+    fleet = LocalFleet(cfg)
+    try:
+        address = fleet.start()
+        t_started = time.perf_counter() - t0
+        client = FleetClient(address)
+        client.wait_ready(120)
+        g = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for layer in layers:
+            x = torch.randn(16, spec.layer.hidden_size, generator=g)
+            worst = max(worst, (client.forward(layer, x) - model.layer(layer)(x)).abs().max().item())
+        t_exact = time.perf_counter() - t0
+        calls = {d: s["calls"] for d, s in fleet.worker_stats().items()}
+        serving = sum(1 for n in calls.values() if n > 0)
+        devices = len(fleet.devices)
+        print(f"{devices} emulated devices: Ray {t_ray:.1f}s, fleet started {t_started:.1f}s, every layer exact "
+              f"(max |diff| {worst:.2e}) at {t_exact:.1f}s; {serving}/{devices} devices served calls")
+        figures["start_to_exact_s"] = single(t_exact, "s", f"from Ray's start to all {len(layers)} layers answered exactly "
+                                                           f"by a fleet of {devices} emulated devices")
+        figures["ray_start_s"] = single(t_ray, "s", "Ray's start (local, 2 CPUs)")
+        figures["fleet_start_s"] = single(t_started, "s", "Ray's start to LocalFleet.start() returning (workers loaded)")
+        details.update(max_abs_diff=worst, devices_serving=serving, devices=devices,
+                       held={d: len(k) for d, k in fleet.placement.assignments.items()})
+
+        store: StateStore = fleet.store
+        # -- 2. sizes: placement, heartbeat --------------------------------------------------------------
+        placement = store.get_placement()
+        payload = placement.model_dump_json(exclude={"generation"})
+        scratch = StateStore(fleet.redis_url, namespace=f"scratch-{uuid.uuid4().hex[:6]}")
+        pub = []
+        for i in range(5):
+            t = time.perf_counter()
+            scratch.publish_placement(placement, expected_version=i)
+            pub.append(time.perf_counter() - t)
+        get = []
+        for _ in range(5):
+            t = time.perf_counter()
+            store.get_placement()
+            get.append(time.perf_counter() - t)
+        figures["placement_bytes"] = single(len(payload), "bytes", "the placement's JSON as published")
+        figures["placement_publish_s"] = spread(pub, "s", "one publish (Lua script: table, version, history, announcement)")
+        figures["placement_read_s"] = spread(get, "s", "one read and parse of the placement")
+        beats = store.workers()
+        sizes = sorted(len(json.dumps(info)) for info in beats.values())
+        figures["heartbeat_bytes"] = spread(sizes, "bytes", "one worker heartbeat's record (every 0.25 s per worker)")
+        print(f"placement {len(payload) / 1e3:.0f} kB, publish {statistics.median(pub) * 1e3:.1f} ms; heartbeat "
+              f"{statistics.median(sizes) / 1e3:.1f} kB (max {sizes[-1] / 1e3:.1f})")
+
+        # -- 3. steady state: traffic, the controller's steps, Redis rates ---------------------------------------
+        ccfg = fleet.controller_config(interval_s=1.0)
+        controller = Controller(ccfg, holder="bench-controller")
+        stop = threading.Event()
+        sent = [0]
+        failures = [0]
+
+        def traffic():
+            rng = np.random.default_rng(1)
+            with FleetClient(address) as c:
+                while not stop.is_set():
+                    layer = int(rng.choice(layers))
+                    try:
+                        c.forward(layer, torch.from_numpy(rng.standard_normal((args.tokens, spec.layer.hidden_size),
+                                                                               dtype=np.float32)))
+                        sent[0] += 1
+                    except Exception:
+                        failures[0] += 1
+
+        th = threading.Thread(target=traffic, daemon=True)
+        th.start()
+        halt = threading.Event()
+        ct = threading.Thread(target=controller.run, args=(halt,), daemon=True)  # as the controller actor runs it
+        ct.start()
+        time.sleep(4.0)  # the lease, the first load windows
+        before, t_b = redis_stats(fleet.redis_url), time.perf_counter()
+        steps, planner, reports, last_at = [], [], [], None
+        while time.perf_counter() - t_b < args.steady_s:
+            report = dict(controller.last_report or {})
+            if report.get("at") is not None and report.get("at") != last_at and "step_s" in report:
+                last_at = report["at"]
+                reports.append({k: report.get(k) for k in ("step_s", "planner_s", "skipped", "apply", "applied_version",
+                                                              "apply_seconds", "gain")})
+                p = float(report.get("planner_s") or 0.0)
+                a = float(report.get("apply_seconds") or 0.0)
+                steps.append(float(report["step_s"]) - p - a)
+                planner.append(p)
+            time.sleep(0.05)
+        after, t_a = redis_stats(fleet.redis_url), time.perf_counter()
+        halt.set()
+        ct.join(30)
+        span = t_a - t_b
+        ops = (after["total_commands_processed"] - before["total_commands_processed"]) / span
+        inb = (after["total_net_input_bytes"] - before["total_net_input_bytes"]) / span
+        outb = (after["total_net_output_bytes"] - before["total_net_output_bytes"]) / span
+        figures["controller_step_s"] = spread(steps, "s", "one controller step less its planner search and any "
+                                              "rebalance it applied, at steady traffic")
+        figures["planner_s"] = spread(planner, "s", "the planner's search in one step")
+        figures["redis_ops_per_s"] = single(ops, "ops/s", "Redis commands per second at steady traffic (INFO stats)")
+        figures["redis_bytes_per_s"] = single(inb + outb, "B/s", "Redis network bytes in + out per second")
+        figures["redis_in_bytes_per_s"] = single(inb, "B/s", "of which into Redis")
+        figures["steady_requests_per_s"] = single(sent[0] / max(span, 1e-9), "req/s", "requests answered during the window")
+        details["steady"] = {"failures": failures[0], "sent": sent[0], "reports": reports}
+        print(f"steady {span:.0f}s: step {statistics.median(steps) * 1e3:.0f} ms (planner {statistics.median(planner) * 1e3:.0f} ms), "
+              f"Redis {ops:.0f} ops/s, {(inb + outb) / 1e6:.2f} MB/s (in {inb / 1e6:.2f}); {sent[0]} requests, "
+              f"{failures[0]} failed")
+
+        # -- 4. a placement change followed by the routers ----------------------------------------------------
+        import redis as redis_lib
+
+        current = store.get_placement()
+        h100s = [d.device_id for d in fleet.devices if d.accelerator_type == "H100"]
+        target_assign = {d: list(k) for d, k in current.assignments.items()}
+        for i, layer in enumerate(layers[:4]):  # one more replica of an expert of four layers, on an H100 with room
+            key = next(k for d, ks in current.assignments.items() if d not in h100s[:1] for k in ks if k[0] == layer)
+            target_assign[h100s[0]] = target_assign[h100s[0]] + [tuple(key)]
+        target = current.model_copy(update={"assignments": target_assign})
+        announced: list[float] = []
+        sub = redis_lib.Redis.from_url(fleet.redis_url).pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(store.keys.placement_channel)
+        sub.get_message(timeout=1.0)
+
+        def listen():
+            while not announced:
+                if sub.get_message(timeout=0.5) is not None:
+                    announced.append(time.perf_counter())
+
+        lt = threading.Thread(target=listen, daemon=True)
+        lt.start()
+        seen: dict[int, float] = {}
+
+        def follow():
+            want = current.version + 1
+            deadline = time.perf_counter() + 60
+            while len(seen) < len(fleet.routers) and time.perf_counter() < deadline:
+                for i, r in enumerate(fleet.routers):
+                    if i not in seen and ray.get(r.stats.remote())["placement_version"] >= want:
+                        seen[i] = time.perf_counter()
+                time.sleep(0.005)
+
+        ft = threading.Thread(target=follow, daemon=True)
+        ft.start()
+        controller.step()  # the lease again (the run loop released it)
+        controller.reconciler.apply(target, reason="bench: four replicas added")
+        ft.join(70)
+        lt.join(5)
+        sub.close()
+        if announced and len(seen) == len(fleet.routers):
+            follow_s = max(seen.values()) - announced[0]
+            figures["router_follow_s"] = single(follow_s, "s", "from the new placement's announcement to every router "
+                                                              "serving it (polled every 5 ms)")
+            print(f"routers followed a placement change in {follow_s * 1e3:.0f} ms")
+        else:
+            figures["router_follow_s"] = single(None, "s", "not seen")
+        stop.set()
+        th.join(30)
+
+        # -- 5. dashboard and status with the whole table ------------------------------------------------------
+        tcfg = TelemetryConfig()
+        snaps, renders = [], []
+        from rich.console import Console
+
+        for _ in range(3):
+            t = time.perf_counter()
+            snap = build_snapshot(read_inputs(store, tcfg), tcfg)
+            snaps.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            Console(file=io.StringIO(), width=160).print(status_view(snap))
+            renders.append(time.perf_counter() - t)
+        api, api_bytes = [], 0
+        for _ in range(3):
+            t = time.perf_counter()
+            with urllib.request.urlopen(f"http://{fleet.http_address}/api/state", timeout=30) as resp:
+                api_bytes = len(resp.read())
+            api.append(time.perf_counter() - t)
+        figures["snapshot_s"] = spread(snaps, "s", "the fleet snapshot from the store (what status and the dashboard draw)")
+        figures["status_render_s"] = spread(renders, "s", "status's terminal view of that snapshot")
+        figures["api_state_s"] = spread(api, "s", "GET /api/state (the dashboard's JSON)")
+        figures["api_state_bytes"] = single(api_bytes, "bytes", "the dashboard's JSON")
+        details["snapshot_devices"] = len(snap["devices"])
+        print(f"snapshot {statistics.median(snaps) * 1e3:.0f} ms, status render {statistics.median(renders) * 1e3:.0f} ms, "
+              f"/api/state {statistics.median(api) * 1e3:.0f} ms ({api_bytes / 1e3:.0f} kB), {len(snap['devices'])} devices")
+        client.close()
+    finally:
+        fleet.stop()
+        ray.shutdown()
+
+    goals = [
+        goal("start_to_exact", figures["start_to_exact_s"], "<=", 60, unit="s",
+             description=f"{details['devices']} emulated devices up and serving exact outputs"),
+        goal("controller_step", figures["controller_step_s"], "<=", 0.2, unit="s",
+             description="controller step excluding the planner's search (median)"),
+        goal("redis_traffic", figures["redis_bytes_per_s"], "<=", 1e6, unit="B/s", description="Redis bytes per second at steady state"),
+        goal("router_follow", figures["router_follow_s"], "<=", 1.0, unit="s", description="a placement change followed by every router"),
+    ]
+    write_result(
+        "emulated_fleet",
+        title="The control plane at 32 emulated devices, DeepSeek-V3-shaped expert table",
+        question="Does the control plane (controller, Redis, heartbeats, placement, routers, status) hold at 32 devices "
+                 "and 58 x 256 experts?",
+        command=f"python benchmarks/bench_emulated_fleet.py --emulate {args.emulate} --slowdown {args.slowdown:g} "
+                f"--steady-s {args.steady_s:g}",
+        figures=figures, goals=goals, details=details, elapsed_s=time.perf_counter() - t_begin,
+        results_dir=None if args.out is None else Path(args.out),
+    )
+
+
+if __name__ == "__main__":
+    main()
