@@ -250,6 +250,7 @@ class Controller:
         self.status: dict = {}  # {"state", "reason", "detail", "since"}: step_state of the last step
         self._health_version = None  # (version, generation) of the placement health() last read, and that placement
         self._health_placement: Placement | None = None
+        self._windows: dict = {}  # load windows that no longer change, read once (StateStore.read_windows)
         self._partial_since: float | None = None  # since when live workers hold part of the experts and no placement exists
 
     def _cap_if_full(self, device: DeviceSpec, current: Placement) -> DeviceSpec:
@@ -329,7 +330,7 @@ class Controller:
             entries = self._trace["steps"]
             step = max((s for s in entries if s["t"] <= t), key=lambda s: s["t"], default=entries[0])
             return np.asarray(step["load"], dtype=float)
-        raw = self.store.read_load(None, c.load_window_s, c.load_windows, c.load_half_life_s)
+        raw = self.store.read_load(None, c.load_window_s, c.load_windows, c.load_half_life_s, cache=self._windows)
         return load_matrix(raw, self.layers, self.spec.layer.num_experts)
 
     def served(self, now: float, records: dict[str, dict]) -> tuple[dict | None, np.ndarray | None, float]:
@@ -353,7 +354,8 @@ class Controller:
             return None, None, 0.0
         c = self.config
         count = max(1, int(round(window / c.load_window_s)))
-        windows = self.store.read_windows(now, c.load_window_s, count + 1)[:-1]  # complete windows only
+        # the complete windows: the ``count`` ending with the one before ``now``'s (the current one is not read)
+        windows = self.store.read_windows(now - c.load_window_s, c.load_window_s, count, cache=self._windows)
         raw: dict = {}
         for _, counts in windows:
             for key, n in counts.items():
@@ -591,16 +593,21 @@ class Controller:
         return published
 
     # -- one step --------------------------------------------------------
+    def placement(self) -> Placement | None:
+        """The stored placement, read again only when its version or generation moved (it is 126 kB of JSON at
+        58 x 256 experts over 32 devices: read and parsed four times a second it dominated the store's traffic)."""
+        stamp = self.store.placement_stamp()
+        if stamp != self._health_version or self._health_placement is None:
+            self._health_placement, self._health_version = self.store.get_placement(), stamp
+        return self._health_placement
+
     def health(self) -> bool:
         """Quick liveness check; True when a placement worker is newly down (the caller steps at once)."""
         if not self.leader:
             return False
         # four times a second: the placement read again only when its version moved, and of the workers only
         # whether each heartbeat is current (their expiry times), never their records
-        version = self.store.placement_stamp()
-        if version != self._health_version:
-            self._health_placement, self._health_version = self.store.get_placement(), version
-        current = self._health_placement
+        current = self.placement()
         if current is None:
             return False
         keys = [f"worker:{d}" for d in current.assignments]
@@ -625,7 +632,7 @@ class Controller:
         self.reconciler.devices = inventory.by_id()  # how to start a worker for each device
         records = self.worker_records(heartbeats)
         self._poll_restarts(records)
-        current = self.store.get_placement()
+        current = self.placement()
         if current is None and self._seen_generation and self._store_settled():
             self._store_ok_since = time.monotonic()  # the store lost its data: give workers time to heartbeat again
             self._seen_generation = ""

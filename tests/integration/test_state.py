@@ -383,6 +383,20 @@ def test_record_load_sums_within_a_window_and_splits_across_windows(store):
     ]
 
 
+def test_windows_two_behind_are_read_once_with_a_cache_and_the_recent_ones_again(store):
+    cache: dict = {}
+    store.record_load({(0, 1): 5}, now=T0 + 0.1)
+    store.record_load({(0, 1): 2}, now=T0 + 1.1)
+    assert store.read_windows(T0 + 2.5, 1.0, 3, cache) == [(T0, {(0, 1): 5}), (T0 + 1.0, {(0, 1): 2}), (T0 + 2.0, {})]
+    assert set(cache) == {int(T0)}  # only the window two behind is kept
+    store.record_load({(0, 1): 100}, now=T0 + 0.2)  # (a late write into a kept window is not seen: none is made)
+    store.record_load({(0, 1): 3}, now=T0 + 1.2)  # the previous window is read again
+    store.record_load({(0, 1): 4}, now=T0 + 2.2)
+    assert store.read_windows(T0 + 2.6, 1.0, 3, cache) == [(T0, {(0, 1): 5}), (T0 + 1.0, {(0, 1): 5}), (T0 + 2.0, {(0, 1): 4})]
+    assert store.read_windows(T0 + 2.6, 1.0, 3) == [(T0, {(0, 1): 105}), (T0 + 1.0, {(0, 1): 5}), (T0 + 2.0, {(0, 1): 4})]
+    assert store.read_load(T0 + 2.6, 1.0, 3, 1e9, cache)[(0, 1)] == pytest.approx(5 + 5 + 4 * 0.6, rel=1e-3)
+
+
 def test_window_sizes_do_not_mix(store):
     store.record_load({(0, 0): 3}, now=T0, window_s=1.0)
     store.record_load({(0, 0): 5}, now=T0, window_s=10.0)

@@ -68,25 +68,41 @@ class LoadOps(StoreBase):
                 pipe.hgetall(key)
             return pipe.execute()
 
-    def read_windows(self, now: float | None, window_s: float, num_windows: int) -> list[tuple[float, dict[ExpertKey, int]]]:
+    def read_windows(
+        self, now: float | None, window_s: float, num_windows: int, cache: dict | None = None
+    ) -> list[tuple[float, dict[ExpertKey, int]]]:
         """Raw counts of the last ``num_windows`` windows, the current one included, oldest first.
 
         Returns ``[(window_start_s, {(layer, expert): tokens}), ...]`` with exactly
         ``num_windows`` entries; windows with no traffic (or already expired)
         have an empty dict. One round trip.
+
+        cache: a dict the caller keeps between reads (one per store and window width): windows two or more
+        behind the current one no longer change (routers add to the window of the moment they flush), so they are
+        read once and kept there; only the current and the previous window are read again. A table of
+        58 x 256 experts is then read once, not at every step.
         """
         window_s = _check_positive("window_s", window_s)
         if num_windows < 1:
             return []
         current = self._window_index(self._now(now), window_s)
         indices = list(range(current - num_windows + 1, current + 1))
-        hashes = self._read_hashes("read_windows", [self.keys.load_window(window_s, i) for i in indices])
-        return [
-            (i * window_s, {_parse_expert_field(f): int(v) for f, v in h.items()})
-            for i, h in zip(indices, hashes)
-        ]
+        if cache is None:
+            hashes = self._read_hashes("read_windows", [self.keys.load_window(window_s, i) for i in indices])
+            return [(i * window_s, {_parse_expert_field(f): int(v) for f, v in h.items()}) for i, h in zip(indices, hashes)]
+        want = [i for i in indices if i not in cache]
+        hashes = self._read_hashes("read_windows", [self.keys.load_window(window_s, i) for i in want]) if want else []
+        fresh = {i: {_parse_expert_field(f): int(v) for f, v in h.items()} for i, h in zip(want, hashes)}
+        for i, counts in fresh.items():
+            if i <= current - 2:
+                cache[i] = counts
+        for i in [i for i in cache if i < indices[0] - 8]:  # long past every reader's span
+            del cache[i]
+        return [(i * window_s, cache[i] if i in cache else fresh[i]) for i in indices]
 
-    def read_load(self, now: float | None, window_s: float, num_windows: int, half_life_s: float) -> dict[ExpertKey, float]:
+    def read_load(
+        self, now: float | None, window_s: float, num_windows: int, half_life_s: float, cache: dict | None = None
+    ) -> dict[ExpertKey, float]:
         """Exponentially decayed token counts per ``(layer, expert)`` over the last ``num_windows`` windows.
 
         Each window weighs ``moefleet.core.decay.window_weights``: ``0.5 **
@@ -94,12 +110,12 @@ class LoadOps(StoreBase):
         covered to ``now``, and the current window, still filling, that times
         its filled fraction. ``half_life_s=math.inf`` gives a plain sum of the
         complete windows (plus the filled fraction of the current one's).
-        Experts with no tokens are absent.
+        Experts with no tokens are absent. cache: as ``read_windows``'.
         """
         if not half_life_s > 0:
             raise ValueError(f"half_life_s: must be > 0, got {half_life_s}")
         now = self._now(now)
-        windows = self.read_windows(now, window_s, num_windows)
+        windows = self.read_windows(now, window_s, num_windows, cache)
         weights = window_weights(now, window_s, [start for start, _ in windows], half_life_s)
         out: dict[ExpertKey, float] = {}
         for weight, (_, counts) in zip(weights, windows):
