@@ -20,7 +20,7 @@ def gpus(n: int, memory: int) -> list[DeviceSpec]:
 
 
 def config(**kw) -> ControllerConfig:
-    base = dict(ray_address=None, min_tokens=0, planner=PlannerKnobs(headroom=0.0, min_gain=0.02), kappa=2.0,
+    base = dict(ray_address=None, min_tokens=0, planner=PlannerKnobs(headroom=0.0, min_gain=0.02, min_replicas=1), kappa=2.0,
                 horizon_s=60.0, cooldown_s=0.0, confirm_steps=1)
     base.update(kw)
     return ControllerConfig(**base)
@@ -186,7 +186,7 @@ def test_plans_that_change_from_step_to_step_never_confirm():
 def test_a_plan_below_min_gain_is_skipped_as_such():
     devices, current, _ = _imbalanced()
     load = hot_load([0, 1], heat=1.5)  # the best plan cuts the step time by 22%
-    cfg = config(planner=PlannerKnobs(headroom=0.0, min_gain=0.3, hysteresis=0.0))
+    cfg = config(planner=PlannerKnobs(headroom=0.0, min_gain=0.3, hysteresis=0.0, min_replicas=1))
     decision = step(cfg, {}, devices, current, load, 10.0, links=FAST)
     assert decision.plan.moves and 0 < decision.plan.gain < 0.3 and not decision.plan.apply
     assert decision.report["plan_skipped"]["reason"] == "min_gain"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moefleet.controller.eplb import rebalance_experts
-from moefleet.controller.planner import PlanningError
+from moefleet.controller.main import ControllerConfig
+from moefleet.controller.planner import PlannerKnobs, PlanningError
 from moefleet.controller.sim import (
     Diurnal,
     DriftTraffic,
@@ -69,10 +70,12 @@ def _switching_trace() -> Trace:
 @pytest.mark.parametrize("kind", ["history", "eplb"])
 def test_baselines_are_planned_on_the_history_window_only(kind):
     trace = _switching_trace()
-    placement = baseline_placement(kind, trace, devices(4, 4), EXPERT_BYTES, SimConfig(), history_s=8.0)
+    # a floor of one copy: every replica past it follows the load (min_replicas auto would give every expert two here)
+    config = SimConfig(controller=ControllerConfig(ray_address=None, planner=PlannerKnobs(min_replicas=1)))
+    placement = baseline_placement(kind, trace, devices(4, 4), EXPERT_BYTES, config, history_s=8.0)
     replicas = placement.replicas()
     assert len(replicas[(0, 0)]) > len(replicas[(0, 7)])  # expert 0 was the hot one in the first 8 s
-    whole = baseline_placement(kind, trace, devices(4, 4), EXPERT_BYTES, SimConfig(), history_s=20.0).replicas()
+    whole = baseline_placement(kind, trace, devices(4, 4), EXPERT_BYTES, config, history_s=20.0).replicas()
     assert len(whole[(0, 7)]) > 1
 
 

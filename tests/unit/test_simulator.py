@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moefleet.controller.main import ControllerConfig
-from moefleet.controller.planner import PlanningError
+from moefleet.controller.planner import PlannerKnobs, PlanningError
 from moefleet.controller.sim import SimConfig, ZipfTraffic, compare, initial_placement, simulate
 from moefleet.core.trace import Trace
 
@@ -88,6 +88,7 @@ def _drift(duration_s=30.0, shift_s=6.0):
 
 def _following(**kw) -> ControllerConfig:
     """A controller that follows a hot set moving every 6 s: steps each second, short cooldown."""
+    kw.setdefault("planner", PlannerKnobs(min_replicas=1))  # replicas follow the load alone
     return ControllerConfig(ray_address=None, interval_s=1.0, load_windows=3, cooldown_s=2.0, confirm_steps=2, **kw)
 
 
