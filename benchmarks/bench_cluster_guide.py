@@ -56,7 +56,7 @@ def walk_guide(checkpoint: str) -> dict:
                 out["to_serving_s"] = time.monotonic() - t0
             if name == "check":
                 demo = walk.ran[-1].stdout
-                m = re.search(r"the fleet counted (\d+) requests answered, (\d+) failed; (\d+) rebalances", demo)
+                m = re.search(r"the fleet counted (\d+) requests answered, (\d+) failed\s+(\d+) rebalances", demo)
                 out["answered"], out["failed"], out["rebalances"] = map(int, m.groups()) if m else (None, None, None)
         out["to_exact_s"] = time.monotonic() - t0
         out["max_abs_diff"] = float(re.search(r"max abs diff (\S+)", walk.ran[-1].stdout).group(1))

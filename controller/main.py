@@ -658,7 +658,7 @@ class Controller:
             self.emit("worker_down", {"devices": sorted(down - self.down)})
         self.down = down
         report["down"] = sorted(down)
-        unusable = down | set(self._restarting)
+        unusable = down | set(self._restarting) | set(self._retry) | self.lost  # no running worker: takes no experts
         if self.config.local:
             # local devices are this machine's workers: one without a live worker is restarted, not planned on
             idle_dead = {d.device_id for d in inventory.devices if d.device_id not in records and d.device_id not in current.assignments}

@@ -375,7 +375,7 @@ class Reconciler:
         failed: dict[DeviceId, str] = {}
         for d, ref in pending.items():
             try:
-                ray.get(ref)
+                ray.get(ref, timeout=0)  # the wait ended: a load still running counts as failed
             except Exception as e:  # noqa: BLE001 - reported with the device it came from
                 cause = e.as_instanceof_cause() if isinstance(e, ray.exceptions.RayTaskError) else e
                 if isinstance(cause, StaleCommandError):

@@ -122,16 +122,19 @@ def test_the_embedded_router_shows_as_a_router_and_follows_a_new_placement(hot_f
     model = MoEModel.from_pretrained(hot_fleet.checkpoint)
     x = torch.randn(16, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(3))
     want = model.layer(0)(x)
-    # swap two experts between the workers: load first, publish, then serve on the new placement
+    # swap two experts between the workers as a leader does: under the lease, load first, publish, then serve
+    token = store.try_acquire_lease("test-leader", 30.0)
+    assert token
     old = store.get_placement()
     a, b = old.assignments["worker-0"][0], old.assignments["worker-1"][0]
-    ray.get([hot_fleet.worker("worker-0").load.remote([b]), hot_fleet.worker("worker-1").load.remote([a])])
+    ray.get([hot_fleet.worker("worker-0").load.remote([b], token), hot_fleet.worker("worker-1").load.remote([a], token)])
     new = Placement(version=old.version + 1, generation=old.generation, assignments={
         "worker-0": [k for k in old.assignments["worker-0"] if k != a] + [b],
         "worker-1": [k for k in old.assignments["worker-1"] if k != b] + [a],
     }, speeds=old.speeds)
     t0 = time.monotonic()
-    store.publish_placement(new, expected_version=old.version)
+    store.publish_placement(new, expected_version=old.version, fence=("test-leader", token))
+    store.release_lease("test-leader")
     assert wait_for(lambda: emb.core.placement.version == new.version, 5)
     follow_s = time.monotonic() - t0
     assert follow_s < 5

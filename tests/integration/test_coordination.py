@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def fleet(ray_cluster, redis_server, checkpoint):
     """A fleet without its own controller: the tests play the leaders."""
-    cfg = FleetConfig(checkpoint=checkpoint, num_workers=2, redis_url=redis_server.url, static=True,
+    cfg = FleetConfig(checkpoint=checkpoint, num_workers=2, redis_url=redis_server.url, static=True, min_replicas=1,
                       namespace=f"coord-{uuid.uuid4().hex[:8]}", router=RouterConfig(telemetry_interval_s=0.25))
     f = LocalFleet(cfg)
     f.start()
