@@ -57,17 +57,20 @@ class WorkerCallError(Exception):
     """A worker call failed.
 
     retryable: another placement or replica may succeed. dead: the worker
-    itself is gone or unreachable (its process died, it was retired); the
-    router stops sending to it until the placement changes. A retryable call
-    that is not ``dead`` reached a worker holding a stale placement.
+    itself is gone (its process died, it was retired); the router stops
+    sending to it until the placement changes. unavailable: Ray could not
+    reach it for now (``ActorUnavailableError``): the call's rows go to other
+    replicas where there are some, and back to it where there are none.
+    A retryable call that is neither reached a worker holding a stale placement.
     """
 
-    def __init__(self, worker: str, cause: BaseException, retryable: bool, dead: bool = False):
+    def __init__(self, worker: str, cause: BaseException, retryable: bool, dead: bool = False, unavailable: bool = False):
         super().__init__(f"worker {worker}: {type(cause).__name__}: {cause}")
         self.worker = worker
         self.cause = cause
         self.retryable = retryable
         self.dead = dead
+        self.unavailable = unavailable
 
 
 class Stalled(Exception):
@@ -739,6 +742,8 @@ class RouterCore:
             elif r.dead:
                 call.exclude.add(b.worker)
                 self.mark_dead(b.worker)
+            elif r.unavailable:
+                call.exclude.add(b.worker)  # other replicas first; back to it where it is the only one
             else:
                 call.stale = True  # the placement moved on: wait for this router to see the new one
         # a dead worker's rows go straight to the other replicas; experts without one fail fast in _dispatch
@@ -811,19 +816,19 @@ class RouterCore:
         self.dead[worker] = time.monotonic()
 
     def _replicas_for(self, layer: int, exclude: set[str]) -> dict[int, list[str]]:
-        """The layer's replicas without dead or excluded workers, and without stalled (quarantined) ones where
-        another replica is left (``health.avoid``)."""
+        """The layer's replicas without dead workers, and without the call's excluded ones (stalled, unreachable,
+        dead) and quarantined ones where another replica is left (``health.avoid``): a worker that is only slow or
+        briefly unreachable is tried again rather than its rows failed."""
         reps = self._replicas.get(layer, {})
         if self.dead:
             now = time.monotonic()
             for w, t in list(self.dead.items()):
                 if now - t > self.DEAD_RETRY_S:
                     self.dead.pop(w, None)
-            exclude = exclude | set(self.dead)
         quarantined = self.health.quarantined
-        if not exclude and not quarantined:
+        if not self.dead and not exclude and not quarantined:
             return reps
-        return avoid(reps, quarantined, exclude)
+        return avoid(reps, set(quarantined) | set(exclude), set(self.dead))
 
     # -- stragglers ------------------------------------------------------
     def _budgets(self, batches: list[WorkerBatch]) -> dict[str, float]:

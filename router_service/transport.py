@@ -433,7 +433,9 @@ class RayTransport:
         if isinstance(e, RayTaskError):
             # The worker ran the call and raised (not a failure it reports as a value): it is alive.
             return WorkerCallError(worker, e.as_instanceof_cause(), retryable=False)
-        if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        if isinstance(e, ActorUnavailableError):  # not reachable for now (a restart, a slow link): not dead
+            return WorkerCallError(worker, e, retryable=True, unavailable=True)
+        if isinstance(e, (ActorDiedError, RayActorError)):
             self.forget(worker)
             return WorkerCallError(worker, e, retryable=True, dead=True)
         if isinstance(e, GetTimeoutError):

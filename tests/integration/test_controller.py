@@ -12,6 +12,7 @@ import torch
 
 from moefleet import MoEModel
 from moefleet.controller.main import Controller, controller_actor_class
+from moefleet.controller.planner import PlannerKnobs
 from moefleet.core.config import FleetConfig, RouterConfig, WorkerConfig
 from moefleet.core.state import StateStore
 from moefleet.demo import skewed_hidden
@@ -31,7 +32,6 @@ def fleet(ray_cluster, redis_server, tmp_path_factory):
         checkpoint=str(path), num_workers=3, redis_url=redis_server.url, namespace=f"ctl-{uuid.uuid4().hex[:8]}",
         worker=WorkerConfig(num_cpus=0.5), router=RouterConfig(telemetry_interval_s=0.2, load_window_s=1.0),
         static=True,  # these tests drive their own controllers
-        min_replicas=1,  # replicas past one follow the load alone
     )
     f = LocalFleet(cfg)
     f.start()
@@ -58,7 +58,9 @@ def _traffic(fleet, model, hot, stop, out, failures, seed):
 def test_rebalance_under_load_loses_no_request_and_replicates_hot_experts(fleet):
     model = MoEModel.from_pretrained(fleet.checkpoint)
     store = StateStore(fleet.redis_url, namespace=fleet.config.namespace)
-    ctl = Controller(fleet.controller_config(load_windows=10, load_half_life_s=5.0, min_tokens=10), holder="solo", store=store)
+    one_copy = PlannerKnobs(min_replicas=1, min_gain=0.05)  # replicas past one follow the load alone
+    ctl = Controller(fleet.controller_config(load_windows=10, load_half_life_s=5.0, min_tokens=10, planner=one_copy),
+                     holder="solo", store=store)
     stop, out, failures = threading.Event(), [], []
     t = threading.Thread(target=_traffic, args=(fleet, model, [0, 1], stop, out, failures, 0))
     t.start()

@@ -108,3 +108,20 @@ def test_a_call_in_flight_on_the_old_table_holds_up_the_drain_of_the_new_one(che
 
     x, out = asyncio.run(run())
     assert (out.output - model.layer(layer)(x)).abs().max().item() <= 1e-5
+
+
+def test_a_worker_excluded_from_a_call_is_tried_again_where_it_is_the_only_replica_and_a_dead_one_never(checkpoint):
+    """A call's excluded workers (stalled past their budget, unreachable for now) give way to other replicas, but an
+    expert whose only replica is excluded keeps it: its rows wait rather than fail. A dead worker is never chosen."""
+    model = MoEModel.from_pretrained(checkpoint, backend="torch")
+    layer = model.moe_layers[0]
+    placement = Placement(version=1, assignments={"w0": [(layer, e) for e in range(8)], "w1": [(layer, e) for e in range(4)]})
+    workers = {d: ExpertGroupCore(d, checkpoint, keys, backend="torch") for d, keys in placement.assignments.items()}
+    core = RouterCore(checkpoint, RouterConfig(), LocalTransport(workers))
+    core.set_placement(placement)
+    reps = core._replicas_for(layer, {"w0"})
+    assert all(reps[e] == ["w1"] for e in range(4))  # another replica: the excluded worker is left out
+    assert all(reps[e] == ["w0"] for e in range(4, 8))  # its only replica: kept
+    core.mark_dead("w0")
+    reps = core._replicas_for(layer, set())
+    assert all(reps[e] == [] for e in range(4, 8)) and all(reps[e] == ["w1"] for e in range(4))
