@@ -864,9 +864,10 @@ def _print_plan(args, trace, config, results, found, slo=None) -> None:
     console.print(table)
 
 
-ROUTER_CALL_MS = 1.0
-"""``moe-fleet plan``'s default router time per layer call: the embedded router's call overhead measured on the
-development machine (gate, dispatch, compiled-graph round trip, combine; benchmarks/RESULTS.md, hot path)."""
+ROUTER_CALL_MS = 1.6
+"""``moe-fleet plan``'s default router time per layer call: the embedded router's call overhead at one token, 1.63 ms
+mean on a 2-core CPU machine (gate, dispatch, compiled-graph round trip, combine: ``benchmarks/bench_hot_path.py``,
+RESULTS.md "The per-layer hot path"). A GPU router's is smaller; pass ``--router-call-ms`` for another fleet."""
 
 
 def main(argv: list[str] | None = None) -> int:
