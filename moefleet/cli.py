@@ -976,7 +976,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key", help="on the head: its PEM key")
     p.add_argument("--tls-client-ca", help="on the head: CA bundle of the client certificates to require (mutual TLS)")
     p.add_argument("--auth-token-file", help="on the head: the API's bearer token (default: MOEFLEET_AUTH_TOKEN on the head)")
-    p.add_argument("--host", default="0.0.0.0", help="address the gRPC port and Serve's HTTP proxy bind on the head")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the gRPC port and Serve's HTTP proxy bind on the head (default loopback; 0.0.0.0 serves "
+                        "clients on other machines, and then needs a token)")
     p.add_argument("--grpc-port", type=int, default=9000, help="the fleet's gRPC port")
     p.add_argument("--serve-http-port", type=int, default=8000, help="Serve's HTTP proxy port (health checks)")
     group = p.add_mutually_exclusive_group()
