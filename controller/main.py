@@ -123,6 +123,7 @@ class ControllerConfig(BaseModel):
         if isinstance(v, PlannerKnobs) and "min_replicas" not in v.model_fields_set:
             return v.model_copy(update={"min_replicas": "auto"})
         return v
+
     kappa: float = Field(
         default=2.0, ge=0,
         description="The cost-benefit gate: a plan (a repair excepted) is applied only when its predicted gain over the "
