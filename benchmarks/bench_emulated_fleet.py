@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import redis_traffic  # noqa: E402
 from common import goal, single, spread, write_result  # noqa: E402
 
 DSV3_TINY = {
@@ -48,11 +49,51 @@ def redis_stats(url: str) -> dict:
     return {k: int(info[k]) for k in ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")}
 
 
+def redis_commandstats(url: str) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``; commands scripts run included)."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        info = r.info("commandstats")
+    finally:
+        r.close()
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def cpu_by_command(before: dict | None = None) -> dict:
+    """CPU seconds of this process's tree grouped by process name (Ray names its workers ``ray::<Actor>``), and the
+    whole machine's; with ``before`` (an earlier call's ``_raw``) the seconds used since."""
+    from proc_cpu import descendants, machine_cpu
+
+    procs = descendants(os.getpid())
+    machine = machine_cpu()
+    if before is None:
+        return {"_raw": (procs, machine)}
+    old, old_machine = before["_raw"]
+    out: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for pid, (comm, cpu) in procs.items():
+        out[comm] = out.get(comm, 0.0) + cpu - (old[pid][1] if pid in old else 0.0)
+        counts[comm] = counts.get(comm, 0) + 1
+    res = {f"{k} (x{counts[k]})" if counts[k] > 1 else k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    res["machine (all processes)"] = (machine["normal"] + machine["niced"]) - (old_machine["normal"] + old_machine["niced"])
+    return res
+
+
+def state_scripts() -> dict[str, str]:
+    """The store's Lua scripts by name (``moefleet.core.state.scripts``): how the breakdown names an EVALSHA."""
+    from moefleet.core.state import scripts
+
+    return {n.lower(): v for n, v in vars(scripts).items() if n.isupper() and not n.startswith("_") and isinstance(v, str)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emulate", default="h100:16,l4:16")
     ap.add_argument("--slowdown", type=float, default=50.0)
     ap.add_argument("--steady-s", type=float, default=20.0, help="seconds of steady traffic for step times and Redis rates")
+    ap.add_argument("--monitor-s", type=float, default=4.0, help="seconds of MONITOR sample for the Redis breakdown")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per request of the steady traffic")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,6 +123,7 @@ def main() -> None:
                      "experts": spec.layer.num_experts, "top_k": spec.layer.top_k, "hidden": spec.layer.hidden_size}
 
     # -- 1. start to every device serving exact outputs ------------------------------------------------
+    cpu_before = cpu_by_command()
     t0 = time.perf_counter()
     init_local_ray(num_cpus=2)
     t_ray = time.perf_counter() - t0
@@ -91,23 +133,52 @@ def main() -> None:
     try:
         address = fleet.start()
         t_started = time.perf_counter() - t0
+        start_cpu = cpu_by_command(cpu_before)
         client = FleetClient(address)
         client.wait_ready(120)
         g = torch.Generator().manual_seed(0)
-        worst = 0.0
+        handles = dict(fleet.workers)
+
+        def served() -> dict[str, int]:
+            """Calls with rows each device has served so far (asked of every worker at once)."""
+            infos = ray.get([h.heartbeat_info.remote() for h in handles.values()], timeout=60)
+            return {d: int(info["calls"]) for d, info in zip(handles, infos)}
+
+        # every device serving exact outputs: layer calls of 256 tokens (each device holds experts of every layer, so
+        # a call reaches most of them), each compared with the in-process layer, until every device has served rows
+        worst, checked, t_serving = 0.0, [], None
         for layer in layers:
-            x = torch.randn(16, spec.layer.hidden_size, generator=g)
+            x = torch.randn(256, spec.layer.hidden_size, generator=g)
             worst = max(worst, (client.forward(layer, x) - model.layer(layer)(x)).abs().max().item())
+            checked.append(layer)
+            if worst <= 1e-5 and all(n > 0 for n in served().values()):
+                t_serving = time.perf_counter() - t0
+                break
+        # then every other layer, as before: all 58 answered exactly
+        for layer in layers:
+            if layer not in checked:
+                x = torch.randn(16, spec.layer.hidden_size, generator=g)
+                worst = max(worst, (client.forward(layer, x) - model.layer(layer)(x)).abs().max().item())
         t_exact = time.perf_counter() - t0
-        calls = {d: s["calls"] for d, s in fleet.worker_stats().items()}
+        calls = served()
         serving = sum(1 for n in calls.values() if n > 0)
         devices = len(fleet.devices)
-        print(f"{devices} emulated devices: Ray {t_ray:.1f}s, fleet started {t_started:.1f}s, every layer exact "
-              f"(max |diff| {worst:.2e}) at {t_exact:.1f}s; {serving}/{devices} devices served calls")
-        figures["start_to_exact_s"] = single(t_exact, "s", f"from Ray's start to all {len(layers)} layers answered exactly "
-                                                           f"by a fleet of {devices} emulated devices")
+        exact = worst <= 1e-5
+        print(f"{devices} emulated devices: Ray {t_ray:.1f}s, fleet started {t_started:.1f}s, every device served exact "
+              f"outputs at {t_serving if t_serving is not None else float('nan'):.1f}s ({len(checked)} layer calls of 256 "
+              f"tokens), every layer exact (max |diff| {worst:.2e}) at {t_exact:.1f}s; {serving}/{devices} devices served calls")
+        figures["start_to_exact_s"] = single(t_serving if exact else None, "s",
+                                             f"from Ray's start to every one of the {devices} emulated devices having served "
+                                             f"rows of layer calls whose outputs matched the in-process layer (max |diff| "
+                                             f"<= 1e-5)")
+        figures["start_to_all_layers_exact_s"] = single(t_exact if exact else None, "s",
+                                                        f"from Ray's start to all {len(layers)} layers answered exactly")
         figures["ray_start_s"] = single(t_ray, "s", "Ray's start (local, 2 CPUs)")
         figures["fleet_start_s"] = single(t_started, "s", "Ray's start to LocalFleet.start() returning (workers loaded)")
+        details["serving_check_layer_calls"] = len(checked)
+        details["start_cpu_s"] = start_cpu
+        print("CPU seconds from Ray's start to the fleet started, by process: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in start_cpu.items()))
         details.update(max_abs_diff=worst, devices_serving=serving, devices=devices,
                        held={d: len(k) for d, k in fleet.placement.assignments.items()})
 
@@ -160,7 +231,7 @@ def main() -> None:
         ct = threading.Thread(target=controller.run, args=(halt,), daemon=True)  # as the controller actor runs it
         ct.start()
         time.sleep(4.0)  # the lease, the first load windows
-        before, t_b = redis_stats(fleet.redis_url), time.perf_counter()
+        before, cs_before, t_b = redis_stats(fleet.redis_url), redis_commandstats(fleet.redis_url), time.perf_counter()
         steps, planner, reports, last_at = [], [], [], None
         while time.perf_counter() - t_b < args.steady_s:
             report = dict(controller.last_report or {})
@@ -173,7 +244,9 @@ def main() -> None:
                 steps.append(float(report["step_s"]) - p - a)
                 planner.append(p)
             time.sleep(0.05)
-        after, t_a = redis_stats(fleet.redis_url), time.perf_counter()
+        after, cs_after, t_a = redis_stats(fleet.redis_url), redis_commandstats(fleet.redis_url), time.perf_counter()
+        # where the traffic goes: a MONITOR sample after the window (its own stream is output too), traffic still on
+        traffic_groups = redis_traffic.measure(fleet.redis_url, args.monitor_s, namespace=cfg.namespace, scripts=state_scripts())
         halt.set()
         ct.join(30)
         span = t_a - t_b
@@ -186,8 +259,17 @@ def main() -> None:
         figures["redis_ops_per_s"] = single(ops, "ops/s", "Redis commands per second at steady traffic (INFO stats)")
         figures["redis_bytes_per_s"] = single(inb + outb, "B/s", "Redis network bytes in + out per second")
         figures["redis_in_bytes_per_s"] = single(inb, "B/s", "of which into Redis")
+        figures["redis_out_bytes_per_s"] = single(outb, "B/s", "of which out of Redis")
         figures["steady_requests_per_s"] = single(sent[0] / max(span, 1e-9), "req/s", "requests answered during the window")
         details["steady"] = {"failures": failures[0], "sent": sent[0], "reports": reports}
+        details["redis_commandstats_per_s"] = dict(sorted(
+            ((c, (n - cs_before.get(c, 0)) / span) for c, n in cs_after.items() if n > cs_before.get(c, 0)), key=lambda kv: -kv[1]))
+        details["redis_traffic"] = traffic_groups
+        print(f"Redis commands per second (INFO commandstats, script commands included): "
+              + ", ".join(f"{c} {n:.0f}" for c, n in list(details["redis_commandstats_per_s"].items())[:8]))
+        print(f"Redis traffic by command and key ({traffic_groups['seconds']:.1f} s MONITOR sample): calls/s, kB/s in, kB/s out")
+        for g, e in list(traffic_groups["groups"].items())[:15]:
+            print(f"  {g:48s} {e['calls_per_s']:8.1f} {e['in_bytes_per_s'] / 1e3:8.1f} {e['out_bytes_per_s'] / 1e3:8.1f}")
         print(f"steady {span:.0f}s: step {statistics.median(steps) * 1e3:.0f} ms (planner {statistics.median(planner) * 1e3:.0f} ms), "
               f"Redis {ops:.0f} ops/s, {(inb + outb) / 1e6:.2f} MB/s (in {inb / 1e6:.2f}); {sent[0]} requests, "
               f"{failures[0]} failed")
@@ -280,6 +362,22 @@ def main() -> None:
         goal("redis_traffic", figures["redis_bytes_per_s"], "<=", 1e6, unit="B/s", description="Redis bytes per second at steady state"),
         goal("router_follow", figures["router_follow_s"], "<=", 1.0, unit="s", description="a placement change followed by every router"),
     ]
+    traffic = details.get("redis_traffic") or {"groups": {}, "seconds": 0}
+    groups = list(traffic["groups"].items())
+    rows = [[g, e["calls_per_s"], e["in_bytes_per_s"], e["out_bytes_per_s"], e["reply_bytes"], e["clients"]] for g, e in groups[:14]]
+    if len(groups) > 14:
+        rest = [e for _, e in groups[14:]]
+        rows.append([f"{len(rest)} others", sum(e["calls_per_s"] for e in rest), sum(e["in_bytes_per_s"] for e in rest),
+                     sum(e["out_bytes_per_s"] for e in rest), "", ""])
+    tables = {
+        f"Redis traffic by command and key ({traffic['seconds']:.0f} s MONITOR sample at steady traffic; replies of reads "
+        f"measured by re-running one, writes and scripts counted at {redis_traffic.SMALL_REPLY_BYTES} bytes)": {
+            "columns": ["command and key (or script)", "calls", "bytes in", "bytes out", "reply", "connections"],
+            "units": ["", "/s", "B/s", "B/s", "B", ""], "rows": rows},
+        "Redis commands per second (INFO commandstats over the steady window; commands run by scripts included)": {
+            "columns": ["command", "calls"], "units": ["", "/s"],
+            "rows": [[c, n] for c, n in list((details.get("redis_commandstats_per_s") or {}).items())[:12]]},
+    }
     write_result(
         "emulated_fleet",
         title="The control plane at 32 emulated devices, DeepSeek-V3-shaped expert table",
@@ -288,7 +386,7 @@ def main() -> None:
         command=f"python benchmarks/bench_emulated_fleet.py --emulate {args.emulate} --slowdown {args.slowdown:g} "
                 f"--steady-s {args.steady_s:g}",
         figures=figures, goals=goals, details=details, elapsed_s=time.perf_counter() - t_begin,
-        results_dir=None if args.out is None else Path(args.out),
+        results_dir=None if args.out is None else Path(args.out), tables=tables,
     )
 
 

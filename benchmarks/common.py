@@ -176,7 +176,7 @@ def goal(name: str, measured, op: str, target: float, *, unit: str = "", descrip
 
 def write_result(name: str, *, title: str, question: str, command: str, figures: dict | None = None,
                  goals: list | None = None, status: str = "ok", plots: list | None = None, details: dict | None = None,
-                 elapsed_s: float | None = None, results_dir: Path | None = None) -> Path:
+                 elapsed_s: float | None = None, results_dir: Path | None = None, tables: dict | None = None) -> Path:
     """Write benchmarks/results/<name>.json in the common schema (see above); returns the path."""
     import datetime
 
@@ -189,6 +189,8 @@ def write_result(name: str, *, title: str, question: str, command: str, figures:
         "elapsed_s": elapsed_s, "figures": figures or {}, "goals": goals or [], "plots": plots or [],
         "details": details or {},
     }
+    if tables:
+        doc["tables"] = tables
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
     print(f"wrote {path}")

@@ -9,7 +9,8 @@ The template is Markdown with placeholders, each on a line of its own:
 * ``{{summary}}`` -- every result: status, goals met, machine, when;
 * ``{{result:NAME}}`` -- results/NAME.json: its command and machine, each goal
   marked met or not with the measured figure, its figures (min / median / max
-  for repeats) and its plots. A missing file renders as "not yet run".
+  for repeats), its tables (``"tables": {title: {"columns", "units", "rows"}}``)
+  and its plots. A missing file renders as "not yet run".
 
 Prose goes in the template; numbers come from the JSON.
 """
@@ -93,6 +94,18 @@ def _figure_rows(doc: dict) -> list[str]:
     return rows
 
 
+def _table_rows(table: dict) -> list[str]:
+    """A result's table (``{"columns": [...], "units": [...], "rows": [[...], ...]}``) as Markdown; numbers formatted
+    as figures are, with the column's unit."""
+    columns = table["columns"]
+    units = table.get("units") or [""] * len(columns)
+    rows = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if not u else "---:" for u in units) + " |"]
+    for row in table["rows"]:
+        cells = [str(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else _num(v, u) for v, u in zip(row, units)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def render_result(name: str, doc: dict | None) -> str:
     if doc is None:
         return (f"_Not yet run by `make bench` (no `benchmarks/results/{name}.json`): the figures above come from "
@@ -106,6 +119,8 @@ def render_result(name: str, doc: dict | None) -> str:
     figs = _figure_rows(doc)
     if figs:
         lines += ["", "<details><summary>figures</summary>", ""] + figs + ["", "</details>"]
+    for title, table in (doc.get("tables") or {}).items():
+        lines += ["", f"<details><summary>{title}</summary>", ""] + _table_rows(table) + ["", "</details>"]
     for plot in doc.get("plots") or []:
         lines += ["", f"![{Path(plot).stem}]({plot})"]
     return "\n".join(lines)

@@ -7,8 +7,11 @@ on a cluster (``python -m moefleet.controller.main --http-port 8470``).
 
 A sampler thread takes a snapshot (``telemetry.build_snapshot``) every
 ``sample_interval_s`` and keeps a short history for the dashboard's
-timeline; every route answers from the latest snapshot, so a scrape or a page
-costs the store nothing more. While the store is unreachable the last
+timeline; every route answers from the latest snapshot, so a page costs the
+store nothing more. The sampler reads only what changed since its last read
+(``telemetry.InputsReader``); the per-expert totals (``L x E`` counters,
+exported only on ``/metrics``) are read when ``/metrics`` is scraped, at most
+once per ``sample_interval_s``. While the store is unreachable the last
 snapshot is served with ``store_error`` set (and ``moefleet_store_up 0``).
 
 Routes:
@@ -29,7 +32,7 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from .telemetry import TelemetryConfig, build_snapshot, metric_families, rates, read_inputs
+from .telemetry import InputsReader, TelemetryConfig, build_snapshot, metric_families, rates, totals_table
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class _Collector:
         snap, error = self.server.latest()
         yield GaugeMetricFamily("moefleet_store_up", "1 when the fleet's store answered the last snapshot",
                                 value=0.0 if error else 1.0)
+        if snap is not None and self.server.config.expert_metrics:
+            snap = {**snap, "expert_tokens_total": self.server.expert_totals(snap)}
         if snap is not None:
             yield from metric_families(snap, self.server.config)
 
@@ -67,6 +72,9 @@ class TelemetryServer:
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        self.reader = InputsReader(store, self.config)
+        self._totals: tuple[float, dict] | None = None  # (monotonic time read, per-expert totals)
+        self._totals_lock = threading.Lock()
         self.history: deque = deque(maxlen=self.config.history)
         self._snap: dict | None = None
         self._prev: deque = deque(maxlen=6)  # recent snapshots, for rates over a few seconds
@@ -81,7 +89,7 @@ class TelemetryServer:
     def sample(self) -> dict | None:
         """Take one snapshot now (the sampler thread calls this every ``sample_interval_s``)."""
         try:
-            snap = build_snapshot(read_inputs(self.store, self.config), self.config)
+            snap = build_snapshot(self.reader.read(), self.config)
         except Exception as e:  # the store is down or answered badly: keep serving the last snapshot, say why
             with self._lock:
                 if self._error is None:
@@ -105,6 +113,21 @@ class TelemetryServer:
                 "placement_version": snap["placement"]["version"],
             })
         return snap
+
+    def expert_totals(self, snap: dict) -> list[list[int]]:
+        """``expert_tokens_total [L][E]`` for ``snap``'s table: the store's per-expert totals, read when a scrape
+        asks for them (at most once per ``sample_interval_s``; the snapshots themselves do not read them). The store
+        unreachable: the last totals read (counters never go back)."""
+        with self._totals_lock:
+            if self._totals is None or time.monotonic() - self._totals[0] >= self.config.sample_interval_s:
+                try:
+                    self._totals = (time.monotonic(), self.store.load_totals())
+                except Exception as e:  # the gauge moefleet_store_up says so; the counters hold their last values
+                    log.warning("telemetry: cannot read the per-expert totals: %s", e)
+                    if self._totals is None:
+                        self._totals = (time.monotonic(), {})
+            totals = self._totals[1]
+        return totals_table(totals, snap["layers"], snap["num_experts"])
 
     def _sample_loop(self) -> None:
         while not self._stop.is_set():

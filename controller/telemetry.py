@@ -41,12 +41,14 @@ from moefleet.core.request_stats import LATENCY_BUCKETS_S
 __all__ = [
     "REBALANCE_BUCKETS_S",
     "FleetInputs",
+    "InputsReader",
     "TelemetryConfig",
     "build_snapshot",
     "histogram_quantile",
     "metric_families",
     "rates",
     "read_inputs",
+    "totals_table",
     "rebalance_increments",
 ]
 
@@ -118,6 +120,61 @@ def read_inputs(store, config: TelemetryConfig) -> FleetInputs:
         counters=store.counters(REBALANCE_COUNTERS),
         leader=store.lease_holder(),
     )
+
+
+class InputsReader:
+    """``read_inputs`` for a reader that samples again and again (the telemetry endpoint): what has not changed
+    since its last read is kept, not read again.
+
+    - the placement (126 kB at 58 x 256 experts on 32 devices) is read only when its version or generation moved;
+    - load windows two or more behind the current one are read once (``StateStore.read_windows``' cache);
+    - events: only those written since the newest one held (the stream read whole again after a store reset);
+    - the per-expert totals (a hash of L x E counters) only when asked (``totals=True``): the snapshot's other
+      figures do not use them; the endpoint reads them when ``/metrics`` is scraped.
+
+    Each read gives the same ``FleetInputs`` ``read_inputs`` gives at that moment (totals empty unless asked).
+    """
+
+    def __init__(self, store, config: TelemetryConfig):
+        self.store = store
+        self.config = config
+        self._placement: Placement | None = None
+        self._windows: dict = {}
+        self._events: list = []  # Event records, oldest first, at most config.events
+        self._stamp: tuple[int, str] | None = None
+
+    def placement(self) -> Placement | None:
+        stamp = self.store.placement_stamp()
+        if stamp != self._stamp or (self._placement is None and stamp[0]):
+            self._placement = self.store.get_placement()
+            p = self._placement
+            self._stamp = stamp if p is None else (p.version, p.generation)  # a publish in between: read again next time
+        return self._placement
+
+    def events(self) -> list:
+        count = self.config.events
+        if self._events:
+            new, follows = self.store.events_after(self._events[-1].id, count)
+            self._events = (self._events + new)[-count:] if follows else self.store.events(count)
+        else:
+            self._events = self.store.events(count)
+        return self._events
+
+    def read(self, totals: bool = False) -> FleetInputs:
+        store, config = self.store, self.config
+        now = store.time()
+        return FleetInputs(
+            now=now,
+            placement=self.placement(),
+            windows=store.read_windows(now, config.window_s, config.recent_windows + 1, cache=self._windows),
+            totals=store.load_totals() if totals else {},
+            heartbeats=store.workers(now),
+            events=[e.model_dump(exclude={"id"}) for e in self.events()],
+            controller=store.get_record("controller"),
+            rebalance=store.get_record("rebalance"),
+            counters=store.counters(REBALANCE_COUNTERS),
+            leader=store.lease_holder(),
+        )
 
 
 def controller_status(leader: str | None, record: dict) -> dict:
@@ -197,6 +254,16 @@ def _layers_and_experts(inputs: FleetInputs, model: dict | None) -> tuple[list[i
     return sorted({k[0] for k in keys}), max(k[1] for k in keys) + 1
 
 
+def totals_table(totals: dict[ExpertKey, int], layers: list[int], num_experts: int) -> list[list[int]]:
+    """Per-expert totals as the snapshot's ``expert_tokens_total [L][E]`` (experts outside the table dropped)."""
+    row = {layer: i for i, layer in enumerate(layers)}
+    out = [[0] * num_experts for _ in layers]
+    for (layer, expert), n in totals.items():
+        if layer in row and 0 <= expert < num_experts:
+            out[row[layer]][expert] = int(n)
+    return out
+
+
 def _by_layer(keys: list[ExpertKey]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for layer, expert in keys:
@@ -242,10 +309,7 @@ def build_snapshot(inputs: FleetInputs, config: TelemetryConfig) -> dict[str, An
         for (layer, expert), n in counts.items():
             if layer in row and 0 <= expert < num_experts:
                 load[row[layer]][expert] += int(n)
-    totals = [[0] * num_experts for _ in layers]
-    for (layer, expert), n in inputs.totals.items():
-        if layer in row and 0 <= expert < num_experts:
-            totals[row[layer]][expert] = int(n)
+    totals = totals_table(inputs.totals, layers, num_experts)
     replicas = [[0] * num_experts for _ in layers]
     for (layer, expert), devs in placement.replicas().items():
         if layer in row and 0 <= expert < num_experts:

@@ -166,6 +166,7 @@ class ExpertGroupCore:
         self._calls = 0
         self._expired = 0  # calls refused because they arrived after their deadline
         self._busy_s = 0.0
+        self._held_report = None  # (views it was computed from, held bytes, reserved bytes, forms, expert runs)
         if experts:
             with self._load_lock:
                 self._load_keys(list(experts))
@@ -232,6 +233,9 @@ class ExpertGroupCore:
 
     def _load_keys(self, keys: list[ExpertKey]) -> list[ExpertKey]:
         with background_priority():
+            sizes: dict[int, tuple[int, int]] = {}  # per layer (held, reserved): only the layer loaded into changes
+            if self.memory_budget_bytes is not None:
+                sizes = {layer: sl.nbytes() for layer, sl in self._slots.items()}
             for layer, expert in sorted({(int(l), int(e)) for l, e in keys}):
                 slots = self._layer_slots(layer)
                 if expert in slots.slot_of:
@@ -240,10 +244,14 @@ class ExpertGroupCore:
                 packed = slots.stack_kwargs.get("quant") is not None
                 room = spare = None
                 if self.memory_budget_bytes is not None:  # counted as the planner counts: the experts held
-                    sizes = [sl.nbytes() for sl in self._slots.values()]
-                    room = self.memory_budget_bytes - sum(h for h, _ in sizes)
-                    spare = self.memory_budget_bytes - sum(r for _, r in sizes)
-                slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room, spare)
+                    sizes[layer] = slots.nbytes()
+                    room = self.memory_budget_bytes - sum(h for h, _ in sizes.values())
+                    spare = self.memory_budget_bytes - sum(r for _, r in sizes.values())
+                try:
+                    slots.put(expert, self.ckpt.expert(layer, expert, dtype=self.dtype, packed=packed), room, spare)
+                finally:
+                    if self.memory_budget_bytes is not None:
+                        sizes[layer] = slots.nbytes()
                 self._views = {**self._views, layer: slots.view()}
             return self.experts()
 
@@ -469,8 +477,14 @@ class ExpertGroupCore:
         layer has the same. ``stats()`` adds the per-expert totals, the held experts
         as pairs and the form per layer for direct callers.
         """
-        sizes = [slots.nbytes() for slots in list(self._slots.values())]  # no lock: a load may be in progress
-        held, reserved = sum(h for h, _ in sizes), sum(r for _, r in sizes)
+        views = self._views  # replaced whole by every load and unload: what is held is computed once per change
+        cached = self._held_report
+        if cached is None or cached[0] is not views:
+            sizes = [slots.nbytes() for slots in list(self._slots.values())]  # no lock: a load may be in progress
+            cached = (views, sum(h for h, _ in sizes), sum(r for _, r in sizes), _forms(self._slots),
+                      expert_runs(sorted((layer, e) for layer, v in views.items() for e in v.slot_of)))
+            self._held_report = cached
+        _, held, reserved, forms, runs = cached
         with self._stats_lock:
             return {
                 "worker_id": self.worker_id,
@@ -481,8 +495,8 @@ class ExpertGroupCore:
                 "tokens_total": self._tokens_total,
                 "memory_bytes": held,
                 "reserved_bytes": reserved,
-                "expert_form": _forms(self._slots),
-                "expert_runs": expert_runs(self.experts()),  # blocks per layer: a few dozen runs for hundreds of experts
+                "expert_form": dict(forms),
+                "expert_runs": {layer: [list(r) for r in rs] for layer, rs in runs.items()},  # blocks per layer: a few dozen runs for hundreds of experts
                 "device": str(self.device),
                 "backend": self.backend,
                 "accelerator": self._accelerator(),

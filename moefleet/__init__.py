@@ -14,19 +14,39 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isdir(
 
 __version__ = "0.1.0"
 
-from moefleet.core.config import (  # noqa: E402
-    CapacitySpec,
-    FleetConfig,
-    ModelSpec,
-    MoELayerSpec,
-    RouterConfig,
-    WorkerConfig,
-)
-from moefleet.connect import connect  # noqa: E402
-from moefleet.inprocess import MoEModel  # noqa: E402
-from moefleet.local import LocalFleet  # noqa: E402
-from moefleet.router_service.attach import attach  # noqa: E402
-from moefleet.router_service.client import AsyncFleetClient, FleetClient, FleetError  # noqa: E402
+# The public API is imported on first use (PEP 562): a process that needs one component (an expert worker
+# imports ``moefleet.expert_workers.group``) does not pay for importing them all.
+_API = {
+    "CapacitySpec": "moefleet.core.config",
+    "FleetConfig": "moefleet.core.config",
+    "ModelSpec": "moefleet.core.config",
+    "MoELayerSpec": "moefleet.core.config",
+    "RouterConfig": "moefleet.core.config",
+    "WorkerConfig": "moefleet.core.config",
+    "connect": "moefleet.connect",
+    "MoEModel": "moefleet.inprocess",
+    "LocalFleet": "moefleet.local",
+    "attach": "moefleet.router_service.attach",
+    "AsyncFleetClient": "moefleet.router_service.client",
+    "FleetClient": "moefleet.router_service.client",
+    "FleetError": "moefleet.router_service.client",
+}
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moefleet' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
 
 __all__ = [
     "AsyncFleetClient",

@@ -45,6 +45,17 @@ def test_write_result_then_render_marks_each_goal_and_names_the_machine(tmp_path
     assert "no `benchmarks/results/absent.json`" in text
 
 
+def test_a_results_tables_render_under_its_title_with_units(tmp_path):
+    common.write_result("demo", title="Demo", question="q?", command="python benchmarks/bench_demo.py", results_dir=tmp_path,
+                        tables={"Redis traffic by command": {"columns": ["group", "calls/s", "bytes in/s"],
+                                                             "units": ["", "/s", "B/s"],
+                                                             "rows": [["EVALSHA register_worker", 125.2, 257300.0]]}})
+    text = report.render("{{result:demo}}\n", report.load_results(tmp_path))
+    assert "<summary>Redis traffic by command</summary>" in text
+    assert "| group | calls/s | bytes in/s |" in text and "| --- | ---: | ---: |" in text
+    assert "| EVALSHA register_worker | 125 /s | 257,300 B/s |" in text
+
+
 def test_results_md_is_generated_from_the_committed_template_and_results():
     # RESULTS.md in the repository is what report.py makes of RESULTS.template.md and results/*.json
     assert report.main(["--check"]) == 0

@@ -35,6 +35,12 @@ class Event(BaseModel):
 
 
 
+def _stream_id(eid: str) -> tuple[int, int]:
+    """A stream id ``"<ms>-<seq>"`` as a comparable pair."""
+    ms, _, seq = str(eid).partition("-")
+    return int(ms), int(seq or 0)
+
+
 class RecordOps(StoreBase):
     """Record, counter, registry and event operations of ``StateStore``."""
 
@@ -175,6 +181,20 @@ class RecordOps(StoreBase):
         if eid == -1:
             raise LeaseLostError(f"emit_event {kind!r}: {fence[0]!r} with token {fence[1]} no longer holds the lease")
         return eid
+
+    def events_after(self, after_id: str, count: int = 100) -> tuple[list[Event], bool]:
+        """The newest ``count`` events written after the one with id ``after_id`` (oldest first), and whether the
+        stream still follows on from it (False: the stream is empty or its newest event is older than ``after_id``,
+        a store that was reset; re-read with ``events``). One round trip; nothing is sent that was read before."""
+        if count < 1:
+            return [], True
+        with self._redis("events") as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.xrevrange(self.keys.events, count=count, min=f"({after_id}")
+            pipe.xrevrange(self.keys.events, count=1)
+            entries, newest = pipe.execute()
+        follows = bool(newest) and _stream_id(newest[0][0]) >= _stream_id(after_id)
+        return [Event.model_validate({**json.loads(fields["event"]), "id": eid}) for eid, fields in reversed(entries)], follows
 
     def events(self, count: int = 100) -> list[Event]:
         """The last ``count`` events, oldest first."""
