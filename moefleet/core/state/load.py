@@ -29,7 +29,7 @@ class LoadOps(StoreBase):
     ) -> None:
         """Add token counts per ``(layer, expert)`` to the window ``int(now // window_s)``.
 
-        One round trip (a MULTI/EXEC pipeline of HINCRBYs and PEXPIREs). Zero
+        One round trip (a script of HINCRBYs and PEXPIREs: each count travels once, as ``layer:expert n``). Zero
         counts are skipped; a call with nothing to add sends nothing. With
         ``source`` (e.g. a router id) the call's total is also added to the
         window's per-source tally (``load_sources``). The same counts are added
@@ -49,17 +49,11 @@ class LoadOps(StoreBase):
         index = self._window_index(self._now(now), window_s)
         key = self.keys.load_window(window_s, index)
         ttl_ms = math.ceil(max(self.load_retention_s, window_s) * 1000)
+        args: list = [ttl_ms, source, sum(fields.values()) if source else 0]
+        for field, n in fields.items():
+            args += [field, n]
         with self._redis("record_load") as r:
-            pipe = r.pipeline(transaction=True)
-            for field, n in fields.items():
-                pipe.hincrby(key, field, n)
-                pipe.hincrby(self.keys.load_total, field, n)
-            pipe.pexpire(key, ttl_ms)
-            if source:
-                skey = self.keys.load_sources(window_s, index)
-                pipe.hincrby(skey, source, sum(fields.values()))
-                pipe.pexpire(skey, ttl_ms)
-            pipe.execute()
+            self._record_load_script(keys=[key, self.keys.load_total, self.keys.load_sources(window_s, index)], args=args, client=r)
 
     def _read_hashes(self, op: str, keys: list[str]) -> list[dict[str, str]]:
         with self._redis(op) as r:

@@ -100,6 +100,21 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: load window hash, totals hash, the window's sources hash. ARGV: window TTL ms, source ('' = none), the
+# call's total for the source, then field, tokens pairs (each added to the window and to the totals).
+RECORD_LOAD = """
+for i = 4, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('HINCRBY', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[1])
+end
+return 1
+"""
+
 # KEYS: workers hash, expiry zset. ARGV: id, JSON, expires_at, prune entries expired before this.
 REGISTER_WORKER = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

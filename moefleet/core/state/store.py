@@ -82,6 +82,7 @@ class StateStore(PlacementOps, LoadOps, LeaseOps, RecordOps):
         self._renew_script = self._client.register_script(scripts.RENEW_LEASE)
         self._release_script = self._client.register_script(scripts.RELEASE_LEASE)
         self._register_script = self._client.register_script(scripts.REGISTER_WORKER)
+        self._record_load_script = self._client.register_script(scripts.RECORD_LOAD)
         self._check_fence_script = self._client.register_script(scripts.CHECK_FENCE)
         self._put_record_fenced = self._client.register_script(scripts.PUT_RECORD_FENCED)
         self._emit_event_fenced = self._client.register_script(scripts.EMIT_EVENT_FENCED)
