@@ -369,6 +369,11 @@ def main() -> None:
         rest = [e for _, e in groups[14:]]
         rows.append([f"{len(rest)} others", sum(e["calls_per_s"] for e in rest), sum(e["in_bytes_per_s"] for e in rest),
                      sum(e["out_bytes_per_s"] for e in rest), "", ""])
+    if traffic.get("seconds"):
+        rows.append(["the MONITOR sample in all", traffic["calls_per_s"], traffic["in_bytes_per_s"], traffic["out_bytes_per_s"],
+                     "", ""])
+        rows.append(["INFO stats over the steady window", figures["redis_ops_per_s"]["value"],
+                     figures["redis_in_bytes_per_s"]["value"], figures["redis_out_bytes_per_s"]["value"], "", ""])
     tables = {
         f"Redis traffic by command and key ({traffic['seconds']:.0f} s MONITOR sample at steady traffic; replies of reads "
         f"measured by re-running one, writes and scripts counted at {redis_traffic.SMALL_REPLY_BYTES} bytes)": {

@@ -8,10 +8,11 @@ inside Lua scripts come on lines of their own, marked ``lua``).
 command and its key's pattern (namespace dropped, numbers folded to ``<n>``),
 or the script an ``EVALSHA`` runs, by name -- and gives each group's calls and
 request bytes as Redis receives them (the RESP encoding of its arguments).
-Reply bytes are not in ``MONITOR``: ``reply_sizes`` re-runs one sampled call
-of each read-only group and measures its RESP reply, so a group's bytes out
-are its calls times that size; writes and scripts answer a few bytes each,
-counted as such.
+Reply bytes are not in ``MONITOR``: ``reply_sizes`` re-runs a few sampled calls
+of each read-only group just after the sample and measures their RESP replies,
+so a group's bytes out are its calls times their mean size (a key that changed
+or expired since answers differently: an estimate); writes and scripts answer
+a few bytes each, counted as such.
 
 The monitor's own stream is output Redis sends too: sample outside the window
 the ``INFO stats`` rates are taken over.
@@ -34,6 +35,9 @@ READ_ONLY = frozenset({
     "LLEN", "LINDEX", "EXISTS", "TIME", "PING", "STRLEN", "TTL", "PTTL", "TYPE", "SMEMBERS", "SCARD",
 })
 """Commands ``reply_sizes`` may re-run to measure a reply (they change nothing)."""
+
+SAMPLES_PER_GROUP = 8
+"""Distinct calls of a group ``reply_sizes`` re-runs (their mean reply counts for the group)."""
 
 SMALL_REPLY_BYTES = 5
 """What a write or a script is counted as answering (``+OK\\r\\n``, ``:1\\r\\n``): its reply is not re-run."""
@@ -165,7 +169,7 @@ def breakdown(lines: Iterable[MonitorLine], seconds: float, scripts: Mapping[str
     replies = replies or {}
     groups: dict[str, dict[str, Any]] = {}
     lua: dict[str, int] = {}
-    samples: dict[str, tuple[bytes, ...]] = {}
+    samples: dict[str, list[tuple[bytes, ...]]] = {}
     for line in lines:
         if line.client == "lua":
             cmd = line.args[0].decode(errors="replace").upper()
@@ -176,7 +180,10 @@ def breakdown(lines: Iterable[MonitorLine], seconds: float, scripts: Mapping[str
         entry["calls"] += 1
         entry["in_bytes"] += request_bytes(line.args)
         entry["clients"].add(line.client)
-        samples[g] = line.args
+        kept = samples.setdefault(g, [])
+        if line.args not in kept:  # distinct calls of the group, the latest kept
+            kept.append(line.args)
+            del kept[:-SAMPLES_PER_GROUP]
     out = {}
     for g, e in groups.items():
         reply = replies.get(g, SMALL_REPLY_BYTES)
@@ -241,27 +248,32 @@ def sample_monitor(url: str, seconds: float) -> tuple[list[MonitorLine], float]:
         sock.close()
 
 
-def reply_sizes(url: str, samples: Mapping[str, tuple[bytes, ...]]) -> dict[str, int]:
-    """Re-run one sampled call of each read-only group against ``url`` and measure its reply (RESP2 bytes)."""
+def reply_sizes(url: str, samples: Mapping[str, list[tuple[bytes, ...]]]) -> dict[str, int]:
+    """Re-run the sampled calls of each read-only group against ``url`` (up to ``SAMPLES_PER_GROUP`` distinct ones)
+    and measure their replies (RESP2 bytes): the mean for each group."""
     import redis
 
     r = redis.Redis.from_url(url)
     out = {}
     try:
-        for group, args in samples.items():
-            cmd = args[0].decode(errors="replace").upper()
+        for group, calls in samples.items():
+            cmd = calls[0][0].decode(errors="replace").upper()
             if cmd not in READ_ONLY:
                 continue
-            conn = r.connection_pool.get_connection(cmd)
-            try:
-                conn.send_command(*args)
-                reply = conn.read_response()
+            sizes = []
+            for args in calls:
+                conn = r.connection_pool.get_connection(cmd)
                 try:
-                    out[group] = reply_bytes(reply)
-                except TypeError:  # a reply shape not measured: the group keeps the small default
-                    pass
-            finally:
-                r.connection_pool.release(conn)
+                    conn.send_command(*args)
+                    reply = conn.read_response()
+                    try:
+                        sizes.append(reply_bytes(reply))
+                    except TypeError:  # a reply shape not measured: the group keeps the small default
+                        pass
+                finally:
+                    r.connection_pool.release(conn)
+            if sizes:
+                out[group] = round(sum(sizes) / len(sizes))
     finally:
         r.close()
     return out

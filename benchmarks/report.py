@@ -101,7 +101,8 @@ def _table_rows(table: dict) -> list[str]:
     units = table.get("units") or [""] * len(columns)
     rows = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if not u else "---:" for u in units) + " |"]
     for row in table["rows"]:
-        cells = [str(v) if not isinstance(v, (int, float)) or isinstance(v, bool) else _num(v, u) for v, u in zip(row, units)]
+        cells = [str(v) if not isinstance(v, (int, float)) or isinstance(v, bool)
+                 else (f"{v:,} {u}".strip() if isinstance(v, int) else _num(v, u)) for v, u in zip(row, units)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
