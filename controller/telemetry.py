@@ -30,6 +30,7 @@ routing entropy of a layer
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,7 @@ class InputsReader:
         self._windows: dict = {}
         self._events: list = []  # Event records, oldest first, at most config.events
         self._stamp: tuple[int, str] | None = None
+        self._lock = threading.Lock()  # one read at a time: the caches are shared between reads
 
     def placement(self) -> Placement | None:
         stamp = self.store.placement_stamp()
@@ -161,6 +163,10 @@ class InputsReader:
         return self._events
 
     def read(self, totals: bool = False) -> FleetInputs:
+        with self._lock:
+            return self._read(totals)
+
+    def _read(self, totals: bool) -> FleetInputs:
         store, config = self.store, self.config
         now = store.time()
         return FleetInputs(
