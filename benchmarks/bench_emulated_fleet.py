@@ -78,6 +78,7 @@ def cpu_by_command(before: dict | None = None) -> dict:
         counts[comm] = counts.get(comm, 0) + 1
     res = {f"{k} (x{counts[k]})" if counts[k] > 1 else k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
     res["machine (all processes)"] = (machine["normal"] + machine["niced"]) - (old_machine["normal"] + old_machine["niced"])
+    res["other processes (not this run's)"] = max(0.0, res["machine (all processes)"] - sum(out.values()))
     return res
 
 
@@ -175,6 +176,10 @@ def main() -> None:
                                                         f"from Ray's start to all {len(layers)} layers answered exactly")
         figures["ray_start_s"] = single(t_ray, "s", "Ray's start (local, 2 CPUs)")
         figures["fleet_start_s"] = single(t_started, "s", "Ray's start to LocalFleet.start() returning (workers loaded)")
+        figures["start_worker_cpu_s"] = single(sum(v for k, v in start_cpu.items() if k.startswith("ray::ExpertGrou")), "s",
+                                               "CPU seconds the 32 worker processes used from Ray's start to the fleet up")
+        figures["start_other_cpu_s"] = single(start_cpu["other processes (not this run's)"], "s",
+                                              "CPU seconds other processes on the machine (not this run's) used meanwhile")
         details["serving_check_layer_calls"] = len(checked)
         details["start_cpu_s"] = start_cpu
         print("CPU seconds from Ray's start to the fleet started, by process: "
