@@ -138,6 +138,11 @@ class SimConfig(BaseModel):
         description="The router's own seconds per layer call (gate, dispatch, transport, combine: the cost model's "
         "router stages), added to each call's latency; each client embeds its router, so routers do not queue.",
     )
+    router_worker_call_s: float = Field(
+        default=0.0, ge=0,
+        description="The router's seconds per device a layer call touches (preparing that device's part, summing its "
+        "partials), added to the call's latency like router_call_s.",
+    )
 
 
 @dataclass
@@ -451,7 +456,7 @@ class _Run:
                 self.job_start.append(s)
                 self.job_end.append(e)
             done, wait = max(done, end), max(wait, start - now)
-        done += self.config.router_call_s
+        done += self.config.router_call_s + self.config.router_worker_call_s * len(per_device)
         self.call_done.append(done)
         self.call_wait.append(wait)
         return done
