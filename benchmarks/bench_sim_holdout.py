@@ -1,6 +1,6 @@
 """The simulator against emulated fleets it was not calibrated on: predictions written before the runs.
 
-    python benchmarks/bench_sim_holdout.py [--slowdown 1000] [--clients 8] [--run-s 40] [--quick]
+    python benchmarks/bench_sim_holdout.py [--slowdown 500] [--clients 8] [--run-s 40] [--quick]
     python benchmarks/bench_sim_holdout.py --fleets homogeneous --traces shifting      # a subset of the held-out runs
 
 Four phases, in this order:
@@ -29,7 +29,10 @@ Four phases, in this order:
    stream, waits until its load windows age out, starts its controller (as
    ``moe-fleet up`` does) and serves the same stream elastic. Measured at the
    clients: tokens/s (model tokens, first request to last answer), p99 call
-   latency; from the fleet's store: rebalances and weight bytes moved.
+   latency; from the fleet's store (its placement, watched): placements the
+   controller published while requests were being sent, and the weight bytes
+   they added (replicas new on a device); the fleet's own rebalance counters
+   beside them.
 4. **Comparison**: per run the relative error of tokens/s and p99, per
    (fleet, trace) the error of the elastic/static ratio; bytes moved and
    rebalances side by side. Goals: tokens/s and p99 within 15 %, ratio within
@@ -226,14 +229,17 @@ def predict_pair(fleet_name: str, trace_kind: str, args, ckpt: str, redis_url: s
     per_line = run(probe, False).makespan_s / probe_lines
     lines = int(min(args.max_lines, max(args.min_lines, round(args.run_s / per_line))))
     choices, trace = make_trace(trace_kind, args, layers, lines, seed)
-    out = {"fleet": FLEETS[fleet_name], "lines": lines, "layers": layers, "seed": seed, "choices": choices,
+    out = {"fleet": FLEETS[fleet_name], "lines": lines, "expert_bytes": held, "layers": layers, "seed": seed, "choices": choices,
            "config": cfg, "start": start, "runs": {}}
     for mode in MODES:
         t = time.perf_counter()
         r = run(trace, mode == "elastic")
         out["runs"][mode] = {"tokens_per_s": r.tokens_per_s, "p99_ms": r.p99_latency_ms, "bytes_moved": r.bytes_moved,
                              "rebalances": r.plans_applied, "makespan_s": r.makespan_s, "calls": r.calls,
-                             "p50_ms": r.p50_latency_ms, "copies": r.copies, "sim_wall_s": time.perf_counter() - t}
+                             "p50_ms": r.p50_latency_ms, "copies": r.copies, "sim_wall_s": time.perf_counter() - t,
+                             "applied_at_s": [round(rep["applied_at"] - float(trace.t[0]), 3) for rep in r.reports
+                                              if "applied_at" in rep],
+                             "timeline_tokens_per_s": [round(x, 1) for x in r.timeline["tokens_per_s"]]}
     return out
 
 
@@ -249,10 +255,36 @@ def write_predictions(path: Path, doc: dict) -> str:
 
 # --------------------------------------------------------------------------- phase 3: the held-out runs
 def counters(store) -> dict:
+    """The fleet's rebalance counters, and its placement events (when, version, reason, loads)."""
     from moefleet.controller.telemetry import TelemetryConfig, build_snapshot, read_inputs
 
-    rb = build_snapshot(read_inputs(store, TelemetryConfig(expert_metrics=False)), TelemetryConfig(expert_metrics=False))["rebalances"]
-    return {"rebalances": int(rb["total"]), "bytes_moved": int(rb["bytes_moved"])}
+    cfg = TelemetryConfig(expert_metrics=False)
+    inputs = read_inputs(store, cfg)
+    rb = build_snapshot(inputs, cfg)["rebalances"]
+    events = [{"at": e["at"], **{k: e["data"].get(k) for k in ("version", "reason", "loads")}}
+              for e in inputs.events if e["kind"] == "placement"]
+    return {"rebalances": int(rb["total"]), "bytes_moved": int(rb["bytes_moved"]), "events": events}
+
+
+def watch_placement(store, stop: threading.Event, log: list) -> None:
+    """Record (monotonic time, version, {device: {(layer, expert)}}) whenever the published placement changes."""
+    last = None
+    while not stop.wait(0.05):
+        p = store.get_placement()
+        if p is not None and p.version != last:
+            last = p.version
+            log.append((time.monotonic(), p.version, {d: {tuple(k) for k in keys} for d, keys in p.assignments.items()}))
+
+
+def placement_changes(log: list, since: float, until: float, expert_bytes: int) -> tuple[int, int]:
+    """(placements published in ``(since, until]``, weight bytes they added: replicas new on a device x
+    ``expert_bytes``) from ``watch_placement``'s log, whose first entry is the placement in force before."""
+    changes, added = 0, 0
+    for (_, _, old), (t, _, new) in zip(log, log[1:]):
+        if since < t <= until:
+            changes += 1
+            added += sum(len(keys - old.get(d, set())) for d, keys in new.items())
+    return changes, added * expert_bytes
 
 
 def measure_pair(pair: dict, args) -> dict:
@@ -289,18 +321,34 @@ def measure_pair(pair: dict, args) -> dict:
                 ray.get(fleet.controller.pid.remote())
                 time.sleep(1.0)
             before = counters(fleet.store)
+            stop, log = threading.Event(), []
+            watcher = threading.Thread(target=watch_placement, args=(fleet.store, stop, log), daemon=True)
+            watcher.start()
+            while not log:
+                time.sleep(0.01)
             run = Clients(fleet.address, args.clients, args.tokens, HIDDEN).run(request, total=lines)
+            last_sent = max(s for _, s, _ in run["done"])
+            time.sleep(args.grace_s)  # a rebalance decided before the last request finishes and is counted
+            stop.set()
+            watcher.join()
             after = counters(fleet.store)
+            rebalances, moved = placement_changes(log, run["start"], last_sent, pair["expert_bytes"])
             lat = [e - s for _, s, e in run["done"]]
             tokens = len(run["done"]) * args.tokens / len(layers)
             out[mode] = {"tokens_per_s": tokens / run["makespan_s"], "p99_ms": float(np.percentile(lat, 99) * 1000),
                          "p50_ms": float(np.percentile(lat, 50) * 1000), "makespan_s": run["makespan_s"],
                          "calls": len(run["done"]), "failed": len(run["failed"]), "failures": sorted(set(run["failed"])),
-                         "bytes_moved": after["bytes_moved"] - before["bytes_moved"],
-                         "rebalances": after["rebalances"] - before["rebalances"], "first_request_at": run["start_wall"]}
+                         "rebalances": rebalances, "bytes_moved": moved,
+                         "counted_rebalances": after["rebalances"] - before["rebalances"],
+                         "counted_bytes_moved": after["bytes_moved"] - before["bytes_moved"],
+                         "placements_at_s": [round(t - run["start"], 3) for t, _, _ in log[1:]],
+                         "placement_events": [e for e in after["events"] if e not in before["events"]],
+                         "calls_at_s": [[round(s - run["start"], 3), round(e - run["start"], 3)] for _, s, e in run["done"]],
+                         "first_request_at": run["start_wall"]}
             m = out[mode]
             print(f"  measured {mode}: {m['tokens_per_s']:,.1f} tokens/s (wall) over {m['makespan_s']:.1f} s, p99 "
-                  f"{m['p99_ms']:.0f} ms, {m['rebalances']} rebalances, {m['bytes_moved']:,} bytes moved, "
+                  f"{m['p99_ms']:.0f} ms, {m['rebalances']} rebalances at {m['placements_at_s']} s, {m['bytes_moved']:,} "
+                  f"bytes moved (the fleet counted {m['counted_rebalances']}, {m['counted_bytes_moved']:,}), "
                   f"{m['failed']} failed", flush=True)
     finally:
         fleet.stop()
@@ -312,7 +360,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fleets", default="homogeneous,mixed", help=f"comma-separated, of {', '.join(FLEETS)}")
     ap.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated, of {', '.join(TRACES)}")
-    ap.add_argument("--slowdown", type=float, default=1000.0, help="emulated devices' time dilation")
+    ap.add_argument("--slowdown", type=float, default=500.0, help="emulated devices' time dilation")
     ap.add_argument("--clients", type=int, default=8, help="closed-loop callers (calibration's saturated phases too)")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per layer call")
     ap.add_argument("--top-k", type=int, default=4)
@@ -324,6 +372,7 @@ def main() -> None:
     ap.add_argument("--calib-s", type=float, default=12.0, help="seconds of each calibration phase")
     ap.add_argument("--rounds", type=int, default=2, help="calibration rounds")
     ap.add_argument("--settle-s", type=float, default=8.0, help="idle seconds between a fleet's static and elastic runs")
+    ap.add_argument("--grace-s", type=float, default=3.0, help="seconds after a run for a rebalance to be counted")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short runs: 15 s streams, 6 s calibration phases, one round")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -389,7 +438,8 @@ def main() -> None:
             print(f"predictions written to {pred_path} (sha256 {pred_sha[:16]}...)", flush=True)
             for k, v in predicted.items():
                 print(f"  predicted {k}: {v['tokens_per_s']:,.1f} tokens/s (wall), p99 {v['p99_ms']:.0f} ms, "
-                      f"{v['rebalances']} rebalances, {v['bytes_moved']:,} bytes moved ({v['calls']} calls)", flush=True)
+                      f"{v['rebalances']} rebalances at {v['applied_at_s']} s, {v['bytes_moved']:,} bytes moved "
+                      f"({v['calls']} calls)", flush=True)
 
             # 3. the held-out runs
             measured, runs_detail = {}, {}
