@@ -189,6 +189,22 @@ def fleet_config(args, ckpt: str, redis_url: str, emulate: str, tag: str):
                        router=RouterConfig(batch_window_ms=0, telemetry_interval_s=0.25))
 
 
+def start_fleet(cfg, tries: int = 3):
+    """A started ``LocalFleet``; tries again when a port it picked was taken meanwhile (a shared machine)."""
+    from moefleet.local import LocalFleet
+
+    for attempt in range(tries):
+        fleet = LocalFleet(cfg)
+        try:
+            fleet.start()
+            return fleet
+        except Exception as e:
+            fleet.stop()
+            if attempt == tries - 1 or "bind" not in str(e):
+                raise
+            print(f"  fleet start: {str(e).splitlines()[-1][:120]}; again", flush=True)
+
+
 def make_trace(kind: str, args, layers: list[int], lines: int, seed: int):
     from moefleet.controller.sim.emulated import choice_trace, drift_popularity, shifting_popularity
 
@@ -276,29 +292,17 @@ def watch_placement(store, stop: threading.Event, log: list) -> None:
             log.append((time.monotonic(), p.version, {d: {tuple(k) for k in keys} for d, keys in p.assignments.items()}))
 
 
-def placement_changes(log: list, since: float, until: float, expert_bytes: int) -> tuple[int, int]:
-    """(placements published in ``(since, until]``, weight bytes they added: replicas new on a device x
-    ``expert_bytes``) from ``watch_placement``'s log, whose first entry is the placement in force before."""
-    changes, added = 0, 0
-    for (_, _, old), (t, _, new) in zip(log, log[1:]):
-        if since < t <= until:
-            changes += 1
-            added += sum(len(keys - old.get(d, set())) for d, keys in new.items())
-    return changes, added * expert_bytes
-
-
 def measure_pair(pair: dict, args) -> dict:
     import ray
 
-    from moefleet.local import LocalFleet
+    from moefleet.controller.sim.emulated import placement_changes
 
     cfg = pair["config"]
     layers, choices = pair["layers"], pair["choices"]
     lines = pair["lines"]
-    fleet = LocalFleet(cfg)
     out: dict = {}
     t_up = time.perf_counter()
-    fleet.start()
+    fleet = start_fleet(cfg)
     try:
         out["fleet_start_s"] = time.perf_counter() - t_up
         same = {d: sorted(map(tuple, k)) for d, k in fleet.placement.assignments.items()} == \
@@ -332,6 +336,7 @@ def measure_pair(pair: dict, args) -> dict:
             stop.set()
             watcher.join()
             after = counters(fleet.store)
+            router = fleet.router_stats()[0]
             rebalances, moved = placement_changes(log, run["start"], last_sent, pair["expert_bytes"])
             lat = [e - s for _, s, e in run["done"]]
             tokens = len(run["done"]) * args.tokens / len(layers)
@@ -343,6 +348,7 @@ def measure_pair(pair: dict, args) -> dict:
                          "counted_bytes_moved": after["bytes_moved"] - before["bytes_moved"],
                          "placements_at_s": [round(t - run["start"], 3) for t, _, _ in log[1:]],
                          "placement_events": [e for e in after["events"] if e not in before["events"]],
+                         "router": {k: v for k, v in router.items() if k not in ("stages", "pid", "metrics_port")},
                          "calls_at_s": [[round(s - run["start"], 3), round(e - run["start"], 3)] for _, s, e in run["done"]],
                          "first_request_at": run["start_wall"]}
             m = out[mode]
@@ -393,7 +399,7 @@ def main() -> None:
     from moefleet.controller.sim import EmulationPhase, fit_emulation_costs
     from moefleet.controller.sim.emulated import holdout_rows, ratio_rows, run_key, worst
     from moefleet.core.redis_server import RedisServer
-    from moefleet.local import LocalFleet, init_local_ray
+    from moefleet.local import init_local_ray
 
     import ray
 
@@ -406,8 +412,7 @@ def main() -> None:
         try:
             # 1. calibration: two emulated H100s, static
             print("calibration: h100:2, static", flush=True)
-            cal_fleet = LocalFleet(fleet_config(args, ckpt, redis.url, "h100:2", "calibration"))
-            cal_fleet.start()
+            cal_fleet = start_fleet(fleet_config(args, ckpt, redis.url, "h100:2", "calibration"))
             try:
                 phases = calibration_phases(cal_fleet, args, layer=0)
             finally:

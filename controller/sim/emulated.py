@@ -56,6 +56,7 @@ __all__ = [
     "emulated_sim_devices",
     "fit_emulation_costs",
     "holdout_rows",
+    "placement_changes",
     "ratio_rows",
     "relative_error",
     "run_key",
@@ -242,6 +243,19 @@ def ratio_rows(predicted: Mapping[str, Mapping[str, float]], measured: Mapping[s
         m = measured[e]["tokens_per_s"] / measured[s]["tokens_per_s"]
         rows.append({"pair": pair, "ratio_predicted": p, "ratio_measured": m, "ratio_error": relative_error(p, m)})
     return rows
+
+
+def placement_changes(log: Sequence[tuple[float, int, Mapping[str, set]]], since: float, until: float,
+                      expert_bytes: int) -> tuple[int, int]:
+    """(placements published in ``(since, until]``, weight bytes they added) from a log of ``(time, version,
+    {device: {(layer, expert), ...}})`` whose first entry is the placement in force before: bytes are the
+    replicas new on a device times ``expert_bytes``, as the simulator counts a plan's copies."""
+    changes, added = 0, 0
+    for (_, _, old), (t, _, new) in zip(log, log[1:]):
+        if since < t <= until:
+            changes += 1
+            added += sum(len(set(keys) - set(old.get(d, ()))) for d, keys in new.items())
+    return changes, added * expert_bytes
 
 
 def worst(rows: Sequence[Mapping], key: str) -> float | None:

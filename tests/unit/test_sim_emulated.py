@@ -16,6 +16,7 @@ from moefleet.controller.sim.emulated import (
     emulated_sim_devices,
     fit_emulation_costs,
     holdout_rows,
+    placement_changes,
     ratio_rows,
     relative_error,
     shifting_popularity,
@@ -151,3 +152,14 @@ def test_the_comparison_reports_each_runs_errors_and_the_elastic_static_ratio():
     with pytest.raises(ValueError, match="differ"):
         holdout_rows(pred, {"h/s/static": meas["h/s/static"]})
     assert relative_error(1.0, 0.0) is None and relative_error(None, 1.0) is None and relative_error(0.0, 0.0) == 0.0
+
+
+def test_placement_changes_count_publishes_in_the_window_and_the_replicas_they_added():
+    log = [(0.0, 1, {"a": {(0, 0), (0, 1)}, "b": {(0, 2)}}),
+           (1.0, 2, {"a": {(0, 0), (0, 1)}, "b": {(0, 2), (0, 0)}}),  # one copy added on b
+           (2.0, 3, {"a": {(0, 0)}, "b": {(0, 2), (0, 0), (0, 1)}, "c": {(0, 1), (0, 2)}}),  # three added, one dropped
+           (9.0, 4, {"a": {(0, 0), (0, 2)}, "b": {(0, 2)}})]  # after the window
+    assert placement_changes(log, 0.5, 5.0, 100) == (2, 400)
+    assert placement_changes(log, 1.5, 5.0, 100) == (1, 300)
+    assert placement_changes(log, 0.5, 10.0, 10) == (3, 50)
+    assert placement_changes(log[:1], 0.0, 10.0, 100) == (0, 0)
