@@ -27,7 +27,10 @@ Four phases, in this order:
    SHA-256, and each run's first request time.
 3. **Held-out runs**: per (fleet, trace) one fleet starts static, serves the
    stream, waits until its load windows age out, starts its controller (as
-   ``moe-fleet up`` does) and serves the same stream elastic. Measured at the
+   ``moe-fleet up`` does), waits for the controller's first step (on no load:
+   the repair to its replica floor) and that step's cooldown, and serves the
+   same stream elastic. The simulator's elastic run starts where that first
+   step leaves the placement (``decide()`` on no load, computed in phase 2). Measured at the
    clients: tokens/s (model tokens, first request to last answer), p99 call
    latency; from the fleet's store (its placement, watched): placements the
    controller published while requests were being sent, and the weight bytes
@@ -218,6 +221,7 @@ def make_trace(kind: str, args, layers: list[int], lines: int, seed: int):
 
 def predict_pair(fleet_name: str, trace_kind: str, args, ckpt: str, redis_url: str, costs, seed: int) -> dict:
     """The simulator's static and elastic runs of one (fleet, trace), and the request stream both will serve."""
+    from moefleet.controller.decide import decide
     from moefleet.controller.sim import emulated_sim_devices, simulate
     from moefleet.core.model import MoECheckpoint
     from moefleet.core.placement import proportional_placement
@@ -236,8 +240,15 @@ def predict_pair(fleet_name: str, trace_kind: str, args, ckpt: str, redis_url: s
     sim_cfg = costs.sim_config(controller=ctl, mode="closed", concurrency=args.clients, top_k=args.top_k,
                                reconcile_overhead_s=ctl.rebalance_overhead_s, checkpoint_bytes_per_s=ctl.copy_bytes_per_s)
 
+    # the elastic fleet's controller starts before its traffic: its first step, on no load, repairs the placement to
+    # its replica floor (decide() itself), and the traffic begins once that step's cooldown has passed
+    first = decide(ctl, {}, [d.spec for d in devices], start, np.zeros((len(layers), spec.layer.num_experts)), None, 0.0,
+                   expert_bytes=held, layers=layers)
+    elastic_start = first.plan.target if first.plan is not None and first.plan.apply else start
+
     def run(trace, elastic):
-        return simulate(trace, devices, expert_bytes=held, config=sim_cfg, elastic=elastic, initial=start)
+        return simulate(trace, devices, expert_bytes=held, config=sim_cfg, elastic=elastic,
+                        initial=elastic_start if elastic else start)
 
     # size the stream so the static run takes about --run-s (a model-only estimate from a short stream)
     probe_lines = 120
@@ -246,7 +257,7 @@ def predict_pair(fleet_name: str, trace_kind: str, args, ckpt: str, redis_url: s
     lines = int(min(args.max_lines, max(args.min_lines, round(args.run_s / per_line))))
     choices, trace = make_trace(trace_kind, args, layers, lines, seed)
     out = {"fleet": FLEETS[fleet_name], "lines": lines, "expert_bytes": held, "layers": layers, "seed": seed, "choices": choices,
-           "config": cfg, "start": start, "runs": {}}
+           "config": cfg, "start": start, "elastic_start": elastic_start, "runs": {}}
     for mode in MODES:
         t = time.perf_counter()
         r = run(trace, mode == "elastic")
@@ -292,6 +303,13 @@ def watch_placement(store, stop: threading.Event, log: list) -> None:
             log.append((time.monotonic(), p.version, {d: {tuple(k) for k in keys} for d, keys in p.assignments.items()}))
 
 
+def same_assignments(a, b) -> bool:
+    """Whether two placements put the same experts on the same devices (versions aside)."""
+    def norm(p):
+        return {d: sorted(map(tuple, k)) for d, k in p.assignments.items() if k}
+    return norm(a) == norm(b)
+
+
 def measure_pair(pair: dict, args) -> dict:
     import ray
 
@@ -305,9 +323,7 @@ def measure_pair(pair: dict, args) -> dict:
     fleet = start_fleet(cfg)
     try:
         out["fleet_start_s"] = time.perf_counter() - t_up
-        same = {d: sorted(map(tuple, k)) for d, k in fleet.placement.assignments.items()} == \
-               {d: sorted(map(tuple, k)) for d, k in pair["start"].assignments.items()}
-        out["start_placement_as_predicted"] = same
+        out["start_placement_as_predicted"] = same_assignments(fleet.placement, pair["start"])
         cache: dict[int, torch.Tensor] = {}
 
         def request(i):
@@ -323,7 +339,16 @@ def measure_pair(pair: dict, args) -> dict:
                 time.sleep(args.settle_s)  # the static run's load windows and served rows age out
                 fleet.start_controller()
                 ray.get(fleet.controller.pid.remote())
-                time.sleep(1.0)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # its first step (on no load: the replica floor's repair)
+                    report = ray.get(fleet.controller.last_report.remote()) or {}
+                    if "step_s" in report:
+                        break
+                    time.sleep(0.1)
+                if report.get("apply"):
+                    time.sleep(fleet.controller_config().cooldown_s + 1.0)  # that step's cooldown passes
+                out["elastic_start_as_predicted"] = same_assignments(fleet.store.get_placement(), pair["elastic_start"])
+                out["first_step"] = {k: report.get(k) for k in ("apply", "repaired", "copies", "skipped", "step_s")}
             before = counters(fleet.store)
             stop, log = threading.Event(), []
             watcher = threading.Thread(target=watch_placement, args=(fleet.store, stop, log), daemon=True)
