@@ -30,7 +30,11 @@ Four phases, in this order:
    ``moe-fleet up`` does), waits for the controller's first step (on no load:
    the repair to its replica floor) and that step's cooldown, and serves the
    same stream elastic. The simulator's elastic run starts where that first
-   step leaves the placement (``decide()`` on no load, computed in phase 2). Measured at the
+   step leaves the placement (``decide()`` on no load, computed in phase 2).
+   Each run starts once the router's compiled graph covers the placement's
+   workers (the seconds waited are recorded: compiling a graph over 29-32
+   workers here takes a while, and calls meanwhile go through plain actor
+   calls, which the simulator does not model). Measured at the
    clients: tokens/s (model tokens, first request to last answer), p99 call
    latency; from the fleet's store (its placement, watched): placements the
    controller published while requests were being sent, and the weight bytes
@@ -303,6 +307,20 @@ def watch_placement(store, stop: threading.Event, log: list) -> None:
             log.append((time.monotonic(), p.version, {d: {tuple(k) for k in keys} for d, keys in p.assignments.items()}))
 
 
+def wait_for_graph(fleet, timeout_s: float = 180.0) -> float:
+    """Wait until the router's compiled graph is up over every worker the published placement uses (until then
+    calls go through plain actor calls, which the simulator does not model); returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        placement = fleet.store.get_placement()
+        want = {d for d, keys in placement.assignments.items() if keys}
+        graph = fleet.router_stats()[0]["transport"].get("graph") or {}
+        if graph.get("alive") and set(graph.get("workers") or ()) == want:
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise RuntimeError(f"the router's compiled graph did not cover the placement's workers within {timeout_s:.0f} s")
+
+
 def same_assignments(a, b) -> bool:
     """Whether two placements put the same experts on the same devices (versions aside)."""
     def norm(p):
@@ -349,6 +367,7 @@ def measure_pair(pair: dict, args) -> dict:
                     time.sleep(fleet.controller_config().cooldown_s + 1.0)  # that step's cooldown passes
                 out["elastic_start_as_predicted"] = same_assignments(fleet.store.get_placement(), pair["elastic_start"])
                 out["first_step"] = {k: report.get(k) for k in ("apply", "repaired", "copies", "skipped", "step_s")}
+            out[f"{mode}_graph_wait_s"] = wait_for_graph(fleet)
             before = counters(fleet.store)
             stop, log = threading.Event(), []
             watcher = threading.Thread(target=watch_placement, args=(fleet.store, stop, log), daemon=True)
