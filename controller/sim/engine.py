@@ -24,6 +24,10 @@ What is modelled
   weight floor), rows x activation transfer time) + returned rows x output
   row time`` (the last for CPU workers only). A call completes when its
   slowest device is done.
+* **The router's own time** (``router_call_s`` per call, ``router_worker_call_s``
+  per device the call touches) is added to each call's latency, not queued
+  (each client embeds its router); ``emulated.EmulationCosts`` fits both on a
+  small emulated fleet.
 * **Host CPU** (``SimConfig.host_cpu``, local mode only; ``host``): the
   router's, clients' and Ray's CPU work on the cores the devices own -- a
   call's host work first, then its rows; background and controller work on
