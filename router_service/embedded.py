@@ -54,7 +54,8 @@ class EmbeddedRouter:
     checkpoint, redis_url, namespace: the fleet's. config: the router's limits (``RouterConfig``; its
     server fields are unused). dtype: the fleet's compute dtype (default the checkpoint's).
     device: where the gate, routing and combine run (default: the device of the hidden states of the first
-    call; CPU until then). compiled_graphs: False serves through plain actor calls only.
+    call; CPU until then). compiled_graphs: which workers a compiled graph carries (``auto``: those on GPUs; ``on``/True:
+    every worker of this node; ``off``/False: plain actor calls only); default the config's ``compiled_graphs``.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class EmbeddedRouter:
         dtype: str | None = None,
         device: str | torch.device | None = None,
         router_id: str | None = None,
-        compiled_graphs: bool = True,
+        compiled_graphs: bool | str | None = None,
         start_timeout_s: float = 30.0,
     ):
         import ray
@@ -79,6 +80,8 @@ class EmbeddedRouter:
         self.store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
         self._device_pinned = device is not None
         dev = torch.device(device or "cpu")
+        if compiled_graphs is None:
+            compiled_graphs = self.config.compiled_graphs
         transport = RayTransport(namespace, router_key=f"router:{self.router_id}", device=dev, compiled_graphs=compiled_graphs)
         self.core = RouterCore(checkpoint, self.config, transport, dtype=dtype, device=dev)
         self.spec = self.core.spec
