@@ -28,6 +28,10 @@ What is modelled
   per device the call touches) is added to each call's latency, not queued
   (each client embeds its router); ``emulated.EmulationCosts`` fits both on a
   small emulated fleet.
+* **Completion order** (``in_order``): a router's compiled graph returns its
+  executions' outputs in submission order, so a call served through one waits
+  for every call dispatched before it; through plain actor calls (and by
+  default here) each call completes when its own slowest device does.
 * **Host CPU** (``SimConfig.host_cpu``, local mode only; ``host``): the
   router's, clients' and Ray's CPU work on the cores the devices own -- a
   call's host work first, then its rows; background and controller work on
@@ -141,6 +145,12 @@ class SimConfig(BaseModel):
         default=0.0, ge=0,
         description="The router's own seconds per layer call (gate, dispatch, transport, combine: the cost model's "
         "router stages), added to each call's latency; each client embeds its router, so routers do not queue.",
+    )
+    in_order: bool = Field(
+        default=False,
+        description="Calls' outputs come back in the order the calls were dispatched, as a router's compiled graph "
+        "returns its executions' (router_service/graph.py): a call waits for every call dispatched before it. "
+        "False: each call completes when its own slowest device does (plain actor calls).",
     )
     router_worker_call_s: float = Field(
         default=0.0, ge=0,
@@ -267,6 +277,7 @@ class _Run:
         self.record: dict = {}
         self.reports: list[dict] = []
         self.switch: tuple[float, _Routing] | None = None
+        self.last_done = -math.inf  # in_order: when the previous call's outputs came back
         self.next_step = float(trace.t[0]) + self.ctl.interval_s if elastic else math.inf
         self.bytes_moved = 0.0
         self.copies = 0
@@ -460,6 +471,8 @@ class _Run:
                 self.job_start.append(s)
                 self.job_end.append(e)
             done, wait = max(done, end), max(wait, start - now)
+        if self.config.in_order:
+            done = self.last_done = max(done, self.last_done)
         done += self.config.router_call_s + self.config.router_worker_call_s * len(per_device)
         self.call_done.append(done)
         self.call_wait.append(wait)
