@@ -17,8 +17,11 @@ What is modelled
 * **Dispatch** is the router's own rule, ``router_service.dispatch.
   split_rows``: per call, each expert's rows are split among its replicas so
   that all finish together, given each device's speed as the placement states
-  it (the planner's) and the rows it still has in flight. One router sees
-  every call (a single global view of in-flight rows).
+  it (the planner's) and the rows the router still counts in flight there: as
+  the router counts them (``router.py``'s ``_absorb``), a call's rows leave the
+  count only once all of that call's outputs are in, so a fast device's rows
+  stay counted while the call waits for a slower one. One router sees every
+  call (a single global view of in-flight rows).
 * **Devices** are FIFO servers (``devices.SimDevice``): a call's rows on
   a device take ``overhead + max(sum over its experts of max(rows x row time,
   weight floor), rows x activation transfer time) + returned rows x output
@@ -263,6 +266,9 @@ class _Run:
         self.next_tick = float(trace.t[0]) + self.host.tick_s if self.host and self.host.background_cores > 0 else math.inf
         self.inflight: list[list[tuple[float, float]]] = [[] for _ in range(num_dev)]  # heaps of (end, rows)
         self.inflight_rows = [0.0] * num_dev
+        # the router's count of rows in flight per device: a call's rows stay counted until all its outputs are in
+        self.counted: list[list[tuple[float, float]]] = [[] for _ in range(num_dev)]  # heaps of (outputs in, rows)
+        self.counted_rows = [0.0] * num_dev
         self.published = initial
         self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
         self.ever_active = set(self.routing.devices)
@@ -297,6 +303,9 @@ class _Run:
         q = self.inflight[d]
         while q and q[0][0] <= now:
             self.inflight_rows[d] -= heapq.heappop(q)[1]
+        q = self.counted[d]
+        while q and q[0][0] <= now:
+            self.counted_rows[d] -= heapq.heappop(q)[1]
 
     # -- events ---------------------------------------------------------------
     def _advance(self, now: float) -> None:
@@ -432,11 +441,11 @@ class _Run:
             if len(holders) == 1:
                 per_device.setdefault(holders[0], []).append(rows)
                 continue
-            outstanding = {}  # rows in flight before this call, as the router counts them
-            for holder in holders:
+            outstanding = {}  # rows in flight before this call, as the router counts them (router.py's _absorb:
+            for holder in holders:  # a call's rows leave the count when the whole call's outputs are in)
                 d = self.index[holder]
                 self._drain(d, now)
-                outstanding[holder] = self.inflight_rows[d]
+                outstanding[holder] = self.counted_rows[d]
             for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
                 if n:
                     per_device.setdefault(holder, []).append(n)
@@ -473,6 +482,10 @@ class _Run:
             done, wait = max(done, end), max(wait, start - now)
         if self.config.in_order:
             done = self.last_done = max(done, self.last_done)
+        for holder, rows in per_device.items():
+            d = self.index[holder]
+            heapq.heappush(self.counted[d], (done, sum(rows)))
+            self.counted_rows[d] += sum(rows)
         done += self.config.router_call_s + self.config.router_worker_call_s * len(per_device)
         self.call_done.append(done)
         self.call_wait.append(wait)

@@ -179,3 +179,27 @@ def test_in_order_completion_makes_a_fast_call_wait_for_the_slow_call_before_it(
     assert runs[True].makespan_s == pytest.approx(runs[False].makespan_s) == pytest.approx(slow)
     # in order, the fast call's latency is the slow call's finish less its own arrival
     assert runs[True].latency_percentiles_ms["p50"] / 1000 == pytest.approx((slow + slow - 0.001) / 2, rel=1e-6)
+
+
+def test_the_dispatcher_counts_a_calls_rows_until_all_its_outputs_are_in_as_the_router_does():
+    """Call A: expert 0 split between h100-0 and l4-0, 1000 rows of expert 2 on h100-0 alone, 2000 rows of
+    expert 1 on l4-1 (slow). Call B arrives once h100-0 and l4-0 are done but l4-1 is not: the router still
+    counts call A's rows on h100-0 (``_absorb`` drops a call's rows when all its outputs are in), so water-filling
+    sends most of B's expert-0 rows to l4-0; counted only until each device's own end, they would go by speed."""
+    from moefleet.controller.sim.engine import _Run
+    from moefleet.router_service.dispatch import split_rows
+
+    devices = emulated_sim_devices(specs("h100:1,l4:2", slowdown=100.0), None)
+    placement = Placement(version=1, assignments={"h100-0": [(0, 0), (0, 2)], "l4-0": [(0, 0)], "l4-1": [(0, 1)]},
+                          speeds={"h100-0": 1.0, "l4-0": 0.122, "l4-1": 0.122})
+    t_b = devices[0].service_s([200, 1000]) + 0.01
+    assert t_b < devices[2].service_s([2000])
+    trace = Trace(t=np.array([0.0, t_b]), layer=np.array([0, 0]), counts=np.array([[200, 2000, 1000], [200, 0, 0]]))
+    run = _Run(trace, devices, 1.0, SimConfig(mode="open"), placement, elastic=False)
+    run.run()
+    served = sum(run.served_windows.values())  # [device, layer] rows, both calls
+    a = split_rows(200, ["h100-0", "l4-0"], placement.speeds, {}, np.random.default_rng(0))
+    b = split_rows(200, ["h100-0", "l4-0"], placement.speeds, {"h100-0": a[0] + 1000, "l4-0": a[1]},
+                   np.random.default_rng(0))
+    assert b[1] > 100 > 3 * a[1]  # B's expert 0 mostly to the L4
+    assert served[1, 0] == pytest.approx(a[1] + b[1], abs=2)  # rounding: one row either way per split
