@@ -6,10 +6,12 @@ A tiny Mixtral layer (H=64, F=128, E=8, top-2: the experts' math is a few
 microseconds, so a call's time is its fixed cost), two ExpertGroup workers each
 owning one core, a static fleet. Paths, alternating in rounds so drift hits all:
 
-* ``embedded``: the router core in this process, its calls on its compiled graph;
-* ``embedded, plain calls``: the same router with ``compiled_graphs=False``
-  (one Ray actor call per worker per layer call, what the fleet did before);
-* ``grpc``: the gRPC router actor (its own compiled graph) called over loopback.
+* ``embedded``: the router core in this process, its calls on its compiled graph
+  (``compiled_graphs="on"``; the default, ``auto``, compiles graphs over GPU
+  workers only);
+* ``embedded, plain calls``: the same router with ``compiled_graphs="off"``
+  (one Ray actor call per worker per layer call: what ``auto`` gives CPU workers);
+* ``grpc``: the gRPC router actor (its own compiled graph, ``on``) called over loopback.
 
 Reported per path: p50 / p90 of a call's time, and the mean overhead the
 router measured (``moefleet_call_overhead_seconds``: the call less its slowest
@@ -34,6 +36,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# the embedded router's process with the serving processes' inline limit, as moefleet.connect(embedded=True) sets it
+from moefleet.core.processes import INLINE_BYTES  # noqa: E402
+
+os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -67,7 +73,7 @@ def main() -> None:
     import ray
 
     from moefleet import MoEModel
-    from moefleet.core.config import FleetConfig
+    from moefleet.core.config import FleetConfig, RouterConfig
     from moefleet.core.redis_server import RedisServer
     from moefleet.local import LocalFleet
     from moefleet.router_service.client import FleetClient
@@ -80,13 +86,13 @@ def main() -> None:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         cfg = FleetConfig(checkpoint=path, num_workers=2, static=True, redis_url=redis.url, http_port=None,
-                          namespace=f"hot-{uuid.uuid4().hex[:6]}")
+                          namespace=f"hot-{uuid.uuid4().hex[:6]}", router=RouterConfig(compiled_graphs="on"))
         fleet = LocalFleet(cfg)
         fleet.start()
         client = FleetClient(fleet.address, timeout=60)
         client.wait_ready(60)
-        graph_router = EmbeddedRouter(path, redis.url, cfg.namespace)
-        plain_router = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs=False)
+        graph_router = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs="on")
+        plain_router = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs="off")
         for r in (graph_router, plain_router):
             r.wait_ready(60)
         wait_until(lambda: graph_router.core.transport_report().get("graph"), 60)

@@ -8,7 +8,8 @@ to the fleet: attention runs here, every MoE block in the fleet. Two workers,
 each owning one core, a static placement (the experts of every layer spread
 over both). Three ways to reach it: the **embedded** router in this process
 (``moefleet.connect(embedded=True)``: calls from every sequence's thread in
-flight together on its compiled graph), and the gRPC router over a
+flight together; plain actor calls to these CPU workers under the default
+``compiled_graphs: auto``, a compiled graph with ``--compiled-graphs on``), and the gRPC router over a
 ``FleetClient``'s ``ForwardStream``, with its micro-batching and without.
 
 - *one in flight*: one thread runs the sequences one after another, so one
@@ -38,6 +39,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# the embedded router's process with the serving processes' inline limit, as moefleet.connect(embedded=True) sets it
+from moefleet.core.processes import INLINE_BYTES  # noqa: E402
+
+os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
 
 import torch  # noqa: E402
 
@@ -110,6 +115,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=2816)
+    ap.add_argument("--compiled-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="the routers' compiled_graphs policy (auto: graphs over GPU workers only, so none here)")
     ap.add_argument("--quick", action="store_true", help="a small model and one round (a smoke run)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -143,11 +150,12 @@ def main() -> None:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
         ns = f"pipe-{uuid.uuid4().hex[:6]}"
-        fleet = LocalFleet(FleetConfig(checkpoint=tmp, num_workers=2, static=True, redis_url=redis.url, namespace=ns))
+        fleet = LocalFleet(FleetConfig(checkpoint=tmp, num_workers=2, static=True, redis_url=redis.url, namespace=ns,
+                                       router=RouterConfig(compiled_graphs=args.compiled_graphs)))
         fleet.start()
         routers = {"batching": (fleet.address, fleet.router_stats()[0]["pid"])}
         nobatch = router_actor_class().options(namespace=ns, num_cpus=0, runtime_env=serving_runtime_env()).remote(
-            tmp, RouterConfig(batch_window_ms=0).model_dump(), redis.url, ns, "router-nobatch")
+            tmp, RouterConfig(batch_window_ms=0, compiled_graphs=args.compiled_graphs).model_dump(), redis.url, ns, "router-nobatch")
         address = ray.get(nobatch.start.remote())
         routers["no_batching"] = (address, ray.get(nobatch.stats.remote())["pid"])
         routers["embedded"] = (None, os.getpid())  # the router core in this process: no gRPC hop
@@ -155,9 +163,9 @@ def main() -> None:
         print(f"worker cores: {cores}", flush=True)
         for name, (addr, pid) in routers.items():
             if addr is None:
-                client = EmbeddedRouter(tmp, redis.url, ns)
+                client = EmbeddedRouter(tmp, redis.url, ns, compiled_graphs=args.compiled_graphs)
                 client.wait_ready(60)
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + (60 if args.compiled_graphs == "on" else 0)
                 while not client.core.transport_report().get("graph") and time.monotonic() < deadline:
                     time.sleep(0.1)
             else:

@@ -7,8 +7,10 @@ ExpertGroup worker owning both cores (pinned, 2 torch threads), a static
 fleet (no controller), reached two ways — *grpc*: the grpc.aio router in a Ray
 actor, called over gRPC from this process; *embedded*: the router core in this
 process (``EmbeddedRouter``, what ``moefleet.connect(embedded=True)`` gives).
-Both call the worker on their own compiled graph (``--compiled-graphs 0``:
-plain actor calls). *in-process*: the same layer in this process with the
+Both reach the worker the way the product's default (``compiled_graphs:
+auto``) does: plain actor calls to a CPU worker, through Ray's shared-memory
+object store (``--compiled-graphs on``: each router on its own compiled graph,
+whose reader keeps a core of the worker polling). *in-process*: the same layer in this process with the
 same two cores, measured in the same run with Ray and the fleet up and idle.
 Only the serving path differs.
 
@@ -32,6 +34,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# the embedded router's process with the serving processes' inline limit, as moefleet.connect(embedded=True) sets it
+from moefleet.core.processes import INLINE_BYTES  # noqa: E402
+
+os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -102,7 +108,8 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=4096, help="tokens of the throughput point")
     ap.add_argument("--paths", nargs="+", default=["grpc", "embedded"], choices=["grpc", "embedded"],
                     help="fleet paths measured against the in-process layer")
-    ap.add_argument("--compiled-graphs", type=int, default=1, help="1: router -> worker on compiled graphs; 0: plain actor calls")
+    ap.add_argument("--compiled-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="the routers' compiled_graphs policy (auto: graphs over GPU workers only, so none here)")
     ap.add_argument("--quick", action="store_true", help="small layer, few calls (a smoke run)")
     ap.add_argument("--batch-window-ms", type=float, default=None, help="router micro-batch window (default: the fleet's default)")
     ap.add_argument("--profile-dir", help="run py-spy on the router and worker at each point; folded stacks go here")
@@ -132,16 +139,18 @@ def main() -> None:
         layer = model.layer(0)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         redis = RedisServer()
-        router_kw = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
+        router_kw = {"compiled_graphs": args.compiled_graphs}
+        if args.batch_window_ms is not None:
+            router_kw["batch_window_ms"] = args.batch_window_ms
         cfg = FleetConfig(checkpoint=path, num_workers=1, static=True, redis_url=redis.url, http_port=None,
                           namespace=f"cost-{uuid.uuid4().hex[:6]}", router=RouterConfig(**router_kw))
         fleet = LocalFleet(cfg)
         fleet.start()
         client = FleetClient(fleet.address, timeout=120)
         client.wait_ready(60)
-        embedded = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs=bool(args.compiled_graphs))
+        embedded = EmbeddedRouter(path, redis.url, cfg.namespace, compiled_graphs=args.compiled_graphs)
         embedded.wait_ready(60)
-        if args.compiled_graphs:  # both routers' graphs compiled before anything is timed
+        if args.compiled_graphs == "on":  # both routers' graphs compiled before anything is timed
             wait_until(lambda: embedded.core.transport_report().get("graph"), 60)
             wait_until(lambda: fleet.router_stats()[0]["transport"].get("graph"), 60)
         wstats = next(iter(fleet.worker_stats().values()))

@@ -25,9 +25,9 @@ class RouterActor:
     """One router replica. ``start()`` returns its gRPC address."""
 
     def __init__(self, checkpoint: str, config: dict, redis_url: str, namespace: str, router_id: str, dtype: str | None = None,
-                 compiled_graphs: bool = True):
+                 compiled_graphs: bool | str | None = None):
         self.config = RouterConfig(**config)
-        self.compiled_graphs = compiled_graphs
+        self.compiled_graphs = self.config.compiled_graphs if compiled_graphs is None else compiled_graphs
         self.checkpoint = checkpoint
         self.redis_url = redis_url
         self.namespace = namespace

@@ -35,6 +35,7 @@ import uuid
 import torch
 
 from moefleet.core.config import RouterConfig
+from moefleet.core.processes import INLINE_BYTES, inline_limit
 from moefleet.core.request_stats import observe_request
 from moefleet.core.state import StateStore
 
@@ -54,7 +55,8 @@ class EmbeddedRouter:
     checkpoint, redis_url, namespace: the fleet's. config: the router's limits (``RouterConfig``; its
     server fields are unused). dtype: the fleet's compute dtype (default the checkpoint's).
     device: where the gate, routing and combine run (default: the device of the hidden states of the first
-    call; CPU until then). compiled_graphs: False serves through plain actor calls only.
+    call; CPU until then). compiled_graphs: which workers a compiled graph carries (``auto``: those on GPUs; ``on``/True:
+    every worker of this node; ``off``/False: plain actor calls only); default the config's ``compiled_graphs``.
     """
 
     def __init__(
@@ -67,18 +69,24 @@ class EmbeddedRouter:
         dtype: str | None = None,
         device: str | torch.device | None = None,
         router_id: str | None = None,
-        compiled_graphs: bool = True,
+        compiled_graphs: bool | str | None = None,
         start_timeout_s: float = 30.0,
     ):
         import ray
 
         if not ray.is_initialized():
             raise RuntimeError("EmbeddedRouter: this process is not attached to the fleet's Ray cluster (ray.init first)")
+        if inline_limit() < INLINE_BYTES:
+            log.warning("embedded router: Ray's inline limit in this process is %d bytes (the fleet's: %d); batches "
+                        "above it go through the object store. Set RAY_max_direct_call_object_size=%d before ray.init "
+                        "(moefleet.connect(embedded=True) does when it attaches).", inline_limit(), INLINE_BYTES, INLINE_BYTES)
         self.router_id = router_id or f"embedded-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.config = config or RouterConfig()
         self.store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)
         self._device_pinned = device is not None
         dev = torch.device(device or "cpu")
+        if compiled_graphs is None:
+            compiled_graphs = self.config.compiled_graphs
         transport = RayTransport(namespace, router_key=f"router:{self.router_id}", device=dev, compiled_graphs=compiled_graphs)
         self.core = RouterCore(checkpoint, self.config, transport, dtype=dtype, device=dev)
         self.spec = self.core.spec

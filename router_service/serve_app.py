@@ -131,7 +131,8 @@ class FleetIngress:
         except Exception:  # outside a Serve replica (a test driving the class directly)
             replica = uuid.uuid4().hex[:8]
         self.ingress_id = f"ingress-{replica}"
-        transport = RayTransport(self.args.namespace, router_key=f"router:{self.ingress_id}")
+        transport = RayTransport(self.args.namespace, router_key=f"router:{self.ingress_id}",
+                                 compiled_graphs=self.args.router.compiled_graphs)
         self.core = RouterCore(checkpoint, self.args.router, transport, dtype=wc.dtype)
         self.core.set_placement(self.store.get_placement() or placement)
         self.runtime = None

@@ -14,8 +14,11 @@ thread: the embedded router). What each worker receives is decided per worker
 * ``rows`` (another node, or not yet known): the worker's unique tokens only.
 
 ``RayTransport`` carries the calls on a compiled graph per worker set
-(``graph.py``: shared-memory channels, about 0.7 ms per execution) and
-falls back to plain actor calls while a graph is being compiled, when a worker
+(``graph.py``: shared-memory channels, about 0.7 ms per execution) over the
+workers its policy names (``graph_members``: by default, ``auto``, the workers
+of the router's node that compute on GPUs — a graph's channel reader keeps a
+core of each of its workers busy, and a CPU worker needs its cores for the
+experts), serves the others through plain actor calls, and falls back to plain actor calls while a graph is being compiled, when a worker
 has no free graph slot, or when a graph broke (a worker died: the router's
 retry finds the dead worker through a plain call and re-dispatches its rows).
 On plain calls the shared batch goes into Ray's object store once
@@ -58,7 +61,41 @@ log = logging.getLogger(__name__)
 
 Outcome = WorkerReply | BaseException
 
+GRAPH_POLICIES = ("auto", "on", "off")
 
+
+def graph_policy(value: bool | str) -> str:
+    """``compiled_graphs`` as one of ``GRAPH_POLICIES`` (True is ``on``, False ``off``)."""
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in GRAPH_POLICIES:
+        return value
+    raise ValueError(f"compiled_graphs: {value!r} is not one of {', '.join(GRAPH_POLICIES)} (or a bool)")
+
+
+def graph_members(policy: str, router: Endpoint, workers: dict[str, Endpoint | None]) -> tuple[str, ...]:
+    """The workers a router's compiled graph covers, under ``policy`` (pure).
+
+    workers: each worker's Endpoint (None while unknown: never in a graph). Only workers on the router's node
+    (shared memory or CUDA IPC): a graph whose channels cross nodes can take a raylet down when it is torn down
+    with a value in flight (Ray 2.60: a failed check in its mutable-object provider). ``auto`` keeps those that
+    compute on a GPU: a graph's reader loop polls its channel on a core of the worker's process, which costs a
+    GPU worker a spare host core and a CPU worker a share of the cores its experts run on (measured on a 2-core
+    machine: a torch workload beside an idle graph ran 1.5x slower).
+    """
+    policy = graph_policy(policy)
+    if policy == "off":
+        return ()
+    keep = []
+    for w, ep in sorted(workers.items()):
+        if ep is None or choose_transport(router, ep)[0] not in (SHARED_MEMORY, CUDA_IPC):
+            continue
+        if policy == "auto" and ep.gpu is None:
+            continue
+        keep.append(w)
+    return tuple(keep)
 
 
 @dataclass
@@ -134,12 +171,13 @@ class RayTransport:
 
     router_key: this router's heartbeat key (``router:<id>``), by which workers tell that the router behind a
     graph is alive; None for a router without heartbeats (then workers never close its graphs themselves).
-    device: where the router keeps its tensors. compiled_graphs: carry calls on compiled graphs (else plain
+    device: where the router keeps its tensors. compiled_graphs: which workers a compiled graph carries
+    (``graph_members``): ``auto`` (those on GPUs), ``on``/True (every worker of the node), ``off``/False (plain
     actor calls only).
     """
 
     def __init__(self, namespace: str, *, router_key: str | None = None, device: str | torch.device = "cpu",
-                 compiled_graphs: bool = True):
+                 compiled_graphs: bool | str = "auto"):
         import ray
 
         self._ray = ray
@@ -148,13 +186,20 @@ class RayTransport:
         self.endpoint: Endpoint = local_endpoint(ray.get_runtime_context().get_node_id(), device)
         self._handles: dict[str, Any] = {}
         self._modes: dict[str, str] = {}
+        self._endpoints: dict[str, Endpoint] = {}
         self._mode_lock = threading.Lock()
         self.inline_bytes = inline_limit()  # what Ray inlines here (raised in serving processes: core/processes.py)
-        self.graphs = GraphSet(self._build_graph, enabled=compiled_graphs)
+        self.graph_policy = graph_policy(compiled_graphs)
+        self.graphs = GraphSet(self._build_graph, enabled=self.graph_policy != "off")
         self._workers: tuple[str, ...] = ()
         self._avoided: set[str] = set()
         self.stats = {"graph_calls": 0, "plain_calls": 0, "graph_fallbacks": 0, "graph_abandoned": 0}
-        self.kind = "compiled_graph" if compiled_graphs else "actor_calls"
+
+    @property
+    def kind(self) -> str:
+        """``compiled_graph`` while a live graph carries calls, else ``actor_calls``."""
+        g = self.graphs.current
+        return "compiled_graph" if g is not None and g.alive else "actor_calls"
 
     def set_device(self, device: str | torch.device) -> None:
         """The router keeps its tensors on ``device`` now: learn every path again, compile a new graph."""
@@ -162,6 +207,7 @@ class RayTransport:
         with self._mode_lock:
             workers = tuple(self._modes)
             self._modes.clear()
+            self._endpoints.clear()
         self.graphs.rebuild()
         if workers:
             self.set_workers(workers)
@@ -178,6 +224,7 @@ class RayTransport:
         self._handles.pop(worker, None)
         with self._mode_lock:
             self._modes.pop(worker, None)
+            self._endpoints.pop(worker, None)
 
     def mode(self, worker: str) -> str:
         """How this router reaches ``worker`` (``gpu_transport``); ``rows`` until its endpoint is known (correct anywhere)."""
@@ -201,9 +248,11 @@ class RayTransport:
             except Exception as e:  # dead or slow: it stays a rows worker
                 log.debug("endpoint of %s unknown: %s", w, e)
                 continue
-            mode, why = choose_transport(self.endpoint, Endpoint(node, gpu, tuple(visible)))
+            ep = Endpoint(node, gpu, tuple(visible))
+            mode, why = choose_transport(self.endpoint, ep)
             with self._mode_lock:
                 self._modes[w] = mode
+                self._endpoints[w] = ep
             log.info("router: %s reached by %s (%s)", w, mode, why)
 
     def set_workers(self, workers) -> None:
@@ -231,10 +280,9 @@ class RayTransport:
         import uuid
 
         self.resolve(workers)
-        # Only workers on this router's node: a graph whose channels cross nodes can take a raylet down when it is
-        # torn down with a value in flight (Ray 2.60: a failed check in its mutable-object provider). Workers on
-        # other nodes get their rows through plain actor calls.
-        workers = tuple(w for w in workers if self.mode(w) in (SHARED_MEMORY, CUDA_IPC))
+        with self._mode_lock:
+            known = {w: self._endpoints.get(w) for w in workers}
+        workers = graph_members(self.graph_policy, self.endpoint, known)  # the others: plain actor calls
         if not workers:
             return None
         handles = {w: self.handle(w) for w in workers}

@@ -13,6 +13,8 @@ copied). Its modules:
   plan on history, EPLB on history at equal memory) and capacity at an SLO;
 * ``host``: local mode's host CPU on the workers' own cores;
 * ``local``: the model of a local CPU fleet, timed by a calibration;
+* ``emulated``: the model of an emulated fleet (``--emulate``), its calibration on a small static fleet, the
+  per-token traces and the predicted-against-measured comparison of ``benchmarks/bench_sim_holdout.py``;
 * ``search``: the smallest fleet mix that meets a p99 target.
 """
 
@@ -40,6 +42,15 @@ from .devices import (
     returned_rows,
 )
 from .engine import SimConfig, SimResult, balanced_capacity, compare, initial_placement, simulate
+from .emulated import (
+    EmulationCosts,
+    EmulationPhase,
+    choice_trace,
+    emulated_sim_devices,
+    fit_emulation_costs,
+    holdout_rows,
+    ratio_rows,
+)
 from .host import Cores, HostCpu
 from .local import (
     CpuCalibration,
@@ -65,8 +76,9 @@ from .traffic import (
 
 __all__ = [
     "BASELINES", "after_history", "Candidate", "Cores", "CpuCalibration", "DEVICE_TYPES", "DeviceType", "Diurnal", "DriftTraffic",
-    "ExpertShape", "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "MAX_LINES", "MODEL_SHAPES",
-    "PhaseCpu", "SimConfig", "SimDevice", "SimResult", "ZipfTraffic", "balanced_capacity", "baseline_placement",
+    "EmulationCosts", "EmulationPhase", "ExpertShape", "FleetEntry", "FleetError", "FleetSearch", "HostCpu", "LocalCosts", "MAX_LINES", "MODEL_SHAPES",
+    "PhaseCpu", "SimConfig", "SimDevice", "SimResult", "ZipfTraffic", "balanced_capacity", "baseline_placement", "choice_trace", "emulated_sim_devices", "fit_emulation_costs",
+    "holdout_rows", "ratio_rows",
     "calibrate_cpu", "capacity_at_slo", "compare", "compare_strategies", "eplb_placement", "eplb_slots", "fit_local_costs",
     "fleet_devices", "format_fleet", "inclusion_probabilities", "initial_placement", "local_devices",
     "local_memory_bytes", "parse_diurnal", "parse_fleet", "parse_traffic", "predict_local", "returned_rows",

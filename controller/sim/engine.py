@@ -17,13 +17,24 @@ What is modelled
 * **Dispatch** is the router's own rule, ``router_service.dispatch.
   split_rows``: per call, each expert's rows are split among its replicas so
   that all finish together, given each device's speed as the placement states
-  it (the planner's) and the rows it still has in flight. One router sees
-  every call (a single global view of in-flight rows).
+  it (the planner's) and the rows the router still counts in flight there: as
+  the router counts them (``router.py``'s ``_absorb``), a call's rows leave the
+  count only once all of that call's outputs are in, so a fast device's rows
+  stay counted while the call waits for a slower one. One router sees every
+  call (a single global view of in-flight rows).
 * **Devices** are FIFO servers (``devices.SimDevice``): a call's rows on
   a device take ``overhead + max(sum over its experts of max(rows x row time,
   weight floor), rows x activation transfer time) + returned rows x output
   row time`` (the last for CPU workers only). A call completes when its
   slowest device is done.
+* **The router's own time** (``router_call_s`` per call, ``router_worker_call_s``
+  per device the call touches) is added to each call's latency, not queued
+  (each client embeds its router); ``emulated.EmulationCosts`` fits both on a
+  small emulated fleet.
+* **Completion order** (``in_order``): a router's compiled graph returns its
+  executions' outputs in submission order, so a call served through one waits
+  for every call dispatched before it; through plain actor calls (and by
+  default here) each call completes when its own slowest device does.
 * **Host CPU** (``SimConfig.host_cpu``, local mode only; ``host``): the
   router's, clients' and Ray's CPU work on the cores the devices own -- a
   call's host work first, then its rows; background and controller work on
@@ -138,6 +149,17 @@ class SimConfig(BaseModel):
         description="The router's own seconds per layer call (gate, dispatch, transport, combine: the cost model's "
         "router stages), added to each call's latency; each client embeds its router, so routers do not queue.",
     )
+    in_order: bool = Field(
+        default=False,
+        description="Calls' outputs come back in the order the calls were dispatched, as a router's compiled graph "
+        "returns its executions' (router_service/graph.py): a call waits for every call dispatched before it. "
+        "False: each call completes when its own slowest device does (plain actor calls).",
+    )
+    router_worker_call_s: float = Field(
+        default=0.0, ge=0,
+        description="The router's seconds per device a layer call touches (preparing that device's part, summing its "
+        "partials), added to the call's latency like router_call_s.",
+    )
 
 
 @dataclass
@@ -244,6 +266,9 @@ class _Run:
         self.next_tick = float(trace.t[0]) + self.host.tick_s if self.host and self.host.background_cores > 0 else math.inf
         self.inflight: list[list[tuple[float, float]]] = [[] for _ in range(num_dev)]  # heaps of (end, rows)
         self.inflight_rows = [0.0] * num_dev
+        # the router's count of rows in flight per device: a call's rows stay counted until all its outputs are in
+        self.counted: list[list[tuple[float, float]]] = [[] for _ in range(num_dev)]  # heaps of (outputs in, rows)
+        self.counted_rows = [0.0] * num_dev
         self.published = initial
         self.routing = _Routing(initial, self.row_of, len(self.layers), self.index)
         self.ever_active = set(self.routing.devices)
@@ -258,6 +283,7 @@ class _Run:
         self.record: dict = {}
         self.reports: list[dict] = []
         self.switch: tuple[float, _Routing] | None = None
+        self.last_done = -math.inf  # in_order: when the previous call's outputs came back
         self.next_step = float(trace.t[0]) + self.ctl.interval_s if elastic else math.inf
         self.bytes_moved = 0.0
         self.copies = 0
@@ -277,6 +303,9 @@ class _Run:
         q = self.inflight[d]
         while q and q[0][0] <= now:
             self.inflight_rows[d] -= heapq.heappop(q)[1]
+        q = self.counted[d]
+        while q and q[0][0] <= now:
+            self.counted_rows[d] -= heapq.heappop(q)[1]
 
     # -- events ---------------------------------------------------------------
     def _advance(self, now: float) -> None:
@@ -412,11 +441,11 @@ class _Run:
             if len(holders) == 1:
                 per_device.setdefault(holders[0], []).append(rows)
                 continue
-            outstanding = {}  # rows in flight before this call, as the router counts them
-            for holder in holders:
+            outstanding = {}  # rows in flight before this call, as the router counts them (router.py's _absorb:
+            for holder in holders:  # a call's rows leave the count when the whole call's outputs are in)
                 d = self.index[holder]
                 self._drain(d, now)
-                outstanding[holder] = self.inflight_rows[d]
+                outstanding[holder] = self.counted_rows[d]
             for holder, n in zip(holders, split_rows(rows, holders, speeds, outstanding, self.rng)):
                 if n:
                     per_device.setdefault(holder, []).append(n)
@@ -451,7 +480,13 @@ class _Run:
                 self.job_start.append(s)
                 self.job_end.append(e)
             done, wait = max(done, end), max(wait, start - now)
-        done += self.config.router_call_s
+        if self.config.in_order:
+            done = self.last_done = max(done, self.last_done)
+        for holder, rows in per_device.items():
+            d = self.index[holder]
+            heapq.heappush(self.counted[d], (done, sum(rows)))
+            self.counted_rows[d] += sum(rows)
+        done += self.config.router_call_s + self.config.router_worker_call_s * len(per_device)
         self.call_done.append(done)
         self.call_wait.append(wait)
         return done

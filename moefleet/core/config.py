@@ -291,6 +291,12 @@ class RouterConfig(BaseModel):
     telemetry_interval_s: float = Field(default=1.0, gt=0, description="How often token counts per expert are flushed to Redis.")
     load_window_s: float = Field(default=1.0, gt=0, description="Width of one load window in Redis.")
     worker_retries: int = Field(default=2, ge=0, description="Re-dispatches of a layer call after a worker fails or holds a stale placement.")
+    compiled_graphs: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Carry layer calls on a Ray Compiled Graph over the workers on the router's node: 'auto' over workers "
+        "that compute on GPUs (a graph's channel reader keeps a core of each of its workers busy, which a CPU worker "
+        "needs for its experts), 'on' over every worker of the node, 'off' plain actor calls only.",
+    )
     metrics_port: int | None = Field(
         default=0, ge=0, le=65535, description="Prometheus endpoint on host:metrics_port (0: a free port; None: off)."
     )

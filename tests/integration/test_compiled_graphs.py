@@ -14,6 +14,7 @@ import ray
 import torch
 
 from moefleet import FleetClient, FleetConfig, LocalFleet, MoEModel
+from moefleet.core.config import RouterConfig
 from moefleet.core.placement import Placement
 from moefleet.router_service.client import FleetError
 from moefleet.router_service.embedded import EmbeddedRouter
@@ -47,12 +48,12 @@ def checkpoint(tmp_path_factory, hf_model):
 @pytest.fixture(scope="module")
 def hot_fleet(ray_cluster, redis_server, checkpoint):
     cfg = FleetConfig(checkpoint=checkpoint, num_workers=2, redis_url=redis_server.url, namespace=f"hot-{uuid.uuid4().hex[:8]}",
-                      static=True, http_port=None)
+                      static=True, http_port=None, router=RouterConfig(compiled_graphs="on"))  # CPU workers: "auto" builds none
     f = LocalFleet(cfg, worker_node_id=ray.get_runtime_context().get_node_id())  # beside this process: shared memory
     f.start()
     f.client = FleetClient(f.address)
     f.client.wait_ready(60)
-    f.embedded = EmbeddedRouter(checkpoint, redis_server.url, cfg.namespace)
+    f.embedded = EmbeddedRouter(checkpoint, redis_server.url, cfg.namespace, compiled_graphs="on")
     f.embedded.wait_ready(30)
     yield f
     f.embedded.close()
@@ -88,6 +89,25 @@ def test_both_routers_carry_calls_on_graphs_of_their_own_over_the_same_workers_e
     assert moved.get("to_workers:shared_memory", 0) > 0 or moved.get("to_workers:rows", 0) > 0
 
 
+def test_by_default_a_router_compiles_no_graph_over_cpu_workers_and_serves_them_through_plain_calls(hot_fleet):
+    """``compiled_graphs: auto``: a graph's reader would keep a core of each CPU worker busy polling its channel."""
+    model = MoEModel.from_pretrained(hot_fleet.checkpoint)
+    x = torch.randn(6, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(11))
+    r = EmbeddedRouter(hot_fleet.checkpoint, hot_fleet.redis_url, hot_fleet.config.namespace)
+    try:
+        r.wait_ready(30)
+        assert r.core.transport.graph_policy == "auto"
+        assert wait_for(lambda: set(r.core.transport.modes().values()) == {"shared_memory"} and len(r.core.transport.modes()) == 2, 30)
+        assert (r.forward(0, x) - model.layer(0)(x)).abs().max().item() <= 1e-5
+        report = r.core.transport_report()
+        assert report["graph"] is None and report["kind"] == "actor_calls"
+        assert report["calls"]["plain_calls"] >= 1 and report["calls"]["graph_calls"] == 0
+        for w in ("worker-0", "worker-1"):  # no graph slot of the workers is this router's
+            assert f"router:{r.router_id}" not in ray.get(hot_fleet.worker(w).graphs.remote()).values()
+    finally:
+        r.close()
+
+
 def test_the_embedded_router_answers_bad_input_with_the_grpc_routers_codes(hot_fleet):
     model = MoEModel.from_pretrained(hot_fleet.checkpoint)
     h = model.spec.layer.hidden_size
@@ -116,9 +136,9 @@ def test_the_embedded_router_answers_bad_input_with_the_grpc_routers_codes(hot_f
 def test_the_embedded_router_shows_as_a_router_and_follows_a_new_placement(hot_fleet):
     emb, store = hot_fleet.embedded, hot_fleet.store
     key = f"router:{emb.router_id}"
-    assert wait_for(lambda: key in store.workers(), 10)
+    assert wait_for(lambda: store.workers().get(key, {}).get("transport", {}).get("kind") == "compiled_graph", 30)
     info = store.workers()[key]
-    assert info["kind"] == "embedded" and info["transport"]["kind"] == "compiled_graph"
+    assert info["kind"] == "embedded"
     model = MoEModel.from_pretrained(hot_fleet.checkpoint)
     x = torch.randn(16, model.spec.layer.hidden_size, generator=torch.Generator().manual_seed(3))
     want = model.layer(0)(x)
@@ -233,7 +253,7 @@ ORPHAN = textwrap.dedent("""
     import ray, torch
     ray.init(address=sys.argv[1], log_to_driver=False)
     from moefleet.router_service.embedded import EmbeddedRouter
-    r = EmbeddedRouter(sys.argv[2], sys.argv[3], sys.argv[4], router_id=sys.argv[5])
+    r = EmbeddedRouter(sys.argv[2], sys.argv[3], sys.argv[4], router_id=sys.argv[5], compiled_graphs="on")
     r.wait_ready(30)
     deadline = time.monotonic() + 60
     while r.core.transport.graphs.current is None and time.monotonic() < deadline:
@@ -267,7 +287,7 @@ def test_a_worker_killed_under_a_graph_fails_only_what_it_held_and_nothing_hangs
                       static=True, http_port=None)
     f = LocalFleet(cfg, worker_node_id=ray.get_runtime_context().get_node_id())
     f.start()
-    emb = EmbeddedRouter(checkpoint, redis_server.url, cfg.namespace)
+    emb = EmbeddedRouter(checkpoint, redis_server.url, cfg.namespace, compiled_graphs="on")
     try:
         emb.wait_ready(30)
         assert wait_for(lambda: _graph_ready(emb.core.transport_report()), 30)

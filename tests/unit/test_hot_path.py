@@ -19,7 +19,8 @@ from moefleet.expert_workers.group import ExpertGroupCore
 from moefleet.router_service.dispatch import plan_dispatch
 from moefleet.router_service.graph import GraphSet
 from moefleet.router_service.router import RouterCore
-from moefleet.router_service.transport import LocalTransport, prepare_calls
+from moefleet.router_service.gpu_transport import Endpoint
+from moefleet.router_service.transport import LocalTransport, graph_members, graph_policy, prepare_calls
 from tests import hf_models
 
 H = 16
@@ -155,6 +156,33 @@ def _wait(pred, timeout=5.0):
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_graph_covers_gpu_workers_of_the_routers_node_by_default_every_local_worker_when_on_and_none_when_off():
+    router = Endpoint("n1", "GPU-a", ("GPU-a", "GPU-b"))
+    workers = {
+        "gpu-same": Endpoint("n1", "GPU-b", ("GPU-a", "GPU-b")),  # cuda_ipc
+        "gpu-isolated": Endpoint("n1", "GPU-c", ("GPU-c",)),  # same node, shared memory, computes on a GPU
+        "cpu-same": Endpoint("n1"),  # shared memory, computes on the CPU
+        "gpu-remote": Endpoint("n2", "GPU-d", ("GPU-d",)),  # rows: never in a graph
+        "unknown": None,
+    }
+    assert graph_members("auto", router, workers) == ("gpu-isolated", "gpu-same")
+    assert graph_members("on", router, workers) == ("cpu-same", "gpu-isolated", "gpu-same")
+    assert graph_members("off", router, workers) == ()
+    cpu_router = Endpoint("n1")
+    assert graph_members("auto", cpu_router, {"cpu": Endpoint("n1"), "gpu": Endpoint("n1", "GPU-b", ("GPU-b",))}) == ("gpu",)
+    assert graph_members(True, cpu_router, {"cpu": Endpoint("n1")}) == ("cpu",)
+    assert graph_members(False, cpu_router, {"cpu": Endpoint("n1")}) == ()
+
+
+def test_compiled_graphs_policy_is_checked_by_name():
+    assert [graph_policy(v) for v in (True, False, "auto", "on", "off")] == ["on", "off", "auto", "on", "off"]
+    with pytest.raises(ValueError, match="compiled_graphs"):
+        graph_policy("always")
+    assert RouterConfig().compiled_graphs == "auto"
+    with pytest.raises(ValueError, match="compiled_graphs"):
+        RouterConfig(compiled_graphs="yes")
 
 
 def test_graph_set_builds_off_the_hot_path_swaps_when_ready_and_tears_the_old_one_down():
