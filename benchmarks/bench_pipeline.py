@@ -39,6 +39,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# the embedded router's process with the serving processes' inline limit, as moefleet.connect(embedded=True) sets it
+from moefleet.core.processes import INLINE_BYTES  # noqa: E402
+
+os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
 
 import torch  # noqa: E402
 

@@ -52,6 +52,10 @@ def connect(address: str | None = None, *, embedded: bool = False, token: str | 
         if not fleet.get("ray_address"):
             raise ConnectionError("moefleet.connect(embedded=True): the fleet's Ray address is unknown; pass ray_address")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from moefleet.core.processes import INLINE_BYTES
+
+        # the serving processes' inline limit: a call's batch up to it travels inside the call to the workers
+        os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
         ray.init(address=fleet["ray_address"], namespace=fleet["namespace"], log_to_driver=False)
     from moefleet.router_service.embedded import EmbeddedRouter
 

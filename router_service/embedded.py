@@ -35,6 +35,7 @@ import uuid
 import torch
 
 from moefleet.core.config import RouterConfig
+from moefleet.core.processes import INLINE_BYTES, inline_limit
 from moefleet.core.request_stats import observe_request
 from moefleet.core.state import StateStore
 
@@ -75,6 +76,10 @@ class EmbeddedRouter:
 
         if not ray.is_initialized():
             raise RuntimeError("EmbeddedRouter: this process is not attached to the fleet's Ray cluster (ray.init first)")
+        if inline_limit() < INLINE_BYTES:
+            log.warning("embedded router: Ray's inline limit in this process is %d bytes (the fleet's: %d); batches "
+                        "above it go through the object store. Set RAY_max_direct_call_object_size=%d before ray.init "
+                        "(moefleet.connect(embedded=True) does when it attaches).", inline_limit(), INLINE_BYTES, INLINE_BYTES)
         self.router_id = router_id or f"embedded-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.config = config or RouterConfig()
         self.store = StateStore(redis_url, namespace=namespace, socket_timeout_s=1.0)

@@ -187,8 +187,11 @@ def test_autoscaling_adds_a_worker_when_queues_grow(fleet):
         assert report.get("active_devices", 0) >= 4, report
         assert "worker-extra" in store.get_placement().assignments
         extra_worker = ray.get_actor(worker_actor_name("worker-extra"), namespace=fleet.config.namespace)
-        time.sleep(1.0)
-        assert sum(ray.get(extra_worker.stats.remote())["tokens_served"].values()) > 0
+        served = lambda: sum(ray.get(extra_worker.stats.remote())["tokens_served"].values())  # noqa: E731
+        deadline = time.monotonic() + 20  # the router follows the new placement, then routes rows to it
+        while served() == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert served() > 0
     finally:
         stop.set()
         for t in threads:

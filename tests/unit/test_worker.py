@@ -128,6 +128,9 @@ def test_a_forward_taking_its_view_during_an_unload_and_load_keeps_its_weights(c
             return view
 
     worker._views = Interleaved(worker._views)
+    for name in ("_experts_stepwise", "_experts_fused"):  # the load lands while the forward is in flight, however slow
+        compute = getattr(worker, name)  # the thread (a loaded machine): else the forward could finish first and free
+        setattr(worker, name, lambda *a, _c=compute: (done.wait(10), _c(*a))[1])  # the slot for a legitimate reuse
     got, want = _call(worker, model, 0, hidden, [0, 1, 2, 3])
     assert done.wait(10)
     assert (got - want).abs().max().item() <= 1e-5, "the forward read weights another load wrote into its slot"
