@@ -72,6 +72,8 @@ class Traffic:
                     out = client.forward(layer, hidden)
                 except FleetError as e:
                     self.log.append((t0, time.monotonic(), e.code.name, e.message))
+                    # back off as a client does: failing fast, a busy loop would spend MAX_REQUESTS in the outage
+                    self._stop.wait(0.01)
                     continue
                 self.log.append((t0, time.monotonic(), None, ""))
                 if (out - self.model.layer(layer)(hidden)).abs().max().item() > 1e-5:
