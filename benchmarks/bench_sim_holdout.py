@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, goal, single, spread, write_mixtral_checkpoint, write_result  # noqa: E402
+from common import OUT_DIR, ClosedLoopClients, goal, single, spread, write_mixtral_checkpoint, write_result  # noqa: E402
 
 FLEETS = {"homogeneous": "h100:16", "mixed": "h100:16,l4:16"}
 TRACES = ("shifting", "drift")
@@ -83,52 +83,6 @@ def logits_for(choices: np.ndarray, experts: int) -> torch.Tensor:
     logits = torch.full((choices.shape[0], experts), -8.0)
     logits.scatter_(1, torch.from_numpy(choices.astype(np.int64)), 8.0)
     return logits
-
-
-class Clients:
-    """``n`` closed-loop callers taking the requests in order, back to back; each call's (index, start, end)."""
-
-    def __init__(self, address: str, n: int, tokens: int, hidden: int):
-        self.address, self.n = address, n
-        g = torch.Generator().manual_seed(0)
-        self.hidden = [torch.randn(tokens, hidden, generator=g) for _ in range(4)]
-
-    def run(self, request, total: int | None = None, stop_after_s: float | None = None) -> dict:
-        """``request(i) -> (layer, logits)``; serve ``total`` of them, or until ``stop_after_s``."""
-        from moefleet.router_service.client import FleetClient, FleetError
-
-        lock = threading.Lock()
-        nxt = [0]
-        done: list[tuple[int, float, float]] = []
-        failed: list[str] = []
-        start_wall, start = time.time(), time.monotonic()
-
-        def loop(seed: int):
-            client = FleetClient(self.address, timeout=300)
-            j = seed
-            while True:
-                with lock:
-                    i = nxt[0]
-                    nxt[0] += 1
-                if (total is not None and i >= total) or (stop_after_s is not None and time.monotonic() - start > stop_after_s):
-                    break
-                layer, logits = request(i)
-                j += 1
-                t0 = time.monotonic()
-                try:
-                    client.forward(layer, self.hidden[j % len(self.hidden)], router_logits=logits)
-                    done.append((i, t0, time.monotonic()))
-                except FleetError as e:
-                    failed.append(str(e.code))
-            client.close()
-
-        threads = [threading.Thread(target=loop, args=(s,)) for s in range(self.n)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        end = max((e for _, _, e in done), default=time.monotonic())
-        return {"start": start, "start_wall": start_wall, "done": done, "failed": failed, "makespan_s": end - start}
 
 
 # --------------------------------------------------------------------------- phase 1: calibration
@@ -163,7 +117,7 @@ def calibration_phases(fleet, args, layer: int) -> list[dict]:
                     device_s[d] = emulated_call_s(emu[d], rows)
             logits = logits_for(choices, args.experts)
             for clients in (1, args.clients):
-                runner = Clients(fleet.address, clients, T, HIDDEN)
+                runner = ClosedLoopClients(fleet.address, clients, T, HIDDEN)
                 box: dict = {}
                 th = threading.Thread(target=lambda: box.update(runner.run(lambda i: (layer, logits),
                                                                            stop_after_s=args.calib_s)))
@@ -375,7 +329,7 @@ def measure_pair(pair: dict, args) -> dict:
             watcher.start()
             while not log:
                 time.sleep(0.01)
-            run = Clients(fleet.address, args.clients, args.tokens, HIDDEN).run(request, total=lines)
+            run = ClosedLoopClients(fleet.address, args.clients, args.tokens, HIDDEN).run(request, total=lines)
             last_sent = max(s for _, s, _ in run["done"])
             time.sleep(args.grace_s)  # a rebalance decided before the last request finishes and is counted
             stop.set()

@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, goal, single, spread, write_mixtral_checkpoint, write_result  # noqa: E402
+from common import OUT_DIR, ClosedLoopClients, goal, single, spread, write_mixtral_checkpoint, write_result  # noqa: E402
 from proc_cpu import CpuMeter  # noqa: E402
 
 TOP_K = 2
@@ -131,54 +131,6 @@ def logits_for(choices: np.ndarray, experts: int) -> torch.Tensor:
     return logits
 
 
-class Clients:
-    """``n`` closed-loop callers taking requests ``(layer, logits)`` in order, back to back."""
-
-    def __init__(self, address: str, scn: Scenario, n: int):
-        self.address, self.scn, self.n = address, scn, n
-        g = torch.Generator().manual_seed(0)
-        self.hidden = [torch.randn(scn.tokens, scn.hidden, generator=g) for _ in range(4)]
-
-    def run(self, requests, *, stop_after_s: float | None = None) -> dict:
-        """Serve ``requests`` (a list, or a function of the request index) until done or ``stop_after_s``."""
-        from moefleet.router_service.client import FleetClient, FleetError
-
-        lock = threading.Lock()
-        nxt = [0]
-        done: list[tuple[int, float, float]] = []
-        failed = [0]
-        total = len(requests) if isinstance(requests, list) else None
-        start = time.monotonic()
-
-        def loop(seed: int):
-            client = FleetClient(self.address, timeout=120)
-            j = seed
-            while True:
-                with lock:
-                    i = nxt[0]
-                    nxt[0] += 1
-                if (total is not None and i >= total) or (stop_after_s is not None and time.monotonic() - start > stop_after_s):
-                    break
-                layer, logits = requests[i] if total is not None else requests(i)
-                j += 1
-                t0 = time.monotonic()
-                try:
-                    client.forward(layer, self.hidden[j % len(self.hidden)], router_logits=logits)
-                    done.append((i, t0, time.monotonic()))
-                except FleetError:
-                    failed[0] += 1
-            client.close()
-
-        threads = [threading.Thread(target=loop, args=(s,)) for s in range(self.n)]
-        for th in threads:
-            th.start()
-        self.threads = threads
-        for th in threads:
-            th.join()
-        end = max((e for _, _, e in done), default=time.monotonic())
-        return {"start": start, "done": done, "failed": failed[0], "makespan_s": end - start}
-
-
 def fleet_meter(fleet, redis, controller: bool) -> CpuMeter:
     import ray
 
@@ -221,7 +173,7 @@ def calibrate(fleet, meter: CpuMeter, scn: Scenario, clients: int, seconds: floa
     for _ in range(rounds):
         for name, (choices, rows) in shapes.items():
             logits = logits_for(choices, scn.experts)
-            runner = Clients(fleet.address, scn, clients)
+            runner = ClosedLoopClients(fleet.address, clients, scn.tokens, scn.hidden, timeout_s=120)
             box = {}
             th = threading.Thread(target=lambda: box.update(runner.run(lambda i: (layer, logits), stop_after_s=seconds + 1.5)))
             th.start()
@@ -233,7 +185,7 @@ def calibrate(fleet, meter: CpuMeter, scn: Scenario, clients: int, seconds: floa
             calls = sum(1 for _, _, e in box["done"] if t0 <= e <= t1)
             cpu = meter.used(before, after)
             phases.append({"phase": name, "wall_s": t1 - t0, "calls": calls, "worker_rows": rows, "cpu": cpu,
-                           "others": meter.others(before, after, cpu), "failed": box["failed"]})
+                           "others": meter.others(before, after, cpu), "failed": len(box["failed"])})
     for p in phases:
         print(f"  calibration {p['phase']:11s}: {p['calls'] / p['wall_s']:5.1f} calls/s; cores "
               + ", ".join(f"{k} {v / p['wall_s']:.2f}" for k, v in {**p["cpu"], **p["others"]}.items() if v / p["wall_s"] >= 0.005),
@@ -276,7 +228,7 @@ def measure_once(scn: Scenario, path: str, redis, args, requests) -> dict:
             watcher = threading.Thread(target=watch_placement, args=(store, stop, placements, start), daemon=True)
             watcher.start()
             before = meter.snapshot()
-            run = Clients(fleet.address, scn, args.clients).run(requests)
+            run = ClosedLoopClients(fleet.address, args.clients, scn.tokens, scn.hidden, timeout_s=120).run(requests)
             after = meter.snapshot()
             cpu = meter.used(before, after)
             others = meter.others(before, after, cpu)
@@ -288,7 +240,7 @@ def measure_once(scn: Scenario, path: str, redis, args, requests) -> dict:
         done = sorted(e - run["start"] for _, _, e in run["done"])
         out[mode] = {
             "tokens_per_s": len(run["done"]) * scn.tokens / scn.layers / makespan, "makespan_s": makespan,
-            "calls": len(run["done"]), "failed": run["failed"],
+            "calls": len(run["done"]), "failed": len(run["failed"]),
             "cpu_s": cpu, "cpu_cores": {k: v / makespan for k, v in cpu.items()},
             "others_cores": {k: v / makespan for k, v in others.items()},
             "completions_s": [round(x, 4) for x in done], "placements": placements,

@@ -203,3 +203,55 @@ def _jsonable(x):
     if hasattr(x, "model_dump"):
         return x.model_dump()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class ClosedLoopClients:
+    """``n`` closed-loop callers taking the requests in order, back to back; each call's (index, start, end)."""
+
+    def __init__(self, address: str, n: int, tokens: int, hidden: int, timeout_s: float = 300.0):
+        self.address, self.n, self.timeout_s = address, n, timeout_s
+        g = torch.Generator().manual_seed(0)
+        self.hidden = [torch.randn(tokens, hidden, generator=g) for _ in range(4)]
+
+    def run(self, requests, total: int | None = None, stop_after_s: float | None = None) -> dict:
+        """``requests``: a list of ``(layer, logits)`` or a function of the request index; serve ``total`` of
+        them (a list: all), or until ``stop_after_s``. Failed calls' codes in ``failed``."""
+        import threading
+
+        from moefleet.router_service.client import FleetClient, FleetError
+
+        if isinstance(requests, list):
+            total, items = len(requests), requests
+            requests = items.__getitem__
+        lock = threading.Lock()
+        nxt = [0]
+        done: list[tuple[int, float, float]] = []
+        failed: list[str] = []
+        start_wall, start = time.time(), time.monotonic()
+
+        def loop(seed: int):
+            client = FleetClient(self.address, timeout=self.timeout_s)
+            j = seed
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if (total is not None and i >= total) or (stop_after_s is not None and time.monotonic() - start > stop_after_s):
+                    break
+                layer, logits = requests(i)
+                j += 1
+                t0 = time.monotonic()
+                try:
+                    client.forward(layer, self.hidden[j % len(self.hidden)], router_logits=logits)
+                    done.append((i, t0, time.monotonic()))
+                except FleetError as e:
+                    failed.append(str(e.code))
+            client.close()
+
+        threads = [threading.Thread(target=loop, args=(s,)) for s in range(self.n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        end = max((e for _, _, e in done), default=time.monotonic())
+        return {"start": start, "start_wall": start_wall, "done": done, "failed": failed, "makespan_s": end - start}
