@@ -1,7 +1,7 @@
 """What the fleet measured, as one snapshot: the source of /metrics, the dashboard, ``status`` and the demo.
 
-Everything here reads only what the fleet keeps in its store (``read_inputs``)
-and turns it into plain data with pure functions (``build_snapshot``,
+Everything here reads only what the fleet keeps in its store (``read_inputs``,
+``InputsReader``: ``telemetry_inputs.py``) and turns it into plain data with pure functions (``build_snapshot``,
 ``rates``, ``metric_families``), so the same numbers come out wherever it runs:
 in local mode beside the fleet, beside the controller on a cluster, or in a
 ``moe-fleet status`` run on a laptop.
@@ -30,14 +30,14 @@ routing entropy of a layer
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from moefleet.core.placement import ExpertKey, Placement
 from moefleet.core.request_stats import LATENCY_BUCKETS_S
+
+from .telemetry_inputs import REBALANCE_COUNTERS, FleetInputs, InputsReader, read_inputs  # noqa: F401  (re-exported)
 
 __all__ = [
     "REBALANCE_BUCKETS_S",
@@ -52,9 +52,6 @@ __all__ = [
     "totals_table",
     "rebalance_increments",
 ]
-
-REBALANCE_COUNTERS = "rebalance"
-"""Name of the store's counter hash that rebalances add to (``StateStore.add_counters``)."""
 
 REBALANCE_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Upper bounds (seconds) of the ``moefleet_rebalance_seconds`` histogram; +Inf follows."""
@@ -85,102 +82,6 @@ class TelemetryConfig(BaseModel):
     events: int = Field(default=300, gt=0, description="Newest store events read per snapshot.")
     sample_interval_s: float = Field(default=1.0, gt=0, description="The endpoint takes a snapshot this often.")
     history: int = Field(default=600, gt=0, description="Snapshots' summaries the endpoint keeps for the timeline.")
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class FleetInputs:
-    """What the store holds about the fleet at one moment (plain data; ``read_inputs`` fills it)."""
-
-    now: float
-    placement: Placement | None = None
-    windows: list[tuple[float, dict[ExpertKey, int]]] = field(default_factory=list)  # oldest first, current last
-    totals: dict[ExpertKey, int] = field(default_factory=dict)
-    heartbeats: dict[str, dict] = field(default_factory=dict)  # "worker:<device>" / "router:<id>" -> info
-    events: list[dict] = field(default_factory=list)  # {"kind", "at", "data"}, oldest first
-    controller: dict | None = None  # the controller's record
-    rebalance: dict | None = None  # the rebalance in progress (record)
-    counters: dict[str, float] = field(default_factory=dict)  # REBALANCE_COUNTERS
-    leader: str | None = None
-
-
-def read_inputs(store, config: TelemetryConfig) -> FleetInputs:
-    """Read everything a snapshot needs from ``store`` (a ``StateStore``); a few round trips."""
-    now = store.time()
-    return FleetInputs(
-        now=now,
-        placement=store.get_placement(),
-        windows=store.read_windows(now, config.window_s, config.recent_windows + 1),
-        totals=store.load_totals(),
-        heartbeats=store.workers(now),
-        events=[e.model_dump(exclude={"id"}) for e in store.events(config.events)],
-        controller=store.get_record("controller"),
-        rebalance=store.get_record("rebalance"),
-        counters=store.counters(REBALANCE_COUNTERS),
-        leader=store.lease_holder(),
-    )
-
-
-class InputsReader:
-    """``read_inputs`` for a reader that samples again and again (the telemetry endpoint): what has not changed
-    since its last read is kept, not read again.
-
-    - the placement (126 kB at 58 x 256 experts on 32 devices) is read only when its version or generation moved;
-    - load windows two or more behind the current one are read once (``StateStore.read_windows``' cache);
-    - events: only those written since the newest one held (the stream read whole again after a store reset);
-    - the per-expert totals (a hash of L x E counters) only when asked (``totals=True``): the snapshot's other
-      figures do not use them; the endpoint reads them when ``/metrics`` is scraped.
-
-    Each read gives the same ``FleetInputs`` ``read_inputs`` gives at that moment (totals empty unless asked).
-    """
-
-    def __init__(self, store, config: TelemetryConfig):
-        self.store = store
-        self.config = config
-        self._placement: Placement | None = None
-        self._windows: dict = {}
-        self._events: list = []  # Event records, oldest first, at most config.events
-        self._stamp: tuple[int, str] | None = None
-        self._lock = threading.Lock()  # one read at a time: the caches are shared between reads
-
-    def placement(self) -> Placement | None:
-        stamp = self.store.placement_stamp()
-        if stamp != self._stamp or (self._placement is None and stamp[0]):
-            self._placement = self.store.get_placement()
-            p = self._placement
-            self._stamp = stamp if p is None else (p.version, p.generation)  # a publish in between: read again next time
-        return self._placement
-
-    def events(self) -> list:
-        count = self.config.events
-        if self._events:
-            new, follows = self.store.events_after(self._events[-1].id, count)
-            self._events = (self._events + new)[-count:] if follows else self.store.events(count)
-        else:
-            self._events = self.store.events(count)
-        return self._events
-
-    def read(self, totals: bool = False) -> FleetInputs:
-        with self._lock:
-            return self._read(totals)
-
-    def _read(self, totals: bool) -> FleetInputs:
-        store, config = self.store, self.config
-        now = store.time()
-        return FleetInputs(
-            now=now,
-            placement=self.placement(),
-            windows=store.read_windows(now, config.window_s, config.recent_windows + 1, cache=self._windows),
-            totals=store.load_totals() if totals else {},
-            heartbeats=store.workers(now),
-            events=[e.model_dump(exclude={"id"}) for e in self.events()],
-            controller=store.get_record("controller"),
-            rebalance=store.get_record("rebalance"),
-            counters=store.counters(REBALANCE_COUNTERS),
-            leader=store.lease_holder(),
-        )
 
 
 def controller_status(leader: str | None, record: dict) -> dict:
