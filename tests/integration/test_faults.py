@@ -233,7 +233,7 @@ def test_a_failed_restart_is_retried_with_backoff_until_the_device_is_declared_l
     store.publish_placement(placement, 0)
     ctl = _controller(store, checkpoint, "ctl", _devices(1.0, 1.0), redis_url=redis_server.url, local=False,
                       worker=WorkerConfig(num_cpus=0, resources={"moefleet-test-absent": 1}),
-                      restart_attempts=3, restart_backoff_s=0.2, restart_timeout_s=1.0)
+                      restart_attempts=3, restart_backoff_s=1.0, restart_timeout_s=1.0)  # waits of 1 s then 2 s: past a loaded step's noise
     try:
         assert ctl.step() is not None
         ray.kill(handles["d0"], no_restart=True)
